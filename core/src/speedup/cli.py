@@ -1,0 +1,40 @@
+"""``speedup plugins``: what is installed, what each plugin covers, and what failed to load."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from .plugins.manager import load_plugins
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="speedup", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    plugins = commands.add_parser("plugins", help="list installed plugins and the rules they provide")
+    plugins.add_argument("-v", "--verbose", action="store_true", help="list every module type and operator")
+    plugins.add_argument("--strict", action="store_true", help="exit with an error if a plugin fails to load")
+    options = parser.parse_args(argv)
+    return _plugins(options.verbose, options.strict)
+
+
+def _plugins(verbose: bool, strict: bool) -> int:
+    loaded = load_plugins(strict=False)
+    failed = False
+    for info in loaded.plugins:
+        status = "ok" if info.ok else f"FAILED: {info.error}"
+        print(f"{info.distribution} {info.version}  [{info.name} = {info.target}]  {status}")
+        if info.ok:
+            print(f"  {len(info.modules)} module types, {len(info.ops)} operators")
+            if verbose:
+                for name in info.modules:
+                    print(f"    module {name}")
+                for name in info.ops:
+                    print(f"    op     {name}")
+        failed |= not info.ok
+    return 1 if failed and strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The speedup pipeline: masks -> trace -> propagate -> decide -> replace -> verify.
+
+Everything is done inside a :class:`~speedup.transaction.Transaction`, so any failure leaves the
+user's model exactly as it was.
+
+Verification runs the sped-up model once more, recorded, on the dummy input: every operator must
+produce the shape the plan expects, and the outputs must equal the masked model's. Python code
+sometimes hard-codes a size (``x.view(b, 512, 7, 7)``, a stale ``self.num_heads``); the operator
+where the shapes first differ (or that raises) is then kept at its full size and the plan is
+redone. That costs one more pass, is reported, and never yields a wrong model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import tensor_masks
+from .errors import SpeedupError, TraceError, VerificationError
+from .graph import Graph, Node, NodeKind, TensorValue
+from .masks import MaskSource, load_masks
+from .planning import decide
+from .plugins.manager import loaded_plugins
+from .propagation import Analysis
+from .replacement import CustomReplace, replace
+from .report import Barrier, ShrinkReport
+from .rule import ModuleRule, OpRule
+from .tracer import Trace, TracingFailed, iter_tensors, trace
+from .transaction import Transaction
+
+_MAX_ATTEMPTS = 16
+
+
+class SpeedupWarning(UserWarning):
+    """Something the user should know: a barrier, a layer kept because all its channels were masked."""
+
+
+CustomReplacements = Mapping[Union[type, str], CustomReplace]
+
+
+@dataclass
+class _Rules:
+    """The rules that apply in one call: plugins, overridden per module type by the user's functions."""
+
+    custom: dict
+
+    def __post_init__(self) -> None:
+        self.registry = loaded_plugins().registry
+
+    def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
+        return self.registry.module_rule(module)
+
+    def custom_for(self, module: nn.Module) -> Optional[CustomReplace]:
+        kind = type(module)
+        for key in (kind, kind.__name__, kind.__qualname__, f"{kind.__module__}.{kind.__qualname__}"):
+            if key in self.custom:
+                return self.custom[key]
+        return None
+
+    def claims(self, module: nn.Module) -> bool:
+        return self.module_rule(module) is not None
+
+    def for_node(self, node: Node):
+        if node.kind is NodeKind.MODULE:
+            return self.module_rule(node.module)
+        if node.kind is NodeKind.OP:
+            return self.registry.op_rule(node.target)
+        return None
+
+
+def shrink(
+    model: nn.Module,
+    masks: MaskSource,
+    example_inputs: Any,
+    *,
+    customized_replace_func: Optional[CustomReplacements] = None,
+    map_location: Any = None,
+    batch_dim: int = 0,
+    verify: bool = True,
+) -> ShrinkReport:
+    """Removes, in place, every channel of ``model`` that ``masks`` make zero, constant or unused.
+
+    :param model: the model to shrink; changed in place (it is left untouched if anything fails).
+    :param masks: ``{module_name: {"weight": mask, ...}}`` or a path to such a dict saved with
+        ``torch.save``; see :mod:`speedup.masks` for every accepted layout.
+    :param example_inputs: a tensor, a tuple/list of positional inputs, or a dict of keyword
+        inputs, with which ``model`` is run to record it. Put it on the model's device.
+    :param customized_replace_func: ``{module class or class name: fn(module, masks) -> module}``,
+        overriding every plugin for those modules (``masks`` is ``(input_masks, output_mask,
+        weight_masks)``, 1 where an entry is kept, as NNI documents it).
+    :param map_location: where to load mask tensors, as in ``torch.load``.
+    :param batch_dim: the batch dimension of the inputs (input/output masks must not vary along it).
+    :param verify: compare the result with the masked model on ``example_inputs`` (recommended).
+    :returns: a :class:`~speedup.report.ShrinkReport` of what changed.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    rules = _Rules(dict(customized_replace_func or {}))
+    checked_masks = load_masks(masks, model, map_location, batch_dim)
+    args, kwargs = split_inputs(example_inputs)
+    tx = Transaction()
+    try:
+        report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify)
+    except BaseException:
+        tx.rollback()
+        raise
+    timings["total"] = time.perf_counter() - started
+    report.timings = timings
+    for message in report.warnings:
+        warnings.warn(message, SpeedupWarning, stacklevel=2)
+    if report.barriers:
+        kinds = sorted({b.op for b in report.barriers})
+        warnings.warn(
+            f"no rule covers {', '.join(kinds)}; nothing was removed across {len(report.barriers)} such call(s) "
+            "(see report.barriers). A plugin can add a rule for them.",
+            SpeedupWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
+    clock = _Clock(timings)
+    flags = {id(m): m.training for m in model.modules()}
+    tx.set_training(model, False)
+    for name, mask in masks.parameters.items():
+        tensor = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
+        with torch.no_grad():
+            tx.set_data(tensor, tensor.data * mask.to(device=tensor.device, dtype=tensor.dtype))
+    holders = tensor_masks.install(model, masks.tensors, tx)
+    known = tuple((name, holder, "mask") for name, holder in holders)
+    params_before = _count_parameters(model)
+    observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
+    try:
+        recorded = trace(model, args, kwargs, rules.claims, observe, known)
+    except TracingFailed as failure:
+        raise _trace_error(failure, args, kwargs) from failure.error
+    clock.lap("trace")
+    graph = recorded.graph
+    analysis = Analysis(graph, rules.for_node, OpRule())
+    analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
+    report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
+    report.barriers = _barriers(analysis.barriers)
+    pinned: set[int] = set()
+    savepoint = tx.savepoint()
+    for attempt in range(_MAX_ATTEMPTS):
+        analysis.run(frozenset(pinned))
+        plan = decide(graph, analysis.solution)
+        clock.lap("propagate")
+        replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for)
+        clock.lap("replace")
+        if not verify:
+            break
+        check = _verify(model, args, kwargs, recorded, rules, replaced)
+        clock.lap("verify")
+        if check.ok:
+            report.flops_after, report.max_abs_diff = check.flops, check.max_abs_diff
+            break
+        node, reason = check.node, check.reason
+        if node is None or node.index in pinned:
+            raise VerificationError(
+                f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
+                "unchanged. Please report this with the model's code."
+            )
+        pinned.add(node.index)
+        report.kept_for_verification.append(f"{node.describe()}: {reason}")
+        tx.rollback(savepoint)
+    else:
+        raise VerificationError("too many operators needed their full size; the model was left unchanged.")
+    tensor_masks.drop_all_ones(holders, tx)
+    _restore_training(model, flags, replaced)
+    report.modules, report.parameters = replaced.modules, replaced.parameters
+    report.warnings = plan.warnings + replaced.warnings
+    report.params_after = _count_parameters(model)
+    if not verify:
+        report.flops_after = _count_flops(model, args, kwargs, rules)
+    return report
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _trace_error(failure: TracingFailed, args, kwargs) -> SpeedupError:
+    if isinstance(failure.error, SpeedupError):
+        return failure.error
+    shapes = [tuple(t.shape) for t in iter_tensors((args, kwargs))]
+    return TraceError(
+        f"the model raised {type(failure.error).__name__}: {failure.error} when called with the dummy input "
+        f"(tensor shapes {shapes}). Pass a dummy_input that model(*inputs) accepts: a tensor, a tuple of positional "
+        "inputs, or a dict of keyword inputs. The model was left unchanged."
+    )
+
+
+def _barriers(nodes: list[Node]) -> list[Barrier]:
+    return [Barrier(node.op_name, node.scope, node.location or "") for node in nodes]
+
+
+def _expected_shape(value: TensorValue) -> tuple:
+    return tuple(n if not value.kept or value.kept[d] is None else int(value.kept[d].numel())
+                 for d, n in enumerate(value.shape))
+
+
+@dataclass
+class _Check:
+    """The outcome of verifying one attempt."""
+
+    ok: bool
+    node: Optional[Node] = None
+    reason: str = ""
+    flops: int = 0
+    max_abs_diff: float = 0.0
+
+
+def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _Check:
+    """Re-records the sped-up model and finds the first node whose result is not the planned one."""
+    new_modules = {id(new) for _, new in replaced.pairs}
+    claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
+    original = recorded.graph.nodes
+    try:
+        again = trace(model, args, kwargs, claims)
+    except TracingFailed as failure:
+        index = len(failure.graph.nodes)
+        node = original[min(index, len(original) - 1)] if original else None
+        return _Check(False, node, f"{type(failure.error).__name__}: {failure.error}")
+    for old, new in zip(original, again.graph.nodes):
+        if old.kind is not new.kind or (old.kind is NodeKind.OP and old.target is not new.target):
+            return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
+        for value, produced in zip(old.outputs, new.outputs):
+            if _expected_shape(value) != produced.shape:
+                return _Check(False, old, f"produced shape {produced.shape} where {_expected_shape(value)} was planned")
+    difference = _compare(recorded.output, again.output)
+    if difference is not None:
+        return _Check(False, None, difference)
+    return _Check(True, flops=again.flops, max_abs_diff=_max_difference(recorded.output, again.output))
+
+
+def _count_flops(model, args, kwargs, rules: _Rules) -> int:
+    return trace(model, args, kwargs, rules.claims).flops
+
+
+def _compare(expected: Any, actual: Any) -> Optional[str]:
+    ref, got = list(iter_tensors(expected)), list(iter_tensors(actual))
+    if len(ref) != len(got):
+        return f"the model returned {len(got)} tensors instead of {len(ref)}"
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if not outputs_close(a, b):
+            return f"output {i} differs by up to {float((a.double() - b.double()).abs().max()):.3g}"
+    return None
+
+
+def outputs_close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
+    """Equal within the round-off of the dtype, relative to the output's magnitude."""
+    if not expected.is_floating_point():
+        return bool(torch.equal(expected, actual))
+    a, b = expected.detach().double(), actual.detach().double()
+    finite = torch.isfinite(a)
+    if not bool((finite == torch.isfinite(b)).all()) or not bool((a[~finite] == b[~finite]).all()):
+        return False
+    if not bool(finite.any()):
+        return True
+    scale = float(a[finite].abs().max())
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    return float((a[finite] - b[finite]).abs().max()) <= tolerance * max(scale, 1.0)
+
+
+def _max_difference(expected: Any, actual: Any) -> float:
+    worst = 0.0
+    for a, b in zip(iter_tensors(expected), iter_tensors(actual)):
+        if a.is_floating_point() and a.numel():
+            worst = max(worst, float((a.double() - b.double()).abs().nan_to_num(0).max()))
+    return worst
+
+
+def _restore_training(model: nn.Module, flags: dict[int, bool], replaced) -> None:
+    """Puts train/eval flags back; a rebuilt module takes the flag of the module it replaced."""
+    origin = {id(new): old for old, new in replaced.pairs}
+    default = flags[id(model)]
+    for module in model.modules():
+        source = origin.get(id(module), module)
+        module.training = flags.get(id(source), default)

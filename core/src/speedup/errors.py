@@ -1,0 +1,25 @@
+"""Errors speedup raises. Each message says which module or mask, what was expected, what to do."""
+
+
+class SpeedupError(Exception):
+    """Base class: the model was left exactly as it was before the call."""
+
+
+class MaskError(SpeedupError, ValueError):
+    """A mask names something the model does not have, or has the wrong shape or values."""
+
+
+class TraceError(SpeedupError):
+    """The model could not be run on the dummy input."""
+
+
+class VerificationError(SpeedupError):
+    """The sped-up model did not compute what the masked model computes."""
+
+
+class PluginConflictError(SpeedupError):
+    """Two installed plugins claim the same module type or operator."""
+
+
+class PluginLoadError(SpeedupError):
+    """A plugin failed to load while plugins were loaded strictly."""

@@ -1,0 +1,179 @@
+"""The dataflow graph recorded from one concrete forward pass.
+
+A :class:`Graph` is a list of :class:`Node` objects in execution order (so already topologically
+sorted) connected by :class:`TensorValue` objects. A node is either one ATen operator call or one
+call of a module that a rule claims as a whole (a ``nn.Conv2d``, a ``nn.MultiheadAttention``...).
+Values are immutable snapshots: an in-place operator produces a new value for the tensor it writes.
+
+The analysis passes hang their per-dimension state on each value (``atoms``, ``consts``,
+``demand``, ``kept``); the graph itself knows nothing about pruning.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+
+class Origin(enum.Enum):
+    """Where a value's data comes from, which decides what the analysis may assume about it."""
+
+    INPUT = "input"
+    """A tensor of the dummy input: every dimension keeps its size."""
+    PARAMETER = "parameter"
+    """A parameter or registered buffer of the model; it can be sliced."""
+    CONSTANT = "constant"
+    """Computed only from parameters, buffers and factories: the same for every input of this shape."""
+    COMPUTED = "computed"
+    """Depends on the input."""
+    OPAQUE = "opaque"
+    """Produced where the recorder could not see how; nothing is assumed about it."""
+
+    @property
+    def input_independent(self) -> bool:
+        return self in (Origin.PARAMETER, Origin.CONSTANT)
+
+
+class NodeKind(enum.Enum):
+    OP = "op"
+    """An ATen operator call recorded at the dispatcher."""
+    MODULE = "module"
+    """A call of a module claimed as a whole by a rule (its inner operators are not recorded)."""
+    OPAQUE = "opaque"
+    """A synthetic node standing for something the recorder could not follow (writes through aliases)."""
+
+
+@dataclass(eq=False)
+class TensorValue:
+    """One tensor as it was at one point of the recorded forward pass."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    origin: Origin
+    producer: Optional["Node"] = None
+    data: Optional[torch.Tensor] = None
+    """The tensor itself, kept only for input-independent values (parameters and constants)."""
+    owner: Optional[tuple[nn.Module, str]] = None
+    """For parameters and buffers: the module holding it and the attribute name."""
+    name: Optional[str] = None
+    """For parameters and buffers: the qualified name in the model."""
+    consumers: list["Node"] = field(default_factory=list)
+    is_output: bool = False
+
+    # Analysis state, one entry per dimension. Set by the propagation passes.
+    atoms: list = field(default_factory=list)
+    consts: list = field(default_factory=list)
+    demand: Optional[list] = None
+    kept: list = field(default_factory=list)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self, d: int) -> int:
+        """Normalizes a possibly negative dimension index."""
+        return d + self.ndim if d < 0 else d
+
+    def __repr__(self) -> str:
+        label = self.name or (self.producer.describe() if self.producer else self.origin.value)
+        return f"%{self.index}[{tuple(self.shape)} from {label}]"
+
+
+@dataclass(eq=False)
+class Node:
+    """One recorded call: an ATen operator, a claimed module, or a synthetic opaque step."""
+
+    index: int
+    kind: NodeKind
+    target: Any
+    """The ``OpOverload`` for operator nodes, the module object for module nodes."""
+    args: tuple
+    kwargs: dict
+    """Arguments as called, with every tensor replaced by its :class:`TensorValue`."""
+    inputs: list[TensorValue]
+    outputs: list[TensorValue]
+    scope: str
+    """For module nodes the module's qualified name; for operators the innermost module running."""
+    location: Optional[str] = None
+    """``file:line`` of the user code that issued the operator, when known."""
+    params: dict[str, TensorValue] = field(default_factory=dict)
+    """Module nodes: the module's parameters and buffers by their name inside the module."""
+    rule: Any = None
+
+    @property
+    def module(self) -> nn.Module:
+        assert self.kind is NodeKind.MODULE
+        return self.target
+
+    @property
+    def output(self) -> TensorValue:
+        """The single (first) tensor output."""
+        return self.outputs[0]
+
+    @property
+    def op_name(self) -> str:
+        if self.kind is NodeKind.MODULE:
+            return type(self.target).__qualname__
+        if self.kind is NodeKind.OPAQUE:
+            return str(self.target)
+        return f"aten.{self.target._opname}.{self.target._overloadname}" if _is_aten(self.target) else str(self.target)
+
+    def describe(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        scope = f" in '{self.scope}'" if self.scope else ""
+        if self.kind is NodeKind.MODULE:
+            return f"module '{self.scope}' ({self.op_name})"
+        return f"{self.op_name}{scope}{where}"
+
+    def __repr__(self) -> str:
+        return f"Node#{self.index}<{self.describe()}>"
+
+
+def _is_aten(target: Any) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
+
+
+@dataclass(eq=False)
+class Boundary:
+    """The values entering and leaving one call of an observed (not claimed) module."""
+
+    module: nn.Module
+    name: str
+    inputs: list[TensorValue]
+    outputs: list[TensorValue]
+
+
+@dataclass(eq=False)
+class Graph:
+    """Nodes in execution order plus the values that enter and leave the model."""
+
+    nodes: list[Node] = field(default_factory=list)
+    values: list[TensorValue] = field(default_factory=list)
+    inputs: list[TensorValue] = field(default_factory=list)
+    outputs: list[TensorValue] = field(default_factory=list)
+    parameters: dict[str, TensorValue] = field(default_factory=dict)
+    module_calls: dict[str, list[Node]] = field(default_factory=dict)
+    """Module nodes grouped by module name, to treat every call of a shared module alike."""
+    observed: dict[str, Boundary] = field(default_factory=dict)
+    """Boundaries of observed modules (replaced by ``customized_replace_func``), first call only."""
+
+    def new_value(self, tensor: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
+        value = TensorValue(len(self.values), tuple(tensor.shape), tensor.dtype, origin, **fields)
+        self.values.append(value)
+        return value
+
+    def add_node(self, node: Node) -> Node:
+        self.nodes.append(node)
+        for value in node.inputs:
+            value.consumers.append(node)
+        if node.kind is NodeKind.MODULE:
+            self.module_calls.setdefault(node.scope, []).append(node)
+        return node
+
+    def module_nodes(self) -> Iterator[Node]:
+        return (node for node in self.nodes if node.kind is NodeKind.MODULE)

@@ -1,0 +1,174 @@
+"""Loading and checking masks, before anything of the model is touched.
+
+Layouts accepted (NNI's, as pruning tools write them):
+
+* ``{module_name: {"weight": mask, "bias": mask}}``: any parameter or buffer name of the module;
+* ``{module_name: {"_input_0": mask, "_output_0": mask}}``: NNI 3.0 targets on a module's inputs
+  and outputs (a position, or an argument name / output key), applied as ``tensor * mask``;
+* ``{"module.param": mask}``: the flat form;
+* any of these saved with ``torch.save``, given as a path (loaded with ``map_location``).
+
+A mask holds 0 (pruned) and 1 (kept), as bool or numbers, and broadcasts to its target's shape.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import MaskError
+
+MaskSource = Union[str, os.PathLike, Mapping[str, Any]]
+
+
+@dataclass
+class TensorMask:
+    """A mask on a module's input or output: ``tensor * mask``."""
+
+    module: str
+    kind: str
+    """``"input"`` or ``"output"``."""
+    key: Union[int, str]
+    mask: torch.Tensor
+
+    @property
+    def target(self) -> str:
+        return f"_{self.kind}_{self.key}"
+
+
+@dataclass
+class Masks:
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Qualified parameter or buffer name -> mask of the parameter's shape."""
+    tensors: list[TensorMask] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.parameters or self.tensors)
+
+
+def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, batch_dim: int = 0) -> Masks:
+    raw = _read(source, map_location)
+    modules = dict(model.named_modules())
+    masks = Masks()
+    for name, entry in raw.items():
+        if isinstance(entry, torch.Tensor) or entry is None:
+            module_name, _, target = str(name).rpartition(".")
+            entry = {target: entry}
+        else:
+            module_name = name
+        if not isinstance(entry, Mapping):
+            raise MaskError(
+                f"masks['{name}'] is a {type(entry).__name__}; expected a dict of target name -> mask, as in "
+                "{'conv1': {'weight': mask, 'bias': mask}}."
+            )
+        module = _module(modules, module_name)
+        for target, mask in entry.items():
+            if mask is None:
+                continue
+            mask = _checked_values(mask, module_name, target, map_location)
+            if target.startswith(("_input_", "_output_")):
+                masks.tensors.append(_tensor_mask(module_name, target, mask, batch_dim))
+            else:
+                qualified = f"{module_name}.{target}" if module_name else target
+                tensor = _parameter(module, module_name, target)
+                masks.parameters[qualified] = _fitted(mask, tensor, qualified)
+    return masks
+
+
+def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            loaded = torch.load(source, map_location=map_location, weights_only=False)
+        except FileNotFoundError:
+            raise MaskError(f"mask file '{source}' does not exist; pass the path of a torch.save'd dict of masks.") from None
+        except Exception as exc:
+            raise MaskError(f"could not load masks from '{source}': {exc}. Save them with torch.save(masks, path).") from exc
+        source = loaded
+    if not isinstance(source, Mapping):
+        raise MaskError(f"masks must be a dict (or a path to one saved with torch.save), got {type(source).__name__}.")
+    return source
+
+
+def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    if name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, list(modules), n=3)
+    hint = f" Close names: {', '.join(repr(c) for c in close)}." if close else ""
+    raise MaskError(
+        f"masks name module '{name}', which the model does not have.{hint} "
+        "Mask keys are the names of model.named_modules()."
+    )
+
+
+def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor:
+    tensor = None
+    try:
+        tensor = module.get_parameter(target)
+    except AttributeError:
+        try:
+            tensor = module.get_buffer(target)
+        except AttributeError:
+            pass
+    if tensor is None:
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        raise MaskError(
+            f"masks['{module_name}'] has a mask for '{target}', but {type(module).__name__} '{module_name}' has no such "
+            f"parameter or buffer (it has: {', '.join(names) or 'none'}). Inputs and outputs are masked as "
+            "'_input_0' / '_output_0'."
+        )
+    return tensor
+
+
+def _checked_values(mask: Any, module_name: str, target: str, map_location: Any) -> torch.Tensor:
+    where = f"mask '{target}' of '{module_name}'"
+    if not isinstance(mask, torch.Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except Exception:
+            raise MaskError(f"{where} is a {type(mask).__name__}, not a tensor of 0 and 1.") from None
+    if map_location is not None and not isinstance(map_location, (dict,)) and not callable(map_location):
+        mask = mask.to(map_location)
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise MaskError(f"{where} is complex; a mask holds 0 and 1.")
+        values = mask.detach()
+        bad = ~((values == 0) | (values == 1))
+        if bool(bad.any()):
+            example = values[bad].flatten()[:3].tolist()
+            raise MaskError(
+                f"{where} holds values other than 0 and 1 (for example {example}). A mask marks pruned entries with 0 "
+                "and kept ones with 1; threshold a score first (score > t)."
+            )
+    return mask.bool()
+
+
+def _fitted(mask: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    try:
+        shape = torch.broadcast_shapes(mask.shape, tensor.shape)
+    except RuntimeError:
+        shape = None
+    if shape != tensor.shape:
+        raise MaskError(
+            f"the mask for '{name}' has shape {tuple(mask.shape)}, but '{name}' has shape {tuple(tensor.shape)}. "
+            "A parameter mask has the parameter's shape (or broadcasts to it)."
+        )
+    return mask.expand(tensor.shape)
+
+
+def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -> TensorMask:
+    kind, _, key = target[1:].partition("_")
+    parsed: Union[int, str] = int(key) if key.isdigit() else key
+    if mask.dim() > batch_dim and mask.shape[batch_dim] > 1:
+        first = mask.select(batch_dim, 0)
+        if not bool((mask == first.unsqueeze(batch_dim)).all()):
+            raise MaskError(
+                f"the mask '{target}' of '{module}' differs between samples along the batch dimension {batch_dim}; "
+                "structured speedup needs the same mask for every sample. Give it size 1 along the batch dimension."
+            )
+        mask = first.unsqueeze(batch_dim)
+    return TensorMask(module, kind, parsed, mask)

@@ -1,0 +1,46 @@
+"""The plugin surface of speedup: one hook, documented here.
+
+A plugin is a module with functions marked ``@speedup.hookimpl``, published through the
+``speedup`` entry-point group::
+
+    [project.entry-points.speedup]
+    my_ops = "my_package.speedup_rules"
+
+Core's own rules for ``torch`` operators and modules are a plugin declared the same way (the
+``torch`` entry point of ``speedup-core``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .registry import RuleRegistry
+
+PROJECT = "speedup"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def speedup_register_rules(registry: "RuleRegistry") -> None:
+    """Register the rules this plugin contributes.
+
+    Called exactly once per plugin, when the plugin manager is built (the first time speedup
+    needs rules in a process), never per model or per node: the engine looks rules up in the
+    table that these calls fill.
+
+    :param registry: the :class:`~speedup.plugins.registry.RuleRegistry` to fill. Call
+        ``registry.add_module(module_type, rule)`` with a :class:`~speedup.rule.ModuleRule` for a
+        module type the plugin knows as a whole (it is then recorded as one node and replaced by the
+        rule), and ``registry.add_op(op, rule)`` with an :class:`~speedup.rule.OpRule` for an ATen
+        operator (``"aten.add.Tensor"`` for one overload, ``"aten.add"`` for all of them).
+    :return: nothing; the registrations are the result.
+
+    A plugin's registration replaces core's built-in rule for the same target. Two installed plugins
+    registering the same target is an error naming both distributions; a user resolves it per call
+    with ``customized_replace_func`` or by uninstalling one.
+    """

@@ -1,0 +1,119 @@
+"""The table of rules that plugins fill, and how a node finds its rule in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import PluginConflictError
+from ..rule import ModuleRule, OpRule
+
+CORE_DISTRIBUTION = "speedup-core"
+
+OpKey = Union[str, torch._ops.OpOverload, torch._ops.OpOverloadPacket]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """The distribution that registered a rule."""
+
+    distribution: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version}"
+
+
+@dataclass
+class _Entry:
+    rule: Any
+    provider: Provider
+
+
+@dataclass
+class RuleRegistry:
+    """Rules by module type and by operator name, each with the distribution that provided it."""
+
+    modules: dict[type, _Entry] = field(default_factory=dict)
+    ops: dict[str, _Entry] = field(default_factory=dict)
+    provider: Provider = Provider(CORE_DISTRIBUTION, "")
+    """Set by the plugin manager before it calls each plugin's hook."""
+
+    def add_module(self, module_type: type, rule: ModuleRule) -> None:
+        """Claims ``module_type`` (exactly; subclasses only if ``rule.subclasses``)."""
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"add_module needs an nn.Module subclass, got {module_type!r}")
+        if not isinstance(rule, ModuleRule):
+            raise TypeError(f"the rule for {module_type.__name__} must be a ModuleRule, got {type(rule).__name__}")
+        self._put(self.modules, module_type, rule, module_type.__qualname__)
+
+    def add_op(self, op: OpKey, rule: OpRule) -> None:
+        """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""
+        if not isinstance(rule, OpRule):
+            raise TypeError(f"the rule for {op} must be an OpRule, got {type(rule).__name__}")
+        key = op_key(op)
+        self._put(self.ops, key, rule, key)
+
+    def add_ops(self, ops: list, rule: OpRule) -> None:
+        for op in ops:
+            self.add_op(op, rule)
+
+    def _put(self, table: dict, key: Any, rule: Any, label: str) -> None:
+        previous = table.get(key)
+        if previous is not None and previous.provider.distribution != self.provider.distribution:
+            if previous.provider.distribution != CORE_DISTRIBUTION:
+                raise PluginConflictError(
+                    f"both {previous.provider} and {self.provider} register a rule for {label}. "
+                    "Uninstall one of them, or choose per call with customized_replace_func."
+                )
+        table[key] = _Entry(rule, self.provider)
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
+        entry = self.modules.get(type(module))
+        if entry is not None:
+            return entry.rule
+        for base in type(module).__mro__[1:]:
+            entry = self.modules.get(base)
+            if entry is not None and entry.rule.subclasses and not _overrides_forward(type(module), base):
+                return entry.rule
+        return None
+
+    def op_rule(self, func: Any) -> Optional[OpRule]:
+        if not isinstance(func, torch._ops.OpOverload):
+            return None
+        for key in _lookup_keys(func):
+            entry = self.ops.get(key)
+            if entry is not None:
+                return entry.rule
+        return None
+
+
+def op_key(op: OpKey) -> str:
+    if isinstance(op, torch._ops.OpOverload):
+        return f"{op.namespace}.{op._opname}.{op._overloadname}"
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name.replace("::", ".")
+    if isinstance(op, str):
+        return op.replace("::", ".")
+    raise TypeError(f"an operator is named by a string or a torch op, got {op!r}")
+
+
+def _lookup_keys(func: torch._ops.OpOverload) -> list[str]:
+    name, overload = f"{func.namespace}.{func._opname}", func._overloadname
+    keys = [f"{name}.{overload}", name]
+    if func._opname.endswith("_") and not func._opname.startswith("_"):
+        # In-place variants (add_) behave like the functional operator on their first argument.
+        plain = f"{func.namespace}.{func._opname[:-1]}"
+        keys += [f"{plain}.{overload}", plain]
+    return keys
+
+
+def _overrides_forward(cls: type, base: type) -> bool:
+    return cls.__dict__.get("forward") is not None or any(
+        "forward" in klass.__dict__ for klass in cls.__mro__[1 : cls.__mro__.index(base)]
+    )

@@ -1,0 +1,265 @@
+"""The analysis passes over a recorded graph, and the context every rule works through.
+
+Three passes, each once over the nodes (the recording order is a topological order, so no pass
+iterates to a fixpoint):
+
+1. **couple**: rules relate dimensions through atoms (see :mod:`speedup.atoms`); the atom table is
+   solved once afterwards.
+2. **forward**: rules say which output entries are constant ("direct sparsity").
+3. **backward**: rules say which input entries they need ("indirect sparsity"), starting from the
+   graph outputs, which are needed whole.
+
+Per dimension of every value the passes leave ``atoms`` (an atom per entry, ``None`` for a
+dimension that keeps its size), ``consts`` (:class:`~speedup.rule.DimConst` or ``None``) and
+``demand``. :mod:`speedup.planning` turns them into kept entries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .atoms import AtomSolution, AtomTable
+from .graph import Graph, Node, NodeKind, Origin, TensorValue
+from .rule import DimConst, Rule
+
+_UNSET = object()
+
+
+class Analysis:
+    """Runs the passes and is the ``ctx`` argument of every rule method."""
+
+    def __init__(self, graph: Graph, rule_for: Callable[[Node], Optional[Rule]], barrier: Rule):
+        self.graph = graph
+        self.table = AtomTable()
+        self.solution: Optional[AtomSolution] = None
+        self.barriers: list[Node] = []
+        self.warnings: list[str] = []
+        self._handled: set[tuple[int, int]] = set()
+        self._node: Optional[Node] = None
+        self._uniform: dict[int, Optional[float]] = {}
+        self.no_fold: set[str] = set()
+        """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
+        for node in graph.nodes:
+            rule = rule_for(node)
+            if rule is None:
+                rule = barrier
+                if node.kind is NodeKind.OPAQUE or any(not v.origin.input_independent for v in node.inputs):
+                    self.barriers.append(node)
+            node.rule = rule
+
+    def run(self, pinned_nodes: frozenset = frozenset()) -> None:
+        """All three passes. ``pinned_nodes`` (node indices) are treated as barriers."""
+        self.table = AtomTable()
+        for value in self.graph.values:
+            value.atoms, value.demand, value.kept = [], None, []
+        for node in self.graph.nodes:
+            self._couple(node, pinned_nodes)
+        self.solution = self.table.solve()
+        for node in self.graph.nodes:
+            self._node = node
+            node.rule.forward(node, self)
+        for value in self.graph.outputs:
+            self.demand_all(value)
+        for node in reversed(self.graph.nodes):
+            self._node = node
+            if node.index in pinned_nodes:
+                Rule.backward(node.rule, node, self)
+            else:
+                node.rule.backward(node, self)
+        self._node = None
+
+    def _couple(self, node: Node, pinned_nodes: frozenset) -> None:
+        self._node = node
+        self._handled = set()
+        for value in node.outputs:
+            value.atoms = [_UNSET] * value.ndim
+        if node.index not in pinned_nodes:
+            node.rule.couple(node, self)
+        for value in node.inputs:
+            for d in range(value.ndim):
+                if (value.index, d) not in self._handled:
+                    self._pin_dim(value, d)
+        for value in node.outputs:
+            value.atoms = [None if a is _UNSET else a for a in value.atoms]
+            if node.index in pinned_nodes:
+                value.atoms = [None] * value.ndim
+
+    # -- coupling ---------------------------------------------------------------------------
+
+    def _slot(self, value: TensorValue, d: int):
+        """Current atoms of a dimension; ``_UNSET`` only where this node may still assign them."""
+        if not value.atoms:
+            value.atoms = [_UNSET] * value.ndim
+        atoms = value.atoms[d]
+        if atoms is _UNSET and not (value.producer is self._node or value.origin is Origin.PARAMETER):
+            atoms = value.atoms[d] = None  # inputs and foreign constants keep their size
+        return atoms
+
+    def atoms(self, value: TensorValue, dim: int) -> Optional[torch.Tensor]:
+        """The atoms of one dimension, or ``None`` if it keeps its size whatever happens."""
+        d = value.dim(dim)
+        atoms = self._slot(value, d)
+        if atoms is _UNSET:
+            atoms = value.atoms[d] = self.table.fresh(value.shape[d])
+        return atoms
+
+    def assign(self, value: TensorValue, dim: int, atoms: Optional[torch.Tensor]) -> None:
+        """Gives an output dimension its atoms (``None``: it keeps its size)."""
+        d = value.dim(dim)
+        if atoms is not None and atoms.numel() != value.shape[d]:
+            raise ValueError(f"{self._where()}: {atoms.numel()} atoms for a dimension of size {value.shape[d]}")
+        if self._slot(value, d) is not _UNSET:
+            raise ValueError(f"{self._where()}: dimension {d} of {value} is already assigned")
+        value.atoms[d] = atoms
+        self._handled.add((value.index, d))
+
+    def link(self, a: TensorValue, da: int, b: TensorValue, db: int) -> None:
+        """Entry ``i`` of ``a`` along ``da`` and of ``b`` along ``db`` are kept or removed together."""
+        da, db = a.dim(da), b.dim(db)
+        if a.shape[da] != b.shape[db]:
+            raise ValueError(f"{self._where()}: cannot link sizes {a.shape[da]} and {b.shape[db]}")
+        self._handled.add((a.index, da))
+        self._handled.add((b.index, db))
+        atoms_a, atoms_b = self._slot(a, da), self._slot(b, db)
+        if atoms_a is _UNSET and atoms_b is _UNSET:
+            atoms_a = a.atoms[da] = self.table.fresh(a.shape[da])
+        if atoms_b is _UNSET:
+            b.atoms[db] = atoms_a
+        elif atoms_a is _UNSET:
+            a.atoms[da] = atoms_b
+        elif atoms_a is None and atoms_b is not None:
+            self.table.pin(atoms_b)
+        elif atoms_b is None and atoms_a is not None:
+            self.table.pin(atoms_a)
+        elif atoms_a is not None:
+            self.table.tie(atoms_a, atoms_b)
+
+    def link_all(self, a: TensorValue, b: TensorValue) -> None:
+        """Links every dimension of two same-shaped values."""
+        for d in range(a.ndim):
+            self.link(a, d, b, d)
+
+    def accept(self, value: TensorValue, dim: int) -> None:
+        """The node takes any subset of this input dimension without tying it to anything."""
+        self._handled.add((value.index, value.dim(dim)))
+
+    def pin(self, value: TensorValue, dim: int) -> None:
+        """This dimension keeps its size."""
+        self._handled.add((value.index, value.dim(dim)))
+        self._pin_dim(value, dim)
+
+    def _pin_dim(self, value: TensorValue, dim: int) -> None:
+        d = value.dim(dim)
+        atoms = self._slot(value, d)
+        if atoms is _UNSET:
+            value.atoms[d] = None
+        elif atoms is not None:
+            self.table.pin(atoms)
+
+    def fresh(self, n: int) -> torch.Tensor:
+        """New atoms for a dimension that no input determines (an expanded dimension, conv outputs)."""
+        return self.table.fresh(n)
+
+    def tie(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Atom arrays of equal length whose entries live or go together (many-to-one by repeating)."""
+        self.table.tie(a, b)
+
+    def define(self, atoms: torch.Tensor, parts: torch.Tensor) -> None:
+        """``atoms[i]`` exists exactly when every atom of row ``parts[i]`` does."""
+        self.table.define(atoms, parts)
+
+    # -- constants ------------------------------------------------------------------------
+
+    def const(self, value: TensorValue, dim: int) -> Optional[DimConst]:
+        """Constant entries along a dimension; ``None`` when none are known."""
+        d = value.dim(dim)
+        if not value.consts:
+            value.consts = [_UNSET] * value.ndim
+        consts = value.consts[d]
+        if consts is _UNSET:
+            consts = numeric_const(value.data, d) if value.data is not None else None
+            value.consts[d] = consts
+        return consts
+
+    def set_const(self, value: TensorValue, dim: int, consts: Optional[DimConst]) -> None:
+        d = value.dim(dim)
+        if not value.consts:
+            value.consts = [_UNSET] * value.ndim
+        if consts is not None and not consts.any():
+            consts = None
+        value.consts[d] = consts
+
+    def uniform(self, value: TensorValue) -> Optional[float]:
+        """The single value the whole tensor holds for every input, if there is one."""
+        if value.index not in self._uniform:
+            self._uniform[value.index] = self._find_uniform(value)
+        return self._uniform[value.index]
+
+    def _find_uniform(self, value: TensorValue) -> Optional[float]:
+        if value.data is not None:
+            data = value.data
+            if data.numel() == 0:
+                return None
+            low, high = data.min(), data.max()
+            return float(low) if bool(low == high) and bool(torch.isfinite(low)) else None
+        for d in range(value.ndim):
+            consts = self.const(value, d)
+            if consts is not None and bool(consts.mask.all()):
+                values = consts.value
+                if bool((values == values[0]).all()):
+                    return float(values[0])
+        return None
+
+    # -- demand -----------------------------------------------------------------------------
+
+    def is_demanded(self, value: TensorValue) -> bool:
+        return value.demand is not None
+
+    def demanded(self, value: TensorValue, dim: int) -> torch.Tensor:
+        """Boolean per entry: some consumer needs the slice at this index."""
+        d = value.dim(dim)
+        if value.demand is None:
+            return torch.zeros(value.shape[d], dtype=torch.bool)
+        mask = value.demand[d]
+        return torch.ones(value.shape[d], dtype=torch.bool) if mask is None else mask
+
+    def demand_all(self, value: TensorValue) -> None:
+        value.demand = [None] * value.ndim
+
+    def demand(self, value: TensorValue, masks: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """Needs the entries selected by ``masks`` (dimension -> boolean); unnamed dimensions whole."""
+        new: list = [None] * value.ndim
+        for dim, mask in (masks or {}).items():
+            if not bool(mask.any()):
+                return
+            new[value.dim(dim)] = None if bool(mask.all()) else mask
+        if value.demand is None:
+            value.demand = new
+            return
+        value.demand = [
+            None if old is None or add is None else old | add for old, add in zip(value.demand, new)
+        ]
+
+    def _where(self) -> str:
+        return self._node.describe() if self._node is not None else "analysis"
+
+
+def numeric_const(data: torch.Tensor, dim: int) -> Optional[DimConst]:
+    """Exact constant entries of a tensor whose data is known (a parameter, a computed constant)."""
+    if data.numel() == 0 or data.dim() == 0:
+        return None
+    flat = data.detach().movedim(dim, 0).reshape(data.shape[dim], -1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    if not (flat.is_floating_point() or flat.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        return None
+    high = flat.amax(1)
+    low = flat.amin(1)
+    mask = high == low
+    if flat.is_floating_point():
+        mask &= torch.isfinite(high)
+    if not bool(mask.any()):
+        return None
+    return DimConst.where(mask, high.to(torch.float64))

@@ -1,0 +1,262 @@
+"""Building the smaller model from the kept entries of every dimension.
+
+Three kinds of change, all through the :class:`~speedup.transaction.Transaction`:
+
+* a module recorded as one node is rebuilt by its rule (or by the user's ``customized_replace_func``)
+  from a :class:`ModulePlan`, and put in place of the old one under every name it has;
+* a parameter read directly by operators (``F.linear(x, self.weight)``) is sliced where it lost
+  entries and set back on its owner;
+* nothing else: operators run unchanged on smaller tensors.
+
+Sliced parameters are memoised, so a parameter shared by two modules (tied embeddings) stays
+shared after the speedup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .graph import Graph, Node, NodeKind, TensorValue
+from .rule import DimConst, ModuleRule
+from .transaction import Transaction
+
+Tensorish = Union[torch.Tensor, nn.Parameter]
+
+
+class ParamSlicer:
+    """Slices parameters and buffers to their kept entries, once per tensor."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, tuple[torch.Tensor, Tensorish]] = {}
+
+    def slice(self, value: TensorValue) -> Tensorish:
+        original = value.data
+        key = id(original)
+        if key in self._done:
+            return self._done[key][1]
+        sliced = original.detach()
+        for d, kept in enumerate(value.kept):
+            if kept is not None:
+                sliced = sliced.index_select(d, kept.to(sliced.device))
+        if all(k is None for k in value.kept):
+            result: Tensorish = original
+        elif isinstance(original, nn.Parameter):
+            result = nn.Parameter(sliced.clone(), requires_grad=original.requires_grad)
+        else:
+            result = sliced.clone()
+        self._done[key] = (original, result)
+        return result
+
+
+@dataclass
+class ModulePlan:
+    """Everything a :class:`~speedup.rule.ModuleRule` needs to build the smaller module.
+
+    Dimensions are those of the recorded values: ``plan.kept(plan.input(), 1)`` are the kept input
+    channels of the first call. All calls of a shared module agree on parameter dimensions.
+    """
+
+    module: nn.Module
+    name: str
+    calls: list[Node]
+    slicer: ParamSlicer
+    warnings: list[str] = field(default_factory=list)
+
+    # -- values -----------------------------------------------------------------------------
+
+    def input(self, i: int = 0) -> TensorValue:
+        tensors = [a for a in self.calls[0].args if isinstance(a, TensorValue)]
+        tensors += [v for v in self.calls[0].kwargs.values() if isinstance(v, TensorValue)]
+        return tensors[i]
+
+    def output(self, i: int = 0) -> TensorValue:
+        return self.calls[0].outputs[i]
+
+    def param_value(self, name: str) -> Optional[TensorValue]:
+        return self.calls[0].params.get(name)
+
+    # -- kept entries ----------------------------------------------------------------------
+
+    @staticmethod
+    def kept(value: Optional[TensorValue], dim: int) -> Optional[torch.Tensor]:
+        """Indices kept along a dimension, or ``None`` when all are kept."""
+        if value is None or not value.kept:
+            return None
+        return value.kept[value.dim(dim)]
+
+    def kept_param(self, name: str, dim: int) -> Optional[torch.Tensor]:
+        return self.kept(self.param_value(name), dim)
+
+    def count(self, value: Optional[TensorValue], dim: int) -> int:
+        kept = self.kept(value, dim)
+        return value.shape[value.dim(dim)] if kept is None else int(kept.numel())
+
+    def param(self, name: str) -> Optional[Tensorish]:
+        """The parameter or buffer ``name`` of the module, sliced to its kept entries."""
+        value = self.param_value(name)
+        if value is None:
+            return _get(self.module, name)
+        return self.slicer.slice(value)
+
+    @property
+    def changed(self) -> bool:
+        """Whether any dimension of the module's parameters, inputs or outputs lost entries."""
+        for node in self.calls:
+            for value in node.inputs + node.outputs:
+                if any(k is not None for k in value.kept):
+                    return True
+        return False
+
+    # -- constants to fold -------------------------------------------------------------------
+
+    def removed(self, value: TensorValue, dim: int) -> torch.Tensor:
+        """Indices of entries removed along a dimension."""
+        kept = self.kept(value, dim)
+        n = value.shape[value.dim(dim)]
+        if kept is None:
+            return torch.empty(0, dtype=torch.long)
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[kept] = False
+        return mask.nonzero().reshape(-1)
+
+    def removed_input_constants(self, dim: int, input_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Removed entries of an input along ``dim`` and the constant each holds (0 where unused).
+
+        The analysis only lets an input entry go when the module does not need it: either its
+        weights are zero (its value does not matter) or it is a constant the module folds. Every
+        call of a shared module must hold the same constants there; the analysis ensures it.
+        """
+        value = self.input(input_index)
+        removed = self.removed(value, dim)
+        consts: Optional[DimConst] = value.consts[value.dim(dim)] if value.consts else None
+        if consts is None or not isinstance(consts, DimConst):
+            return removed, torch.zeros(removed.numel(), dtype=torch.float64)
+        return removed, consts.value[removed]
+
+    # -- the seed API's view ---------------------------------------------------------------
+
+    def seed_masks(self) -> tuple:
+        node = self.calls[0]
+        return seed_masks([v for v in node.args if isinstance(v, TensorValue)], node.outputs, node.params)
+
+
+def seed_masks(inputs: list[TensorValue], outputs: list[TensorValue], params: dict[str, TensorValue]) -> tuple:
+    """``(input_masks, output_mask, weight_masks)`` as NNI's ``customized_replace_func`` takes them:
+    tensors shaped like each input, the output and each parameter, 1 where an entry is kept."""
+    output = _kept_mask(outputs[0]) if outputs else None
+    return [_kept_mask(v) for v in inputs], output, {name: _kept_mask(v) for name, v in params.items()}
+
+
+def _kept_mask(value: TensorValue) -> torch.Tensor:
+    mask = torch.ones(value.shape)
+    for d, kept in enumerate(value.kept or []):
+        if kept is not None:
+            keep = torch.zeros(value.shape[d])
+            keep[kept] = 1.0
+            shape = [1] * value.ndim
+            shape[d] = -1
+            mask = mask * keep.reshape(shape)
+    return mask
+
+
+def _get(module: nn.Module, name: str) -> Any:
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+@dataclass
+class ReplacementReport:
+    """Which modules were rebuilt and which parameters sliced, with shapes before and after."""
+
+    modules: dict[str, tuple[str, dict[str, tuple[tuple, tuple]]]] = field(default_factory=dict)
+    parameters: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
+    pairs: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
+    """(old module, the module that replaced it)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+CustomReplace = Callable[[nn.Module, tuple], nn.Module]
+
+
+def replace(
+    model: nn.Module,
+    graph: Graph,
+    tx: Transaction,
+    rule_of: Callable[[nn.Module], Optional[ModuleRule]],
+    custom_of: Callable[[nn.Module], Optional[CustomReplace]],
+) -> ReplacementReport:
+    """Applies the kept entries recorded on ``graph``'s values to ``model``."""
+    report = ReplacementReport()
+    slicer = ParamSlicer()
+    places = _places(model)
+    for name, calls in graph.module_calls.items():
+        module = calls[0].module
+        plan = ModulePlan(module, name, calls, slicer)
+        if not plan.changed:
+            continue
+        custom = custom_of(module)
+        new = custom(module, plan.seed_masks()) if custom is not None else rule_of(module).replace(module, plan)
+        report.warnings.extend(plan.warnings)
+        _put(model, module, new, places, tx, report)
+        report.modules[name] = (type(module).__name__, _param_shapes(calls[0], new))
+    for name, boundary in graph.observed.items():
+        custom = custom_of(boundary.module)
+        if custom is None or not _boundary_changed(boundary):
+            continue
+        prefix = f"{name}." if name else ""
+        params = {key[len(prefix):]: v for key, v in graph.parameters.items() if key.startswith(prefix)}
+        new = custom(boundary.module, seed_masks(boundary.inputs, boundary.outputs, params))
+        _put(model, boundary.module, new, places, tx, report)
+        report.modules[name] = (type(boundary.module).__name__, {})
+    rebuilt = {id(m) for old, _ in report.pairs for m in old.modules()}
+    for value in graph.parameters.values():
+        if all(k is None for k in value.kept) or value.owner is None:
+            continue
+        owner, attr = value.owner
+        if id(owner) in rebuilt or all(node.kind is NodeKind.MODULE for node in value.consumers):
+            continue
+        tx.set_attr(owner, attr, slicer.slice(value))
+        report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
+    return report
+
+
+def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:
+    report.pairs.append((old, new))
+    if new is not old:
+        for parent, attr in places.get(id(old), []):
+            tx.set_attr(parent, attr, new)
+
+
+def _boundary_changed(boundary) -> bool:
+    return any(any(k is not None for k in v.kept) for v in boundary.inputs + boundary.outputs)
+
+
+def _kept_shape(value: TensorValue) -> list[int]:
+    return [value.shape[d] if k is None else int(k.numel()) for d, k in enumerate(value.kept)]
+
+
+def _param_shapes(node: Node, new: nn.Module) -> dict[str, tuple[tuple, tuple]]:
+    shapes = {}
+    for name, value in node.params.items():
+        try:
+            after = tuple(_get(new, name).shape)
+        except AttributeError:
+            after = ()
+        if after != value.shape:
+            shapes[name] = (value.shape, after)
+    return shapes
+
+
+def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (parent, attribute) under which each submodule is registered."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in {id(m): m for m in model.modules()}.values():
+        for attr, child in parent._modules.items():
+            if child is not None:
+                places.setdefault(id(child), []).append((parent, attr))
+    return places

@@ -1,0 +1,76 @@
+"""What a speedup did: removed channels per module, sizes before and after, barriers, timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """An operator no rule covers: nothing was removed across it."""
+
+    op: str
+    scope: str
+    location: str
+
+    def __str__(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"{self.op} in '{self.scope or '<model>'}'{where}"
+
+
+@dataclass
+class ShrinkReport:
+    """Returned by :func:`speedup.shrink` (and kept as ``ModelSpeedup.report``)."""
+
+    modules: dict[str, tuple[str, dict[str, tuple[tuple, tuple]]]] = field(default_factory=dict)
+    """Rebuilt module name -> (type, {parameter: (shape before, shape after)})."""
+    parameters: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
+    """Parameters read directly by operators that were sliced: name -> (shape before, shape after)."""
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    barriers: list[Barrier] = field(default_factory=list)
+    kept_for_verification: list[str] = field(default_factory=list)
+    """Operators whose code did not adapt to smaller tensors; their dimensions were kept."""
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    max_abs_diff: float = 0.0
+    """Largest difference between the sped-up and the masked model's outputs on the dummy input."""
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def summary(self) -> str:
+        lines = [
+            f"parameters {self.params_before:,} -> {self.params_after:,} ({self.param_ratio:.1%})",
+            f"FLOPs      {self.flops_before:,} -> {self.flops_after:,} ({self.flops_ratio:.1%})",
+            f"modules rebuilt {len(self.modules)}, parameters sliced {len(self.parameters)}, "
+            f"max output difference {self.max_abs_diff:.2e}",
+            "time " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items()),
+        ]
+        if self.barriers:
+            lines.append(f"barriers ({len(self.barriers)}): " + "; ".join(str(b) for b in self.barriers[:5])
+                         + (" ..." if len(self.barriers) > 5 else ""))
+        if self.kept_for_verification:
+            lines.append("kept after verification: " + "; ".join(self.kept_for_verification[:5]))
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        """One line per rebuilt module with its parameter shapes before and after."""
+        rows = []
+        for name, (kind, shapes) in self.modules.items():
+            change = ", ".join(f"{p} {tuple(a)}->{tuple(b)}" for p, (a, b) in shapes.items())
+            rows.append(f"{name:40s} {kind:24s} {change}")
+        for name, (a, b) in self.parameters.items():
+            rows.append(f"{name:40s} {'(parameter)':24s} {tuple(a)}->{tuple(b)}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.summary()

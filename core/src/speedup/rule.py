@@ -1,0 +1,163 @@
+"""What a rule is: the knowledge about one operator or module type.
+
+The engine knows no operator. For every node of the recorded graph it asks the node's rule three
+questions, each in its own pass over the graph, and for module nodes a fourth:
+
+1. :meth:`Rule.couple` (any order): which dimensions of the node's inputs, outputs and parameters
+   correspond, so that removing an entry in one removes it in the others. Expressed with the
+   context's ``link``/``assign``/``accept`` and, for reshapes, atom conjunctions. An input
+   dimension the rule does not mention keeps its size; an output dimension it does not assign
+   cannot shrink.
+2. :meth:`Rule.forward` (inputs before outputs): which output entries are constant for every input
+   ("direct sparsity"), from the constants of the inputs: ``relu(0) = 0``, ``sigmoid(0) = 0.5``,
+   a conv output channel whose weights are all masked is its bias.
+3. :meth:`Rule.backward` (outputs before inputs): which input entries the node needs, given which
+   output entries are needed downstream ("indirect sparsity"): a linear layer does not need input
+   features whose weight columns are masked; a module that can fold a constant input channel into
+   its bias does not need that channel at all.
+4. :meth:`ModuleRule.replace`: build the smaller module, given which entries of each dimension
+   are kept and the constants of the removed ones to fold.
+
+Defaults are conservative: a rule that says nothing makes its node a barrier (every dimension kept,
+every input needed), which is never wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .graph import Node
+    from .propagation import Analysis
+    from .replacement import ModulePlan
+
+
+class Rule:
+    """Base class of all rules. Subclass :class:`OpRule` or :class:`ModuleRule`."""
+
+    name: str = ""
+    """Shown in reports and in ``speedup plugins``; defaults to the class name."""
+
+    def couple(self, node: "Node", ctx: "Analysis") -> None:
+        """Declares corresponding dimensions. Default: none (a barrier)."""
+
+    def forward(self, node: "Node", ctx: "Analysis") -> None:
+        """Sets constant entries of the outputs. Default: nothing known (every entry varies)."""
+
+    def backward(self, node: "Node", ctx: "Analysis") -> None:
+        """Demands input entries. Default: every input entry, as soon as any output is needed."""
+        if any(ctx.is_demanded(v) for v in node.outputs) or not node.outputs:
+            for value in node.inputs:
+                ctx.demand_all(value)
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self).__name__
+
+
+class OpRule(Rule):
+    """A rule for ATen operators called by the model's Python code.
+
+    The code that calls the operator runs unchanged in the sped-up model, on smaller tensors. So an
+    operator rule may only let a dimension shrink where the same call computes the same values
+    for the remaining entries (an elementwise op, a permute, a sum over features whose removed
+    entries are zero); it cannot fold constants, since nothing of the call can be changed.
+    """
+
+    is_barrier: bool = False
+
+
+class ModuleRule(Rule):
+    """A rule for a module type, recorded as one node and replaced as a whole."""
+
+    subclasses: bool = False
+    """Also claim subclasses of the registered type. Off by default: a subclass that overrides
+    ``forward`` computes something else, and must not silently inherit this replacement."""
+
+    def replace(self, module: nn.Module, plan: "ModulePlan") -> nn.Module:
+        """Returns the smaller module (``module`` itself when nothing of it changed).
+
+        Must not modify ``module``: build a new one or a shallow copy. ``plan`` gives the kept
+        entries of every dimension of the module's inputs, outputs and parameters, sliced
+        parameters, and the constants of removed input entries to fold.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot replace {type(module).__name__}")
+
+
+@dataclass
+class DimConst:
+    """Which entries along one dimension are constant for every input, and their values.
+
+    An entry is constant when the whole slice of the tensor at that index holds one value that does
+    not depend on the model's input (a channel whose conv weights are all masked is its bias
+    everywhere). Zero is the common case; a non-zero constant must be folded into a consumer.
+    """
+
+    mask: torch.Tensor
+    """Boolean, one per entry: the slice at this index is constant."""
+    value: torch.Tensor
+    """float64, one per entry: the constant (0 where ``mask`` is False)."""
+
+    @classmethod
+    def none(cls, n: int) -> "DimConst":
+        return cls(torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.float64))
+
+    @classmethod
+    def where(cls, mask: torch.Tensor, value: torch.Tensor) -> "DimConst":
+        value = torch.where(mask, value.to(torch.float64), 0.0)
+        return cls(mask, value)
+
+    @property
+    def zero(self) -> torch.Tensor:
+        return self.mask & (self.value == 0)
+
+    @property
+    def nonzero_const(self) -> torch.Tensor:
+        return self.mask & (self.value != 0)
+
+    def any(self) -> bool:
+        return bool(self.mask.any())
+
+    def index(self, idx: torch.Tensor) -> "DimConst":
+        return DimConst(self.mask[idx], self.value[idx])
+
+    def __len__(self) -> int:
+        return self.mask.numel()
+
+
+_SCHEMAS: dict[Any, tuple[tuple[str, Any], ...]] = {}
+_REQUIRED = object()
+
+
+def bind(node: "Node") -> dict[str, Any]:
+    """An ATen node's arguments by their schema names, defaults filled in."""
+    func = node.target
+    spec = _SCHEMAS.get(func)
+    if spec is None:
+        spec = tuple(
+            (a.name, a.default_value if a.has_default_value() else _REQUIRED) for a in func._schema.arguments
+        )
+        _SCHEMAS[func] = spec
+    bound = {}
+    args = node.args
+    for i, (name, default) in enumerate(spec):
+        if i < len(args):
+            bound[name] = args[i]
+        elif name in node.kwargs:
+            bound[name] = node.kwargs[name]
+        elif default is not _REQUIRED:
+            bound[name] = default
+    return bound
+
+
+def first_tensor_arg(node: "Node") -> Optional[Any]:
+    from .graph import TensorValue
+
+    for arg in node.args:
+        if isinstance(arg, TensorValue):
+            return arg
+    return None

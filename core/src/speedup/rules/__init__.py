@@ -1,0 +1,19 @@
+"""Core's built-in rules for torch operators and modules: the ``torch`` plugin of ``speedup-core``.
+
+Registered through the ``speedup`` entry-point group like any third-party plugin. One file per
+family of operators; adding an operator touches one file.
+"""
+
+from __future__ import annotations
+
+from ..plugins.hookspec import hookimpl
+from ..plugins.registry import RuleRegistry
+from . import activation, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape
+
+_FAMILIES = (elementwise, shape, indexing, reduction, contraction, linear, conv, norm, embedding, activation)
+
+
+@hookimpl
+def speedup_register_rules(registry: RuleRegistry) -> None:
+    for family in _FAMILIES:
+        family.register(registry)

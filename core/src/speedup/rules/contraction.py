@@ -1,0 +1,172 @@
+"""Contractions: matrix products and scaled-dot-product attention.
+
+A contracted dimension is a sum: an entry where either operand is zero contributes nothing, so it
+is needed by neither operand (the seed's indirect sparsity ``C = A x B``). The operands' entries
+along it are tied, so they go together. In attention, heads are independent: a head of the
+output depends only on the same head of ``q``, ``k`` and ``v`` (for grouped-query attention, on
+the key/value group it reads), and a head whose values are constant outputs that constant.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..rule import DimConst, OpRule, bind
+
+
+def _zero(ctx: Analysis, x: TensorValue, dim: int) -> torch.Tensor:
+    consts = ctx.const(x, dim)
+    return consts.zero if consts is not None else torch.zeros(x.shape[dim], dtype=torch.bool)
+
+
+class MatMul(OpRule):
+    """``mm``, ``bmm``, ``addmm``, ``baddbmm``: ``out[..., m, n] = sum_k a[..., m, k] b[..., k, n]`` (+ bias)."""
+
+    def _operands(self, node: Node) -> tuple[Optional[TensorValue], TensorValue, TensorValue, TensorValue]:
+        a = bind(node)
+        return a.get("self") if "mat1" in a or "batch1" in a else None, a.get("mat1", a.get("batch1", a.get("self"))), \
+            a.get("mat2", a.get("batch2")), node.outputs[0]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        bias, x, w, out = self._operands(node)
+        for d in range(out.ndim - 2):
+            ctx.link(x, d, out, d)
+            ctx.link(w, d, out, d)
+        ctx.link(x, -2, out, -2)
+        ctx.link(w, -1, out, -1)
+        ctx.link(x, -1, w, -2)
+        if isinstance(bias, TensorValue):
+            offset = out.ndim - bias.ndim
+            for d in range(bias.ndim):
+                if bias.shape[d] == out.shape[d + offset]:
+                    ctx.link(bias, d, out, d + offset)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        bias, x, w, out = self._operands(node)
+        rows, cols = _zero(ctx, x, -2), _zero(ctx, w, -1)
+        for d, zero in ((out.ndim - 2, rows), (out.ndim - 1, cols)):
+            value = torch.zeros(out.shape[d], dtype=torch.float64)
+            mask = zero.clone()
+            if isinstance(bias, TensorValue):
+                bias_const = _broadcast_const(ctx, bias, out, d)
+                if bias_const is None:
+                    continue
+                mask &= bias_const.mask
+                value = bias_const.value
+            ctx.set_const(out, d, DimConst.where(mask, value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        bias, x, w, out = self._operands(node)
+        if not ctx.is_demanded(out):
+            return
+        contracted = ~(_zero(ctx, x, -1) | _zero(ctx, w, -2))
+        batch = {d: ctx.demanded(out, d) for d in range(out.ndim - 2)}
+        ctx.demand(x, {**batch, x.ndim - 2: ctx.demanded(out, -2), x.ndim - 1: contracted})
+        ctx.demand(w, {**batch, w.ndim - 2: contracted, w.ndim - 1: ctx.demanded(out, -1)})
+        if isinstance(bias, TensorValue):
+            offset = out.ndim - bias.ndim
+            ctx.demand(bias, {d: ctx.demanded(out, d + offset) for d in range(bias.ndim) if bias.shape[d] == out.shape[d + offset]})
+
+
+def _broadcast_const(ctx: Analysis, x: TensorValue, out: TensorValue, d: int) -> Optional[DimConst]:
+    xd = d - (out.ndim - x.ndim)
+    if xd >= 0 and x.shape[xd] == out.shape[d]:
+        return ctx.const(x, xd)
+    uniform = ctx.uniform(x)
+    if uniform is None:
+        return None
+    n = out.shape[d]
+    return DimConst(torch.ones(n, dtype=torch.bool), torch.full((n,), uniform, dtype=torch.float64))
+
+
+class Attention(OpRule):
+    """The ATen kernels behind ``F.scaled_dot_product_attention``.
+
+    Layout ``q (..., Hq, L, E)``, ``k (..., Hk, S, E)``, ``v (..., Hk, S, Ev)`` -> ``(..., Hq, L, Ev)``.
+    ``E`` may only shrink when the call passes ``scale`` (the default scale is ``1/sqrt(E)``).
+    """
+
+    def _args(self, node: Node):
+        a = bind(node)
+        mask = a.get("attn_mask", a.get("attn_bias"))
+        return a["query"], a["key"], a["value"], node.outputs[0], mask if isinstance(mask, TensorValue) else None, \
+            a.get("scale") is not None
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        q, k, v, out, mask, scaled = self._args(node)
+        for d in range(q.ndim - 3):
+            for x in (k, v, out):
+                ctx.link(q, d, x, d)
+        ctx.link(q, -3, out, -3)
+        ctx.link(k, -3, v, -3)
+        if q.shape[-3] == k.shape[-3]:
+            ctx.link(q, -3, k, -3)
+        else:
+            self._couple_groups(ctx, q, k)
+        ctx.link(q, -2, out, -2)
+        ctx.link(k, -2, v, -2)
+        if scaled:
+            ctx.link(q, -1, k, -1)
+        ctx.link(v, -1, out, -1)
+        for extra in node.outputs[1:]:
+            if extra.ndim == q.ndim - 1 and extra.shape == q.shape[:-1]:
+                for d in range(extra.ndim):
+                    ctx.link(q, d, extra, d)
+        if mask is not None:
+            target = q.shape[:-1] + (k.shape[-2],)
+            offset = len(target) - mask.ndim
+            for d in range(mask.ndim):
+                source = (q if d + offset < q.ndim - 1 else k, d + offset if d + offset < q.ndim - 1 else k.ndim - 2)
+                if mask.shape[d] == target[d + offset] and mask.shape[d] != 1:
+                    ctx.link(mask, d, *source)
+
+    def _couple_groups(self, ctx: Analysis, q: TensorValue, k: TensorValue) -> None:
+        """Grouped-query: query head ``h`` reads key/value head ``h // g``: it exists only with its group."""
+        heads, groups = q.shape[-3], k.shape[-3]
+        q_atoms, kv_atoms = ctx.atoms(q, -3), ctx.atoms(k, -3)
+        ctx.accept(q, -3)
+        ctx.accept(k, -3)
+        if q_atoms is None or kv_atoms is None or heads % groups:
+            ctx.pin(q, -3)
+            ctx.pin(k, -3)
+            return
+        per_group = heads // groups
+        rank = ctx.fresh(per_group)
+        h = torch.arange(heads)
+        ctx.define(q_atoms, torch.stack([kv_atoms[h // per_group], rank[h % per_group]], 1))
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        q, k, v, out, mask, scaled = self._args(node)
+        heads = ctx.const(v, -3)
+        if heads is not None and q.shape[-3] != k.shape[-3]:
+            heads = heads.index(torch.arange(q.shape[-3]) // (q.shape[-3] // k.shape[-3]))
+        ctx.set_const(out, -3, heads)
+        ctx.set_const(out, -1, ctx.const(v, -1))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        q, k, v, out, mask, scaled = self._args(node)
+        if not ctx.is_demanded(out):
+            return
+        batch = {d: ctx.demanded(out, d) for d in range(q.ndim - 3)}
+        q_heads = ctx.demanded(out, -3)
+        kv_heads = q_heads if q.shape[-3] == k.shape[-3] else q_heads.reshape(k.shape[-3], -1).any(1)
+        features = ~(_zero(ctx, q, -1) | _zero(ctx, k, -1)) if scaled else torch.ones(q.shape[-1], dtype=torch.bool)
+        ctx.demand(q, {**batch, q.ndim - 3: q_heads, q.ndim - 2: ctx.demanded(out, -2), q.ndim - 1: features})
+        ctx.demand(k, {**batch, k.ndim - 3: kv_heads, k.ndim - 1: features})
+        ctx.demand(v, {**batch, v.ndim - 3: kv_heads, v.ndim - 1: ctx.demanded(out, -1)})
+        if mask is not None:
+            ctx.demand_all(mask)
+
+
+def register(registry) -> None:
+    registry.add_ops(["aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"], MatMul())
+    registry.add_ops(
+        ["aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention",
+         "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_attention_math",
+         "aten._scaled_dot_product_cudnn_attention", "aten.scaled_dot_product_attention"],
+        Attention(),
+    )

@@ -1,0 +1,262 @@
+"""Convolutions (``nn.ConvNd``, ``nn.ConvTransposeNd``, and the functional ``aten.convolution``).
+
+Channels of a grouped convolution are pairs (group, position in group): removing a group removes
+its input and output channels together, removing a position removes it from every group, so the
+result is still a valid grouped (or depthwise) convolution. An output channel whose weights touch
+only zero inputs is its bias, everywhere.
+
+A removed input channel holding a constant ``v`` is folded into the layer. With zero padding its
+contribution is not the same everywhere (border positions see fewer taps), so the exact fold is a
+per-position map: ``conv(ones, sum_c v_c W[:, c])``, which :class:`FoldedConv2d` (and its 1d/3d siblings) adds, recomputing
+it for each input size. Where the contribution is uniform (no zero padding) it goes into the bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..replacement import ModulePlan
+from ..rule import DimConst, ModuleRule, OpRule, bind
+from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
+from ._modules import clone_module, first_input, foldable
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _Spec:
+    """One convolution call, whether a module or ``aten.convolution``: the same analysis for both."""
+
+    def __init__(self, x: TensorValue, out: TensorValue, weight: TensorValue, bias: Optional[TensorValue],
+                 transposed: bool, groups: int, padding, padding_mode: str = "zeros"):
+        self.x, self.out, self.weight, self.bias = x, out, weight, bias
+        self.transposed, self.groups = transposed, groups
+        spatial = weight.ndim - 2
+        self.cdim = x.ndim - spatial - 1
+        padding = padding if isinstance(padding, (tuple, list)) else (padding,) * spatial
+        self.uniform_fold = padding_mode != "zeros" or (not transposed and all(p == 0 for p in padding))
+        w = weight.shape
+        self.in_per_group = w[0] // groups if transposed else w[1]
+        self.out_per_group = w[1] if transposed else w[0] // groups
+
+    @property
+    def in_dim(self) -> int:
+        return 0 if self.transposed else 1
+
+    @property
+    def out_dim(self) -> int:
+        return 1 if self.transposed else 0
+
+    def local_weight(self) -> torch.Tensor:
+        """``(out_channels, in_per_group, *kernel)`` view of the weight, for either kind."""
+        w = self.weight.data.detach()
+        if not self.transposed:
+            return w
+        g, ig, og = self.groups, self.in_per_group, self.out_per_group
+        w = w.reshape(g, ig, og, *w.shape[2:]).transpose(1, 2)
+        return w.reshape(g * og, ig, *w.shape[3:])
+
+    def input_of(self) -> torch.Tensor:
+        """``(out_channels, in_per_group)`` index of the input channel each weight tap reads."""
+        out = torch.arange(self.out_per_group * self.groups)
+        return (out // self.out_per_group)[:, None] * self.in_per_group + torch.arange(self.in_per_group)[None, :]
+
+
+def couple_conv(spec: _Spec, ctx: Analysis) -> None:
+    x, out, weight, bias = spec.x, spec.out, spec.weight, spec.bias
+    if spec.cdim == 1:
+        ctx.link(x, 0, out, 0)
+    if spec.groups == 1:
+        ctx.link(x, spec.cdim, weight, spec.in_dim)
+        ctx.link(out, spec.cdim, weight, spec.out_dim)
+    else:
+        _couple_groups(spec, ctx)
+    if bias is not None:
+        ctx.link(bias, 0, out, spec.cdim)
+
+
+def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
+    """Channel ``c`` of a grouped side is "group ``c // per_group`` and position ``c % per_group``"."""
+    x, out, weight = spec.x, spec.out, spec.weight
+    groups = ctx.fresh(spec.groups)
+    x_atoms = ctx.atoms(x, spec.cdim)
+    ctx.accept(x, spec.cdim)
+    if x_atoms is None:
+        ctx.table.pin(groups)
+    local_in = ctx.atoms(weight, 1) if not spec.transposed else ctx.fresh(spec.in_per_group)
+    local_out = ctx.atoms(weight, 1) if spec.transposed else ctx.fresh(spec.out_per_group)
+    ctx.accept(weight, 1)
+    if local_in is None or local_out is None:
+        ctx.pin(weight, 1)
+        ctx.assign(out, spec.cdim, None)
+        return
+    c = torch.arange(x.shape[spec.cdim])
+    if x_atoms is not None:
+        ctx.define(x_atoms, torch.stack([groups[c // spec.in_per_group], local_in[c % spec.in_per_group]], 1))
+    else:
+        ctx.table.pin(local_in)
+    o = torch.arange(out.shape[spec.cdim])
+    out_atoms = ctx.fresh(out.shape[spec.cdim])
+    ctx.define(out_atoms, torch.stack([groups[o // spec.out_per_group], local_out[o % spec.out_per_group]], 1))
+    ctx.assign(out, spec.cdim, out_atoms)
+    if spec.transposed:
+        ctx.link(weight, 0, x, spec.cdim)
+    else:
+        ctx.link(weight, 0, out, spec.cdim)
+
+
+def forward_conv(spec: _Spec, ctx: Analysis) -> None:
+    """Output channels reading no varying input are constant: the bias plus any uniform fold."""
+    consts = ctx.const(spec.x, spec.cdim)
+    n_in = spec.x.shape[spec.cdim]
+    live = ~consts.mask if consts is not None else torch.ones(n_in, dtype=torch.bool)
+    if not spec.uniform_fold and consts is not None:
+        live |= consts.nonzero_const  # non-uniform near borders: not a constant output
+    taps = spec.local_weight().abs().flatten(2).amax(2) > 0  # (out, in_per_group)
+    reads = spec.input_of()
+    reads_variable = (taps & live[reads]).any(1)
+    value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(taps.shape[0], dtype=torch.float64)
+    if consts is not None and spec.uniform_fold and bool(consts.nonzero_const.any()):
+        sums = spec.local_weight().to(torch.float64).flatten(2).sum(2)
+        value = value + (sums * torch.where(consts.nonzero_const, consts.value, 0.0)[reads]).sum(1)
+    ctx.set_const(spec.out, spec.cdim, DimConst.where(~reads_variable, value))
+
+
+def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> None:
+    x, out = spec.x, spec.out
+    if not ctx.is_demanded(out):
+        return
+    need_out = ctx.demanded(out, spec.cdim)
+    taps = spec.local_weight().abs().flatten(2).amax(2) > 0
+    reads = spec.input_of()
+    read = torch.zeros(x.shape[spec.cdim], dtype=torch.bool)
+    read[reads[need_out][taps[need_out]]] = True
+    masks = {spec.cdim: read & ~foldable_inputs}
+    if spec.cdim == 1:
+        masks[0] = ctx.demanded(out, 0)
+    ctx.demand(x, masks)
+
+
+def _module_spec(node: Node) -> _Spec:
+    module = node.module
+    return _Spec(first_input(node), node.outputs[0], node.params["weight"], node.params.get("bias"),
+                 module.transposed, module.groups, module.padding, module.padding_mode)
+
+
+class ConvModuleRule(ModuleRule):
+    subclasses = True
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        couple_conv(_module_spec(node), ctx)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        forward_conv(_module_spec(node), ctx)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        spec = _module_spec(node)
+        fold = foldable(ctx, node, spec.x, spec.cdim)
+        if not spec.uniform_fold and type(node.module) not in _FOLDED:
+            # Only the plain convolutions have an exact border-aware fold; elsewhere fold zeros only.
+            consts = ctx.const(spec.x, spec.cdim)
+            fold &= consts.zero if consts is not None else fold
+        backward_conv(spec, ctx, fold)
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        spec = _module_spec(plan.calls[0])
+        weight, bias = plan.param("weight"), plan.param("bias")
+        kept_in, kept_out = plan.kept(spec.x, spec.cdim), plan.kept(spec.out, spec.cdim)
+        n_in = spec.x.shape[spec.cdim] if kept_in is None else int(kept_in.numel())
+        n_out = spec.out.shape[spec.cdim] if kept_out is None else int(kept_out.numel())
+        if module.groups == 1:
+            groups = 1
+        else:
+            groups = n_out // weight.shape[1] if spec.transposed else n_in // weight.shape[1]
+        new = clone_module(module)
+        new.weight, new.bias = weight, bias
+        new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
+        contribution = _constant_contribution(spec, plan, kept_out)
+        if contribution is None:
+            return new
+        if spec.uniform_fold:
+            new.bias = _add_to_bias(bias, contribution.flatten(1)[:, 0], module.weight)
+            return new
+        return _fold_borders(new, contribution_kernel(spec, plan, kept_out))
+
+
+def _constant_contribution(spec: _Spec, plan: ModulePlan, kept_out) -> Optional[torch.Tensor]:
+    """What the removed constant input channels add to each kept output, on the recorded input size."""
+    removed, values = plan.removed_input_constants(spec.cdim)
+    used = values != 0
+    if not bool(used.any()):
+        return None
+    x = spec.x
+    image = torch.zeros((1,) + x.shape[spec.cdim:], dtype=torch.float64)
+    image[0, removed[used]] = values[used].reshape(-1, *([1] * (image.dim() - 2)))
+    module = plan.module
+    conv = _CONV[spec.weight.ndim - 2]
+    full = conv(image, spec.weight.data.detach().to(torch.float64), None, module.stride,
+                module.padding if module.padding_mode == "zeros" else 0, module.dilation, module.groups)
+    full = full[0] if kept_out is None else full[0, kept_out]
+    return full
+
+
+def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor:
+    """``K[o] = sum_c v_c W[o, c]`` over removed constant inputs: one single-channel kernel per output."""
+    removed, values = plan.removed_input_constants(spec.cdim)
+    v = torch.zeros(spec.x.shape[spec.cdim], dtype=torch.float64)
+    v[removed] = values
+    weight = spec.local_weight().to(torch.float64)
+    kernel = (weight * v[spec.input_of()].reshape(*spec.input_of().shape, *([1] * (weight.dim() - 2)))).sum(1, keepdim=True)
+    return kernel if kept_out is None else kernel[kept_out]
+
+
+def _add_to_bias(bias, extra: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
+    return nn.Parameter((base + extra).to(like.dtype), requires_grad=like.requires_grad)
+
+
+_FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d}
+
+
+def _fold_borders(conv: nn.Module, kernel: torch.Tensor) -> nn.Module:
+    conv.__class__ = _FOLDED[type(conv)]
+    conv.register_buffer("constant_kernel", kernel.to(conv.weight.dtype))
+    return conv
+
+
+class ConvolutionOpRule(OpRule):
+    """``aten.convolution`` called directly (``F.conv2d`` in a custom module): no folding."""
+
+    def _spec(self, node: Node) -> _Spec:
+        a = bind(node)
+        bias = a.get("bias") if isinstance(a.get("bias"), TensorValue) else None
+        return _Spec(a["input"], node.outputs[0], a["weight"], bias, a["transposed"], a["groups"], a["padding"])
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        couple_conv(self._spec(node), ctx)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        spec = self._spec(node)
+        if spec.weight.data is not None and (spec.bias is None or spec.bias.data is not None):
+            forward_conv(spec, ctx)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        spec = self._spec(node)
+        if spec.weight.data is None:
+            ctx.demand_all(spec.x)
+            return
+        consts = ctx.const(spec.x, spec.cdim)
+        zero = consts.zero if consts is not None else torch.zeros(spec.x.shape[spec.cdim], dtype=torch.bool)
+        backward_conv(spec, ctx, zero)
+
+
+def register(registry) -> None:
+    rule = ConvModuleRule()
+    for module_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        registry.add_module(module_type, rule)
+    registry.add_op("aten.convolution", ConvolutionOpRule())

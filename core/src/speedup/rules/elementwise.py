@@ -1,0 +1,158 @@
+"""Elementwise operators: activations, arithmetic, comparisons, with broadcasting.
+
+Every output dimension corresponds to the same dimension of each input that is not broadcast
+along it. An output entry is constant when every input is constant there, and its value is the
+operator itself applied to the input constants (so ``sigmoid(0) = 0.5`` and ``gelu``'s exact
+formula come from torch, not from a table here). Multiplication by a zero annihilates whatever
+the other operand holds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..rule import DimConst, OpRule
+
+UNARY = [
+    "abs", "neg", "relu", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
+    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "exp", "exp2", "expm1", "log", "log2", "log1p",
+    "sqrt", "rsqrt", "reciprocal", "sin", "cos", "erf", "erfc", "erfinv", "sign", "sgn", "floor", "ceil",
+    "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "square", "logical_not", "bitwise_not",
+    "nan_to_num", "threshold", "hardshrink", "softshrink", "isnan", "isinf", "isfinite", "logit", "_to_copy",
+    "lift_fresh_copy", "positive", "signbit", "relu6",
+]
+BINARY = [
+    "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
+    "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
+    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide",
+]
+_ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
+
+
+class Elementwise(OpRule):
+    """Any operator computing each output element from the same element of its broadcast inputs."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        for out in node.outputs:
+            for x in _tensor_args(node):
+                for d, xd in _aligned_dims(x, out):
+                    if x.shape[xd] == out.shape[d]:
+                        ctx.link(x, xd, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        inputs = _tensor_args(node)
+        annihilators = [x for i, x in enumerate(node.args) if isinstance(x, TensorValue)
+                        and i in _ANNIHILATORS.get(node.target._opname.rstrip("_"), ())]
+        for out in node.outputs:
+            for d in range(out.ndim):
+                consts = self._output_const(node, ctx, inputs, annihilators, out, d)
+                ctx.set_const(out, d, consts)
+
+    def _output_const(self, node, ctx, inputs, annihilators, out, d) -> Optional[DimConst]:
+        n = out.shape[d]
+        per_input: list[Optional[DimConst]] = []
+        for x in inputs:
+            per_input.append(_input_const(ctx, x, out, d))
+        zero = torch.zeros(n, dtype=torch.bool)
+        for x in annihilators:
+            c = per_input[inputs.index(x)]
+            if c is not None:
+                zero |= c.zero
+        known = [c for c in per_input if c is not None]
+        mask = torch.ones(n, dtype=torch.bool)
+        for c in per_input:
+            mask &= c.mask if c is not None else torch.zeros(n, dtype=torch.bool)
+        if not bool(mask.any()) and not bool(zero.any()):
+            return None
+        value = torch.zeros(n, dtype=torch.float64)
+        if bool(mask.any()) and known:
+            value = _evaluate(node, inputs, per_input, out, n)
+            mask &= torch.isfinite(value)
+        value = torch.where(zero, 0.0, value)
+        return DimConst.where(mask | zero, value)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        out = node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        inputs = _tensor_args(node)
+        opname = node.target._opname.rstrip("_")
+        annihilating = [x for i, x in enumerate(node.args) if isinstance(x, TensorValue) and i in _ANNIHILATORS.get(opname, ())]
+        for x in inputs:
+            masks = {}
+            for d, xd in _aligned_dims(x, out):
+                if x.shape[xd] != out.shape[d]:
+                    continue
+                need = ctx.demanded(out, d)
+                for other in annihilating:
+                    if other is not x:
+                        c = _input_const(ctx, other, out, d)
+                        if c is not None:
+                            need = need & ~c.zero
+                masks[xd] = need
+            ctx.demand(x, masks)
+
+
+def _tensor_args(node: Node) -> list[TensorValue]:
+    seen: list[TensorValue] = []
+    for arg in list(node.args) + list(node.kwargs.values()):
+        if isinstance(arg, TensorValue) and arg not in seen:
+            seen.append(arg)
+    return seen
+
+
+def _aligned_dims(x: TensorValue, out: TensorValue) -> list[tuple[int, int]]:
+    """(output dim, input dim) pairs under right-aligned broadcasting."""
+    offset = out.ndim - x.ndim
+    return [(d, d - offset) for d in range(max(offset, 0), out.ndim)]
+
+
+def _input_const(ctx: Analysis, x: TensorValue, out: TensorValue, d: int) -> Optional[DimConst]:
+    """Constants of input ``x`` as seen along output dimension ``d`` (broadcast inputs are uniform)."""
+    n = out.shape[d]
+    xd = d - (out.ndim - x.ndim)
+    if xd >= 0 and x.shape[xd] == n:
+        return ctx.const(x, xd)
+    uniform = ctx.uniform(x)
+    if uniform is None:
+        return None
+    return DimConst(torch.ones(n, dtype=torch.bool), torch.full((n,), uniform, dtype=torch.float64))
+
+
+def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimConst]], out: TensorValue, n: int) -> torch.Tensor:
+    """Runs the operator itself on the constant entries, one element per entry."""
+    stand_ins = {}
+    for x, c in zip(inputs, consts):
+        values = c.value if c is not None else torch.zeros(n, dtype=torch.float64)
+        stand_ins[x.index] = values.to(x.dtype)
+
+    def substitute(arg):
+        if isinstance(arg, TensorValue):
+            return stand_ins[arg.index]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(substitute(a) for a in arg)
+        return arg
+
+    args = substitute(node.args)
+    kwargs = {k: substitute(v) for k, v in node.kwargs.items()}
+    if node.target._opname.endswith("_"):
+        args = (args[0].clone(),) + tuple(args[1:])
+    try:
+        result = node.target(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.full((n,), float("nan"), dtype=torch.float64)
+    if isinstance(result, (tuple, list)):
+        result = result[0]
+    result = result.to(torch.float64).reshape(-1)
+    return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
+
+
+def register(registry) -> None:
+    rule = Elementwise()
+    for name in UNARY + BINARY:
+        registry.add_op(f"aten.{name}", rule)

@@ -1,0 +1,64 @@
+"""``nn.Embedding`` and ``aten.embedding``: a lookup whose last output dimension is the table's columns.
+
+The vocabulary dimension is indexed by token ids, literal positions: it keeps its size.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..replacement import ModulePlan
+from ..rule import ModuleRule, OpRule
+from ._modules import clone_module, first_input
+
+
+def _couple(ctx: Analysis, weight: TensorValue, indices: TensorValue, out: TensorValue) -> None:
+    for d in range(indices.ndim):
+        ctx.link(indices, d, out, d)
+    ctx.link(weight, 1, out, -1)
+
+
+def _forward(ctx: Analysis, weight: TensorValue, out: TensorValue) -> None:
+    ctx.set_const(out, -1, ctx.const(weight, 1))
+
+
+def _backward(ctx: Analysis, indices: TensorValue, out: TensorValue) -> None:
+    if ctx.is_demanded(out):
+        ctx.demand(indices, {d: ctx.demanded(out, d) for d in range(indices.ndim)})
+
+
+class EmbeddingRule(ModuleRule):
+    subclasses = True
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        _couple(ctx, node.params["weight"], first_input(node), node.outputs[0])
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        _forward(ctx, node.params["weight"], node.outputs[0])
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        _backward(ctx, first_input(node), node.outputs[0])
+
+    def replace(self, module: nn.Embedding, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        new.weight = plan.param("weight")
+        new.embedding_dim = new.weight.shape[1]
+        return new
+
+
+class EmbeddingOpRule(OpRule):
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        _couple(ctx, node.args[0], node.args[1], node.outputs[0])
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        _forward(ctx, node.args[0], node.outputs[0])
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        _backward(ctx, node.args[1], node.outputs[0])
+
+
+def register(registry) -> None:
+    registry.add_module(nn.Embedding, EmbeddingRule())
+    registry.add_op("aten.embedding", EmbeddingOpRule())

@@ -1,0 +1,313 @@
+"""Indexing operators: slices, selects, concatenation and splitting.
+
+The Python code that indexes runs unchanged in the sped-up model, with the same literal indices.
+``x[:, 2:5]`` still means "entries 2, 3 and 4" after entries were removed, so every entry up to
+the end of a literal bound is pinned: the same entries stay where the literals point. An
+open-ended slice (``x[:, 2:]``) adapts to a shorter dimension, so its selected entries may go.
+
+``split`` into equal parts (which is what ``chunk`` becomes) is treated like ``view(k, s)``:
+removing position ``e`` removes it from every part, so the parts shrink equally and ``chunk``
+still cuts at the right places. A literal ``split(58)`` would not adapt; the verification of the
+sped-up model catches that and keeps the dimension instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..rule import DimConst, OpRule, bind
+from ._maps import DimMap, backward_maps, couple_maps, forward_maps
+from .shape import MapRule
+
+
+def _pin_prefix(ctx: Analysis, x: TensorValue, dim: int, upto: int) -> None:
+    """Entries ``[0, upto)`` keep their positions: literal indices keep pointing at them."""
+    atoms = ctx.atoms(x, dim)
+    if atoms is not None and upto > 0:
+        ctx.table.pin(atoms[:upto])
+
+
+def _pin_suffix(ctx: Analysis, x: TensorValue, dim: int, count: int) -> None:
+    atoms = ctx.atoms(x, dim)
+    if atoms is not None and count > 0:
+        ctx.table.pin(atoms[-count:])
+
+
+class Slice(MapRule):
+    """``aten.slice(x, dim, start, end, step)``."""
+
+    def _bounds(self, node: Node):
+        a = bind(node)
+        x = a["self"]
+        dim = a["dim"] % x.ndim
+        n = x.shape[dim]
+        start = a.get("start") if a.get("start") is not None else 0
+        end = a.get("end") if a.get("end") is not None else sys.maxsize
+        return x, dim, n, start, end, a.get("step", 1)
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, dim, n, start, end, step = self._bounds(node)
+        out = node.outputs[0]
+        lo, hi, _ = slice(start, end, step).indices(n)
+        index = torch.arange(lo, max(hi, lo), step)[: out.shape[dim]]
+        return [DimMap(x, d, out, d, index if d == dim else None) for d in range(x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        super().couple(node, ctx)
+        x, dim, n, start, end, step = self._bounds(node)
+        if step != 1:
+            ctx.pin(x, dim)
+        elif start < 0:
+            _pin_suffix(ctx, x, dim, -start if end >= n else n)
+        elif end >= n:
+            _pin_prefix(ctx, x, dim, start)
+        else:
+            _pin_prefix(ctx, x, dim, end if end >= 0 else n)
+
+
+class Select(MapRule):
+    """``aten.select(x, dim, index)``: the dimension disappears; one entry is read."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, dim, _ = self._args(node)
+        out = node.outputs[0]
+        return [DimMap(x, d, out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim]
+
+    def _args(self, node: Node):
+        x = node.args[0]
+        return x, node.args[1] % x.ndim, node.args[2]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        super().couple(node, ctx)
+        x, dim, index = self._args(node)
+        if index < 0:
+            _pin_suffix(ctx, x, dim, -index)
+        else:
+            _pin_prefix(ctx, x, dim, index + 1)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, index = self._args(node)
+        out = node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        masks = {d: ctx.demanded(out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim}
+        picked = torch.zeros(x.shape[dim], dtype=torch.bool)
+        picked[index] = True
+        masks[dim] = picked
+        ctx.demand(x, masks)
+
+
+class IndexSelect(MapRule):
+    """``index_select(x, dim, index)`` with a constant index: literal positions, like ``select``."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
+        out = node.outputs[0]
+        if index.data is None:
+            return [DimMap(x, d, out, d) for d in range(x.ndim) if d != dim]
+        return [DimMap(x, d, out, d, index.data.long().reshape(-1) if d == dim else None) for d in range(x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        super().couple(node, ctx)
+        x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
+        ctx.pin(x, dim) if index.data is None or index.data.numel() == 0 else _pin_prefix(
+            ctx, x, dim, int(index.data.max()) + 1)
+
+
+class Flip(MapRule):
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        flipped = {d % x.ndim for d in node.args[1]}
+        return [DimMap(x, d, out, d, torch.arange(x.shape[d] - 1, -1, -1) if d in flipped else None)
+                for d in range(x.ndim)]
+
+
+class Cat(OpRule):
+    """``cat(tensors, dim)``: the output dimension is the inputs' dimensions one after another."""
+
+    def _parts(self, node: Node) -> tuple[list[TensorValue], int, TensorValue]:
+        a = bind(node)
+        out = node.outputs[0]
+        dim = a.get("dim", 0) % out.ndim
+        parts = [t for t in a["tensors"] if isinstance(t, TensorValue) and t.ndim == out.ndim]
+        return parts, dim, out
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        parts, dim, out = self._parts(node)
+        segments = []
+        for x in parts:
+            atoms = ctx.atoms(x, dim)
+            ctx.accept(x, dim)
+            if atoms is None:
+                atoms = ctx.fresh(x.shape[dim])
+                ctx.table.pin(atoms)
+            segments.append(atoms)
+            for d in range(out.ndim):
+                if d != dim:
+                    ctx.link(x, d, out, d)
+        ctx.assign(out, dim, torch.cat(segments) if segments else None)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        parts, dim, out = self._parts(node)
+        for d in range(out.ndim):
+            if d != dim:
+                _set_common_const(ctx, parts, d, out)
+        consts = [ctx.const(x, dim) or DimConst.none(x.shape[dim]) for x in parts]
+        ctx.set_const(out, dim, DimConst(torch.cat([c.mask for c in consts]), torch.cat([c.value for c in consts])))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        parts, dim, out = self._parts(node)
+        if not ctx.is_demanded(out):
+            return
+        needs = ctx.demanded(out, dim).split([x.shape[dim] for x in parts])
+        for x, need in zip(parts, needs):
+            masks = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim}
+            masks[dim] = need
+            ctx.demand(x, masks)
+
+
+def _set_common_const(ctx: Analysis, parts: list[TensorValue], d: int, out: TensorValue) -> None:
+    """Along a non-concatenated dimension an entry is constant if it is, equally, in every part."""
+    consts = [ctx.const(x, d) for x in parts]
+    if not consts or any(c is None for c in consts):
+        return
+    mask = torch.stack([c.mask for c in consts]).all(0)
+    values = torch.stack([c.value for c in consts])
+    mask &= (values == values[:1]).all(0)
+    ctx.set_const(out, d, DimConst.where(mask, values[0]))
+
+
+class Split(OpRule):
+    """``split`` / ``split_with_sizes``: equal parts shrink equally (see the module docstring)."""
+
+    def _layout(self, node: Node):
+        x = node.args[0]
+        a = bind(node)
+        dim = a.get("dim", 0) % x.ndim
+        sizes = [v.shape[dim] for v in node.outputs]
+        equal = len(set(sizes)) == 1 and sum(sizes) == x.shape[dim] and len(node.outputs) > 0
+        return x, dim, sizes, equal
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, dim, sizes, equal = self._layout(node)
+        for out in node.outputs:
+            for d in range(x.ndim):
+                if d != dim:
+                    ctx.link(x, d, out, d)
+        atoms = ctx.atoms(x, dim)
+        if not equal or atoms is None:
+            ctx.pin(x, dim)
+            return
+        ctx.accept(x, dim)
+        part, size = len(sizes), sizes[0]
+        which, position = ctx.fresh(part), ctx.fresh(size)
+        ctx.table.pin(which)
+        entries = torch.arange(x.shape[dim])
+        ctx.define(atoms, torch.stack([which[entries // size], position[entries % size]], 1))
+        for out in node.outputs:
+            ctx.assign(out, dim, position)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, sizes, _ = self._layout(node)
+        consts = ctx.const(x, dim)
+        pieces = consts.mask.split(sizes) if consts is not None else None
+        values = consts.value.split(sizes) if consts is not None else None
+        for i, out in enumerate(node.outputs):
+            for d in range(x.ndim):
+                if d != dim:
+                    ctx.set_const(out, d, ctx.const(x, d))
+            if pieces is not None:
+                ctx.set_const(out, dim, DimConst(pieces[i], values[i]))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, sizes, equal = self._layout(node)
+        demanded = [out for out in node.outputs if ctx.is_demanded(out)]
+        if not demanded:
+            return
+        need = []
+        for out in node.outputs:
+            need.append(ctx.demanded(out, dim) if ctx.is_demanded(out) else torch.zeros(out.shape[dim], dtype=torch.bool))
+        masks = {dim: torch.cat(need)}
+        for d in range(x.ndim):
+            if d != dim:
+                masks[d] = torch.stack([ctx.demanded(out, d) for out in demanded]).any(0)
+        ctx.demand(x, masks)
+
+
+class Unbind(OpRule):
+    """``unbind(x, dim)``: the number of outputs is fixed by the code, so ``dim`` keeps its size."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x = node.args[0]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % x.ndim
+        ctx.pin(x, dim)
+        for out in node.outputs:
+            couple_maps(ctx, [DimMap(x, d, out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim])
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x = node.args[0]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % x.ndim
+        for out in node.outputs:
+            forward_maps(ctx, [DimMap(x, d, out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim])
+
+
+class Stack(OpRule):
+    """``stack(tensors, dim)``: a new dimension (its size is the number of tensors: kept)."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        out = node.outputs[0]
+        a = bind(node)
+        dim = a.get("dim", 0) % out.ndim
+        for x in a["tensors"]:
+            for d in range(x.ndim):
+                ctx.link(x, d, out, d if d < dim else d + 1)
+
+
+class Pad(OpRule):
+    """``constant_pad_nd`` and reflection/replication pads: padded dimensions keep their size."""
+
+    def _padded(self, node: Node) -> set[int]:
+        x = node.args[0]
+        return {x.ndim - 1 - i // 2 for i, p in enumerate(node.args[1]) if p != 0}
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        padded = self._padded(node)
+        for d in range(x.ndim):
+            if d not in padded:
+                ctx.link(x, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        fill = node.args[2] if node.target._opname == "constant_pad_nd" and len(node.args) > 2 else 0
+        for d in range(x.ndim):
+            if d in self._padded(node):
+                continue
+            consts = ctx.const(x, d)
+            if consts is not None:
+                # A constant slice stays constant only if the padding holds the same value.
+                keep = consts.mask & (consts.value == float(fill)) if node.target._opname == "constant_pad_nd" else consts.mask
+                ctx.set_const(out, d, DimConst.where(keep, consts.value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        if ctx.is_demanded(out):
+            padded = self._padded(node)
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d not in padded})
+
+
+def register(registry) -> None:
+    registry.add_op("aten.slice.Tensor", Slice())
+    registry.add_op("aten.select.int", Select())
+    registry.add_op("aten.index_select", IndexSelect())
+    registry.add_op("aten.flip", Flip())
+    registry.add_op("aten.cat", Cat())
+    registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split"], Split())
+    registry.add_op("aten.unbind", Unbind())
+    registry.add_op("aten.stack", Stack())
+    registry.add_ops(["aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d", "aten.reflection_pad3d",
+                      "aten.replication_pad1d", "aten.replication_pad2d", "aten.replication_pad3d"], Pad())

@@ -1,0 +1,198 @@
+"""Normalisation layers.
+
+Per-channel norms (BatchNorm, InstanceNorm) treat channels independently: a channel simply goes,
+and a constant channel stays constant (its value is found by running the layer itself on it).
+Norms whose statistics span the hidden dimension (LayerNorm, RMSNorm, GroupNorm) read every entry:
+a live entry is always needed for the statistics. LayerNorm and RMSNorm can still drop an entry
+holding a constant, by counting it in the statistics (:mod:`speedup.modules`); GroupNorm drops
+whole groups only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph import Node
+from ..modules import ConstantAwareLayerNorm
+from ..propagation import Analysis
+from ..replacement import ModulePlan
+from ..rule import DimConst, ModuleRule
+from ._modules import clone_module, first_input, foldable, param_data
+
+_CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
+
+
+class ChannelNormRule(ModuleRule):
+    """``BatchNormNd`` and ``InstanceNormNd``: dimension 1 holds independent channels."""
+
+    subclasses = True
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        for d in range(x.ndim):
+            ctx.link(x, d, out, d)
+        for name in _CHANNEL_PARAMS:
+            if name in node.params and node.params[name].ndim == 1:
+                ctx.link(node.params[name], 0, out, 1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        consts = ctx.const(x, 1)
+        weight, bias = param_data(node, "weight"), param_data(node, "bias")
+        mask = torch.zeros(x.shape[1], dtype=torch.bool)
+        value = torch.zeros(x.shape[1], dtype=torch.float64)
+        if consts is not None:
+            mask = consts.mask.clone()
+            value = _run_on_constants(node.module, x.ndim, consts)
+        if weight is not None and bias is not None:
+            # A channel whose scale is masked is its shift, whatever the input.
+            zero_scale = weight == 0
+            value = torch.where(zero_scale & ~mask, bias.to(torch.float64), value)
+            mask |= zero_scale
+        ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        if ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim)})
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        for name in _CHANNEL_PARAMS:
+            if getattr(module, name, None) is not None:
+                setattr(new, name, plan.param(name))
+        new.num_features = plan.count(plan.output(), 1)
+        return new
+
+
+def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
+    """The layer's own output for channels holding constants (eval mode, no hooks)."""
+    probe = torch.zeros((1, consts.mask.numel()) + (2,) * max(ndim - 2, 0))
+    ref = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), torch.zeros(()))
+    probe = probe.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    probe[0] = consts.value.to(probe.dtype).reshape(-1, *([1] * (probe.dim() - 2)))
+    with torch.no_grad():
+        result = type(module).forward(module, probe)
+    return result[0].reshape(consts.mask.numel(), -1)[:, 0].to(torch.float64).cpu()
+
+
+class LayerNormRule(ModuleRule):
+    """``LayerNorm`` (and ``RMSNorm``) over the last dimension."""
+
+    subclasses = True
+
+    def _normalized(self, node: Node) -> int:
+        return len(node.module.normalized_shape)
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        k = self._normalized(node)
+        for d in range(x.ndim - k):
+            ctx.link(x, d, out, d)
+        if k != 1:
+            return
+        ctx.link(x, -1, out, -1)
+        for name in ("weight", "bias"):
+            if name in node.params:
+                ctx.link(node.params[name], 0, out, -1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        out = node.outputs[0]
+        weight, bias = param_data(node, "weight"), param_data(node, "bias")
+        if self._normalized(node) != 1 or weight is None:
+            return
+        shift = bias.to(torch.float64) if bias is not None else torch.zeros(weight.numel(), dtype=torch.float64)
+        ctx.set_const(out, -1, DimConst.where(weight == 0, shift))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
+        if self._normalized(node) == 1:
+            # Every varying entry feeds the statistics; a constant one is counted without being read.
+            masks[x.ndim - 1] = ctx.demanded(out, -1) | ~foldable(ctx, node, x, -1)
+        ctx.demand(x, masks)
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                setattr(new, name, plan.param(name))
+        kept = plan.count(plan.input(), -1)
+        new.normalized_shape = (kept,)
+        removed, values = plan.removed_input_constants(-1)
+        if removed.numel() == 0:
+            return new
+        return self.constant_aware(new, plan.input().shape[-1], values)
+
+    def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
+        return ConstantAwareLayerNorm.from_layer_norm(new, full_size, values)
+
+
+class RMSNormRule(LayerNormRule):
+    def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
+        from ..modules import ConstantAwareRMSNorm
+
+        return ConstantAwareRMSNorm.from_rms_norm(new, full_size, values)
+
+
+class GroupNormRule(ModuleRule):
+    """``GroupNorm``: statistics per group of channels, so only whole groups may go."""
+
+    subclasses = True
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        ctx.link(x, 0, out, 0)
+        per_group = x.shape[1] // node.module.num_groups
+        atoms = ctx.atoms(x, 1)
+        if atoms is not None:
+            groups, position = ctx.fresh(node.module.num_groups), ctx.fresh(per_group)
+            ctx.table.pin(position)
+            c = torch.arange(x.shape[1])
+            ctx.define(atoms, torch.stack([groups[c // per_group], position[c % per_group]], 1))
+        ctx.link(x, 1, out, 1)
+        for name in ("weight", "bias"):
+            if name in node.params:
+                ctx.link(node.params[name], 0, out, 1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        weight, bias = param_data(node, "weight"), param_data(node, "bias")
+        if weight is not None:
+            shift = bias.to(torch.float64) if bias is not None else torch.zeros(weight.numel(), dtype=torch.float64)
+            ctx.set_const(node.outputs[0], 1, DimConst.where(weight == 0, shift))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        groups = node.module.num_groups
+        need = ctx.demanded(out, 1).reshape(groups, -1).any(1).repeat_interleave(x.shape[1] // groups)
+        masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
+        masks[1] = need
+        ctx.demand(x, masks)
+
+    def replace(self, module: nn.GroupNorm, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                setattr(new, name, plan.param(name))
+        channels = plan.count(plan.output(), 1)
+        new.num_groups = channels // (module.num_channels // module.num_groups)
+        new.num_channels = channels
+        return new
+
+
+def register(registry) -> None:
+    channel = ChannelNormRule()
+    for module_type in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                        nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+        registry.add_module(module_type, channel)
+    registry.add_module(nn.LayerNorm, LayerNormRule())
+    if hasattr(nn, "RMSNorm"):
+        registry.add_module(nn.RMSNorm, RMSNormRule())
+    registry.add_module(nn.GroupNorm, GroupNormRule())

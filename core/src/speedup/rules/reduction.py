@@ -1,0 +1,127 @@
+"""Reductions and softmax.
+
+A reduction over a dimension reads every entry of it. Only ``sum`` (and norms) ignore zero entries,
+so only there may zero entries of the reduced dimension go; a mean would divide by a different
+count and a max might lose its argument, so their reduced dimensions keep their size. Reduced
+dimensions that are not prunable (spatial, sequence) are the common case and cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from ..graph import Node, TensorValue
+from ..propagation import Analysis
+from ..rule import DimConst, OpRule, bind
+
+# How a constant slice ``v`` over ``n`` reduced elements reduces, per operator.
+_CONSTANT_RESULT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "sum": lambda v, n: v * n,
+    "nansum": lambda v, n: v * n,
+    "mean": lambda v, n: v,
+    "nanmean": lambda v, n: v,
+    "amax": lambda v, n: v,
+    "amin": lambda v, n: v,
+    "max": lambda v, n: v,
+    "min": lambda v, n: v,
+    "var": lambda v, n: torch.zeros_like(v),
+    "std": lambda v, n: torch.zeros_like(v),
+    "prod": lambda v, n: v ** n,
+    "logsumexp": lambda v, n: v + math.log(n),
+}
+_IGNORES_ZEROS = {"sum", "nansum", "linalg_vector_norm"}
+
+
+class Reduction(OpRule):
+    """``sum``, ``mean``, ``amax``, ``var``... over some dimensions, with or without ``keepdim``."""
+
+    def _layout(self, node: Node) -> tuple[TensorValue, list[int], dict[int, int]]:
+        x = node.args[0]
+        a = bind(node)
+        dims = a.get("dim")
+        if dims is None or dims == []:
+            reduced = list(range(x.ndim))
+        else:
+            reduced = sorted({d % x.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])})
+        keep = bool(a.get("keepdim", False))
+        kept, position = {}, 0
+        for d in range(x.ndim):
+            if d in reduced:
+                position += keep
+            else:
+                kept[d] = position
+                position += 1
+        return x, reduced, kept
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, reduced, kept = self._layout(node)
+        for out in node.outputs:
+            for d, od in kept.items():
+                ctx.link(x, d, out, od)
+        if node.target._opname in _IGNORES_ZEROS:
+            for d in reduced:
+                ctx.accept(x, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, reduced, kept = self._layout(node)
+        result = _CONSTANT_RESULT.get(node.target._opname)
+        out = node.outputs[0]
+        count = math.prod(x.shape[d] for d in reduced)
+        for d, od in kept.items():
+            consts = ctx.const(x, d)
+            if consts is not None and result is not None:
+                ctx.set_const(out, od, DimConst.where(consts.mask, result(consts.value, count)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, reduced, kept = self._layout(node)
+        demanded = [out for out in node.outputs if ctx.is_demanded(out)]
+        if not demanded:
+            return
+        masks = {d: torch.stack([ctx.demanded(out, od) for out in demanded]).any(0) for d, od in kept.items()}
+        if node.target._opname in _IGNORES_ZEROS:
+            for d in reduced:
+                consts = ctx.const(x, d)
+                if consts is not None:
+                    masks[d] = ~consts.zero
+        ctx.demand(x, masks)
+
+
+class Softmax(OpRule):
+    """``softmax`` / ``log_softmax`` over one dimension; every other dimension passes through."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        dim = node.args[1] % x.ndim
+        for d in range(x.ndim):
+            if d != dim:
+                ctx.link(x, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        dim = node.args[1] % x.ndim
+        n = x.shape[dim]
+        uniform = -math.log(n) if "log" in node.target._opname else 1.0 / n
+        for d in range(x.ndim):
+            if d != dim:
+                consts: Optional[DimConst] = ctx.const(x, d)
+                if consts is not None:
+                    ctx.set_const(out, d, DimConst.where(consts.mask, torch.full_like(consts.value, uniform)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        dim = node.args[1] % x.ndim
+        if ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d != dim})
+
+
+def register(registry) -> None:
+    registry.add_ops(
+        ["aten.sum", "aten.nansum", "aten.mean", "aten.nanmean", "aten.amax", "aten.amin", "aten.max.dim",
+         "aten.min.dim", "aten.var", "aten.std", "aten.prod", "aten.logsumexp", "aten.linalg_vector_norm",
+         "aten.any", "aten.all"],
+        Reduction(),
+    )
+    registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int"], Softmax())

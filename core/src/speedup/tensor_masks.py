@@ -1,0 +1,97 @@
+"""Masks on module inputs and outputs (NNI 3.0's ``_input_*`` / ``_output_*`` targets).
+
+The masked model multiplies the targeted tensor by its mask. That multiplication is installed as a
+forward hook whose mask lives in a :class:`TensorMaskHolder` buffer, so that the tracer records it
+as an ordinary ``mul`` by a sliceable tensor: the analysis sees the zeros, and the replacement
+slices the mask with the channels around it. The sped-up model keeps the hook only where the
+sliced mask still holds a zero (entries that could not be removed must stay zero).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MaskError
+from .masks import TensorMask
+from .transaction import Transaction
+
+
+class TensorMaskHolder(nn.Module):
+    """Holds one input/output mask as a buffer (so it moves with ``.to()`` and can be sliced)."""
+
+    def __init__(self, mask: torch.Tensor, target: str, module_name: str):
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.target = target
+        self.module_name = module_name
+
+    def apply(self, tensor: Any) -> Any:
+        if not isinstance(tensor, torch.Tensor):
+            raise MaskError(
+                f"the mask '{self.target}' of '{self.module_name}' targets a {type(tensor).__name__}, not a tensor."
+            )
+        try:
+            return tensor * self.mask.to(tensor.dtype)
+        except RuntimeError:
+            raise MaskError(
+                f"the mask '{self.target}' of '{self.module_name}' has shape {tuple(self.mask.shape)}, which does not "
+                f"broadcast to that tensor's shape {tuple(tensor.shape)}."
+            ) from None
+
+
+def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[tuple[str, TensorMaskHolder]]:
+    """Hooks every input/output mask into the model; returns the holders with their qualified names."""
+    modules = dict(model.named_modules())
+    holders = []
+    for spec in masks:
+        module = modules[spec.module]
+        holder = TensorMaskHolder(spec.mask, spec.target, spec.module)
+        if spec.kind == "input":
+            handle = module.register_forward_pre_hook(_input_hook(holder, spec.key), with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(_output_hook(holder, spec.key))
+        tx.on_rollback(handle.remove)
+        holder.handle = handle
+        name = f"{spec.module}.{spec.target}" if spec.module else spec.target
+        holders.append((name, holder))
+    return holders
+
+
+def _input_hook(holder: TensorMaskHolder, key):
+    def hook(module, args, kwargs):
+        if isinstance(key, int):
+            if key >= len(args):
+                raise MaskError(f"'{holder.module_name}' was called with {len(args)} positional inputs; "
+                                f"there is no input {key} for the mask '{holder.target}'.")
+            args = args[:key] + (holder.apply(args[key]),) + args[key + 1:]
+        elif key in kwargs:
+            kwargs = dict(kwargs, **{key: holder.apply(kwargs[key])})
+        else:
+            raise MaskError(f"'{holder.module_name}' was not called with an argument '{key}' for the mask '{holder.target}'.")
+        return args, kwargs
+
+    return hook
+
+
+def _output_hook(holder: TensorMaskHolder, key):
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and key == 0:
+            return holder.apply(output)
+        if isinstance(output, tuple) and isinstance(key, int) and key < len(output):
+            return output[:key] + (holder.apply(output[key]),) + output[key + 1:]
+        if isinstance(output, dict) and key in output:
+            output[key] = holder.apply(output[key])
+            return output
+        raise MaskError(f"'{holder.module_name}' has no output '{key}' for the mask '{holder.target}'.")
+
+    return hook
+
+
+def drop_all_ones(holders: list[tuple[str, TensorMaskHolder]], tx: Transaction) -> None:
+    """After the speedup, a mask left with no zero does nothing: remove its hook."""
+    for _, holder in holders:
+        if bool(holder.mask.all()):
+            holder.handle.remove()

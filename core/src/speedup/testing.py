@@ -1,0 +1,72 @@
+"""Helpers to test a speedup (used by speedup's own tests, and for plugin authors' tests).
+
+The contract is equality with the *masked* model: the original model with every masked parameter
+multiplied by its mask (and input/output masks applied). :func:`masked_copy` builds that model,
+independently of the engine, and :func:`assert_same_outputs` compares on a fresh input.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import outputs_close, split_inputs
+from .masks import MaskSource, load_masks
+from .tracer import iter_tensors
+
+
+def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
+    """A deep copy of ``model`` with its masks applied the simple way: multiply and hook."""
+    masked = copy.deepcopy(model)
+    checked = load_masks(masks, masked)
+    with torch.no_grad():
+        for name, mask in checked.parameters.items():
+            try:
+                tensor = masked.get_parameter(name)
+            except AttributeError:
+                tensor = masked.get_buffer(name)
+            tensor.mul_(mask.to(tensor.dtype))
+    modules = dict(masked.named_modules())
+    for spec in checked.tensors:
+        mask = spec.mask
+        if spec.kind == "input":
+            def pre(module, args, kwargs, key=spec.key, mask=mask):
+                if isinstance(key, int):
+                    return args[:key] + (args[key] * mask.to(args[key]),) + args[key + 1:], kwargs
+                return args, dict(kwargs, **{key: kwargs[key] * mask.to(kwargs[key])})
+            modules[spec.module].register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            def post(module, args, output, key=spec.key, mask=mask):
+                if isinstance(output, torch.Tensor):
+                    return output * mask.to(output)
+                output = list(output) if isinstance(output, tuple) else output
+                output[key] = output[key] * mask.to(output[key])
+                return tuple(output) if isinstance(output, list) else output
+            modules[spec.module].register_forward_hook(post)
+    return masked
+
+
+def run(model: nn.Module, inputs: Any) -> Any:
+    args, kwargs = split_inputs(inputs)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def assert_same_outputs(reference: nn.Module, candidate: nn.Module, inputs: Any) -> float:
+    """Asserts equal outputs (within float round-off) and equal shapes; returns the largest difference."""
+    expected, actual = list(iter_tensors(run(reference, inputs))), list(iter_tensors(run(candidate, inputs)))
+    assert len(expected) == len(actual), f"{len(actual)} outputs instead of {len(expected)}"
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(expected, actual)):
+        assert a.shape == b.shape, f"output {i}: shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        difference = float((a.double() - b.double()).abs().nan_to_num(0).max()) if a.numel() and a.is_floating_point() else 0.0
+        assert outputs_close(a, b), f"output {i} differs by up to {difference:.3g} (scale {float(a.abs().max()):.3g})"
+        worst = max(worst, difference)
+    return worst
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

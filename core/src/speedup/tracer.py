@@ -1,0 +1,372 @@
+"""Record a :class:`~speedup.graph.Graph` by running the model once, concretely.
+
+Symbolic tracers (``torch.fx``, ``torch.jit``, ``torch.export``) fail on models with Python control
+flow on shapes or with caches in their outputs. Running the model for real under a
+``TorchDispatchMode`` sees every ATen operator it really executes, whatever Python it is written
+in; forward hooks collapse each module that a rule claims into a single node.
+
+Tensor identity is tracked in a weak dictionary (keeping activations alive would cost a forward
+pass' worth of fresh allocations) together with each tensor's version counter, so that a tensor
+mutated behind the recorder's back (a write through a view) is noticed and treated conservatively.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary, WeakTensorKeyDictionary
+
+from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+@dataclasses.dataclass
+class Trace:
+    """A recorded graph, what the model returned while it was recorded, and the FLOPs it ran."""
+
+    graph: Graph
+    output: Any
+    flops: int
+
+
+class TracingFailed(Exception):
+    """The model raised while being recorded; ``graph`` holds what was recorded up to then."""
+
+    def __init__(self, error: BaseException, graph: Graph):
+        super().__init__(str(error))
+        self.error = error
+        self.graph = graph
+
+
+def trace(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    claims: Callable[[nn.Module], bool],
+    observe: Callable[[nn.Module], bool] = lambda module: False,
+    known: tuple = (),
+) -> Trace:
+    """Runs ``model(*args, **kwargs)`` once and records what it computes.
+
+    ``claims(module)`` says whether a module is recorded as one node (its rule knows it as a whole)
+    rather than as the operators it runs. The root module is never claimed: its forward is the
+    graph. ``observe(module)`` marks unclaimed modules whose boundary values are noted (for
+    ``customized_replace_func``). ``known`` lists extra ``(name, owner, attribute)`` tensors that
+    count as parameters. Runs under ``torch.no_grad``; the caller chooses train or eval mode.
+    """
+    recorder = _Recorder(model, known)
+    handles = _claim_modules(model, recorder, claims)
+    handles += _observe_modules(model, recorder, claims, observe)
+    handles += _track_scopes(model, recorder)
+    try:
+        recorder.bind_inputs(args, kwargs)
+        with torch.no_grad(), recorder:
+            output = model(*args, **kwargs)
+        recorder.bind_outputs(output)
+    except Exception as exc:
+        raise TracingFailed(exc, recorder.graph) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Trace(recorder.graph, output, recorder.flops)
+
+
+def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iterator[torch.Tensor]:
+    """Yields every tensor reachable from a model's return value.
+
+    Covers tensors, sequences, mappings, dataclasses and plain objects (a key/value cache), which
+    ``torch.utils._pytree`` treats as opaque leaves.
+    """
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if _depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
+        return
+    _seen = set() if _seen is None else _seen
+    if id(obj) in _seen:
+        return
+    _seen.add(id(obj))
+    if isinstance(obj, dict):
+        children = obj.values()
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        children = vars(obj).values()
+    else:
+        return
+    for child in children:
+        yield from iter_tensors(child, _depth + 1, _seen)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, model: nn.Module, known: tuple = ()):
+        super().__init__()
+        self.graph = Graph()
+        self.flops = 0
+        self._values = WeakTensorKeyDictionary()  # tensor -> (TensorValue, version)
+        self._hidden = WeakTensorKeyDictionary()  # tensors made inside claimed modules
+        self._known: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+                if tensor is not None and id(tensor) not in self._known:
+                    name = f"{module_name}.{attr}" if module_name else attr
+                    self._known[id(tensor)] = (tensor, name, module, attr)
+        for name, owner, attr in known:
+            tensor = getattr(owner, attr)
+            self._known[id(tensor)] = (tensor, name, owner, attr)
+        self._names = WeakIdKeyDictionary()
+        for name, module in model.named_modules():
+            self._names[module] = name
+        self._constant_storages: dict[int, list[TensorValue]] = {}
+        self._writes: dict[int, list[TensorValue]] = {}
+        self.suppress = 0
+        self.scopes: list[str] = []
+        self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
+
+    # -- values ---------------------------------------------------------------------------
+
+    def bind_inputs(self, args: tuple, kwargs: dict) -> None:
+        for tensor in pytree.tree_leaves((args, kwargs)):
+            if isinstance(tensor, torch.Tensor) and tensor not in self._values:
+                self._remember(tensor, self.graph.new_value(tensor, Origin.INPUT))
+                self.graph.inputs.append(self._values[tensor][0])
+
+    def bind_outputs(self, output: Any) -> None:
+        for tensor in iter_tensors(output):
+            value = self.value_of(tensor)
+            if not value.is_output:
+                value.is_output = True
+                self.graph.outputs.append(value)
+
+    def _remember(self, tensor: torch.Tensor, value: TensorValue) -> TensorValue:
+        self._values[tensor] = (value, tensor._version)
+        return value
+
+    def value_of(self, tensor: torch.Tensor) -> TensorValue:
+        entry = self._values.get(tensor)
+        if entry is not None:
+            value, version = entry
+            if tensor._version == version:
+                return value
+            return self._refresh_after_alias_write(tensor, value)
+        known = self._known.get(id(tensor))
+        if known is not None and known[0] is tensor:
+            _, name, module, attr = known
+            value = self.graph.new_value(tensor, Origin.PARAMETER, data=tensor, owner=(module, attr), name=name)
+            self.graph.parameters[name] = value
+            return self._remember(tensor, value)
+        if tensor in self._hidden:
+            return self._remember(tensor, self.graph.new_value(tensor, Origin.OPAQUE))
+        # A tensor that existed before this forward pass (a plain attribute, a closure): it does not
+        # depend on the input.
+        return self._remember(tensor, self._constant(tensor))
+
+    def _constant(self, tensor: torch.Tensor) -> TensorValue:
+        value = self.graph.new_value(tensor, Origin.CONSTANT, data=tensor)
+        self._constant_storages.setdefault(_storage_key(tensor), []).append(value)
+        return value
+
+    def _refresh_after_alias_write(self, tensor: torch.Tensor, stale: TensorValue) -> TensorValue:
+        """A tensor changed through an alias: its new value depends on every write to its storage."""
+        writes = self._writes.get(_storage_key(tensor), [])
+        inputs = [stale] + [w for w in writes if w is not stale]
+        node = self.graph.add_node(
+            Node(len(self.graph.nodes), NodeKind.OPAQUE, "write through an alias", tuple(inputs), {}, inputs, [],
+                 self.scopes[-1] if self.scopes else "", _user_location())
+        )
+        value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
+        node.outputs.append(value)
+        return self._remember(tensor, value)
+
+    # -- operators ------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        counter = flop_registry.get(func.overloadpacket)
+        if self.suppress:
+            out = func(*args, **kwargs)
+            if counter is not None:
+                self.flops += counter(*args, **kwargs, out_val=out)
+            for tensor in _tensors(out):
+                self._hidden[tensor] = True
+            return out
+        flat_args, spec = pytree.tree_flatten((args, kwargs))
+        in_values = [self.value_of(a) if isinstance(a, torch.Tensor) else None for a in flat_args]
+        written = _written_tensors(func, args, kwargs)
+        for tensor in written:
+            self._protect_before_write(tensor)
+        out = func(*args, **kwargs)
+        if counter is not None:
+            self.flops += counter(*args, **kwargs, out_val=out)
+        inputs = [v for v in in_values if v is not None]
+        origin = _derived_origin(func, inputs)
+        node = Node(len(self.graph.nodes), NodeKind.OP, func, *_rebuild(flat_args, in_values, spec),
+                    inputs, [], self.scopes[-1] if self.scopes else "", _user_location())
+        self.graph.add_node(node)
+        results = _tensors(out)
+        for tensor in results + [t for t in written if not any(t is r for r in results)]:
+            node.outputs.append(self._record_output(tensor, origin, node))
+        for tensor in written:
+            self._writes.setdefault(_storage_key(tensor), []).append(self._values[tensor][0])
+        return out
+
+    def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node) -> TensorValue:
+        if origin is Origin.CONSTANT:
+            value = self._constant(tensor)
+            value.producer = node
+        else:
+            value = self.graph.new_value(tensor, origin, producer=node)
+        return self._remember(tensor, value)
+
+    def _protect_before_write(self, tensor: torch.Tensor) -> None:
+        """Constants keep their data for the analysis; an in-place write must not change it."""
+        for value in self._constant_storages.pop(_storage_key(tensor), []):
+            value.data = value.data.clone()
+
+    # -- claimed modules ------------------------------------------------------------------
+
+    def enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.suppress == 0:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            values = [self.value_of(a) if isinstance(a, torch.Tensor) else None for a in flat]
+            self._pending.append((values, *_rebuild(flat, values, spec)))
+        self.suppress += 1
+
+    def exit_module(self, module: nn.Module, output: Any) -> None:
+        self.suppress -= 1
+        if self.suppress:
+            return
+        values, args, kwargs = self._pending.pop()
+        inputs = [v for v in values if v is not None]
+        name = self._names.get(module, "")
+        params = {}
+        for attr, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor is not None:
+                params[attr] = self.value_of(tensor)
+        node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
+        node.inputs = inputs + [p for p in params.values() if p not in inputs]
+        self.graph.add_node(node)
+        origin = _derived_origin(None, inputs)
+        for tensor in iter_tensors(output):
+            self._hidden.pop(tensor, None)
+            node.outputs.append(self._record_output(tensor, origin, node))
+
+
+def _claim_modules(model: nn.Module, recorder: _Recorder, claims: Callable[[nn.Module], bool]) -> list:
+    handles = []
+    for module in {id(m): m for m in model.modules()}.values():
+        if module is model or not claims(module):
+            continue
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: recorder.enter_module(m, args, kwargs), with_kwargs=True))
+        # Prepended, so that hooks already on the module (input/output masks) run outside the node.
+        handles.append(module.register_forward_hook(
+            lambda m, args, output: recorder.exit_module(m, output), always_call=True, prepend=True))
+    return handles
+
+
+def _observe_modules(model: nn.Module, recorder: _Recorder, claims, observe) -> list:
+    """Notes the input and output values of observed modules, without collapsing them."""
+    handles = []
+    for module in {id(m): m for m in model.modules()}.values():
+        if module is model or claims(module) or not observe(module):
+            continue
+        name = recorder._names.get(module, "")
+
+        def enter(m, args, kwargs, name=name):
+            if not recorder.suppress:
+                values = [recorder.value_of(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                recorder.graph.observed.setdefault(name, Boundary(m, name, values, []))
+
+        def leave(m, args, output, name=name):
+            boundary = recorder.graph.observed.get(name)
+            if boundary is not None and not boundary.outputs and not recorder.suppress:
+                boundary.outputs = [recorder.value_of(t) for t in iter_tensors(output)]
+
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
+
+
+def _track_scopes(model: nn.Module, recorder: _Recorder) -> list:
+    """Keeps the name of the innermost running module, to say where an operator came from."""
+    names = recorder._names
+
+    def push(module, args):
+        recorder.scopes.append(names.get(module, recorder.scopes[-1] if recorder.scopes else ""))
+
+    def pop(module, args, output):
+        if recorder.scopes:
+            recorder.scopes.pop()
+
+    return [
+        torch.nn.modules.module.register_module_forward_pre_hook(push),
+        torch.nn.modules.module.register_module_forward_hook(pop, always_call=True),
+    ]
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _rebuild(flat: list, values: list, spec) -> tuple[tuple, dict]:
+    args, kwargs = pytree.tree_unflatten([v if v is not None else a for a, v in zip(flat, values)], spec)
+    return tuple(args), dict(kwargs)
+
+
+def _derived_origin(func: Any, inputs: list[TensorValue]) -> Origin:
+    if func is not None and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
+        return Origin.COMPUTED
+    if all(v.origin.input_independent for v in inputs):
+        return Origin.CONSTANT
+    return Origin.COMPUTED
+
+
+_WRITTEN: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def _written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an operator writes in place (``self`` of ``add_``, ``out=`` arguments)."""
+    positions = _WRITTEN.get(func)
+    if positions is None:
+        positions = tuple(
+            (i, arg.name) for i, arg in enumerate(func._schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
+        )
+        _WRITTEN[func] = positions
+    written = []
+    for i, name in positions:
+        tensor = args[i] if i < len(args) else kwargs.get(name)
+        if isinstance(tensor, torch.Tensor):
+            written.append(tensor)
+    return written
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _user_location() -> Optional[str]:
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith((_TORCH_DIR, _OWN_DIR)):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None

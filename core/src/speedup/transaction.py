@@ -1,0 +1,81 @@
+"""Every change speedup makes to the user's model, recorded so that it can be undone exactly.
+
+On any error the model must be left as it was: same module objects, same parameter objects, same
+values, same train/eval flags. So nothing is changed directly; every change goes through a
+:class:`Transaction`, which remembers how to undo it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+_MISSING = object()
+
+
+class Transaction:
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def savepoint(self) -> int:
+        return len(self._undo)
+
+    def rollback(self, savepoint: int = 0) -> None:
+        """Undoes, newest first, every change made after ``savepoint``."""
+        while len(self._undo) > savepoint:
+            self._undo.pop()()
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr`` that also works for ``nn.Module`` parameters, buffers and submodules."""
+        previous = _lookup(obj, name)
+        setattr(obj, name, value)
+
+        def undo() -> None:
+            if previous is _MISSING:
+                delattr(obj, name)
+            else:
+                _restore(obj, name, previous)
+
+        self._undo.append(undo)
+
+    def set_data(self, tensor: torch.Tensor, data: torch.Tensor) -> None:
+        """Swaps a parameter's or buffer's data, keeping the tensor object (optimizers hold it)."""
+        previous = tensor.data
+        tensor.data = data
+        self._undo.append(lambda: setattr(tensor, "data", previous))
+
+    def set_training(self, model: nn.Module, mode: bool) -> None:
+        flags = [(m, m.training) for m in model.modules()]
+        model.train(mode)
+
+        def undo() -> None:
+            for module, flag in flags:
+                module.training = flag
+
+        self._undo.append(undo)
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Any other change, made by the caller: ``undo`` runs on rollback."""
+        self._undo.append(undo)
+
+
+def _lookup(obj: Any, name: str) -> Any:
+    if isinstance(obj, nn.Module):
+        for table in (obj._parameters, obj._buffers, obj._modules):
+            if name in table:
+                return table[name]
+    return obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
+
+
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    if isinstance(obj, nn.Module):
+        for table in (obj._parameters, obj._buffers, obj._modules):
+            if name in table:
+                table[name] = previous
+                return
+        if isinstance(previous, nn.Module):
+            obj._modules[name] = previous
+            return
+    setattr(obj, name, previous)
