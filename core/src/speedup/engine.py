@@ -23,6 +23,7 @@ from torch import nn
 
 from . import tensor_masks
 from .errors import SpeedupError, TraceError, VerificationError
+from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind, TensorValue
 from .masks import MaskSource, load_masks
 from .planning import decide
@@ -140,7 +141,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     for name, mask in masks.parameters.items():
         tensor = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
         with torch.no_grad():
-            tx.set_data(tensor, tensor.data * mask.to(device=tensor.device, dtype=tensor.dtype))
+            tx.set_data(tensor, torch.where(mask.to(tensor.device), tensor.data, 0))
     holders = tensor_masks.install(model, masks.tensors, tx)
     known = tuple((name, holder, "mask") for name, holder in holders)
     params_before = _count_parameters(model)
@@ -187,7 +188,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report.warnings = plan.warnings + replaced.warnings
     report.params_after = _count_parameters(model)
     if not verify:
-        report.flops_after = _count_flops(model, args, kwargs, rules)
+        report.flops_after = _count_flops(model, args, kwargs)
     return report
 
 
@@ -246,7 +247,21 @@ class _Check:
 
 
 def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _Check:
-    """Re-records the sped-up model and finds the first node whose result is not the planned one."""
+    """Runs the sped-up model on the dummy input; on any difference, finds the node responsible."""
+    counter = FlopCounter()
+    try:
+        with torch.no_grad(), counter:
+            output = model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - located below, by recording the failing run
+        return _locate(model, args, kwargs, recorded, rules, replaced, "")
+    difference = _compare(recorded.output, output)
+    if difference is not None:
+        return _locate(model, args, kwargs, recorded, rules, replaced, difference)
+    return _Check(True, flops=counter.total, max_abs_diff=_max_difference(recorded.output, output))
+
+
+def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str) -> _Check:
+    """Re-records the sped-up model to find the first node whose result is not the planned one."""
     new_modules = {id(new) for _, new in replaced.pairs}
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     original = recorded.graph.nodes
@@ -262,14 +277,14 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _C
         for value, produced in zip(old.outputs, new.outputs):
             if _expected_shape(value) != produced.shape:
                 return _Check(False, old, f"produced shape {produced.shape} where {_expected_shape(value)} was planned")
-    difference = _compare(recorded.output, again.output)
-    if difference is not None:
-        return _Check(False, None, difference)
-    return _Check(True, flops=again.flops, max_abs_diff=_max_difference(recorded.output, again.output))
+    return _Check(False, None, difference or "the outputs differ")
 
 
-def _count_flops(model, args, kwargs, rules: _Rules) -> int:
-    return trace(model, args, kwargs, rules.claims).flops
+def _count_flops(model, args, kwargs) -> int:
+    counter = FlopCounter()
+    with torch.no_grad(), counter:
+        model(*args, **kwargs)
+    return counter.total
 
 
 def _compare(expected: Any, actual: Any) -> Optional[str]:

@@ -3,6 +3,7 @@
 An atom is kept when it is pinned or when any entry that needs it is demanded; every other atom
 is removed, and with it every entry that refers to it. Because the atoms already encode how the
 operators tie dimensions together (see :mod:`speedup.atoms`), this is a single vectorised step.
+Dimensions linked one-to-one share the same atom array, so each array is decided once.
 
 A dimension may not lose every entry (a layer whose mask removes all its channels while its
 output is still consumed): one entry is then kept, with a warning, and the model stays valid.
@@ -27,41 +28,55 @@ class Plan:
 
 
 def decide(graph: Graph, solution: AtomSolution) -> Plan:
-    slots: list[tuple[TensorValue, int, torch.Tensor]] = []
-    demanded: list[torch.Tensor] = []
+    arrays: dict[int, torch.Tensor] = {}
+    demand: dict[int, torch.Tensor] = {}
+    users: dict[int, list[tuple[TensorValue, int]]] = {}
     for value in graph.values:
         value.kept = [None] * value.ndim
         for d, atoms in enumerate(value.atoms):
-            if isinstance(atoms, torch.Tensor) and atoms.numel():
-                slots.append((value, d, atoms))
-                demanded.append(_demanded(value, d))
+            if atoms is None or not isinstance(atoms, torch.Tensor) or not atoms.numel():
+                continue
+            key = id(atoms)
+            need = _demanded(value, d)
+            if key in arrays:
+                if need is not None:
+                    demand[key] = need if demand[key] is None else demand[key] | need
+            else:
+                arrays[key], demand[key] = atoms, need
+            users.setdefault(key, []).append((value, d))
     plan = Plan()
-    if not slots:
+    if not arrays:
         return plan
-    primitives = solution.primitives(torch.cat([atoms for _, _, atoms in slots]))
+    keys = list(arrays)
+    sizes = [arrays[k].numel() for k in keys]
+    primitives = solution.primitives(torch.cat([arrays[k] for k in keys]))
+    needs = [demand[k] if demand[k] is not None else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]
     keep = solution.pinned.clone()
-    keep[primitives[torch.cat(demanded)].reshape(-1)] = True
-    sizes = [atoms.numel() for _, _, atoms in slots]
+    keep[primitives[torch.cat(needs)].reshape(-1)] = True
+    segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     while True:
         kept = keep[primitives].all(1)
-        empty = [i for i, part in enumerate(kept.split(sizes)) if not bool(part.any())]
+        kept_counts = torch.zeros(len(sizes), dtype=torch.long).index_add_(0, segment, kept.long())
+        empty = (kept_counts == 0).nonzero().reshape(-1).tolist()
         if not empty:
             break
         # Keep one entry of the first emptied dimension; dimensions tied to it fill up with it.
         i = empty[0]
-        value, d, _ = slots[i]
         keep[primitives[sum(sizes[:i])]] = True
-        plan.warnings.append(_emptied_warning(value, d))
-    for (value, d, _), part in zip(slots, kept.split(sizes)):
-        if not bool(part.all()):
-            value.kept[d] = part.nonzero().reshape(-1)
-            plan.removed_entries += int((~part).sum())
+        plan.warnings.append(_emptied_warning(*users[keys[i]][0]))
+    parts = kept.split(sizes)
+    for i in (kept_counts < torch.tensor(sizes)).nonzero().reshape(-1).tolist():
+        indices = parts[i].nonzero().reshape(-1)
+        for value, d in users[keys[i]]:
+            value.kept[d] = indices
+        plan.removed_entries += sizes[i] - int(kept_counts[i])
     return plan
 
 
-def _demanded(value: TensorValue, d: int) -> torch.Tensor:
+def _demanded(value: TensorValue, d: int):
+    """The demand on one dimension: ``None`` for nothing, else a boolean mask."""
     if value.demand is None:
-        return torch.zeros(value.shape[d], dtype=torch.bool)
+        return None
     mask = value.demand[d]
     return torch.ones(value.shape[d], dtype=torch.bool) if mask is None else mask
 

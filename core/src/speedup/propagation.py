@@ -39,6 +39,7 @@ class Analysis:
         self._handled: set[tuple[int, int]] = set()
         self._node: Optional[Node] = None
         self._uniform: dict[int, Optional[float]] = {}
+        self._memo: dict = {}
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
         for node in graph.nodes:
@@ -170,6 +171,12 @@ class Analysis:
         """``atoms[i]`` exists exactly when every atom of row ``parts[i]`` does."""
         self.table.define(atoms, parts)
 
+    def memo(self, key, compute: Callable[[], object]):
+        """``compute()`` once per analysis for ``key`` (weight patterns read by several passes)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     # -- constants ------------------------------------------------------------------------
 
     def const(self, value: TensorValue, dim: int) -> Optional[DimConst]:
@@ -218,12 +225,15 @@ class Analysis:
         return value.demand is not None
 
     def demanded(self, value: TensorValue, dim: int) -> torch.Tensor:
-        """Boolean per entry: some consumer needs the slice at this index."""
+        """Boolean per entry: some consumer needs the slice at this index. Do not modify it in place."""
         d = value.dim(dim)
         if value.demand is None:
-            return torch.zeros(value.shape[d], dtype=torch.bool)
+            return _filled(value.shape[d], False)
         mask = value.demand[d]
-        return torch.ones(value.shape[d], dtype=torch.bool) if mask is None else mask
+        return _filled(value.shape[d], True) if mask is None else mask
+
+    def _prunable(self, value: TensorValue, d: int) -> bool:
+        return bool(value.atoms) and value.atoms[d] is not None
 
     def demand_all(self, value: TensorValue) -> None:
         value.demand = [None] * value.ndim
@@ -232,9 +242,12 @@ class Analysis:
         """Needs the entries selected by ``masks`` (dimension -> boolean); unnamed dimensions whole."""
         new: list = [None] * value.ndim
         for dim, mask in (masks or {}).items():
-            if not bool(mask.any()):
+            if not self._prunable(value, value.dim(dim)):
+                continue  # a dimension that keeps its size is needed whole anyway
+            count = int(mask.sum())
+            if count == 0:
                 return
-            new[value.dim(dim)] = None if bool(mask.all()) else mask
+            new[value.dim(dim)] = None if count == mask.numel() else mask
         if value.demand is None:
             value.demand = new
             return
@@ -244,6 +257,17 @@ class Analysis:
 
     def _where(self) -> str:
         return self._node.describe() if self._node is not None else "analysis"
+
+
+_FILLED: dict[tuple[int, bool], torch.Tensor] = {}
+
+
+def _filled(n: int, flag: bool) -> torch.Tensor:
+    """A shared all-True or all-False vector (callers never modify demand masks in place)."""
+    mask = _FILLED.get((n, flag))
+    if mask is None:
+        mask = _FILLED[(n, flag)] = torch.full((n,), flag, dtype=torch.bool)
+    return mask
 
 
 def numeric_const(data: torch.Tensor, dim: int) -> Optional[DimConst]:

@@ -45,9 +45,9 @@ class ParamSlicer:
         if all(k is None for k in value.kept):
             result: Tensorish = original
         elif isinstance(original, nn.Parameter):
-            result = nn.Parameter(sliced.clone(), requires_grad=original.requires_grad)
+            result = nn.Parameter(sliced.contiguous(), requires_grad=original.requires_grad)
         else:
-            result = sliced.clone()
+            result = sliced.contiguous()
         self._done[key] = (original, result)
         return result
 

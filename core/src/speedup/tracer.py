@@ -15,15 +15,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
-from torch.utils.weak import WeakIdKeyDictionary, WeakTensorKeyDictionary
+from torch.utils.weak import WeakIdKeyDictionary
 
+from . import flops as flop_count
 from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -67,7 +68,6 @@ def trace(
     recorder = _Recorder(model, known)
     handles = _claim_modules(model, recorder, claims)
     handles += _observe_modules(model, recorder, claims, observe)
-    handles += _track_scopes(model, recorder)
     try:
         recorder.bind_inputs(args, kwargs)
         with torch.no_grad(), recorder:
@@ -115,8 +115,8 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.graph = Graph()
         self.flops = 0
-        self._values = WeakTensorKeyDictionary()  # tensor -> (TensorValue, version)
-        self._hidden = WeakTensorKeyDictionary()  # tensors made inside claimed modules
+        self._values: dict[int, tuple] = {}  # id(tensor) -> (weak reference, TensorValue, version)
+        self._hidden: dict[int, weakref.ref] = {}  # tensors made inside claimed modules
         self._known: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = {}
         for module_name, module in model.named_modules(remove_duplicate=False):
             for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
@@ -132,16 +132,14 @@ class _Recorder(TorchDispatchMode):
         self._constant_storages: dict[int, list[TensorValue]] = {}
         self._writes: dict[int, list[TensorValue]] = {}
         self.suppress = 0
-        self.scopes: list[str] = []
         self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
 
     # -- values ---------------------------------------------------------------------------
 
     def bind_inputs(self, args: tuple, kwargs: dict) -> None:
         for tensor in pytree.tree_leaves((args, kwargs)):
-            if isinstance(tensor, torch.Tensor) and tensor not in self._values:
-                self._remember(tensor, self.graph.new_value(tensor, Origin.INPUT))
-                self.graph.inputs.append(self._values[tensor][0])
+            if isinstance(tensor, torch.Tensor) and self._lookup(tensor) is None:
+                self.graph.inputs.append(self._remember(tensor, self.graph.new_value(tensor, Origin.INPUT)))
 
     def bind_outputs(self, output: Any) -> None:
         for tensor in iter_tensors(output):
@@ -150,14 +148,20 @@ class _Recorder(TorchDispatchMode):
                 value.is_output = True
                 self.graph.outputs.append(value)
 
-    def _remember(self, tensor: torch.Tensor, value: TensorValue) -> TensorValue:
-        self._values[tensor] = (value, tensor._version)
+    def _remember(self, tensor: torch.Tensor, value: TensorValue, written: bool = False) -> TensorValue:
+        # An in-place operator's version bump happens after the dispatcher returns from this mode
+        # (in the ADInplaceOrView kernel), so a tensor written here is one version ahead when next read.
+        self._values[id(tensor)] = (weakref.ref(tensor), value, tensor._version + (1 if written else 0))
         return value
 
+    def _lookup(self, tensor: torch.Tensor) -> Optional[tuple]:
+        entry = self._values.get(id(tensor))
+        return entry if entry is not None and entry[0]() is tensor else None
+
     def value_of(self, tensor: torch.Tensor) -> TensorValue:
-        entry = self._values.get(tensor)
+        entry = self._lookup(tensor)
         if entry is not None:
-            value, version = entry
+            _, value, version = entry
             if tensor._version == version:
                 return value
             return self._refresh_after_alias_write(tensor, value)
@@ -167,7 +171,8 @@ class _Recorder(TorchDispatchMode):
             value = self.graph.new_value(tensor, Origin.PARAMETER, data=tensor, owner=(module, attr), name=name)
             self.graph.parameters[name] = value
             return self._remember(tensor, value)
-        if tensor in self._hidden:
+        hidden = self._hidden.get(id(tensor))
+        if hidden is not None and hidden() is tensor:
             return self._remember(tensor, self.graph.new_value(tensor, Origin.OPAQUE))
         # A tensor that existed before this forward pass (a plain attribute, a closure): it does not
         # depend on the input.
@@ -184,7 +189,7 @@ class _Recorder(TorchDispatchMode):
         inputs = [stale] + [w for w in writes if w is not stale]
         node = self.graph.add_node(
             Node(len(self.graph.nodes), NodeKind.OPAQUE, "write through an alias", tuple(inputs), {}, inputs, [],
-                 self.scopes[-1] if self.scopes else "", _user_location())
+                 *self._caller())
         )
         value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
         node.outputs.append(value)
@@ -194,41 +199,61 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        counter = flop_registry.get(func.overloadpacket)
+        counted = flop_count.counted(func)
         if self.suppress:
             out = func(*args, **kwargs)
-            if counter is not None:
-                self.flops += counter(*args, **kwargs, out_val=out)
+            if counted:
+                self.flops += flop_count.count(func, args, kwargs, out)
             for tensor in _tensors(out):
-                self._hidden[tensor] = True
+                self._hidden[id(tensor)] = weakref.ref(tensor)
             return out
-        flat_args, spec = pytree.tree_flatten((args, kwargs))
-        in_values = [self.value_of(a) if isinstance(a, torch.Tensor) else None for a in flat_args]
+        call_args = tuple(self._substitute(a) for a in args)
+        call_kwargs = {k: self._substitute(v) for k, v in kwargs.items()} if kwargs else {}
         written = _written_tensors(func, args, kwargs)
         for tensor in written:
             self._protect_before_write(tensor)
         out = func(*args, **kwargs)
-        if counter is not None:
-            self.flops += counter(*args, **kwargs, out_val=out)
-        inputs = [v for v in in_values if v is not None]
+        if counted:
+            self.flops += flop_count.count(func, args, kwargs, out)
+        inputs = _values_in(call_args) + _values_in(tuple(call_kwargs.values()))
         origin = _derived_origin(func, inputs)
-        node = Node(len(self.graph.nodes), NodeKind.OP, func, *_rebuild(flat_args, in_values, spec),
-                    inputs, [], self.scopes[-1] if self.scopes else "", _user_location())
+        node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
         self.graph.add_node(node)
         results = _tensors(out)
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
-            node.outputs.append(self._record_output(tensor, origin, node))
+            bumped = any(tensor is w for w in written)
+            node.outputs.append(self._record_output(tensor, origin, node, bumped))
         for tensor in written:
-            self._writes.setdefault(_storage_key(tensor), []).append(self._values[tensor][0])
+            self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
 
-    def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node) -> TensorValue:
+    def _substitute(self, arg: Any) -> Any:
+        """An argument with every tensor replaced by its value (arguments nest one level: lists)."""
+        if isinstance(arg, torch.Tensor):
+            return self.value_of(arg)
+        if isinstance(arg, (tuple, list)):
+            return tuple(self._substitute(a) for a in arg) if any(isinstance(a, torch.Tensor) for a in arg) else arg
+        return arg
+
+    def _caller(self) -> tuple[str, Optional[str]]:
+        """The innermost module running the user code that issued an operator, and that code's line."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not filename.startswith((_TORCH_DIR, _OWN_DIR)):
+                owner = frame.f_locals.get("self")
+                scope = self._names.get(owner, "") if isinstance(owner, nn.Module) else ""
+                return scope, f"{filename}:{frame.f_lineno}"
+            frame = frame.f_back
+        return "", None
+
+    def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node, written: bool = False) -> TensorValue:
         if origin is Origin.CONSTANT:
             value = self._constant(tensor)
             value.producer = node
         else:
             value = self.graph.new_value(tensor, origin, producer=node)
-        return self._remember(tensor, value)
+        return self._remember(tensor, value, written)
 
     def _protect_before_write(self, tensor: torch.Tensor) -> None:
         """Constants keep their data for the analysis; an in-place write must not change it."""
@@ -239,28 +264,29 @@ class _Recorder(TorchDispatchMode):
 
     def enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.suppress == 0:
-            flat, spec = pytree.tree_flatten((args, kwargs))
-            values = [self.value_of(a) if isinstance(a, torch.Tensor) else None for a in flat]
-            self._pending.append((values, *_rebuild(flat, values, spec)))
+            call_args = tuple(self._substitute(a) for a in args)
+            call_kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
+            self._pending.append((_values_in(call_args) + _values_in(tuple(call_kwargs.values())), call_args, call_kwargs))
         self.suppress += 1
+
+    def _tensors_of(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        if not module._modules:
+            return [(a, t) for a, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
+        return [(a, t) for a, t in list(module.named_parameters()) + list(module.named_buffers()) if t is not None]
 
     def exit_module(self, module: nn.Module, output: Any) -> None:
         self.suppress -= 1
         if self.suppress:
             return
-        values, args, kwargs = self._pending.pop()
-        inputs = [v for v in values if v is not None]
+        inputs, args, kwargs = self._pending.pop()
         name = self._names.get(module, "")
-        params = {}
-        for attr, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if tensor is not None:
-                params[attr] = self.value_of(tensor)
+        params = {attr: self.value_of(tensor) for attr, tensor in self._tensors_of(module)}
         node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
         node.inputs = inputs + [p for p in params.values() if p not in inputs]
         self.graph.add_node(node)
         origin = _derived_origin(None, inputs)
         for tensor in iter_tensors(output):
-            self._hidden.pop(tensor, None)
+            self._hidden.pop(id(tensor), None)
             node.outputs.append(self._record_output(tensor, origin, node))
 
 
@@ -300,23 +326,6 @@ def _observe_modules(model: nn.Module, recorder: _Recorder, claims, observe) -> 
     return handles
 
 
-def _track_scopes(model: nn.Module, recorder: _Recorder) -> list:
-    """Keeps the name of the innermost running module, to say where an operator came from."""
-    names = recorder._names
-
-    def push(module, args):
-        recorder.scopes.append(names.get(module, recorder.scopes[-1] if recorder.scopes else ""))
-
-    def pop(module, args, output):
-        if recorder.scopes:
-            recorder.scopes.pop()
-
-    return [
-        torch.nn.modules.module.register_module_forward_pre_hook(push),
-        torch.nn.modules.module.register_module_forward_hook(pop, always_call=True),
-    ]
-
-
 def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -325,9 +334,14 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _rebuild(flat: list, values: list, spec) -> tuple[tuple, dict]:
-    args, kwargs = pytree.tree_unflatten([v if v is not None else a for a, v in zip(flat, values)], spec)
-    return tuple(args), dict(kwargs)
+def _values_in(args: tuple) -> list[TensorValue]:
+    found = []
+    for arg in args:
+        if isinstance(arg, TensorValue):
+            found.append(arg)
+        elif isinstance(arg, tuple):
+            found.extend(a for a in arg if isinstance(a, TensorValue))
+    return found
 
 
 def _derived_origin(func: Any, inputs: list[TensorValue]) -> Origin:
@@ -360,13 +374,3 @@ def _written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
-
-
-def _user_location() -> Optional[str]:
-    frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith((_TORCH_DIR, _OWN_DIR)):
-            return f"{filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return None

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from ..plugins.hookspec import hookimpl
 from ..plugins.registry import RuleRegistry
-from . import activation, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape
+from . import activation, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape, spatial
 
-_FAMILIES = (elementwise, shape, indexing, reduction, contraction, linear, conv, norm, embedding, activation)
+_FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, embedding, activation)
 
 
 @hookimpl

@@ -61,10 +61,6 @@ class _Spec:
         w = w.reshape(g, ig, og, *w.shape[2:]).transpose(1, 2)
         return w.reshape(g * og, ig, *w.shape[3:])
 
-    def input_of(self) -> torch.Tensor:
-        """``(out_channels, in_per_group)`` index of the input channel each weight tap reads."""
-        out = torch.arange(self.out_per_group * self.groups)
-        return (out // self.out_per_group)[:, None] * self.in_per_group + torch.arange(self.in_per_group)[None, :]
 
 
 def couple_conv(spec: _Spec, ctx: Analysis) -> None:
@@ -110,6 +106,21 @@ def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
         ctx.link(weight, 0, out, spec.cdim)
 
 
+def _taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
+    """``(groups, out_per_group, in_per_group)``: which weight taps are not all zero (computed once)."""
+    return ctx.memo(("conv-taps", spec.weight.index, spec.transposed, spec.groups), lambda: _nonzero_taps(spec))
+
+
+def _nonzero_taps(spec: _Spec) -> torch.Tensor:
+    taps = spec.local_weight().flatten(2).abs().sum(2) != 0
+    return taps.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
+
+
+def _per_group(spec: _Spec, values: torch.Tensor) -> torch.Tensor:
+    """An input-channel vector as ``(groups, 1, in_per_group)``, to broadcast against the taps."""
+    return values.reshape(spec.groups, 1, spec.in_per_group)
+
+
 def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     """Output channels reading no varying input are constant: the bias plus any uniform fold."""
     consts = ctx.const(spec.x, spec.cdim)
@@ -117,13 +128,14 @@ def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     live = ~consts.mask if consts is not None else torch.ones(n_in, dtype=torch.bool)
     if not spec.uniform_fold and consts is not None:
         live |= consts.nonzero_const  # non-uniform near borders: not a constant output
-    taps = spec.local_weight().abs().flatten(2).amax(2) > 0  # (out, in_per_group)
-    reads = spec.input_of()
-    reads_variable = (taps & live[reads]).any(1)
-    value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(taps.shape[0], dtype=torch.float64)
+    taps = _taps(spec, ctx)
+    reads_variable = (taps & _per_group(spec, live)).any(2).reshape(-1)
+    n_out = reads_variable.numel()
+    value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(n_out, dtype=torch.float64)
     if consts is not None and spec.uniform_fold and bool(consts.nonzero_const.any()):
-        sums = spec.local_weight().to(torch.float64).flatten(2).sum(2)
-        value = value + (sums * torch.where(consts.nonzero_const, consts.value, 0.0)[reads]).sum(1)
+        sums = spec.local_weight().to(torch.float64).flatten(2).sum(2).reshape(taps.shape)
+        folded = torch.where(consts.nonzero_const, consts.value, 0.0)
+        value = value + (sums * _per_group(spec, folded)).sum(2).reshape(-1)
     ctx.set_const(spec.out, spec.cdim, DimConst.where(~reads_variable, value))
 
 
@@ -131,11 +143,8 @@ def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> 
     x, out = spec.x, spec.out
     if not ctx.is_demanded(out):
         return
-    need_out = ctx.demanded(out, spec.cdim)
-    taps = spec.local_weight().abs().flatten(2).amax(2) > 0
-    reads = spec.input_of()
-    read = torch.zeros(x.shape[spec.cdim], dtype=torch.bool)
-    read[reads[need_out][taps[need_out]]] = True
+    need_out = ctx.demanded(out, spec.cdim).reshape(spec.groups, spec.out_per_group, 1)
+    read = (_taps(spec, ctx) & need_out).any(1).reshape(-1)
     masks = {spec.cdim: read & ~foldable_inputs}
     if spec.cdim == 1:
         masks[0] = ctx.demanded(out, 0)
@@ -211,7 +220,10 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     v = torch.zeros(spec.x.shape[spec.cdim], dtype=torch.float64)
     v[removed] = values
     weight = spec.local_weight().to(torch.float64)
-    kernel = (weight * v[spec.input_of()].reshape(*spec.input_of().shape, *([1] * (weight.dim() - 2)))).sum(1, keepdim=True)
+    kernel_shape = weight.shape[2:]
+    grouped = weight.reshape(spec.groups, spec.out_per_group, spec.in_per_group, *kernel_shape)
+    per_input = v.reshape(spec.groups, 1, spec.in_per_group, *([1] * len(kernel_shape)))
+    kernel = (grouped * per_input).sum(2).reshape(-1, 1, *kernel_shape)
     return kernel if kept_out is None else kernel[kept_out]
 
 

@@ -50,6 +50,8 @@ class Elementwise(OpRule):
                         and i in _ANNIHILATORS.get(node.target._opname.rstrip("_"), ())]
         for out in node.outputs:
             for d in range(out.ndim):
+                if out.shape[d] > 1 and out.atoms[d] is None:
+                    continue  # nothing can be removed along it; its constants would serve no one
                 consts = self._output_const(node, ctx, inputs, annihilators, out, d)
                 ctx.set_const(out, d, consts)
 

@@ -164,10 +164,9 @@ class Cat(OpRule):
         if not ctx.is_demanded(out):
             return
         needs = ctx.demanded(out, dim).split([x.shape[dim] for x in parts])
+        others = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim}
         for x, need in zip(parts, needs):
-            masks = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim}
-            masks[dim] = need
-            ctx.demand(x, masks)
+            ctx.demand(x, {**others, dim: need})
 
 
 def _set_common_const(ctx: Analysis, parts: list[TensorValue], d: int, out: TensorValue) -> None:

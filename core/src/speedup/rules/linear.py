@@ -35,8 +35,11 @@ class LinearRule(ModuleRule):
         weight = param_data(node, "weight")
         bias = param_data(node, "bias")
         consts = ctx.const(x, -1)
-        inputs = consts.mask if consts is not None else torch.zeros(x.shape[-1], dtype=torch.bool)
-        reads_variable = (weight[:, ~inputs] != 0).any(1) if bool((~inputs).any()) else torch.zeros(weight.shape[0], dtype=torch.bool)
+        nonzero = _nonzero(ctx, node)
+        if consts is None:
+            reads_variable = nonzero.any(1)
+        else:
+            reads_variable = nonzero[:, ~consts.mask].any(1)
         value = bias.to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
             used = consts.nonzero_const
@@ -47,9 +50,9 @@ class LinearRule(ModuleRule):
         x, out = first_input(node), node.outputs[0]
         if not ctx.is_demanded(out):
             return
-        weight = param_data(node, "weight")
         need_out = ctx.demanded(out, -1)
-        read = (weight[need_out] != 0).any(0)
+        nonzero = _nonzero(ctx, node)
+        read = nonzero.any(0) if bool(need_out.all()) else nonzero[need_out].any(0)
         need_in = read & ~foldable(ctx, node, x, -1)
         masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
         masks[x.ndim - 1] = need_in
@@ -63,6 +66,11 @@ class LinearRule(ModuleRule):
         new.bias = folded
         new.in_features, new.out_features = weight.shape[1], weight.shape[0]
         return new
+
+
+def _nonzero(ctx: Analysis, node: Node) -> torch.Tensor:
+    weight = node.params["weight"]
+    return ctx.memo(("nonzero", weight.index), lambda: weight.data.detach() != 0)
 
 
 def fold_into_bias(plan: ModulePlan, full_weight: torch.Tensor, bias, kept_out):

@@ -44,7 +44,7 @@ class ChannelNormRule(ModuleRule):
         value = torch.zeros(x.shape[1], dtype=torch.float64)
         if consts is not None:
             mask = consts.mask.clone()
-            value = _run_on_constants(node.module, x.ndim, consts)
+            value = _normalized_constants(node.module, x.ndim, consts)
         if weight is not None and bias is not None:
             # A channel whose scale is masked is its shift, whatever the input.
             zero_scale = weight == 0
@@ -64,6 +64,18 @@ class ChannelNormRule(ModuleRule):
                 setattr(new, name, plan.param(name))
         new.num_features = plan.count(plan.output(), 1)
         return new
+
+
+def _normalized_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
+    """What the layer makes of channels holding constants: its formula for plain BatchNorm in eval
+    mode, else the layer itself run on them."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
+        scale = torch.rsqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
+        value = (consts.value - module.running_mean.detach().to(torch.float64).cpu()) * scale
+        if module.weight is not None:
+            value = value * module.weight.detach().to(torch.float64).cpu() + module.bias.detach().to(torch.float64).cpu()
+        return value
+    return _run_on_constants(module, ndim, consts)
 
 
 def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
