@@ -155,11 +155,11 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     analysis = Analysis(graph, rules.for_node, OpRule())
     analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
-    report.barriers = _barriers(analysis.barriers)
     pinned: set[int] = set()
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
         analysis.run(frozenset(pinned))
+        report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for)

@@ -57,6 +57,10 @@ def counted(func: Any) -> bool:
 class FlopCounter(TorchDispatchMode):
     """Counts FLOPs of whatever runs under it, and nothing else (for the verification pass)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # never compiled; see speedup.tracer._Recorder
+
     def __init__(self) -> None:
         super().__init__()
         self.total = 0

@@ -114,3 +114,98 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
             square = (input.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)) / self.full_size
             out = input * torch.rsqrt(square + eps)
             return out * self.weight if self.weight is not None else out
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` after whole heads, input or output features were removed.
+
+    ``nn.MultiheadAttention`` ties its input width, its output width and ``num_heads * head_dim``
+    to one ``embed_dim``; once heads or features are gone they differ, so this module keeps
+    separate ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` and computes exactly what the
+    torch module computes for the remaining heads (same masks, same scaling, same call signature).
+    It reports ``_qkv_same_embed_dim = False`` and ``in_proj_bias = None`` so that
+    ``nn.TransformerEncoderLayer`` never takes its fused fast path with it.
+    """
+
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, out_proj: nn.Linear, num_heads: int,
+                 head_dim: int, batch_first: bool, dropout: float, bias_k=None, bias_v=None, add_zero_attn: bool = False):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.embed_dim = num_heads * head_dim
+        self.batch_first, self.dropout, self.add_zero_attn = batch_first, dropout, add_zero_attn
+        self.bias_k = nn.Parameter(bias_k) if bias_k is not None else None
+        self.bias_v = nn.Parameter(bias_v) if bias_v is not None else None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        length, batch = query.shape[0], query.shape[1]
+        heads, dim = self.num_heads, self.head_dim
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, batch, -1)])
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+        q = q.reshape(length, batch * heads, dim).transpose(0, 1)
+        k = k.reshape(k.shape[0], batch * heads, dim).transpose(0, 1)
+        v = v.reshape(v.shape[0], batch * heads, dim).transpose(0, 1)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch * heads, 1, dim)], dim=1)
+            v = torch.cat([v, v.new_zeros(batch * heads, 1, dim)], dim=1)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+        source = k.shape[1]
+        mask = _merged_mask(attn_mask, key_padding_mask, batch, heads, length, source, q.dtype, is_causal)
+        q = q.reshape(batch, heads, length, dim)
+        k = k.reshape(batch, heads, source, dim)
+        v = v.reshape(batch, heads, source, dim)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q * dim ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            attended = F.dropout(weights, dropout) @ v if dropout else weights @ v
+        else:
+            weights = None
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = attended.permute(2, 0, 1, 3).reshape(length, batch, heads * dim)
+        out = self.out_proj(out)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            out = out.squeeze(1)
+            weights = weights.squeeze(0) if weights is not None else None
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _merged_mask(attn_mask, key_padding_mask, batch, heads, length, source, dtype, is_causal):
+    """``attn_mask`` and ``key_padding_mask`` as one additive float mask ``(batch, heads, L, S)``."""
+    mask = None
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(length, source, dtype=torch.bool).triu(1)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill(attn_mask, float("-inf"))
+        mask = attn_mask.to(dtype).reshape(-1, length, source)
+        mask = mask.reshape(batch, heads, length, source) if mask.shape[0] == batch * heads else mask.unsqueeze(0)
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype == torch.bool:
+            key_padding_mask = torch.zeros_like(key_padding_mask, dtype=dtype).masked_fill(key_padding_mask, float("-inf"))
+        padding = key_padding_mask.to(dtype).reshape(batch, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    return mask

@@ -42,17 +42,19 @@ class Analysis:
         self._memo: dict = {}
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
+        self._barrier = barrier
+        self._unknown: set[int] = set()
         for node in graph.nodes:
             rule = rule_for(node)
             if rule is None:
                 rule = barrier
-                if node.kind is NodeKind.OPAQUE or any(not v.origin.input_independent for v in node.inputs):
-                    self.barriers.append(node)
+                self._unknown.add(node.index)
             node.rule = rule
 
     def run(self, pinned_nodes: frozenset = frozenset()) -> None:
         """All three passes. ``pinned_nodes`` (node indices) are treated as barriers."""
         self.table = AtomTable()
+        self.barriers = []
         for value in self.graph.values:
             value.atoms, value.demand, value.kept = [], None, []
         for node in self.graph.nodes:
@@ -76,6 +78,8 @@ class Analysis:
         self._handled = set()
         for value in node.outputs:
             value.atoms = [_UNSET] * value.ndim
+        if node.index in self._unknown and any(a is not None for v in node.inputs for a in (v.atoms or [None])):
+            self.barriers.append(node)  # something prunable reaches an operator nobody knows
         if node.index not in pinned_nodes:
             node.rule.couple(node, self)
         for value in node.inputs:
@@ -99,8 +103,13 @@ class Analysis:
         return atoms
 
     def atoms(self, value: TensorValue, dim: int) -> Optional[torch.Tensor]:
-        """The atoms of one dimension, or ``None`` if it keeps its size whatever happens."""
+        """The atoms of one dimension, or ``None`` if it keeps its size whatever happens.
+
+        A rule that reads a dimension's atoms takes charge of it (ties, defines or pins them): the
+        engine no longer pins it by default.
+        """
         d = value.dim(dim)
+        self._handled.add((value.index, d))
         atoms = self._slot(value, d)
         if atoms is _UNSET:
             atoms = value.atoms[d] = self.table.fresh(value.shape[d])
@@ -206,7 +215,7 @@ class Analysis:
 
     def _find_uniform(self, value: TensorValue) -> Optional[float]:
         if value.data is not None:
-            data = value.data
+            data = value.data.detach()
             if data.numel() == 0:
                 return None
             low, high = data.min(), data.max()

@@ -68,6 +68,7 @@ def trace(
     recorder = _Recorder(model, known)
     handles = _claim_modules(model, recorder, claims)
     handles += _observe_modules(model, recorder, claims, observe)
+    fastpath = _disable_fused_attention()
     try:
         recorder.bind_inputs(args, kwargs)
         with torch.no_grad(), recorder:
@@ -76,9 +77,21 @@ def trace(
     except Exception as exc:
         raise TracingFailed(exc, recorder.graph) from exc
     finally:
+        fastpath()
         for handle in handles:
             handle.remove()
     return Trace(recorder.graph, output, recorder.flops)
+
+
+def _disable_fused_attention() -> Callable[[], None]:
+    """Turns off ``nn.TransformerEncoderLayer``'s fused fast path, which would hide its modules in
+    one opaque operator; returns the function that restores it."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        return lambda: None
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    return lambda: mha.set_fastpath_enabled(previous)
 
 
 def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iterator[torch.Tensor]:
@@ -111,6 +124,13 @@ def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iter
 
 
 class _Recorder(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch would wrap __torch_dispatch__ to keep torch.compile out of it, importing
+        # torch._dynamo (about a second) and adding a layer to every operator call. Recording is
+        # never compiled, so neither is needed.
+        return False
+
     def __init__(self, model: nn.Module, known: tuple = ()):
         super().__init__()
         self.graph = Graph()
@@ -220,9 +240,10 @@ class _Recorder(TorchDispatchMode):
         node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
         self.graph.add_node(node)
         results = _tensors(out)
+        base = _view_base(func, args)
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
             bumped = any(tensor is w for w in written)
-            node.outputs.append(self._record_output(tensor, origin, node, bumped))
+            node.outputs.append(self._record_output(tensor, origin, node, bumped, base))
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
@@ -247,13 +268,18 @@ class _Recorder(TorchDispatchMode):
             frame = frame.f_back
         return "", None
 
-    def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node, written: bool = False) -> TensorValue:
+    def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node, written: bool = False,
+                       base: Optional[torch.Tensor] = None) -> TensorValue:
         if origin is Origin.CONSTANT:
             value = self._constant(tensor)
             value.producer = node
         else:
             value = self.graph.new_value(tensor, origin, producer=node)
-        return self._remember(tensor, value, written)
+        self._remember(tensor, value, written)
+        if base is not None and not written:
+            # Once the dispatcher returns, a view shares its base's version counter.
+            self._values[id(tensor)] = (weakref.ref(tensor), value, base._version)
+        return value
 
     def _protect_before_write(self, tensor: torch.Tensor) -> None:
         """Constants keep their data for the analysis; an in-place write must not change it."""
@@ -350,6 +376,19 @@ def _derived_origin(func: Any, inputs: list[TensorValue]) -> Origin:
     if all(v.origin.input_independent for v in inputs):
         return Origin.CONSTANT
     return Origin.COMPUTED
+
+
+_VIEWS: dict[Any, bool] = {}
+
+
+def _view_base(func: Any, args: tuple) -> Optional[torch.Tensor]:
+    """The tensor an operator's outputs are views of (``slice``, ``expand``, ``split``...), if any."""
+    is_view = _VIEWS.get(func)
+    if is_view is None:
+        is_view = _VIEWS[func] = any(
+            r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns
+        )
+    return args[0] if is_view and args and isinstance(args[0], torch.Tensor) else None
 
 
 _WRITTEN: dict[Any, tuple[tuple[int, str], ...]] = {}

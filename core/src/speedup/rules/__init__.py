@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ..plugins.hookspec import hookimpl
 from ..plugins.registry import RuleRegistry
-from . import activation, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape, spatial
+from . import activation, attention, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape, spatial
 
-_FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, embedding, activation)
+_FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, embedding, activation,
+             attention)
 
 
 @hookimpl

@@ -5,6 +5,11 @@ The Python code that indexes runs unchanged in the sped-up model, with the same 
 the end of a literal bound is pinned: the same entries stay where the literals point. An
 open-ended slice (``x[:, 2:]``) adapts to a shorter dimension, so its selected entries may go.
 
+Entries a slice did not select are still needed: the bounds may depend on the input
+(``self.position_ids[:, :seq_len]`` reads more of the buffer for a longer input), and nothing at
+the dispatcher tells such bounds from literal ones. A sliced dimension therefore loses only
+entries that are removable for another reason.
+
 ``split`` into equal parts (which is what ``chunk`` becomes) is treated like ``view(k, s)``:
 removing position ``e`` removes it from every part, so the parts shrink equally and ``chunk``
 still cuts at the right places. A literal ``split(58)`` would not adapt; the verification of the
@@ -37,8 +42,24 @@ def _pin_suffix(ctx: Analysis, x: TensorValue, dim: int, count: int) -> None:
         ctx.table.pin(atoms[-count:])
 
 
-class Slice(MapRule):
+class _IndexingRule(MapRule):
+    """A map rule whose indexed dimension is needed whole (see the module docstring)."""
+
+    def indexed_dim(self, node: Node) -> int:
+        raise NotImplementedError
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        super().backward(node, ctx)
+        if any(ctx.is_demanded(out) for out in node.outputs):
+            x = node.args[0]
+            ctx.demand(x, {self.indexed_dim(node): torch.ones(x.shape[self.indexed_dim(node)], dtype=torch.bool)})
+
+
+class Slice(_IndexingRule):
     """``aten.slice(x, dim, start, end, step)``."""
+
+    def indexed_dim(self, node: Node) -> int:
+        return self._bounds(node)[1]
 
     def _bounds(self, node: Node):
         a = bind(node)
@@ -69,8 +90,11 @@ class Slice(MapRule):
             _pin_prefix(ctx, x, dim, end if end >= 0 else n)
 
 
-class Select(MapRule):
+class Select(_IndexingRule):
     """``aten.select(x, dim, index)``: the dimension disappears; one entry is read."""
+
+    def indexed_dim(self, node: Node) -> int:
+        return self._args(node)[1]
 
     def maps(self, node: Node) -> list[DimMap]:
         x, dim, _ = self._args(node)
@@ -89,20 +113,13 @@ class Select(MapRule):
         else:
             _pin_prefix(ctx, x, dim, index + 1)
 
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        x, dim, index = self._args(node)
-        out = node.outputs[0]
-        if not ctx.is_demanded(out):
-            return
-        masks = {d: ctx.demanded(out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim}
-        picked = torch.zeros(x.shape[dim], dtype=torch.bool)
-        picked[index] = True
-        masks[dim] = picked
-        ctx.demand(x, masks)
 
 
-class IndexSelect(MapRule):
+class IndexSelect(_IndexingRule):
     """``index_select(x, dim, index)`` with a constant index: literal positions, like ``select``."""
+
+    def indexed_dim(self, node: Node) -> int:
+        return node.args[1] % node.args[0].ndim
 
     def maps(self, node: Node) -> list[DimMap]:
         x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
@@ -299,7 +316,32 @@ class Pad(OpRule):
             ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d not in padded})
 
 
+class Gather(OpRule):
+    """``gather(x, dim, index)``: along ``dim`` entries are picked by index values (kept whole);
+    along the other dimensions output, input and index correspond where their sizes agree."""
+
+    def _args(self, node: Node):
+        x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
+        return x, dim, index, node.outputs[0]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, dim, index, out = self._args(node)
+        for d in range(out.ndim):
+            if d != dim:
+                ctx.link(index, d, out, d)
+                if x.shape[d] == out.shape[d]:
+                    ctx.link(x, d, out, d)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, index, out = self._args(node)
+        if ctx.is_demanded(out):
+            others = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim and x.shape[d] == out.shape[d]}
+            ctx.demand(x, others)
+            ctx.demand_all(index)
+
+
 def register(registry) -> None:
+    registry.add_op("aten.gather", Gather())
     registry.add_op("aten.slice.Tensor", Slice())
     registry.add_op("aten.select.int", Select())
     registry.add_op("aten.index_select", IndexSelect())

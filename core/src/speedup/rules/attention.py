@@ -1,0 +1,223 @@
+"""``nn.MultiheadAttention``: whole heads, input features and output features.
+
+Heads are internal to the module: no tensor it returns has a head dimension. The rule makes one
+atom per head and ties every projection row and column of that head to it (rows of ``q``, ``k``,
+``v`` in ``in_proj_weight``, columns of ``out_proj``). ``head_dim`` never changes.
+
+A head whose value rows are all masked outputs its value bias, a constant: it is removed and its
+contribution folded into ``out_proj.bias`` (removing it never rescales the other heads: softmax
+runs per head). A head is needed when some needed output reads it through a non-zero weight, or
+when the attention weights themselves are returned and used.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..graph import Node, TensorValue
+from ..modules import PrunedMultiheadAttention
+from ..propagation import Analysis
+from ..replacement import ModulePlan
+from ..rule import DimConst, ModuleRule
+from ._modules import foldable
+
+
+class _Layout:
+    """Where everything of one ``nn.MultiheadAttention`` call lives."""
+
+    def __init__(self, node: Node):
+        module: nn.MultiheadAttention = node.module
+        self.module = module
+        tensors = [a for a in node.args if isinstance(a, TensorValue)]
+        named = node.kwargs
+        self.query = named.get("query", tensors[0] if tensors else None)
+        self.key = named.get("key", tensors[1] if len(tensors) > 1 else self.query)
+        self.value = named.get("value", tensors[2] if len(tensors) > 2 else self.key)
+        self.out = node.outputs[0]
+        self.weights = node.outputs[1] if len(node.outputs) > 1 else None
+        self.heads, self.embed = module.num_heads, module.embed_dim
+        self.head_dim = module.head_dim
+        self.params = node.params
+        batched = self.query.ndim == 3
+        self.batch = (0 if module.batch_first else 1) if batched else None
+        self.seq = (1 if module.batch_first else 0) if batched else 0
+        mask = named.get("attn_mask", tensors[4] if len(tensors) > 4 else None)
+        self.per_head_mask = isinstance(mask, TensorValue) and mask.ndim == 3
+
+    def head_of_rows(self, count: int) -> torch.Tensor:
+        """Head index of each of ``count`` projection rows laid out as (q|k|v) x heads x head_dim."""
+        return (torch.arange(count) % self.embed) // self.head_dim
+
+    def projections(self) -> list[tuple[TensorValue, str, slice]]:
+        """(input, weight name, rows) for q, k and v."""
+        if self.module._qkv_same_embed_dim:
+            e = self.embed
+            return [(self.query, "in_proj_weight", slice(0, e)), (self.key, "in_proj_weight", slice(e, 2 * e)),
+                    (self.value, "in_proj_weight", slice(2 * e, 3 * e))]
+        return [(self.query, "q_proj_weight", slice(None)), (self.key, "k_proj_weight", slice(None)),
+                (self.value, "v_proj_weight", slice(None))]
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.params[name].data.detach()
+
+    def value_rows(self) -> torch.Tensor:
+        _, name, rows = self.projections()[2]
+        return self.weight(name)[rows]
+
+    def value_bias(self) -> Optional[torch.Tensor]:
+        bias = self.params.get("in_proj_bias")
+        return bias.data.detach()[2 * self.embed:] if bias is not None else None
+
+
+class MultiheadAttentionRule(ModuleRule):
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        layout = _Layout(node)
+        heads = ctx.fresh(layout.heads)
+        if layout.per_head_mask:
+            ctx.table.pin(heads)  # an (N * num_heads, L, S) mask is laid out per head
+        for x, name, _ in layout.projections():
+            ctx.link(x, -1, layout.params[name], 1)
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+            value = layout.params.get(name)
+            if value is not None:
+                ctx.tie(ctx.atoms(value, 0), heads[layout.head_of_rows(value.shape[0])])
+        for name in ("bias_k", "bias_v"):
+            if name in layout.params:
+                ctx.tie(ctx.atoms(layout.params[name], 2), heads[layout.head_of_rows(layout.embed)])
+        out_weight = layout.params["out_proj.weight"]
+        ctx.tie(ctx.atoms(out_weight, 1), heads[layout.head_of_rows(layout.embed)])
+        ctx.link(layout.out, -1, out_weight, 0)
+        if "out_proj.bias" in layout.params:
+            ctx.link(layout.params["out_proj.bias"], 0, out_weight, 0)
+        if layout.batch is not None:
+            for x in (layout.key, layout.value, layout.out):
+                if x is not layout.query:
+                    ctx.link(layout.query, layout.batch, x, layout.batch)
+        ctx.link(layout.query, layout.seq, layout.out, layout.seq)
+        if layout.key is not layout.value:
+            ctx.link(layout.key, layout.seq, layout.value, layout.seq)
+        if layout.weights is not None and layout.weights.ndim == layout.query.ndim + 1:
+            ctx.tie(ctx.atoms(layout.weights, -3), heads)
+
+    def _constant_heads(self, layout: _Layout, ctx: Analysis) -> torch.Tensor:
+        """Heads whose values are all masked: their output is the value bias, whatever the input."""
+        module = layout.module
+        if module.bias_k is not None or module.add_zero_attn:
+            return torch.zeros(layout.heads, dtype=torch.bool)
+        rows = layout.value_rows().reshape(layout.heads, -1)
+        return ctx.memo(("mha-const-heads", layout.params["out_proj.weight"].index), lambda: ~(rows != 0).any(1))
+
+    def _reads(self, layout: _Layout, ctx: Analysis) -> torch.Tensor:
+        """``(out_features, heads)``: which output feature reads which head through non-zero weights."""
+        weight = layout.weight("out_proj.weight")
+        return ctx.memo(("mha-reads", layout.params["out_proj.weight"].index),
+                        lambda: (weight.reshape(weight.shape[0], layout.heads, -1) != 0).any(2))
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        layout = _Layout(node)
+        constant = self._constant_heads(layout, ctx)
+        reads_live = (self._reads(layout, ctx) & ~constant).any(1)
+        out_bias = layout.params.get("out_proj.bias")
+        value = out_bias.data.detach().to(torch.float64) if out_bias is not None else torch.zeros(reads_live.numel(), dtype=torch.float64)
+        bias_v = layout.value_bias()
+        if bias_v is not None and bool(constant.any()):
+            weight = layout.weight("out_proj.weight").to(torch.float64).reshape(-1, layout.heads, layout.head_dim)
+            head_values = bias_v.to(torch.float64).reshape(layout.heads, layout.head_dim)
+            value = value + torch.einsum("ohd,hd->o", weight[:, constant], head_values[constant])
+        ctx.set_const(layout.out, -1, DimConst.where(~reads_live, value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        layout = _Layout(node)
+        out_needed = ctx.is_demanded(layout.out)
+        weights_needed = layout.weights is not None and ctx.is_demanded(layout.weights)
+        if not out_needed and not weights_needed:
+            return
+        need_out = ctx.demanded(layout.out, -1)
+        heads = (self._reads(layout, ctx)[need_out].any(0) & ~self._constant_heads(layout, ctx))
+        if weights_needed:
+            heads = torch.ones_like(heads)
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            value = layout.params.get(name)
+            if value is not None:
+                ctx.demand(value, {0: heads[layout.head_of_rows(value.shape[0])]})
+        ctx.demand(layout.params["out_proj.weight"], {1: heads[layout.head_of_rows(layout.embed)]})
+        batch = {layout.batch: ctx.demanded(layout.out, layout.batch)} if layout.batch is not None else {}
+        for x, name, rows in layout.projections():
+            weight = layout.weight(name)[rows].reshape(layout.heads, layout.head_dim, -1)
+            read = (weight[heads] != 0).any(0).any(0)
+            ctx.demand(x, {**batch, x.ndim - 1: read & ~foldable(ctx, node, x, -1)})
+
+    def replace(self, module: nn.MultiheadAttention, plan: ModulePlan) -> nn.Module:
+        layout = _Layout(plan.calls[0])
+        rows_name = "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight"
+        kept_rows = plan.kept_param(rows_name, 0)
+        head_rows = layout.head_of_rows(layout.embed if not module._qkv_same_embed_dim else 3 * layout.embed)
+        kept_heads = torch.unique(head_rows[kept_rows]) if kept_rows is not None else torch.arange(layout.heads)
+        projections = []
+        for index, (x, name, rows) in enumerate(layout.projections()):
+            full = getattr(module, name).detach()[rows]
+            bias = module.in_proj_bias.detach()[index * layout.embed:(index + 1) * layout.embed] if module.in_proj_bias is not None else None
+            projections.append(_projection(plan, x, full, bias, kept_heads, layout))
+        out_proj = _out_projection(module, plan, layout, kept_heads)
+        bias_k = module.bias_k.detach()[..., _feature_index(kept_heads, layout)] if module.bias_k is not None else None
+        bias_v = module.bias_v.detach()[..., _feature_index(kept_heads, layout)] if module.bias_v is not None else None
+        new = PrunedMultiheadAttention(*projections, out_proj, int(kept_heads.numel()), layout.head_dim,
+                                       module.batch_first, module.dropout, bias_k, bias_v, module.add_zero_attn)
+        new.train(module.training)
+        return new.to(device=module.out_proj.weight.device)
+
+
+def _feature_index(kept_heads: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    return (kept_heads[:, None] * layout.head_dim + torch.arange(layout.head_dim)).reshape(-1)
+
+
+def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept_heads, layout: _Layout) -> nn.Linear:
+    """The q, k or v projection for the kept heads and kept input features, constants folded."""
+    rows = _feature_index(kept_heads, layout)
+    weight = full[rows]
+    kept_in = plan.kept(x, -1)
+    removed = plan.removed(x, -1)
+    if bias is not None:
+        bias = bias[rows].to(torch.float64)
+        consts = x.consts[x.dim(-1)] if x.consts else None
+        if isinstance(consts, DimConst) and removed.numel():
+            bias = bias + weight[:, removed].to(torch.float64) @ consts.value[removed]
+        bias = bias.to(full.dtype)
+    if kept_in is not None:
+        weight = weight[:, kept_in]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=full.device, dtype=full.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _Layout, kept_heads) -> nn.Linear:
+    """``out_proj`` for the kept heads and outputs, with constant (removed) heads folded into its bias."""
+    full = module.out_proj.weight.detach()
+    kept_out = plan.kept(layout.out, -1)
+    rows = full if kept_out is None else full[kept_out]
+    bias = module.out_proj.bias.detach() if module.out_proj.bias is not None else None
+    bias = (bias if kept_out is None else bias[kept_out]).to(torch.float64) if bias is not None else None
+    removed_heads = torch.ones(layout.heads, dtype=torch.bool)
+    removed_heads[kept_heads] = False
+    value_bias = module.in_proj_bias.detach()[2 * layout.embed:] if module.in_proj_bias is not None else None
+    if value_bias is not None and bool(removed_heads.any()):
+        columns = _feature_index(removed_heads.nonzero().reshape(-1), layout)
+        extra = rows[:, columns].to(torch.float64) @ value_bias[columns].to(torch.float64)
+        bias = extra if bias is None else bias + extra
+    weight = rows[:, _feature_index(kept_heads, layout)]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=full.device, dtype=full.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.to(full.dtype))
+    return linear
+
+
+def register(registry) -> None:
+    registry.add_module(nn.MultiheadAttention, MultiheadAttentionRule())
