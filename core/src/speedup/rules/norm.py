@@ -173,10 +173,23 @@ class GroupNormRule(ModuleRule):
                 ctx.link(node.params[name], 0, out, 1)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
+        x, out = first_input(node), node.outputs[0]
+        groups = node.module.num_groups
+        mask = torch.zeros(x.shape[1], dtype=torch.bool)
+        value = torch.zeros(x.shape[1], dtype=torch.float64)
+        consts = ctx.const(x, 1)
+        if consts is not None:
+            # A group whose channels all hold constants normalises to constants.
+            whole = consts.mask.reshape(groups, -1).all(1).repeat_interleave(x.shape[1] // groups)
+            if bool(whole.any()):
+                mask = whole
+                value = _run_on_constants(node.module, x.ndim, DimConst.where(whole, consts.value))
         weight, bias = param_data(node, "weight"), param_data(node, "bias")
         if weight is not None:
             shift = bias.to(torch.float64) if bias is not None else torch.zeros(weight.numel(), dtype=torch.float64)
-            ctx.set_const(node.outputs[0], 1, DimConst.where(weight == 0, shift))
+            value = torch.where(weight == 0, shift, value)
+            mask = mask | (weight == 0)
+        ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]

@@ -1,0 +1,272 @@
+"""Convolutional building blocks: every case is compared with its masked model on a fresh input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedup.modules import FoldedConv2d
+from support.checks import check_speedup, keep_mask, output_channel_masks, randomize_norms, rows
+
+
+def conv_bn(cin, cout, k=3, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.a = conv_bn(c, c)
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.b(self.a(x)) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_residual_channels_masked_consistently_are_removed_everywhere():
+    model = randomize_norms(Residual())
+    keep = keep_mask(16)
+    masks = {name: {"weight": rows(keep, tuple(dict(model.named_modules())[name].weight.shape))}
+             for name in ("stem.0", "a.0", "b.0")}
+    masks["stem.1"] = {"weight": keep, "bias": keep}
+    masks["b.1"] = {"weight": keep, "bias": keep}
+    check_speedup(model, masks, torch.randn(2, 3, 12, 12), torch.randn(3, 3, 9, 11),
+                  shrunk=["stem.0.weight", "a.0.weight", "b.0.weight", "head.weight"])
+
+
+def test_residual_channels_masked_in_one_branch_only_stay_and_keep_their_values():
+    model = randomize_norms(Residual())
+    masks = output_channel_masks(model, ["a.0", "b.0"])
+    check_speedup(model, masks, torch.randn(2, 3, 12, 12), torch.randn(3, 3, 12, 12), shrunk=["a.0.weight"])
+
+
+def test_batchnorm_shift_of_removed_channel_is_folded_into_next_conv_with_zero_padding():
+    # conv1's masked channels become BatchNorm shifts (constants); conv2 pads with zeros, so their
+    # contribution differs near the borders: the exact fold is a per-position map.
+    model = randomize_norms(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 6, 3, padding=1)))
+    masks = output_channel_masks(model, ["0.0"])
+    check_speedup(model, masks, torch.randn(2, 3, 10, 10), torch.randn(4, 3, 7, 13), shrunk=["0.0.weight", "1.weight"])
+    assert isinstance(model[1], FoldedConv2d)
+
+
+def test_constant_channel_folds_into_bias_where_padding_does_not_dilute_it():
+    model = randomize_norms(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 6, 1)))
+    masks = output_channel_masks(model, ["0.0"])
+    check_speedup(model, masks, torch.randn(2, 3, 10, 10), torch.randn(1, 3, 5, 6), shrunk=["1.weight"])
+    assert type(model[1]) is nn.Conv2d
+
+
+def test_sigmoid_of_a_masked_channel_is_the_constant_one_half():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sigmoid(), nn.Conv2d(8, 4, 1))
+    masks = output_channel_masks(model, ["0"])
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 6, 6), shrunk=["0.weight", "2.weight"])
+
+
+class Separable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand = conv_bn(4, 12, 1)
+        self.depthwise = conv_bn(12, 12, 3, groups=12)
+        self.project = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        return self.project(self.depthwise(self.expand(x)))
+
+
+def test_depthwise_conv_follows_its_input_channels():
+    model = randomize_norms(Separable())
+    masks = output_channel_masks(model, ["expand.0"])
+    channels = masks["expand.0"]["weight"][:, 0, 0, 0]
+    masks["expand.1"] = {"weight": channels, "bias": channels}
+    check_speedup(model, masks, torch.randn(2, 4, 8, 8), torch.randn(1, 4, 10, 10),
+                  shrunk=["expand.0.weight", "depthwise.0.weight", "project.weight"])
+    assert model.depthwise[0].groups == model.depthwise[0].in_channels == 6
+
+
+def test_depthwise_channel_holding_a_position_dependent_constant_stays():
+    # A BatchNorm shift through a zero-padded 3x3 depthwise conv varies near the borders: the
+    # channel does not depend on the input but is not one constant either, so it must stay.
+    model = randomize_norms(Separable())
+    masks = output_channel_masks(model, ["expand.0"])
+    check_speedup(model, masks, torch.randn(2, 4, 8, 8), torch.randn(1, 4, 10, 10))
+    assert model.depthwise[0].groups == 12
+
+
+def test_depthwise_output_masked_removes_the_input_channel_too():
+    model = randomize_norms(Separable())
+    masks = output_channel_masks(model, ["depthwise.0"])
+    masks["depthwise.1"] = {"weight": masks["depthwise.0"]["weight"][:, 0, 0, 0], "bias": masks["depthwise.0"]["weight"][:, 0, 0, 0]}
+    check_speedup(model, masks, torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8),
+                  shrunk=["expand.0.weight", "depthwise.0.weight", "project.weight"])
+
+
+def test_grouped_conv_removes_whole_groups_or_the_same_position_in_every_group():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 4, 1))
+    position = torch.tensor([True, False, True, True])
+    masks = {"0": {"weight": rows(position.repeat(2), (8, 4, 1, 1)), "bias": position.repeat(2)}}
+    check_speedup(model, masks, torch.randn(2, 4, 6, 6), torch.randn(3, 4, 6, 6), shrunk=["0.weight", "2.weight"])
+    assert model[2].groups == 2 and model[2].in_channels == 6
+
+
+def test_grouped_conv_keeps_channels_that_would_unbalance_its_groups():
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2))
+    uneven = torch.tensor([False, False, True, True, True, True, True, True])
+    masks = {"0": {"weight": rows(uneven, (8, 4, 1, 1)), "bias": uneven}}
+    check_speedup(model, masks, torch.randn(2, 4, 6, 6), torch.randn(3, 4, 6, 6))
+    assert model[2].groups == 2
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d(dims):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    norm = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[dims]
+    model = randomize_norms(nn.Sequential(conv(3, 8, 3, padding=1), norm(8), nn.ReLU(), conv(8, 4, 3, padding=1)))
+    masks = output_channel_masks(model, ["0"])
+    shape = (2, 3) + (6,) * dims
+    fresh = (3, 3) + (5,) * dims
+    check_speedup(model, masks, torch.randn(shape), torch.randn(fresh), shrunk=["0.weight", "3.weight"])
+
+
+def test_transposed_convolutions():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose2d(6, 3, 3, padding=1))
+    masks = output_channel_masks(model, ["0"])
+    masks.update({"2": {"weight": rows(keep_mask(8), (8, 6, 4, 4)).transpose(0, 1).transpose(0, 1)}})
+    out_mask = keep_mask(6)
+    masks["2"] = {"weight": out_mask.reshape(1, 6, 1, 1).expand(8, 6, 4, 4), "bias": out_mask}
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(1, 3, 10, 6), shrunk=["0.weight", "2.weight", "4.weight"])
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=12, r=4):
+        super().__init__()
+        self.conv = conv_bn(3, c)
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * gate)
+
+
+def test_squeeze_excite_gate_channels_follow_the_block():
+    model = randomize_norms(SqueezeExcite())
+    masks = output_channel_masks(model, ["conv.0", "fc1"])
+    channels = masks["conv.0"]["weight"][:, 0, 0, 0]
+    masks["conv.1"] = {"weight": channels, "bias": channels}
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 7, 7),
+                  shrunk=["conv.0.weight", "fc1.weight", "fc2.weight", "out.weight"])
+
+
+class Dense(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(9, 6, 3, padding=1)
+        self.c = nn.Conv2d(15, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([x, torch.relu(self.a(x))], 1)
+        z = torch.cat([y, torch.relu(self.b(y))], 1)
+        first, second, _ = z.chunk(3, dim=1)
+        return self.c(z) + first.sum(1, keepdim=True) + second.mean(1, keepdim=True)
+
+
+def test_concatenation_and_chunks():
+    model = Dense()
+    masks = output_channel_masks(model, ["a", "b"])
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
+
+
+class Spatial(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.c = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = F.max_pool2d(x, 2) + F.avg_pool2d(x, 3, stride=2, padding=1) + F.adaptive_avg_pool2d(x, x.shape[-1] // 2)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) + F.interpolate(x, scale_factor=2)
+        x = F.pad(self.b(x), (1, 1, 2, 0))
+        return self.c(F.pixel_shuffle(x, 2))
+
+
+def test_pooling_interpolation_padding_and_pixel_shuffle():
+    model = Spatial()
+    keep = torch.tensor([True, False, True, True]).repeat(2)  # channel c*4+k of 8 feeds pixel-shuffled channel c
+    masks = output_channel_masks(model, ["a"])
+    masks["b"] = {"weight": rows(torch.tensor([True] * 4 + [False] * 4), (8, 16, 3, 3)),
+                  "bias": torch.tensor([True] * 4 + [False] * 4)}
+    del keep
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(1, 3, 12, 12), shrunk=["a.weight", "b.weight", "c.weight"])
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8), nn.MaxPool2d(2), conv_bn(8, 8))
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def test_flattened_channels_remove_their_blocks_of_linear_inputs():
+    model = randomize_norms(Classifier())
+    masks = output_channel_masks(model, ["features.0.0", "features.2.0"])
+    report = check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(5, 3, 8, 8),
+                           shrunk=["features.2.0.weight", "fc.weight"])
+    assert model.fc.in_features == 4 * 4 * 4
+    assert report.flops_after < report.flops_before
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.inorm = nn.InstanceNorm2d(8, affine=True)
+        self.act = nn.PReLU(8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.act(self.inorm(self.gn(self.a(x)))))
+
+
+def test_group_instance_norm_and_prelu_lose_whole_groups():
+    model = randomize_norms(Norms())
+    groups = torch.tensor([True, False, True, False]).repeat_interleave(2)
+    masks = {"a": {"weight": rows(groups, (8, 3, 3, 3)), "bias": groups}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5),
+                  shrunk=["a.weight", "gn.weight", "inorm.weight", "act.weight", "b.weight"])
+    assert model.gn.num_groups == 2
+
+
+def test_group_norm_keeps_partially_masked_groups():
+    model = randomize_norms(Norms())
+    scattered = torch.tensor([True, False] * 4)
+    masks = {"a": {"weight": rows(scattered, (8, 3, 3, 3)), "bias": scattered}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
+    assert model.gn.num_groups == 4
+
+
+def test_weights_masked_elementwise_keep_their_zeros():
+    # Fine-grained masks do not remove channels, but the result must still be the masked model.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    masks = {"0": {"weight": torch.rand(8, 3, 3, 3) > 0.5}, "2": {"weight": torch.rand(4, 8, 3, 3) > 0.3}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(1, 3, 7, 7))
+
+
+def test_masks_given_as_input_and_output_targets():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    keep = keep_mask(8).float().reshape(1, 8, 1, 1)
+    masks = {"0": {"_output_0": keep}, "2": {"_input_0": keep}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["0.weight", "2.weight"])

@@ -1,0 +1,249 @@
+"""Attention, normalisation of the hidden size, embeddings, shared modules: against the masked model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedup.modules import ConstantAwareLayerNorm, PrunedMultiheadAttention
+from support.checks import check_speedup, keep_mask, rows
+
+E, H = 32, 4
+D = E // H
+
+
+def head_rows(heads: torch.Tensor, copies: int = 3) -> torch.Tensor:
+    """Rows of a (copies * E)-row projection belonging to the kept heads."""
+    return heads.repeat_interleave(D).repeat(copies)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_loses_whole_heads(batch_first):
+    attention = nn.MultiheadAttention(E, H, batch_first=batch_first)
+    model = nn.ModuleDict({"attn": attention})
+    heads = torch.tensor([True, False, True, False])
+    masks = {"attn": {"in_proj_weight": rows(head_rows(heads), (3 * E, E)), "in_proj_bias": head_rows(heads)}}
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attention
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Wrapper()
+    shape = (2, 5, E) if batch_first else (5, 2, E)
+    fresh = (3, 7, E) if batch_first else (7, 3, E)
+    check_speedup(model, masks, torch.randn(shape), torch.randn(fresh), shrunk=["attn.out_proj.weight"])
+    assert isinstance(model.attn, PrunedMultiheadAttention) and model.attn.num_heads == 2
+
+
+def test_attention_weights_that_are_returned_keep_every_head():
+    attention = nn.MultiheadAttention(E, H, batch_first=True)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attention
+
+        def forward(self, x):
+            return self.attn(x, x, x)  # (output, weights averaged over heads)
+
+    heads = torch.tensor([True, False, True, True])
+    masks = {"attn": {"in_proj_weight": rows(head_rows(heads), (3 * E, E)), "in_proj_bias": head_rows(heads)}}
+    check_speedup(Wrapper(), masks, torch.randn(2, 5, E), torch.randn(1, 6, E))
+
+
+def test_transformer_encoder_heads_and_feed_forward_with_padding_mask():
+    layer = nn.TransformerEncoderLayer(E, H, 64, batch_first=True, dropout=0.1)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    masks = {}
+    for i in range(2):
+        heads = keep_mask(H)
+        masks[f"layers.{i}.self_attn"] = {"in_proj_weight": rows(head_rows(heads), (3 * E, E)),
+                                          "in_proj_bias": head_rows(heads)}
+        ffn = keep_mask(64)
+        masks[f"layers.{i}.linear1"] = {"weight": rows(ffn, (64, E)), "bias": ffn}
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    check_speedup(model, masks, torch.randn(2, 5, E), {"src": torch.randn(3, 6, E), "src_key_padding_mask": padding},
+                  shrunk=["layers.0.linear1.weight", "layers.1.linear2.weight", "layers.0.self_attn.out_proj.weight"])
+
+
+class HandAttention(nn.Module):
+    """Attention written with view/transpose and SDPA, the way most model code does it."""
+
+    def __init__(self, heads_in_view: int = -1):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.heads_in_view = heads_in_view
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads_in_view, D).transpose(1, 2)
+        k = self.k(x).view(b, t, -1, D).transpose(1, 2)
+        v = self.v(x).view(b, t, -1, D).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
+    model = HandAttention()
+    heads = torch.tensor([False, True, True, False])
+    feature = heads.repeat_interleave(D)
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
+    check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E),
+                  shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
+
+
+def test_a_literal_head_count_in_view_keeps_the_heads_after_verification():
+    model = HandAttention(heads_in_view=H)  # view(b, t, 4, 8): would not adapt to fewer heads
+    heads = torch.tensor([False, True, True, False])
+    feature = heads.repeat_interleave(D)
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
+    report = check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E))
+    assert report.kept_for_verification and "view" in report.kept_for_verification[0]
+
+
+def test_half_of_a_head_cannot_go():
+    model = HandAttention()
+    feature = torch.tensor([True, False] * (E // 2))
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("v",)}
+    report = check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E))
+    assert model.v.weight.shape == (E, E)
+    del report
+
+
+class EinsumMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(E, E)
+        self.b = nn.Linear(E, E)
+        self.out = nn.Linear(E, 8)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        scores = torch.einsum("bte,bse->bts", a, b) / math.sqrt(E)
+        mixed = torch.bmm(torch.softmax(scores, -1), b)
+        return self.out(mixed + torch.matmul(a, torch.eye(E)))
+
+
+def test_contracted_features_that_are_zero_on_either_side_go():
+    model = EinsumMixer()
+    keep = keep_mask(E)
+    masks = {"a": {"weight": rows(keep, (E, E)), "bias": keep}}
+    check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 4, E))
+
+
+class HiddenStream(nn.Module):
+    """A residual stream with LayerNorms, whose hidden channels are masked everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, E)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(E), "fc": nn.Linear(E, 64), "proj": nn.Linear(64, E)})
+                                    for _ in range(2))
+        self.final = nn.LayerNorm(E)
+        self.head = nn.Linear(E, 50)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block["proj"](F.gelu(block["fc"](block["norm"](x))))
+        return self.head(self.final(x))
+
+
+def test_hidden_size_pruned_through_layer_norms_keeps_their_statistics():
+    model = HiddenStream()
+    hidden = keep_mask(E)
+    masks = {"embed": {"weight": hidden[None, :].expand(50, E)}, "final": {"weight": hidden, "bias": hidden}}
+    for i in range(2):
+        masks[f"blocks.{i}.norm"] = {"weight": hidden, "bias": hidden}
+        masks[f"blocks.{i}.proj"] = {"weight": rows(hidden, (E, 64)), "bias": hidden}
+    check_speedup(model, masks, torch.randint(0, 50, (2, 6)), torch.randint(0, 50, (3, 9)),
+                  shrunk=["embed.weight", "blocks.0.fc.weight", "blocks.1.proj.weight", "head.weight"])
+    assert isinstance(model.final, ConstantAwareLayerNorm)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(E, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        return self.out(torch.relu(self.fc(x))) + self.out(torch.relu(self.fc(y)))
+
+
+def test_module_called_twice_is_pruned_consistently_for_both_calls():
+    model = Shared()
+    keep = keep_mask(16)
+    masks = {"fc": {"weight": rows(keep, (16, E)), "bias": keep}}
+    check_speedup(model, masks, (torch.randn(2, E), torch.randn(2, E)), (torch.randn(5, E), torch.randn(5, E)),
+                  shrunk=["fc.weight", "out.weight"])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, E)
+        self.body = nn.Linear(E, E)
+        self.head = nn.Linear(E, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_tied_embedding_and_head_stay_tied():
+    model = Tied()
+    hidden = keep_mask(E)
+    masks = {"embed": {"weight": hidden[None, :].expand(40, E)}, "body": {"weight": rows(hidden, (E, E)), "bias": hidden}}
+    check_speedup(model, masks, torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (3, 7)), shrunk=["embed.weight"])
+    assert model.head.weight is model.embed.weight
+
+
+class ShapeControlFlow(nn.Module):
+    """Python branches on tensor shapes: symbolic tracers cannot follow this; a real run can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(E, 16)
+        self.b = nn.Linear(16, 8)
+
+    def forward(self, x):
+        if x.shape[1] > 3:
+            x = x[:, : x.shape[1] // 2 * 2].reshape(x.shape[0], -1, 2, E).mean(2)
+        h = torch.relu(self.a(x))
+        for _ in range(x.shape[1] // 2):
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_python_control_flow_on_shapes():
+    model = ShapeControlFlow()
+    masks = {"a": {"weight": rows(keep_mask(16), (16, E))}}
+    check_speedup(model, masks, torch.randn(2, 6, E), torch.randn(3, 6, E), shrunk=["a.weight", "b.weight"])
+
+
+class LoopsOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(E, 16)
+        self.b = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        for _ in range(h.shape[-1] // 8):  # the channel count itself steers the computation
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_control_flow_on_a_prunable_size_is_kept_as_it_was():
+    model = LoopsOverChannels()
+    masks = {"a": {"weight": rows(keep_mask(16), (16, E))}}
+    report = check_speedup(model, masks, torch.randn(2, 6, E), torch.randn(3, 5, E))
+    assert report.kept_for_verification
