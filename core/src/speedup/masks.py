@@ -35,6 +35,7 @@ class TensorMask:
     """``"input"`` or ``"output"``."""
     key: Union[int, str]
     mask: torch.Tensor
+    batch_dim: int = 0
 
     @property
     def target(self) -> str:
@@ -161,14 +162,7 @@ def _fitted(mask: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor
 
 
 def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -> TensorMask:
+    """An input/output mask; its shape is checked against the tensor when that is known (tracing)."""
     kind, _, key = target[1:].partition("_")
     parsed: Union[int, str] = int(key) if key.isdigit() else key
-    if mask.dim() > batch_dim and mask.shape[batch_dim] > 1:
-        first = mask.select(batch_dim, 0)
-        if not bool((mask == first.unsqueeze(batch_dim)).all()):
-            raise MaskError(
-                f"the mask '{target}' of '{module}' differs between samples along the batch dimension {batch_dim}; "
-                "structured speedup needs the same mask for every sample. Give it size 1 along the batch dimension."
-            )
-        mask = first.unsqueeze(batch_dim)
-    return TensorMask(module, kind, parsed, mask)
+    return TensorMask(module, kind, parsed, mask, batch_dim)

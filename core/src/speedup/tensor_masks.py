@@ -22,24 +22,59 @@ from .transaction import Transaction
 class TensorMaskHolder(nn.Module):
     """Holds one input/output mask as a buffer (so it moves with ``.to()`` and can be sliced)."""
 
-    def __init__(self, mask: torch.Tensor, target: str, module_name: str):
+    def __init__(self, mask: torch.Tensor, target: str, module_name: str, batch_dim: int = 0):
         super().__init__()
         self.register_buffer("mask", mask)
         self.target = target
         self.module_name = module_name
+        self.batch_dim = batch_dim
 
     def apply(self, tensor: Any) -> Any:
         if not isinstance(tensor, torch.Tensor):
             raise MaskError(
                 f"the mask '{self.target}' of '{self.module_name}' targets a {type(tensor).__name__}, not a tensor."
             )
-        try:
-            return tensor * self.mask.to(tensor.dtype)
-        except RuntimeError:
+        mask = self.mask
+        with _unrecorded():
+            per_sample = self._varies_per_sample(mask, tensor)
+            fits = _broadcasts_to(mask.shape, tensor.shape)
+        if per_sample is True:
+            raise MaskError(
+                f"the mask '{self.target}' of '{self.module_name}' differs between samples along the batch dimension "
+                f"{self.batch_dim}; structured speedup needs the same mask for every sample. Give it size 1 there."
+            )
+        if per_sample is False:
+            mask = mask.narrow(self.batch_dim, 0, 1)  # the same for every sample: one copy broadcasts
+            with _unrecorded():
+                fits = _broadcasts_to(mask.shape, tensor.shape)
+        if not fits:
             raise MaskError(
                 f"the mask '{self.target}' of '{self.module_name}' has shape {tuple(self.mask.shape)}, which does not "
-                f"broadcast to that tensor's shape {tuple(tensor.shape)}."
-            ) from None
+                f"broadcast to that tensor's shape {tuple(tensor.shape)}. A mask has the tensor's shape, or fewer "
+                "dimensions lined up from the right, or size 1 where it is the same for all entries."
+            )
+        return tensor * mask.to(tensor.dtype)
+
+    def _varies_per_sample(self, mask: torch.Tensor, tensor: torch.Tensor):
+        """``None`` if the mask has no batch dimension of its own, else whether it differs along it."""
+        b = self.batch_dim
+        if mask.dim() != tensor.dim() or mask.dim() <= b or mask.shape[b] == 1 or mask.shape[b] != tensor.shape[b]:
+            return None
+        return not bool((mask == mask.narrow(b, 0, 1)).all())
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _unrecorded():
+    """Checks on a mask must not appear in the recorded graph (they would pin its channels)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
 
 
 def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[tuple[str, TensorMaskHolder]]:
@@ -48,7 +83,7 @@ def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[
     holders = []
     for spec in masks:
         module = modules[spec.module]
-        holder = TensorMaskHolder(spec.mask, spec.target, spec.module)
+        holder = TensorMaskHolder(spec.mask, spec.target, spec.module, spec.batch_dim)
         if spec.kind == "input":
             handle = module.register_forward_pre_hook(_input_hook(holder, spec.key), with_kwargs=True)
         else:
