@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .plugins.manager import load_plugins
+from .plugins.manager import load_plugins, strict_from_environment
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -21,6 +21,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _plugins(verbose: bool, strict: bool) -> int:
     loaded = load_plugins(strict=False)
+    strict = strict or strict_from_environment()
     failed = False
     for info in loaded.plugins:
         status = "ok" if info.ok else f"FAILED: {info.error}"
@@ -33,7 +34,10 @@ def _plugins(verbose: bool, strict: bool) -> int:
                 for name in info.ops:
                     print(f"    op     {name}")
         failed |= not info.ok
-    return 1 if failed and strict else 0
+    registry = loaded.registry
+    for key in registry.conflicts:
+        print(f"CONFLICT: {registry.conflict_message(key)}")
+    return 1 if (failed or registry.conflicts) and strict else 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class _Rules:
         self.registry = loaded_plugins().registry
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
+        if type(module) in self.registry.conflicts and self.custom_for(module) is not None:
+            return None  # the user's function settles the conflict: the module is traced through
         return self.registry.module_rule(module)
 
     def custom_for(self, module: nn.Module) -> Optional[CustomReplace]:

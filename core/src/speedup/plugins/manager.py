@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import pluggy
 
-from ..errors import PluginConflictError, PluginLoadError
+from ..errors import PluginLoadError
 from . import hookspec
 from .registry import CORE_DISTRIBUTION, Provider, RuleRegistry
 
@@ -76,7 +76,7 @@ def load_plugins(strict: Optional[bool] = None, extra: Iterable[ModuleType] = ()
     ``extra`` modules are registered after the entry points, as plugins of their own.
     """
     if strict is None:
-        strict = os.environ.get("SPEEDUP_STRICT_PLUGINS", "") not in ("", "0")
+        strict = strict_from_environment()
     manager = pluggy.PluginManager(hookspec.PROJECT)
     manager.add_hookspecs(hookspec)
     registry = RuleRegistry()
@@ -108,6 +108,11 @@ def load_plugins(strict: Optional[bool] = None, extra: Iterable[ModuleType] = ()
     return LoadedPlugins(registry, infos)
 
 
+def strict_from_environment() -> bool:
+    """``SPEEDUP_STRICT_PLUGINS`` set to 1/true/yes/on makes a plugin that fails to load an error."""
+    return os.environ.get("SPEEDUP_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: ModuleType, info: PluginInfo) -> PluginInfo:
     before_modules, before_ops = dict(registry.modules), dict(registry.ops)
     try:
@@ -116,8 +121,6 @@ def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: Mod
         for impl in manager.hook.speedup_register_rules.get_hookimpls():
             if impl.plugin is module:
                 impl.function(registry=registry)
-    except PluginConflictError:
-        raise
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
         info.error = _describe(exc)
         registry.modules, registry.ops = before_modules, before_ops

@@ -39,6 +39,8 @@ class RuleRegistry:
 
     modules: dict[type, _Entry] = field(default_factory=dict)
     ops: dict[str, _Entry] = field(default_factory=dict)
+    conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
+    """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
     """Set by the plugin manager before it calls each plugin's hook."""
 
@@ -63,17 +65,22 @@ class RuleRegistry:
 
     def _put(self, table: dict, key: Any, rule: Any, label: str) -> None:
         previous = table.get(key)
-        if previous is not None and previous.provider.distribution != self.provider.distribution:
-            if previous.provider.distribution != CORE_DISTRIBUTION:
-                raise PluginConflictError(
-                    f"both {previous.provider} and {self.provider} register a rule for {label}. "
-                    "Uninstall one of them, or choose per call with customized_replace_func."
-                )
+        if previous is not None and previous.provider.distribution not in (CORE_DISTRIBUTION, self.provider.distribution):
+            self.conflicts[key] = (previous.provider, self.provider)
         table[key] = _Entry(rule, self.provider)
+
+    def conflict_message(self, key: Any) -> str:
+        first, second = self.conflicts[key]
+        label = key.__qualname__ if isinstance(key, type) else key
+        return (f"both {first} and {second} register a rule for {label}. Uninstall one of them, or choose per "
+                "call with customized_replace_func.")
 
     # -- lookup -----------------------------------------------------------------------------
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
+        """The rule claiming this module; raises :class:`PluginConflictError` if two plugins do."""
+        if type(module) in self.conflicts:
+            raise PluginConflictError(self.conflict_message(type(module)))
         entry = self.modules.get(type(module))
         if entry is not None:
             return entry.rule
@@ -87,6 +94,8 @@ class RuleRegistry:
         if not isinstance(func, torch._ops.OpOverload):
             return None
         for key in _lookup_keys(func):
+            if key in self.conflicts:
+                raise PluginConflictError(self.conflict_message(key))
             entry = self.ops.get(key)
             if entry is not None:
                 return entry.rule
