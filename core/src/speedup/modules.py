@@ -67,6 +67,13 @@ class _RemovedConstants:
 
     full_size: int
 
+    @classmethod
+    def convert(cls, norm: nn.Module, full_size: int, removed_values: torch.Tensor) -> nn.Module:
+        """Turns an already sliced norm into this class, remembering the removed constants."""
+        norm.__class__ = cls
+        norm._remember(full_size, removed_values)
+        return norm
+
     def _remember(self, full_size: int, values: torch.Tensor) -> None:
         self.full_size = full_size
         self.register_buffer("removed_sum", values.sum().to(torch.float32).reshape(()))
@@ -76,12 +83,6 @@ class _RemovedConstants:
 
 class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
     """``LayerNorm`` over the last dimension whose mean and variance also count removed constants."""
-
-    @classmethod
-    def from_layer_norm(cls, norm: nn.LayerNorm, full_size: int, removed_values: torch.Tensor) -> "ConstantAwareLayerNorm":
-        norm.__class__ = cls
-        norm._remember(full_size, removed_values)
-        return norm
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         n = self.full_size
@@ -102,12 +103,6 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
     class ConstantAwareRMSNorm(_RemovedConstants, nn.RMSNorm):
         """``RMSNorm`` over the last dimension whose mean square also counts removed constants."""
-
-        @classmethod
-        def from_rms_norm(cls, norm: nn.RMSNorm, full_size: int, removed_values: torch.Tensor) -> "ConstantAwareRMSNorm":
-            norm.__class__ = cls
-            norm._remember(full_size, removed_values)
-            return norm
 
         def forward(self, input: torch.Tensor) -> torch.Tensor:
             eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps

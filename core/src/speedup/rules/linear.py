@@ -3,6 +3,9 @@
 An output feature whose weight row touches only zero or constant inputs is a constant
 (``b[o]``, plus the folded constants). An input feature is needed only where some needed output
 reads it through a non-zero weight and it is not a constant the layer can fold into its bias.
+
+The rule is written for either weight orientation (``weight_in`` / ``weight_out``), so that layers
+storing the weight transposed (GPT-2's ``Conv1D``) reuse it by subclassing.
 """
 
 from __future__ import annotations
@@ -14,33 +17,45 @@ from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import clone_module, first_input, foldable, param_data
+from ._modules import clone_module, first_input, foldable
 
 
 class LinearRule(ModuleRule):
     subclasses = True
+    weight_in = 1
+    """The weight dimension that reads input features (1 for ``nn.Linear``'s ``(out, in)`` weight)."""
+
+    @property
+    def weight_out(self) -> int:
+        return 1 - self.weight_in
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
         weight, bias = node.params["weight"], node.params.get("bias")
         for d in range(x.ndim - 1):
             ctx.link(x, d, out, d)
-        ctx.link(x, -1, weight, 1)
-        ctx.link(out, -1, weight, 0)
+        ctx.link(x, -1, weight, self.weight_in)
+        ctx.link(out, -1, weight, self.weight_out)
         if bias is not None:
-            ctx.link(bias, 0, weight, 0)
+            ctx.link(bias, 0, weight, self.weight_out)
+
+    def _nonzero(self, node: Node, ctx: Analysis) -> torch.Tensor:
+        """``(out_features, in_features)``: which weights are not zero (computed once per weight)."""
+        weight = node.params["weight"]
+        return ctx.memo(("linear-nonzero", weight.index),
+                        lambda: self.as_out_in(weight.data.detach()) != 0)
+
+    def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.weight_in == 1 else weight.t()
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
-        weight = param_data(node, "weight")
-        bias = param_data(node, "bias")
+        weight = self.as_out_in(node.params["weight"].data.detach())
+        bias = node.params.get("bias")
         consts = ctx.const(x, -1)
-        nonzero = _nonzero(ctx, node)
-        if consts is None:
-            reads_variable = nonzero.any(1)
-        else:
-            reads_variable = nonzero[:, ~consts.mask].any(1)
-        value = bias.to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+        nonzero = self._nonzero(node, ctx)
+        reads_variable = nonzero.any(1) if consts is None else nonzero[:, ~consts.mask].any(1)
+        value = bias.data.detach().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
             used = consts.nonzero_const
             value = value + weight[:, used].to(torch.float64) @ consts.value[used]
@@ -51,39 +66,35 @@ class LinearRule(ModuleRule):
         if not ctx.is_demanded(out):
             return
         need_out = ctx.demanded(out, -1)
-        nonzero = _nonzero(ctx, node)
+        nonzero = self._nonzero(node, ctx)
         read = nonzero.any(0) if bool(need_out.all()) else nonzero[need_out].any(0)
-        need_in = read & ~foldable(ctx, node, x, -1)
         masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
-        masks[x.ndim - 1] = need_in
+        masks[x.ndim - 1] = read & ~foldable(ctx, node, x, -1)
         ctx.demand(x, masks)
 
-    def replace(self, module: nn.Linear, plan: ModulePlan) -> nn.Module:
-        weight, bias = plan.param("weight"), plan.param("bias")
-        folded = fold_into_bias(plan, module.weight, bias, plan.kept(plan.output(), -1))
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         new = clone_module(module)
-        new.weight = weight
-        new.bias = folded
-        new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+        new.weight = plan.param("weight")
+        new.bias = self.folded_bias(plan, module)
+        self.set_sizes(new, new.weight.shape[self.weight_in], new.weight.shape[self.weight_out])
         return new
 
+    def set_sizes(self, new: nn.Module, in_features: int, out_features: int) -> None:
+        new.in_features, new.out_features = in_features, out_features
 
-def _nonzero(ctx: Analysis, node: Node) -> torch.Tensor:
-    weight = node.params["weight"]
-    return ctx.memo(("nonzero", weight.index), lambda: weight.data.detach() != 0)
-
-
-def fold_into_bias(plan: ModulePlan, full_weight: torch.Tensor, bias, kept_out):
-    """The bias after adding ``W[:, c] * v_c`` for every removed constant input feature ``c``."""
-    removed, values = plan.removed_input_constants(-1)
-    used = values != 0
-    if not bool(used.any()):
-        return bias
-    rows = full_weight.detach() if kept_out is None else full_weight.detach()[kept_out]
-    extra = rows[:, removed[used]].to(torch.float64) @ values[used]
-    base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
-    result = (base + extra).to(full_weight.dtype)
-    return nn.Parameter(result, requires_grad=full_weight.requires_grad)
+    def folded_bias(self, plan: ModulePlan, module: nn.Module):
+        """The sliced bias plus ``W[:, c] * v_c`` for every removed constant input feature ``c``."""
+        bias = plan.param("bias")
+        removed, values = plan.removed_input_constants(-1)
+        used = values != 0
+        if not bool(used.any()):
+            return bias
+        full = self.as_out_in(module.weight.detach())
+        kept_out = plan.kept(plan.output(), -1)
+        rows = full if kept_out is None else full[kept_out]
+        extra = rows[:, removed[used]].to(torch.float64) @ values[used]
+        base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
+        return nn.Parameter((base + extra).to(full.dtype), requires_grad=module.weight.requires_grad)
 
 
 def register(registry) -> None:

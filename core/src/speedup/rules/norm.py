@@ -130,10 +130,7 @@ class LayerNormRule(ModuleRule):
         ctx.demand(x, masks)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
-        new = clone_module(module)
-        for name in ("weight", "bias"):
-            if getattr(module, name, None) is not None:
-                setattr(new, name, plan.param(name))
+        new = _with_sliced_affine(module, plan)
         kept = plan.count(plan.input(), -1)
         new.normalized_shape = (kept,)
         removed, values = plan.removed_input_constants(-1)
@@ -142,14 +139,14 @@ class LayerNormRule(ModuleRule):
         return self.constant_aware(new, plan.input().shape[-1], values)
 
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
-        return ConstantAwareLayerNorm.from_layer_norm(new, full_size, values)
+        return ConstantAwareLayerNorm.convert(new, full_size, values)
 
 
 class RMSNormRule(LayerNormRule):
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
         from ..modules import ConstantAwareRMSNorm
 
-        return ConstantAwareRMSNorm.from_rms_norm(new, full_size, values)
+        return ConstantAwareRMSNorm.convert(new, full_size, values)
 
 
 class GroupNormRule(ModuleRule):
@@ -202,14 +199,19 @@ class GroupNormRule(ModuleRule):
         ctx.demand(x, masks)
 
     def replace(self, module: nn.GroupNorm, plan: ModulePlan) -> nn.Module:
-        new = clone_module(module)
-        for name in ("weight", "bias"):
-            if getattr(module, name, None) is not None:
-                setattr(new, name, plan.param(name))
+        new = _with_sliced_affine(module, plan)
         channels = plan.count(plan.output(), 1)
         new.num_groups = channels // (module.num_channels // module.num_groups)
         new.num_channels = channels
         return new
+
+
+def _with_sliced_affine(module: nn.Module, plan: ModulePlan) -> nn.Module:
+    new = clone_module(module)
+    for name in ("weight", "bias"):
+        if getattr(module, name, None) is not None:
+            setattr(new, name, plan.param(name))
+    return new
 
 
 def register(registry) -> None:
