@@ -247,3 +247,34 @@ def test_control_flow_on_a_prunable_size_is_kept_as_it_was():
     masks = {"a": {"weight": rows(keep_mask(16), (16, E))}}
     report = check_speedup(model, masks, torch.randn(2, 6, E), torch.randn(3, 5, E))
     assert report.kept_for_verification
+
+
+class TinyEncoder(nn.Module):
+    """Embedding, attention, FFN and first-token pooling: the residual stream crosses all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, E)
+        self.norm = nn.LayerNorm(E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.fc = nn.Linear(E, 64)
+        self.proj = nn.Linear(64, E)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, ids):
+        x = self.norm(self.embed(ids))
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.proj(torch.relu(self.fc(x)))
+        return self.head(x[:, 0])
+
+
+def test_hidden_size_pruned_through_attention_and_first_token_pooling():
+    model = TinyEncoder()
+    hidden = keep_mask(E)
+    masks = {"embed": {"weight": hidden[None, :].expand(30, E)}, "norm": {"weight": hidden, "bias": hidden},
+             "attn": {"out_proj.weight": rows(hidden, (E, E)), "out_proj.bias": hidden},
+             "proj": {"weight": rows(hidden, (E, 64)), "bias": hidden}}
+    check_speedup(model, masks, torch.randint(0, 30, (2, 6)), torch.randint(0, 30, (3, 8)),
+                  shrunk=["embed.weight", "attn.out_proj.weight", "fc.weight", "head.weight"])
+    assert model.head.in_features == int(hidden.sum())
+    assert model.attn.q_proj.in_features == int(hidden.sum())

@@ -264,6 +264,21 @@ class Analysis:
             None if old is None or add is None else old | add for old, add in zip(value.demand, new)
         ]
 
+    def keep(self, value: TensorValue, dim: int, mask: torch.Tensor) -> None:
+        """Needs the entries of one dimension selected by ``mask``, saying nothing of the others.
+
+        For a parameter whose dimensions belong to different groups (a projection's rows are heads,
+        its columns hidden features), or for the one dimension an operator indexes: ``demand`` would
+        need every unnamed dimension whole.
+        """
+        d = value.dim(dim)
+        if not self._prunable(value, d):
+            return
+        if value.demand is None:
+            value.demand = [_filled(n, False) for n in value.shape]
+        current = value.demand[d]
+        value.demand[d] = None if current is None else current | mask
+
     def _where(self) -> str:
         return self._node.describe() if self._node is not None else "analysis"
 

@@ -27,8 +27,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import flops as flop_count
 from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(__file__) + os.sep
 
 
 @dataclasses.dataclass

@@ -142,8 +142,8 @@ class MultiheadAttentionRule(ModuleRule):
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
             value = layout.params.get(name)
             if value is not None:
-                ctx.demand(value, {0: heads[layout.head_of_rows(value.shape[0])]})
-        ctx.demand(layout.params["out_proj.weight"], {1: heads[layout.head_of_rows(layout.embed)]})
+                ctx.keep(value, 0, heads[layout.head_of_rows(value.shape[0])])
+        ctx.keep(layout.params["out_proj.weight"], 1, heads[layout.head_of_rows(layout.embed)])
         batch = {layout.batch: ctx.demanded(layout.out, layout.batch)} if layout.batch is not None else {}
         for x, name, rows in layout.projections():
             weight = layout.weight(name)[rows].reshape(layout.heads, layout.head_dim, -1)

@@ -194,7 +194,7 @@ class ConvModuleRule(ModuleRule):
         if spec.uniform_fold:
             new.bias = _add_to_bias(bias, contribution.flatten(1)[:, 0], module.weight)
             return new
-        return _fold_borders(new, contribution_kernel(spec, plan, kept_out))
+        return _fold_borders(new, contribution_kernel(spec, plan, kept_out), spec.x.shape[spec.cdim + 1:])
 
 
 def _constant_contribution(spec: _Spec, plan: ModulePlan, kept_out) -> Optional[torch.Tensor]:
@@ -235,9 +235,12 @@ def _add_to_bias(bias, extra: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d}
 
 
-def _fold_borders(conv: nn.Module, kernel: torch.Tensor) -> nn.Module:
+def _fold_borders(conv: nn.Module, kernel: torch.Tensor, spatial: tuple) -> nn.Module:
     conv.__class__ = _FOLDED[type(conv)]
     conv.register_buffer("constant_kernel", kernel.to(conv.weight.dtype))
+    # Computed once per input size; prime it for the recorded size so the first call costs nothing extra.
+    conv._constant_map(torch.empty((1, conv.in_channels) + tuple(spatial), dtype=conv.weight.dtype,
+                                   device=conv.weight.device))
     return conv
 
 

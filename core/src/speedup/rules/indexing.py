@@ -51,8 +51,8 @@ class _IndexingRule(MapRule):
     def backward(self, node: Node, ctx: Analysis) -> None:
         super().backward(node, ctx)
         if any(ctx.is_demanded(out) for out in node.outputs):
-            x = node.args[0]
-            ctx.demand(x, {self.indexed_dim(node): torch.ones(x.shape[self.indexed_dim(node)], dtype=torch.bool)})
+            x, dim = node.args[0], self.indexed_dim(node)
+            ctx.keep(x, dim, torch.ones(x.shape[dim], dtype=torch.bool))
 
 
 class Slice(_IndexingRule):

@@ -1,0 +1,320 @@
+"""Helpers shared by the benchmark scripts: threads, timing, masks, FLOPs, tables and JSON results.
+
+Nothing here is part of speedup; the scripts import it as a sibling module (``from _common import ...``,
+with ``benchmarks/`` on ``sys.path``, which ``python benchmarks/<script>.py`` gives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# torch picks its intra-op thread count at start-up (the number of physical cores); remember it
+# before anything could change it, so every script can set it back explicitly.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def use_default_threads() -> int:
+    """Sets torch's intra-op threads to torch's own default; returns the count."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    return DEFAULT_THREADS
+
+
+def flush_denormals(enabled: bool = True) -> bool:
+    """Treats denormal floats as zero on the CPU (``torch.set_flush_denormal``); returns whether it took.
+
+    On the small x86 VMs these benchmarks run on, forwards of the very same model on the very same
+    input were seen to vary between 0.1 s and 2 s (ViT-B/16, 2 threads) or to be 10x slow for the
+    first runs at batch 8, with no denormal value in any weight or activation: the slow
+    microcode path is hit on scratch memory inside the kernels, at random. Flushing makes the
+    timings repeatable; it changes no result of these models (none of their values is denormal).
+    """
+    return bool(torch.set_flush_denormal(enabled))
+
+
+def environment() -> dict:
+    """What the numbers were measured on, for the JSON file."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name in ("torchvision", "transformers", "torch_pruning", "speedup"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except Exception as exc:  # noqa: BLE001 - only informative
+            info[name] = f"not importable ({type(exc).__name__})"
+    try:
+        from importlib.metadata import version
+
+        info["torch_pruning_dist"] = version("torch-pruning")
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def wall(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Runs ``fn`` once; returns its result and the wall time in seconds."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def interleaved_latency(models: Mapping[str, nn.Module], inputs: Any, *, warmup: int = 2, repeats: int = 10,
+                        budget_s: Optional[float] = None) -> dict[str, dict]:
+    """Median forward latency (seconds) of each model on ``inputs``, under ``torch.no_grad()``.
+
+    Runs are interleaved (one run of each model per round, the order rotating every round) so that
+    slow drifts of the machine (frequency, other load) hit every model alike. ``budget_s`` stops
+    after the round in which the time spent on measured rounds passes it (at least 3 rounds).
+    Returns ``{name: {"median": s, "min": s, "runs": n}}``.
+    """
+    names = list(models)
+    with torch.no_grad():
+        warm = {name: settle(models[name], inputs, min_runs=warmup) for name in names}
+        for name in names:  # one interleaved round, so that switching between models is warm too
+            call(models[name], inputs)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        started = time.perf_counter()
+        for round_ in range(repeats):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                call(models[name], inputs)
+                samples[name].append(time.perf_counter() - t0)
+            if budget_s is not None and round_ >= 2 and time.perf_counter() - started > budget_s:
+                break
+    return {name: {"median": statistics.median(s), "min": min(s), "runs": len(s), "warmup_runs": warm[name]}
+            for name, s in samples.items()}
+
+
+def settle(model: nn.Module, inputs: Any, *, min_runs: int = 2, max_runs: int = 12, tolerance: float = 0.15,
+           max_s: float = 30.0) -> int:
+    """Warms ``model`` up until two consecutive runs agree within ``tolerance``; returns the runs made.
+
+    The first forwards on large inputs are often several times slower than the steady state (the
+    allocator returning and re-faulting big activation buffers, oneDNN picking kernels), by
+    seconds at batch 8 on a small CPU; a fixed count of one or two warm-up runs is not enough.
+    """
+    previous = None
+    started = time.perf_counter()
+    runs = 0
+    with torch.no_grad():
+        while runs < max_runs:
+            t0 = time.perf_counter()
+            call(model, inputs)
+            elapsed = time.perf_counter() - t0
+            runs += 1
+            settled = previous is not None and abs(elapsed - previous) <= tolerance * min(elapsed, previous)
+            if runs >= min_runs and (settled or time.perf_counter() - started > max_s):
+                break
+            previous = elapsed
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+
+
+def keep_first(count: int) -> int:
+    """How many entries "keep the first half" keeps: ``ceil(count / 2)``."""
+    return math.ceil(count / 2)
+
+
+def first_half_mask(tensor: torch.Tensor, dim: int, keep: Optional[int] = None) -> torch.Tensor:
+    """A bool mask of ``tensor``'s shape: True at indices ``< keep`` along ``dim`` (default ``ceil(n/2)``)."""
+    size = tensor.shape[dim]
+    keep = keep_first(size) if keep is None else keep
+    line = torch.arange(size) < keep
+    shape = [1] * tensor.dim()
+    shape[dim] = size
+    return line.reshape(shape).expand(tensor.shape).clone()
+
+
+def rows_mask(module: nn.Module, keep: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """``{"weight": ..., "bias": ...}`` keeping the first output channels (rows) of a conv or linear."""
+    masks = {"weight": first_half_mask(module.weight, 0, keep)}
+    if getattr(module, "bias", None) is not None:
+        masks["bias"] = first_half_mask(module.bias, 0, keep)
+    return masks
+
+
+def add_mask(masks: dict, module_name: str, target: str, mask: torch.Tensor) -> None:
+    """Adds ``mask`` for ``module_name.target``, combining (AND) with a mask already there."""
+    entry = masks.setdefault(module_name, {})
+    entry[target] = entry[target] & mask if target in entry else mask
+
+
+def mask_density(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
+    """Fraction of masked parameter entries that are kept (over the masked parameters only)."""
+    kept = total = 0
+    for entry in masks.values():
+        for mask in entry.values():
+            kept += int(mask.sum())
+            total += mask.numel()
+    return kept / total if total else 1.0
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> int:
+    """Gives every BatchNorm random running statistics and affine parameters; returns how many.
+
+    Freshly built models have mean 0, var 1, weight 1, bias 0, under which masked channels hold
+    exactly 0; random values make them hold non-zero constants, which speedup must fold.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                if module.running_mean is not None:
+                    module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                if module.weight is not None:
+                    module.weight.copy_(torch.rand(n, generator=generator) * 0.5 + 0.75)
+                    module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Model facts
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@contextlib.contextmanager
+def no_fused_attention():
+    """Turns off torch's fused MultiheadAttention / TransformerEncoderLayer fast path (for counting FLOPs)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(previous)
+
+
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward, counted the way speedup's report counts them (fused attention off)."""
+    from speedup.flops import FlopCounter
+
+    counter = FlopCounter()
+    with torch.no_grad(), no_fused_attention(), counter:
+        call(model, inputs)
+    return counter.total
+
+
+def outputs(value: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order."""
+    from speedup.tracer import iter_tensors
+
+    return [t for t in iter_tensors(value) if isinstance(t, torch.Tensor)]
+
+
+def max_difference(reference: Any, candidate: Any) -> tuple[float, float]:
+    """Largest absolute difference between two outputs, and the reference's largest magnitude."""
+    worst = scale = 0.0
+    for a, b in zip(outputs(reference), outputs(candidate)):
+        if a.shape != b.shape:
+            return math.inf, float(a.abs().max())
+        if a.is_floating_point() and a.numel():
+            worst = max(worst, float((a.double() - b.double()).abs().max()))
+            scale = max(scale, float(a.double().abs().max()))
+    return worst, scale
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]], title: str = "") -> str:
+    """Prints ``rows`` as an aligned text table; ``columns`` are ``(key, header, format spec)``."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([fmt(row.get(key), spec) for key, _, spec in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = []
+    if title:
+        lines.append(title)
+    for i, line in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i and j else c.ljust(w) for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def save_json(name: str, payload: Any) -> Path:
+    """Writes ``payload`` to ``benchmarks/results/<name>.json`` (the folder is git-ignored)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def split_list(text: Optional[str], known: Iterable[str]) -> list[str]:
+    """Parses ``"a,b"`` against the known names (order of ``known``); raises on an unknown name."""
+    known = list(known)
+    if not text:
+        return known
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in known]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [k for k in known if k in wanted]
