@@ -184,11 +184,11 @@ def test_example_plugin_is_discovered_through_its_entry_point(example_site, tmp_
             pass
 
         loaded = load_plugins()
-        entry = loaded.registry.modules.get(ScaledLinear)
+        entry = loaded.registry.provider_of(ScaledLinear)
         print("RESULT:" + json.dumps({
             "plugins": [dataclasses.asdict(info) for info in loaded.plugins],
             "rule": type(loaded.registry.module_rule(ScaledLinear(2, 3))).__name__,
-            "provider": [entry.provider.distribution, entry.provider.version] if entry else None,
+            "provider": [entry.distribution, entry.version] if entry else None,
             "subclass_rule": repr(loaded.registry.module_rule(PlainSubclass(2, 3))),
             "module_file": speedup_example.__file__,
             "entry_points": [[ep.name, ep.value, ep.dist.metadata["Name"]]
@@ -206,7 +206,7 @@ def test_example_plugin_is_discovered_through_its_entry_point(example_site, tmp_
     assert info["name"] == "example" and info["target"] == "speedup_example"
     assert info["version"] == "0.1.0"
     assert info["error"] is None
-    assert info["modules"] == ["ScaledLinear"] and info["ops"] == []
+    assert info["modules"] == ["speedup_example.modules.ScaledLinear"] and info["ops"] == []
     assert result["rule"] == "ScaledLinearRule"
     assert result["provider"] == [EXAMPLE, "0.1.0"]
     # The rule does not set ``subclasses``: a subclass of ScaledLinear is not claimed.
@@ -280,7 +280,7 @@ def test_cli_lists_the_example_plugin_only_when_it_is_installed(example_site, tm
     assert header in lines, installed.stdout
     start = lines.index(header)
     end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines))
-    assert lines[start + 1:end] == ["  1 module types, 0 operators", "    module ScaledLinear"], installed.stdout
+    assert lines[start + 1:end] == ["  1 module types, 0 operators", "    module speedup_example.modules.ScaledLinear"], installed.stdout
     assert EXAMPLE not in absent.stdout
     assert "module ScaledLinear" not in absent.stdout
     # Everything else is listed the same way in both states.
@@ -350,7 +350,7 @@ def test_broken_plugin_is_reported_and_the_others_still_load(example_site, broke
     assert (distribution, version, ok) == (BROKEN, "0.1.0", False)
     assert error.startswith("ImportError")
     assert result["plugins"]["example"][:3] == [EXAMPLE, "0.1.0", True]
-    assert result["plugins"]["example"][4] == ["ScaledLinear"]
+    assert result["plugins"]["example"][4] == ["speedup_example.modules.ScaledLinear"]
     assert result["plugins"]["torch"][2] is True
     assert result["example_rule"] == "ScaledLinearRule"
     assert result["linear_rule"] == "LinearRule"
@@ -585,9 +585,9 @@ def test_core_rules_are_loaded_through_the_torch_entry_point_of_speedup_core():
     # Loaded from the installed distribution's entry point, not the source-tree fallback.
     assert info.version == importlib.metadata.version(CORE_DISTRIBUTION) != "source"
     assert info.ok, info.error
-    assert {"Linear", "Conv2d", "BatchNorm2d", "LayerNorm"} <= set(info.modules)
+    assert {"Linear", "Conv2d", "BatchNorm2d", "LayerNorm"} <= {name.rpartition(".")[2] for name in info.modules}
     assert {"aten.relu", "aten.add", "aten.mm"} <= set(info.ops)
-    assert loaded.registry.modules[nn.Linear].provider == Provider(CORE_DISTRIBUTION, info.version)
+    assert loaded.registry.provider_of(nn.Linear) == Provider(CORE_DISTRIBUTION, info.version)
 
 
 def test_a_plugin_rule_replaces_the_core_rule_for_the_same_type():
@@ -599,8 +599,8 @@ def test_a_plugin_rule_replaces_the_core_rule_for_the_same_type():
     plugin.speedup_register_rules = speedup.hookimpl(lambda registry: registry.add_module(nn.Linear, rule))
     loaded = manager.load_plugins(extra=[plugin])
     assert loaded.registry.module_rule(nn.Linear(2, 2)) is rule
-    assert loaded.plugins[-1].modules == ["Linear"] and loaded.plugins[-1].ok
-    assert loaded.registry.modules[nn.Linear].provider.distribution == "my_linear_plugin"
+    assert loaded.plugins[-1].modules == ["torch.nn.modules.linear.Linear"] and loaded.plugins[-1].ok
+    assert loaded.registry.provider_of(nn.Linear).distribution == "my_linear_plugin"
 
 
 def test_a_plugin_failing_during_registration_leaves_no_partial_rules():

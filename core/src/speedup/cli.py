@@ -40,5 +40,14 @@ def _plugins(verbose: bool, strict: bool) -> int:
     return 1 if (failed or registry.conflicts) and strict else 0
 
 
+def run() -> None:
+    """Console entry point: like :func:`main`, quiet when its output is piped into ``head``."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

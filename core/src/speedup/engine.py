@@ -55,7 +55,7 @@ class _Rules:
         self.registry = loaded_plugins().registry
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
-        if type(module) in self.registry.conflicts and self.custom_for(module) is not None:
+        if self.registry.has_conflict(module) and self.custom_for(module) is not None:
             return None  # the user's function settles the conflict: the module is traced through
         return self.registry.module_rule(module)
 

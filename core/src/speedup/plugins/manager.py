@@ -129,7 +129,7 @@ def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: Mod
         return info
     finally:
         registry.provider = Provider(CORE_DISTRIBUTION, "")
-    info.modules = sorted(t.__qualname__ for t, e in registry.modules.items() if before_modules.get(t) is not e)
+    info.modules = sorted(k for k, e in registry.modules.items() if before_modules.get(k) is not e)
     info.ops = sorted(k for k, e in registry.ops.items() if before_ops.get(k) is not e)
     return info
 

@@ -37,20 +37,29 @@ class _Entry:
 class RuleRegistry:
     """Rules by module type and by operator name, each with the distribution that provided it."""
 
-    modules: dict[type, _Entry] = field(default_factory=dict)
+    modules: dict[Union[type, str], _Entry] = field(default_factory=dict)
+    """Rules by module type, or by the type's qualified name (``"transformers.pytorch_utils.Conv1D"``)."""
     ops: dict[str, _Entry] = field(default_factory=dict)
     conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
     """Set by the plugin manager before it calls each plugin's hook."""
 
-    def add_module(self, module_type: type, rule: ModuleRule) -> None:
-        """Claims ``module_type`` (exactly; subclasses only if ``rule.subclasses``)."""
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+    def add_module(self, module_type: Union[type, str], rule: ModuleRule) -> None:
+        """Claims ``module_type`` (exactly; subclasses only if ``rule.subclasses``).
+
+        ``module_type`` may be the class or its qualified name, ``"package.module.ClassName"``: a
+        name lets a plugin register without importing a heavy library until a model uses it.
+        """
+        if isinstance(module_type, str):
+            if "." not in module_type:
+                raise TypeError(f"a module type given by name needs its module path, got {module_type!r}")
+        elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
             raise TypeError(f"add_module needs an nn.Module subclass, got {module_type!r}")
+        label = module_type if isinstance(module_type, str) else module_type.__qualname__
         if not isinstance(rule, ModuleRule):
-            raise TypeError(f"the rule for {module_type.__name__} must be a ModuleRule, got {type(rule).__name__}")
-        self._put(self.modules, module_type, rule, module_type.__qualname__)
+            raise TypeError(f"the rule for {label} must be a ModuleRule, got {type(rule).__name__}")
+        self._put(self.modules, _qualified(module_type) if isinstance(module_type, type) else module_type, rule, label)
 
     def add_op(self, op: OpKey, rule: OpRule) -> None:
         """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""
@@ -71,7 +80,7 @@ class RuleRegistry:
 
     def conflict_message(self, key: Any) -> str:
         first, second = self.conflicts[key]
-        label = key.__qualname__ if isinstance(key, type) else key
+        label = key.rpartition(".")[2] if isinstance(key, str) and not key.startswith("aten.") else key
         return (f"both {first} and {second} register a rule for {label}. Uninstall one of them, or choose per "
                 "call with customized_replace_func.")
 
@@ -79,16 +88,26 @@ class RuleRegistry:
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
         """The rule claiming this module; raises :class:`PluginConflictError` if two plugins do."""
-        if type(module) in self.conflicts:
-            raise PluginConflictError(self.conflict_message(type(module)))
-        entry = self.modules.get(type(module))
+        key = _qualified(type(module))
+        if key in self.conflicts:
+            raise PluginConflictError(self.conflict_message(key))
+        entry = self.modules.get(key)
         if entry is not None:
             return entry.rule
         for base in type(module).__mro__[1:]:
-            entry = self.modules.get(base)
+            entry = self.modules.get(_qualified(base))
             if entry is not None and entry.rule.subclasses and not _overrides_forward(type(module), base):
                 return entry.rule
         return None
+
+    def provider_of(self, target: Union[type, str]) -> Optional[Provider]:
+        """Which distribution's rule applies to a module type (or name) or an operator key."""
+        key = _qualified(target) if isinstance(target, type) else target
+        entry = self.modules.get(key) or self.ops.get(key)
+        return entry.provider if entry is not None else None
+
+    def has_conflict(self, module: nn.Module) -> bool:
+        return _qualified(type(module)) in self.conflicts
 
     def op_rule(self, func: Any) -> Optional[OpRule]:
         if not isinstance(func, torch._ops.OpOverload):
@@ -100,6 +119,11 @@ class RuleRegistry:
             if entry is not None:
                 return entry.rule
         return None
+
+
+def _qualified(cls: type) -> str:
+    """Types are keyed by qualified name, so a rule registered by name matches the class itself."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def op_key(op: OpKey) -> str:

@@ -1,4 +1,8 @@
-"""speedup rules for Hugging Face transformers layers, registered through the ``speedup`` entry points."""
+"""speedup rules for Hugging Face transformers layers, registered through the ``speedup`` entry points.
+
+Types are registered by qualified name, so loading the plugin does not import transformers (which
+takes about a second); the rule applies when a model contains such a module.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,4 @@ __version__ = "0.1.0"
 
 @hookimpl
 def speedup_register_rules(registry: RuleRegistry) -> None:
-    from transformers.pytorch_utils import Conv1D
-
-    registry.add_module(Conv1D, Conv1DRule())
+    registry.add_module("transformers.pytorch_utils.Conv1D", Conv1DRule())
