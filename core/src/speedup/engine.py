@@ -142,8 +142,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     tx.set_training(model, False)
     for name, mask in masks.parameters.items():
         tensor = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
-        with torch.no_grad():
-            tx.set_data(tensor, torch.where(mask.to(tensor.device), tensor.data, 0))
+        tx.zero_masked(tensor, mask, masks.structure(name))
     holders = tensor_masks.install(model, masks.tensors, tx)
     known = tuple((name, holder, "mask") for name, holder in holders)
     params_before = _count_parameters(model)
@@ -155,6 +154,9 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     clock.lap("trace")
     graph = recorded.graph
     analysis = Analysis(graph, rules.for_node, OpRule())
+    for name, mask in masks.parameters.items():
+        if name in graph.parameters:
+            analysis.add_mask(graph.parameters[name], mask, masks.structure(name))
     analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()

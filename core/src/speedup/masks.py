@@ -47,9 +47,16 @@ class Masks:
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
     """Qualified parameter or buffer name -> mask of the parameter's shape."""
     tensors: list[TensorMask] = field(default_factory=list)
+    _structures: dict = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.parameters or self.tensors)
+
+    def structure(self, name: str) -> tuple:
+        """:func:`single_dimension` of a parameter's mask, computed once (masking and analysis need it)."""
+        if name not in self._structures:
+            self._structures[name] = single_dimension(self.parameters[name])
+        return self._structures[name]
 
 
 def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, batch_dim: int = 0) -> Masks:
@@ -166,3 +173,31 @@ def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -
     kind, _, key = target[1:].partition("_")
     parsed: Union[int, str] = int(key) if key.isdigit() else key
     return TensorMask(module, kind, parsed, mask, batch_dim)
+
+
+def single_dimension(mask: torch.Tensor):
+    """``(dim, 1-D mask)`` if ``mask`` only varies along ``dim``, else ``(None, None)``.
+
+    Broadcast (expanded) masks are recognised from their strides. Materialised ones are checked for
+    varying only along dimension 0 (output channels) or 1 (input channels), one pass each.
+    """
+    if mask.dim() == 0:
+        return None, None
+    for dim in range(mask.dim()):
+        if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
+            return dim, _line(mask, dim)
+    grid = mask.contiguous().view(torch.uint8).reshape(mask.shape[0], -1)
+    low, high = torch.aminmax(grid, dim=1)
+    if bool((low == high).all()):
+        return 0, high.bool()
+    if mask.dim() >= 2:
+        cube = grid.reshape(mask.shape[0], mask.shape[1], -1)
+        if bool((cube == cube[:1, :, :1]).all()):
+            return 1, cube[0, :, 0].bool()
+    return None, None
+
+
+def _line(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    index = [0] * mask.dim()
+    index[dim] = slice(None)
+    return mask[tuple(index)]

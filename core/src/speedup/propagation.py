@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .atoms import AtomSolution, AtomTable
+from .masks import single_dimension
 from .graph import Graph, Node, NodeKind, Origin, TensorValue
 from .rule import DimConst, Rule
 
@@ -40,6 +41,8 @@ class Analysis:
         self._node: Optional[Node] = None
         self._uniform: dict[int, Optional[float]] = {}
         self._memo: dict = {}
+        self.masks: dict[int, torch.Tensor] = {}
+        """Masks of masked parameters, by value index: where a weight is zero, known without reading it."""
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
         self._barrier = barrier
@@ -189,15 +192,51 @@ class Analysis:
     # -- constants ------------------------------------------------------------------------
 
     def const(self, value: TensorValue, dim: int) -> Optional[DimConst]:
-        """Constant entries along a dimension; ``None`` when none are known."""
+        """Constant entries along a dimension; ``None`` when none are known.
+
+        For a masked weight (two or more dimensions) the mask says which slices are zero without a
+        pass over the weight; other slices are taken to vary, which is conservative.
+        """
         d = value.dim(dim)
         if not value.consts:
             value.consts = [_UNSET] * value.ndim
         consts = value.consts[d]
         if consts is _UNSET:
-            consts = numeric_const(value.data, d) if value.data is not None else None
+            if value.ndim >= 2 and value.index in self.masks:
+                consts = self._masked_slices(value, d)
+            elif value.data is not None:
+                consts = numeric_const(value.data, d)
+            else:
+                consts = None
             value.consts[d] = consts
         return consts
+
+    def _masked_slices(self, value: TensorValue, d: int) -> Optional[DimConst]:
+        kept = self.kept_slices(value, d)
+        return DimConst.where(~kept, torch.zeros(kept.numel(), dtype=torch.float64)) if not bool(kept.all()) else None
+
+    def kept_slices(self, value: TensorValue, dim: int) -> torch.Tensor:
+        """For a masked parameter: which slices along ``dim`` the mask keeps any entry of."""
+        d = value.dim(dim)
+        structure = self.mask_structure(value)
+        if structure is not None and structure[0] is not None:
+            varying, line = structure
+            if varying == d:
+                return line
+            return torch.full((value.shape[d],), bool(line.any()), dtype=torch.bool)
+        mask = self.masks[value.index]
+        return mask.movedim(d, 0).reshape(value.shape[d], -1).any(1)
+
+    def add_mask(self, value: TensorValue, mask: torch.Tensor, structure: tuple) -> None:
+        self.masks[value.index] = mask
+        self._memo[("mask-structure", value.index)] = structure
+
+    def mask_structure(self, value: TensorValue):
+        """``(dim, 1-D mask)`` when a parameter's mask varies along one dimension only, ``(None, None)``
+        when it varies along several, ``None`` when the parameter has no mask."""
+        if value.index not in self.masks:
+            return None
+        return self.memo(("mask-structure", value.index), lambda: single_dimension(self.masks[value.index]))
 
     def set_const(self, value: TensorValue, dim: int, consts: Optional[DimConst]) -> None:
         d = value.dim(dim)

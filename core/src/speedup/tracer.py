@@ -22,7 +22,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import flops as flop_count
 from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
@@ -66,8 +65,9 @@ def trace(
     count as parameters. Runs under ``torch.no_grad``; the caller chooses train or eval mode.
     """
     recorder = _Recorder(model, known)
-    handles = _claim_modules(model, recorder, claims)
-    handles += _observe_modules(model, recorder, claims, observe)
+    modules = list({id(m): m for m in model.modules()}.values())
+    handles = _claim_modules(model, modules, recorder, claims)
+    handles += _observe_modules(model, modules, recorder, claims, observe)
     fastpath = _disable_fused_attention()
     try:
         recorder.bind_inputs(args, kwargs)
@@ -138,7 +138,8 @@ class _Recorder(TorchDispatchMode):
         self._values: dict[int, tuple] = {}  # id(tensor) -> (weak reference, TensorValue, version)
         self._hidden: dict[int, weakref.ref] = {}  # tensors made inside claimed modules
         self._known: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = {}
-        for module_name, module in model.named_modules(remove_duplicate=False):
+        named = list(model.named_modules(remove_duplicate=False))
+        for module_name, module in named:
             for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
                 if tensor is not None and id(tensor) not in self._known:
                     name = f"{module_name}.{attr}" if module_name else attr
@@ -146,9 +147,10 @@ class _Recorder(TorchDispatchMode):
         for name, owner, attr in known:
             tensor = getattr(owner, attr)
             self._known[id(tensor)] = (tensor, name, owner, attr)
-        self._names = WeakIdKeyDictionary()
-        for name, module in model.named_modules():
-            self._names[module] = name
+        # By id: the model holds every module alive for the whole trace.
+        self._names: dict[int, str] = {}
+        for name, module in named:
+            self._names.setdefault(id(module), name)
         self._constant_storages: dict[int, list[TensorValue]] = {}
         self._writes: dict[int, list[TensorValue]] = {}
         self.suppress = 0
@@ -263,7 +265,7 @@ class _Recorder(TorchDispatchMode):
             filename = frame.f_code.co_filename
             if not filename.startswith((_TORCH_DIR, _OWN_DIR)):
                 owner = frame.f_locals.get("self")
-                scope = self._names.get(owner, "") if isinstance(owner, nn.Module) else ""
+                scope = self._names.get(id(owner), "") if isinstance(owner, nn.Module) else ""
                 return scope, f"{filename}:{frame.f_lineno}"
             frame = frame.f_back
         return "", None
@@ -305,7 +307,7 @@ class _Recorder(TorchDispatchMode):
         if self.suppress:
             return
         inputs, args, kwargs = self._pending.pop()
-        name = self._names.get(module, "")
+        name = self._names.get(id(module), "")
         params = {attr: self.value_of(tensor) for attr, tensor in self._tensors_of(module)}
         node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
         node.inputs = inputs + [p for p in params.values() if p not in inputs]
@@ -316,9 +318,9 @@ class _Recorder(TorchDispatchMode):
             node.outputs.append(self._record_output(tensor, origin, node))
 
 
-def _claim_modules(model: nn.Module, recorder: _Recorder, claims: Callable[[nn.Module], bool]) -> list:
+def _claim_modules(model: nn.Module, modules: list, recorder: _Recorder, claims: Callable[[nn.Module], bool]) -> list:
     handles = []
-    for module in {id(m): m for m in model.modules()}.values():
+    for module in modules:
         if module is model or not claims(module):
             continue
         handles.append(module.register_forward_pre_hook(
@@ -329,13 +331,13 @@ def _claim_modules(model: nn.Module, recorder: _Recorder, claims: Callable[[nn.M
     return handles
 
 
-def _observe_modules(model: nn.Module, recorder: _Recorder, claims, observe) -> list:
+def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claims, observe) -> list:
     """Notes the input and output values of observed modules, without collapsing them."""
     handles = []
-    for module in {id(m): m for m in model.modules()}.values():
+    for module in modules:
         if module is model or claims(module) or not observe(module):
             continue
-        name = recorder._names.get(module, "")
+        name = recorder._names.get(id(module), "")
 
         def enter(m, args, kwargs, name=name):
             if not recorder.suppress:

@@ -44,6 +44,7 @@ class RuleRegistry:
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
     """Set by the plugin manager before it calls each plugin's hook."""
+    _by_type: dict = field(default_factory=dict, repr=False)
 
     def add_module(self, module_type: Union[type, str], rule: ModuleRule) -> None:
         """Claims ``module_type`` (exactly; subclasses only if ``rule.subclasses``).
@@ -77,6 +78,7 @@ class RuleRegistry:
         if previous is not None and previous.provider.distribution not in (CORE_DISTRIBUTION, self.provider.distribution):
             self.conflicts[key] = (previous.provider, self.provider)
         table[key] = _Entry(rule, self.provider)
+        self._by_type.clear()
 
     def conflict_message(self, key: Any) -> str:
         first, second = self.conflicts[key]
@@ -88,15 +90,21 @@ class RuleRegistry:
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
         """The rule claiming this module; raises :class:`PluginConflictError` if two plugins do."""
-        key = _qualified(type(module))
+        cls = type(module)
+        if cls not in self._by_type:
+            self._by_type[cls] = self._find_module_rule(cls)
+        return self._by_type[cls]
+
+    def _find_module_rule(self, cls: type) -> Optional[ModuleRule]:
+        key = _qualified(cls)
         if key in self.conflicts:
             raise PluginConflictError(self.conflict_message(key))
         entry = self.modules.get(key)
         if entry is not None:
             return entry.rule
-        for base in type(module).__mro__[1:]:
+        for base in cls.__mro__[1:]:
             entry = self.modules.get(_qualified(base))
-            if entry is not None and entry.rule.subclasses and not _overrides_forward(type(module), base):
+            if entry is not None and entry.rule.subclasses and not _overrides_forward(cls, base):
                 return entry.rule
         return None
 

@@ -65,6 +65,46 @@ def param_data(node: Node, name: str) -> Optional[torch.Tensor]:
     return value.data.detach() if value is not None and value.data is not None else None
 
 
-def nonzero_any(weight: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """``True`` where a slice of ``weight`` has a non-zero element, reducing over ``dims``."""
-    return weight.detach().abs().amax(dim=dims) > 0 if dims else weight.detach() != 0
+class NonzeroPattern:
+    """Which entries of an ``(out, in)`` weight are not zero, answering "which rows read these
+    columns" and "which columns do these rows read".
+
+    Masks usually remove whole rows or columns; then the non-zeros are exactly the rows with a
+    non-zero times the columns with one, and every question costs two vector operations instead of
+    a pass over the weight. Otherwise the full boolean matrix answers.
+    """
+
+    def __init__(self, nonzero: torch.Tensor):
+        self.rows = nonzero.any(1)
+        self.cols = nonzero.any(0)
+        outer = int(self.rows.sum()) * int(self.cols.sum())
+        self.full: Optional[torch.Tensor] = None if int(nonzero.sum()) == outer else nonzero
+
+    @classmethod
+    def of(cls, ctx: Analysis, weight: TensorValue, out_dim: int = 0) -> "NonzeroPattern":
+        """The pattern of a 2-D weight with output rows along ``out_dim``; from its mask when it has one."""
+        return ctx.memo(("nonzero-pattern", weight.index, out_dim), lambda: cls._build(ctx, weight, out_dim))
+
+    @classmethod
+    def _build(cls, ctx: Analysis, weight: TensorValue, out_dim: int) -> "NonzeroPattern":
+        structure = ctx.mask_structure(weight)
+        if structure is not None and structure[0] is not None:
+            pattern = cls.__new__(cls)
+            pattern.rows = ctx.kept_slices(weight, out_dim)
+            pattern.cols = ctx.kept_slices(weight, 1 - out_dim)
+            pattern.full = None
+            return pattern
+        source = ctx.masks[weight.index] if structure is not None else weight.data.detach() != 0
+        return cls(source if out_dim == 0 else source.t())
+
+    def rows_reading(self, columns: torch.Tensor) -> torch.Tensor:
+        """Rows with a non-zero weight in one of ``columns`` (boolean over the input)."""
+        if self.full is None:
+            return self.rows & bool((self.cols & columns).any())
+        return (self.full & columns).any(1)
+
+    def columns_read_by(self, rows: torch.Tensor) -> torch.Tensor:
+        """Columns with a non-zero weight in one of ``rows`` (boolean over the output)."""
+        if self.full is None:
+            return self.cols & bool((self.rows & rows).any())
+        return (self.full & rows[:, None]).any(0)

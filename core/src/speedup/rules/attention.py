@@ -22,7 +22,7 @@ from ..modules import PrunedMultiheadAttention
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import foldable
+from ._modules import NonzeroPattern, foldable
 
 
 class _Layout:
@@ -62,10 +62,6 @@ class _Layout:
 
     def weight(self, name: str) -> torch.Tensor:
         return self.params[name].data.detach()
-
-    def value_rows(self) -> torch.Tensor:
-        _, name, rows = self.projections()[2]
-        return self.weight(name)[rows]
 
     def value_bias(self) -> Optional[torch.Tensor]:
         bias = self.params.get("in_proj_bias")
@@ -107,14 +103,17 @@ class MultiheadAttentionRule(ModuleRule):
         module = layout.module
         if module.bias_k is not None or module.add_zero_attn:
             return torch.zeros(layout.heads, dtype=torch.bool)
-        rows = layout.value_rows().reshape(layout.heads, -1)
-        return ctx.memo(("mha-const-heads", layout.params["out_proj.weight"].index), lambda: ~(rows != 0).any(1))
+        _, name, rows = layout.projections()[2]
+        live_rows = NonzeroPattern.of(ctx, layout.params[name]).rows[rows]
+        return ~live_rows.reshape(layout.heads, -1).any(1)
 
     def _reads(self, layout: _Layout, ctx: Analysis) -> torch.Tensor:
         """``(out_features, heads)``: which output feature reads which head through non-zero weights."""
-        weight = layout.weight("out_proj.weight")
-        return ctx.memo(("mha-reads", layout.params["out_proj.weight"].index),
-                        lambda: (weight.reshape(weight.shape[0], layout.heads, -1) != 0).any(2))
+        pattern = NonzeroPattern.of(ctx, layout.params["out_proj.weight"])
+        if pattern.full is None:
+            heads = pattern.cols.reshape(layout.heads, -1).any(1)
+            return pattern.rows[:, None] & heads[None, :]
+        return pattern.full.reshape(pattern.full.shape[0], layout.heads, -1).any(2)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
@@ -146,8 +145,10 @@ class MultiheadAttentionRule(ModuleRule):
         ctx.keep(layout.params["out_proj.weight"], 1, heads[layout.head_of_rows(layout.embed)])
         batch = {layout.batch: ctx.demanded(layout.out, layout.batch)} if layout.batch is not None else {}
         for x, name, rows in layout.projections():
-            weight = layout.weight(name)[rows].reshape(layout.heads, layout.head_dim, -1)
-            read = (weight[heads] != 0).any(0).any(0)
+            pattern = NonzeroPattern.of(ctx, layout.params[name])
+            needed_rows = torch.zeros(pattern.rows.numel(), dtype=torch.bool)
+            needed_rows[rows] = heads.repeat_interleave(layout.head_dim)
+            read = pattern.columns_read_by(needed_rows)
             ctx.demand(x, {**batch, x.ndim - 1: read & ~foldable(ctx, node, x, -1)})
 
     def replace(self, module: nn.MultiheadAttention, plan: ModulePlan) -> nn.Module:
@@ -188,11 +189,15 @@ def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept
         bias = bias.to(full.dtype)
     if kept_in is not None:
         weight = weight[:, kept_in]
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=full.device, dtype=full.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
+    return _linear(weight, bias)
+
+
+def _linear(weight: torch.Tensor, bias) -> nn.Linear:
+    """An ``nn.Linear`` holding these tensors (built on the meta device: no initialisation to discard)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous())
     return linear
 
 
@@ -211,12 +216,7 @@ def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _La
         extra = rows[:, columns].to(torch.float64) @ value_bias[columns].to(torch.float64)
         bias = extra if bias is None else bias + extra
     weight = rows[:, _feature_index(kept_heads, layout)]
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=full.device, dtype=full.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias.to(full.dtype))
-    return linear
+    return _linear(weight, bias.to(full.dtype) if bias is not None else None)
 
 
 def register(registry) -> None:

@@ -54,7 +54,10 @@ class _Spec:
 
     def local_weight(self) -> torch.Tensor:
         """``(out_channels, in_per_group, *kernel)`` view of the weight, for either kind."""
-        w = self.weight.data.detach()
+        return self.local(self.weight.data.detach())
+
+    def local(self, w: torch.Tensor) -> torch.Tensor:
+        """Any tensor laid out like the weight (``(w0, w1, ...)``), as ``(out_channels, in_per_group, ...)``."""
         if not self.transposed:
             return w
         g, ig, og = self.groups, self.in_per_group, self.out_per_group
@@ -108,11 +111,19 @@ def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
 
 def _taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
     """``(groups, out_per_group, in_per_group)``: which weight taps are not all zero (computed once)."""
-    return ctx.memo(("conv-taps", spec.weight.index, spec.transposed, spec.groups), lambda: _nonzero_taps(spec))
+    return ctx.memo(("conv-taps", spec.weight.index, spec.transposed, spec.groups), lambda: _nonzero_taps(spec, ctx))
 
 
-def _nonzero_taps(spec: _Spec) -> torch.Tensor:
-    taps = spec.local_weight().flatten(2).abs().sum(2) != 0
+def _nonzero_taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
+    structure = ctx.mask_structure(spec.weight)
+    if structure is not None and structure[0] is not None:
+        # The mask says which (dim 0, dim 1) slices are kept: their outer product, laid out locally.
+        kept = ctx.kept_slices(spec.weight, 0)[:, None] & ctx.kept_slices(spec.weight, 1)[None, :]
+        taps = spec.local(kept)
+    elif structure is not None:
+        taps = spec.local(ctx.masks[spec.weight.index]).flatten(2).any(2)
+    else:
+        taps = spec.local_weight().flatten(2).abs().sum(2) != 0
     return taps.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
 
 

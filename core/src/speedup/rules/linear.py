@@ -17,7 +17,7 @@ from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import clone_module, first_input, foldable
+from ._modules import NonzeroPattern, clone_module, first_input, foldable
 
 
 class LinearRule(ModuleRule):
@@ -39,11 +39,9 @@ class LinearRule(ModuleRule):
         if bias is not None:
             ctx.link(bias, 0, weight, self.weight_out)
 
-    def _nonzero(self, node: Node, ctx: Analysis) -> torch.Tensor:
-        """``(out_features, in_features)``: which weights are not zero (computed once per weight)."""
-        weight = node.params["weight"]
-        return ctx.memo(("linear-nonzero", weight.index),
-                        lambda: self.as_out_in(weight.data.detach()) != 0)
+    def _nonzero(self, node: Node, ctx: Analysis) -> NonzeroPattern:
+        """Which weights are not zero, as ``(out_features, in_features)``."""
+        return NonzeroPattern.of(ctx, node.params["weight"], self.weight_out)
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         return weight if self.weight_in == 1 else weight.t()
@@ -54,7 +52,7 @@ class LinearRule(ModuleRule):
         bias = node.params.get("bias")
         consts = ctx.const(x, -1)
         nonzero = self._nonzero(node, ctx)
-        reads_variable = nonzero.any(1) if consts is None else nonzero[:, ~consts.mask].any(1)
+        reads_variable = nonzero.rows if consts is None else nonzero.rows_reading(~consts.mask)
         value = bias.data.detach().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
             used = consts.nonzero_const
@@ -66,8 +64,7 @@ class LinearRule(ModuleRule):
         if not ctx.is_demanded(out):
             return
         need_out = ctx.demanded(out, -1)
-        nonzero = self._nonzero(node, ctx)
-        read = nonzero.any(0) if bool(need_out.all()) else nonzero[need_out].any(0)
+        read = self._nonzero(node, ctx).columns_read_by(need_out)
         masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
         masks[x.ndim - 1] = read & ~foldable(ctx, node, x, -1)
         ctx.demand(x, masks)
