@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -174,6 +174,3 @@ class Graph:
         if node.kind is NodeKind.MODULE:
             self.module_calls.setdefault(node.scope, []).append(node)
         return node
-
-    def module_nodes(self) -> Iterator[Node]:
-        return (node for node in self.nodes if node.kind is NodeKind.MODULE)

@@ -21,9 +21,8 @@ from .graph import Graph, TensorValue
 
 @dataclass
 class Plan:
-    """Kept entries per dimension (stored on each value as ``value.kept``) and what was noticed."""
+    """What deciding noticed (the kept entries themselves are stored on each value as ``value.kept``)."""
 
-    removed_entries: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
@@ -69,7 +68,6 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
         indices = parts[i].nonzero().reshape(-1)
         for value, d in users[keys[i]]:
             value.kept[d] = indices
-        plan.removed_entries += sizes[i] - int(kept_counts[i])
     return plan
 
 

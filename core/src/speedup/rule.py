@@ -68,8 +68,6 @@ class OpRule(Rule):
     entries are zero); it cannot fold constants, since nothing of the call can be changed.
     """
 
-    is_barrier: bool = False
-
 
 class ModuleRule(Rule):
     """A rule for a module type, recorded as one node and replaced as a whole."""
@@ -152,12 +150,3 @@ def bind(node: "Node") -> dict[str, Any]:
         elif default is not _REQUIRED:
             bound[name] = default
     return bound
-
-
-def first_tensor_arg(node: "Node") -> Optional[Any]:
-    from .graph import TensorValue
-
-    for arg in node.args:
-        if isinstance(arg, TensorValue):
-            return arg
-    return None

@@ -9,6 +9,7 @@ sliced mask still holds a zero (entries that could not be removed must stay zero
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -96,19 +97,34 @@ def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[
 
 
 def _input_hook(holder: TensorMaskHolder, key):
+    """``_input_<i>`` masks positional input ``i``; ``_input_<name>`` the argument ``name`` of
+    ``forward``, whether it was passed by position or by keyword."""
+
     def hook(module, args, kwargs):
-        if isinstance(key, int):
-            if key >= len(args):
-                raise MaskError(f"'{holder.module_name}' was called with {len(args)} positional inputs; "
-                                f"there is no input {key} for the mask '{holder.target}'.")
-            args = args[:key] + (holder.apply(args[key]),) + args[key + 1:]
-        elif key in kwargs:
+        position = key if isinstance(key, int) else _position_of(module, key)
+        if position is not None and position < len(args):
+            args = args[:position] + (holder.apply(args[position]),) + args[position + 1:]
+        elif isinstance(key, str) and key in kwargs:
             kwargs = dict(kwargs, **{key: holder.apply(kwargs[key])})
         else:
-            raise MaskError(f"'{holder.module_name}' was not called with an argument '{key}' for the mask '{holder.target}'.")
+            raise MaskError(f"'{holder.module_name}' was not called with input '{key}' for the mask '{holder.target}' "
+                            f"(it got {len(args)} positional and {sorted(kwargs)} keyword arguments).")
         return args, kwargs
 
     return hook
+
+
+def _position_of(module: nn.Module, name: str):
+    """The position of argument ``name`` in ``module.forward``, if it can be passed positionally."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for position, parameter in enumerate(parameters):
+        if parameter.name == name:
+            positional = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+            return position if positional else None
+    return None
 
 
 def _output_hook(holder: TensorMaskHolder, key):

@@ -13,13 +13,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import tensor_masks
 from .engine import outputs_close, split_inputs
 from .masks import MaskSource, load_masks
+from .transaction import Transaction
 from .tracer import iter_tensors
 
 
 def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
-    """A deep copy of ``model`` with its masks applied the simple way: multiply and hook."""
+    """A deep copy of ``model`` with its masks applied the simple way: parameters multiplied by their
+    masks, input/output masks hooked in (with the hooks ``speedup`` itself uses, so that an input mask
+    named after a ``forward`` argument means the same thing in both)."""
     masked = copy.deepcopy(model)
     checked = load_masks(masks, masked)
     with torch.no_grad():
@@ -29,23 +33,7 @@ def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
             except AttributeError:
                 tensor = masked.get_buffer(name)
             tensor.mul_(mask.to(tensor.dtype))
-    modules = dict(masked.named_modules())
-    for spec in checked.tensors:
-        mask = spec.mask
-        if spec.kind == "input":
-            def pre(module, args, kwargs, key=spec.key, mask=mask):
-                if isinstance(key, int):
-                    return args[:key] + (args[key] * mask.to(args[key]),) + args[key + 1:], kwargs
-                return args, dict(kwargs, **{key: kwargs[key] * mask.to(kwargs[key])})
-            modules[spec.module].register_forward_pre_hook(pre, with_kwargs=True)
-        else:
-            def post(module, args, output, key=spec.key, mask=mask):
-                if isinstance(output, torch.Tensor):
-                    return output * mask.to(output)
-                output = list(output) if isinstance(output, tuple) else output
-                output[key] = output[key] * mask.to(output[key])
-                return tuple(output) if isinstance(output, list) else output
-            modules[spec.module].register_forward_hook(post)
+    tensor_masks.install(masked, checked.tensors, Transaction())
     return masked
 
 

@@ -1,0 +1,115 @@
+"""The seed API (ModelSpeedup) and the modern one (shrink -> ShrinkReport)."""
+
+import pytest
+import torch
+from torch import nn
+
+import speedup
+from speedup.testing import assert_same_outputs, masked_copy
+from support.checks import check_speedup, keep_mask, output_channel_masks, rows
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x, scale=None):
+        h = torch.relu(self.a(x))
+        return self.b(h if scale is None else h * scale)
+
+
+def two_input_masks(model):
+    return {"a": {"weight": rows(keep_mask(16), (16, 8))}}
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list", "dict"])
+def test_model_speedup_accepts_every_dummy_input_form(form):
+    model = TwoInputs().eval()
+    masks = two_input_masks(model)
+    reference = masked_copy(model, masks)
+    x, scale = torch.randn(2, 8), torch.rand(2, 1)
+    dummy = {"tensor": x, "tuple": (x, scale), "list": [x, scale], "dict": {"x": x, "scale": scale}}[form]
+    result = speedup.ModelSpeedup(model, dummy, masks).speedup_model()
+    assert result is model
+    assert model.a.out_features < 16
+    fresh = torch.randn(5, 8)
+    assert_same_outputs(reference, model, fresh if form == "tensor" else (fresh, torch.rand(5, 1)))
+
+
+def test_masks_from_a_torch_save_file_in_the_nni_layout(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    masks = output_channel_masks(model, ["0"])
+    path = tmp_path / "mask.pth"
+    torch.save(masks, path)
+    check_speedup(model, str(path), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["0.weight", "2.weight"])
+
+
+def test_flat_mask_layout():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    masks = {"0.weight": rows(keep_mask(16), (16, 8))}
+    check_speedup(model, masks, torch.randn(2, 8), torch.randn(3, 8), shrunk=["0.weight", "2.weight"])
+
+
+@pytest.mark.parametrize("by_keyword", [True, False])
+def test_input_mask_given_by_argument_name_whether_passed_by_position_or_keyword(by_keyword):
+    model = TwoInputs()
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(8, 8)
+            self.inner = model
+
+        def forward(self, x):
+            h = self.pre(x)
+            return self.inner(x=h) if by_keyword else self.inner(h)
+
+    keep = keep_mask(8).float()
+    masks = {"inner": {"_input_x": keep}, "inner.a": {"_input_input": keep}}
+    check_speedup(Wrapper(), masks, torch.randn(2, 8), torch.randn(3, 8), shrunk=["pre.weight", "inner.a.weight"])
+
+
+def test_report_says_what_changed_and_how_long_it_took():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    masks = output_channel_masks(model, ["0"])
+    report = check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(1, 3, 8, 8))
+    assert set(report.modules) == {"0", "1", "3"}
+    kind, shapes = report.modules["0"]
+    assert kind == "Conv2d" and shapes["weight"] == ((8, 3, 3, 3), (4, 3, 3, 3))
+    assert report.params_after < report.params_before
+    assert 0 < report.flops_after < report.flops_before
+    assert set(report.timings) >= {"trace", "propagate", "replace", "verify", "total"}
+    assert report.max_abs_diff < 1e-4
+    assert not report.barriers
+    assert "parameters" in str(report) and "0" in report.table()
+
+
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(torch.relu(self.a(x)), dim=1))  # no rule covers cumsum
+
+
+def test_an_operator_no_rule_covers_is_a_reported_barrier():
+    model = Cumulative()
+    masks = output_channel_masks(model, ["a"])
+    with pytest.warns(speedup.SpeedupWarning, match="cumsum"):
+        report = check_speedup(model, masks, torch.randn(2, 3, 5, 5), torch.randn(3, 3, 5, 5))
+    assert [b.op for b in report.barriers] == ["aten.cumsum.default"]
+    assert report.barriers[0].scope == ""
+    assert model.a.out_channels == 8  # nothing removed across the barrier
+
+
+def test_model_in_train_mode_is_traced_in_eval_mode_and_left_in_train_mode():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 4))
+    model.train()
+    masks = {"0": {"weight": rows(keep_mask(16), (16, 8))}}
+    speedup.shrink(model, masks, torch.randn(2, 8))
+    assert model.training and all(m.training for m in model.modules())
+    assert model[0].out_features < 16
