@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
@@ -26,7 +25,6 @@ from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
 from ._modules import clone_module, first_input, foldable
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _Spec:
@@ -199,43 +197,37 @@ class ConvModuleRule(ModuleRule):
         new = clone_module(module)
         new.weight, new.bias = weight, bias
         new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
-        contribution = _constant_contribution(spec, plan, kept_out)
-        if contribution is None:
+        removed, values = plan.removed_input_constants(spec.cdim)
+        if not bool((values != 0).any()):
             return new
+        kernel = contribution_kernel(spec, plan, kept_out)
         if spec.uniform_fold:
-            new.bias = _add_to_bias(bias, contribution.flatten(1)[:, 0], module.weight)
+            # No zero padding: every output position sees every tap, so the contribution is the sum.
+            new.bias = _add_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
             return new
-        return _fold_borders(new, contribution_kernel(spec, plan, kept_out), spec.x.shape[spec.cdim + 1:])
-
-
-def _constant_contribution(spec: _Spec, plan: ModulePlan, kept_out) -> Optional[torch.Tensor]:
-    """What the removed constant input channels add to each kept output, on the recorded input size."""
-    removed, values = plan.removed_input_constants(spec.cdim)
-    used = values != 0
-    if not bool(used.any()):
-        return None
-    x = spec.x
-    image = torch.zeros((1,) + x.shape[spec.cdim:], dtype=torch.float64)
-    image[0, removed[used]] = values[used].reshape(-1, *([1] * (image.dim() - 2)))
-    module = plan.module
-    conv = _CONV[spec.weight.ndim - 2]
-    full = conv(image, spec.weight.data.detach().to(torch.float64), None, module.stride,
-                module.padding if module.padding_mode == "zeros" else 0, module.dilation, module.groups)
-    full = full[0] if kept_out is None else full[0, kept_out]
-    return full
+        return _fold_borders(new, kernel, spec.x.shape[spec.cdim + 1:])
 
 
 def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor:
-    """``K[o] = sum_c v_c W[o, c]`` over removed constant inputs: one single-channel kernel per output."""
+    """``K[o] = sum_c v_c W[o, c]`` over removed constant inputs: one single-channel kernel per kept output.
+
+    Reads only the weight columns of inputs that hold a non-zero constant, and only kept rows.
+    """
     removed, values = plan.removed_input_constants(spec.cdim)
     v = torch.zeros(spec.x.shape[spec.cdim], dtype=torch.float64)
     v[removed] = values
-    weight = spec.local_weight().to(torch.float64)
-    kernel_shape = weight.shape[2:]
-    grouped = weight.reshape(spec.groups, spec.out_per_group, spec.in_per_group, *kernel_shape)
-    per_input = v.reshape(spec.groups, 1, spec.in_per_group, *([1] * len(kernel_shape)))
-    kernel = (grouped * per_input).sum(2).reshape(-1, 1, *kernel_shape)
-    return kernel if kept_out is None else kernel[kept_out]
+    outputs = torch.arange(spec.out_per_group * spec.groups)
+    if kept_out is not None:
+        outputs = outputs[kept_out]
+    reads = (outputs // spec.out_per_group)[:, None] * spec.in_per_group + torch.arange(spec.in_per_group)
+    per_tap = v[reads]  # (kept outputs, in_per_group): the constant each weight column meets
+    columns = (per_tap != 0).any(0).nonzero().reshape(-1)
+    weight = spec.local_weight().index_select(1, columns).index_select(0, outputs)
+    if spec.groups == 1:  # one constant per input channel: a matrix-vector product
+        kernel = torch.einsum("oc...,c->o...", weight, per_tap[0, columns].to(weight.dtype))
+        return kernel.unsqueeze(1).to(torch.float64)
+    constants = per_tap[:, columns].reshape(outputs.numel(), columns.numel(), *([1] * (weight.dim() - 2)))
+    return (weight.to(torch.float64) * constants).sum(1, keepdim=True)
 
 
 def _add_to_bias(bias, extra: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
