@@ -219,6 +219,8 @@ SPECS = {
     "resnet50": Spec("resnet50", _torchvision("resnet50"), lambda m: cnn_masks(m, m.fc), lambda m: m.fc, _image, (1, 8)),
     "mobilenet_v2": Spec("mobilenet_v2", _torchvision("mobilenet_v2"), lambda m: cnn_masks(m, m.classifier[1]),
                          lambda m: m.classifier[1], _image, (1, 8)),
+    "densenet201": Spec("densenet201", _torchvision("densenet201"), lambda m: cnn_masks(m, m.classifier),
+                        lambda m: m.classifier, _image, (1, 8)),
     "vit_b_16": Spec("vit_b_16", _vit_b_16, vit_masks, lambda m: m.heads.head, _image, (1,), attention=True),
     "bert": Spec("bert", BertLikeEncoder, bert_masks, lambda m: m.classifier, _tokens, (1,), attention=True),
 }

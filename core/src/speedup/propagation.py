@@ -290,12 +290,8 @@ class Analysis:
         """Needs the entries selected by ``masks`` (dimension -> boolean); unnamed dimensions whole."""
         new: list = [None] * value.ndim
         for dim, mask in (masks or {}).items():
-            if not self._prunable(value, value.dim(dim)):
-                continue  # a dimension that keeps its size is needed whole anyway
-            count = int(mask.sum())
-            if count == 0:
-                return
-            new[value.dim(dim)] = None if count == mask.numel() else mask
+            if self._prunable(value, value.dim(dim)):  # a dimension that keeps its size is needed whole
+                new[value.dim(dim)] = mask
         if value.demand is None:
             value.demand = new
             return

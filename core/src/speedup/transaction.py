@@ -49,32 +49,34 @@ class Transaction:
         self._undo.append(lambda: setattr(tensor, "data", previous))
 
     def zero_masked(self, tensor: torch.Tensor, mask: torch.Tensor, structure: tuple = None) -> None:
-        """Zeroes ``tensor`` where ``mask`` is False (as ``tensor * mask``), undoably.
+        """Zeroes ``tensor`` where ``mask`` is False (as ``tensor * mask``), in place, undoably.
 
-        The cheapest way depends on the mask's structure, and this runs over every weight of the
-        model: whole rows are zeroed in place (keeping the zeroed rows to undo it); a mask varying
-        along one other dimension becomes a broadcast multiply into a new tensor (its data swapped
-        in); anything else a ``masked_fill`` into a new tensor.
+        In place, keeping only the zeroed slices for the undo: fresh memory is the expensive part of
+        touching every weight of a large model. A mask varying along one dimension (whole rows or
+        columns, the usual case) zeroes by broadcasting; any other mask element by element.
         """
         with torch.no_grad():
             dim, line = structure if structure is not None else single_dimension(mask)
+            data = tensor.data
             if dim is None:
-                removed = ~mask.to(tensor.device)
+                removed = ~mask.to(data.device)
                 if bool(removed.any()):
-                    self.set_data(tensor, tensor.data.masked_fill(removed, 0))
+                    saved = data[removed]
+                    data.masked_fill_(removed, 0)
+                    self._undo.append(lambda: data.masked_scatter_(removed, saved))
                 return
-            line = line.to(tensor.device)
+            line = line.to(data.device)
             if bool(line.all()):
                 return
+            removed = (~line).nonzero().reshape(-1)
+            saved = data.index_select(dim, removed)
             if dim == 0:
-                removed = (~line).nonzero().reshape(-1)
-                saved = tensor.data.index_select(0, removed)
-                tensor.data.index_fill_(0, removed, 0)
-                self._undo.append(lambda: tensor.data.index_copy_(0, removed, saved))
-                return
-            shape = [1] * tensor.dim()
-            shape[dim] = -1
-            self.set_data(tensor, tensor.data * line.to(tensor.dtype).reshape(shape))
+                data.index_fill_(0, removed, 0)
+            else:
+                shape = [1] * data.dim()
+                shape[dim] = -1
+                data.mul_(line.to(data.dtype).reshape(shape))
+            self._undo.append(lambda: data.index_copy_(dim, removed, saved))
 
     def set_training(self, model: nn.Module, mode: bool) -> None:
         flags = [(m, m.training) for m in model.modules()]

@@ -178,17 +178,15 @@ def _feature_index(kept_heads: torch.Tensor, layout: _Layout) -> torch.Tensor:
 def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept_heads, layout: _Layout) -> nn.Linear:
     """The q, k or v projection for the kept heads and kept input features, constants folded."""
     rows = _feature_index(kept_heads, layout)
-    weight = full[rows]
     kept_in = plan.kept(x, -1)
     removed = plan.removed(x, -1)
     if bias is not None:
         bias = bias[rows].to(torch.float64)
         consts = x.consts[x.dim(-1)] if x.consts else None
         if isinstance(consts, DimConst) and removed.numel():
-            bias = bias + weight[:, removed].to(torch.float64) @ consts.value[removed]
+            bias = bias + full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed]
         bias = bias.to(full.dtype)
-    if kept_in is not None:
-        weight = weight[:, kept_in]
+    weight = full[rows] if kept_in is None else full[rows[:, None], kept_in[None, :]]
     return _linear(weight, bias)
 
 
@@ -205,7 +203,7 @@ def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _La
     """``out_proj`` for the kept heads and outputs, with constant (removed) heads folded into its bias."""
     full = module.out_proj.weight.detach()
     kept_out = plan.kept(layout.out, -1)
-    rows = full if kept_out is None else full[kept_out]
+    out_rows = torch.arange(full.shape[0]) if kept_out is None else kept_out
     bias = module.out_proj.bias.detach() if module.out_proj.bias is not None else None
     bias = (bias if kept_out is None else bias[kept_out]).to(torch.float64) if bias is not None else None
     removed_heads = torch.ones(layout.heads, dtype=torch.bool)
@@ -213,9 +211,9 @@ def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _La
     value_bias = module.in_proj_bias.detach()[2 * layout.embed:] if module.in_proj_bias is not None else None
     if value_bias is not None and bool(removed_heads.any()):
         columns = _feature_index(removed_heads.nonzero().reshape(-1), layout)
-        extra = rows[:, columns].to(torch.float64) @ value_bias[columns].to(torch.float64)
+        extra = full[out_rows[:, None], columns[None, :]].to(torch.float64) @ value_bias[columns].to(torch.float64)
         bias = extra if bias is None else bias + extra
-    weight = rows[:, _feature_index(kept_heads, layout)]
+    weight = full[out_rows[:, None], _feature_index(kept_heads, layout)[None, :]]
     return _linear(weight, bias.to(full.dtype) if bias is not None else None)
 
 

@@ -133,16 +133,22 @@ def _per_group(spec: _Spec, values: torch.Tensor) -> torch.Tensor:
 def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     """Output channels reading no varying input are constant: the bias plus any uniform fold."""
     consts = ctx.const(spec.x, spec.cdim)
-    n_in = spec.x.shape[spec.cdim]
-    live = ~consts.mask if consts is not None else torch.ones(n_in, dtype=torch.bool)
-    if not spec.uniform_fold and consts is not None:
-        live |= consts.nonzero_const  # non-uniform near borders: not a constant output
     taps = _taps(spec, ctx)
-    reads_variable = (taps & _per_group(spec, live)).any(2).reshape(-1)
+    key = (spec.weight.index, spec.transposed, spec.groups)
+    if consts is None:
+        reads_variable = ctx.memo(("conv-reads-any",) + key, lambda: taps.any(2).reshape(-1))
+    else:
+        live = ~consts.mask
+        if not spec.uniform_fold:
+            live |= consts.nonzero_const  # non-uniform near borders: not a constant output
+        reads_variable = (taps & _per_group(spec, live)).any(2).reshape(-1)
+    if bool(reads_variable.all()):
+        return  # every output channel varies
     n_out = reads_variable.numel()
     value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(n_out, dtype=torch.float64)
     if consts is not None and spec.uniform_fold and bool(consts.nonzero_const.any()):
-        sums = spec.local_weight().to(torch.float64).flatten(2).sum(2).reshape(taps.shape)
+        sums = ctx.memo(("conv-kernel-sums",) + key,
+                        lambda: spec.local_weight().to(torch.float64).flatten(2).sum(2).reshape(taps.shape))
         folded = torch.where(consts.nonzero_const, consts.value, 0.0)
         value = value + (sums * _per_group(spec, folded)).sum(2).reshape(-1)
     ctx.set_const(spec.out, spec.cdim, DimConst.where(~reads_variable, value))
@@ -152,8 +158,13 @@ def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> 
     x, out = spec.x, spec.out
     if not ctx.is_demanded(out):
         return
-    need_out = ctx.demanded(out, spec.cdim).reshape(spec.groups, spec.out_per_group, 1)
-    read = (_taps(spec, ctx) & need_out).any(1).reshape(-1)
+    need_out = ctx.demanded(out, spec.cdim)
+    taps = _taps(spec, ctx)
+    if bool(need_out.all()):
+        read = ctx.memo(("conv-read-all", spec.weight.index, spec.transposed, spec.groups),
+                        lambda: taps.any(1).reshape(-1))
+    else:
+        read = (taps & need_out.reshape(spec.groups, spec.out_per_group, 1)).any(1).reshape(-1)
     masks = {spec.cdim: read & ~foldable_inputs}
     if spec.cdim == 1:
         masks[0] = ctx.demanded(out, 0)

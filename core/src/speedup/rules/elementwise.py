@@ -57,6 +57,13 @@ class Elementwise(OpRule):
 
     def _output_const(self, node, ctx, inputs, annihilators, out, d) -> Optional[DimConst]:
         n = out.shape[d]
+        if len(inputs) == 1 and inputs[0].shape == out.shape:
+            # One input, same shape (activations): the constants map through the operator itself.
+            consts = ctx.const(inputs[0], d)
+            if consts is None:
+                return None
+            value = _evaluate(node, inputs, [consts], out, n)
+            return DimConst.where(consts.mask & torch.isfinite(value), value)
         per_input: list[Optional[DimConst]] = []
         for x in inputs:
             per_input.append(_input_const(ctx, x, out, d))

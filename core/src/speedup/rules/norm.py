@@ -40,11 +40,13 @@ class ChannelNormRule(ModuleRule):
         x, out = first_input(node), node.outputs[0]
         consts = ctx.const(x, 1)
         weight, bias = param_data(node, "weight"), param_data(node, "bias")
+        if consts is None and (weight is None or bool(weight.all())):
+            return  # no constant input channel and no masked scale: nothing is constant
         mask = torch.zeros(x.shape[1], dtype=torch.bool)
         value = torch.zeros(x.shape[1], dtype=torch.float64)
         if consts is not None:
             mask = consts.mask.clone()
-            value = _normalized_constants(node.module, x.ndim, consts)
+            value = _normalized_constants(ctx, node, x.ndim, consts)
         if weight is not None and bias is not None:
             # A channel whose scale is masked is its shift, whatever the input.
             zero_scale = weight == 0
@@ -66,16 +68,24 @@ class ChannelNormRule(ModuleRule):
         return new
 
 
-def _normalized_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
-    """What the layer makes of channels holding constants: its formula for plain BatchNorm in eval
-    mode, else the layer itself run on them."""
+def _normalized_constants(ctx: Analysis, node: Node, ndim: int, consts: DimConst) -> torch.Tensor:
+    """What the layer makes of channels holding constants: its affine map for plain BatchNorm in
+    eval mode (computed once per layer), else the layer itself run on them."""
+    module = node.module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
-        scale = torch.rsqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
-        value = (consts.value - module.running_mean.detach().to(torch.float64).cpu()) * scale
-        if module.weight is not None:
-            value = value * module.weight.detach().to(torch.float64).cpu() + module.bias.detach().to(torch.float64).cpu()
-        return value
+        scale, shift = ctx.memo(("batchnorm-affine", id(module)), lambda: _batchnorm_affine(module))
+        return consts.value * scale + shift
     return _run_on_constants(module, ndim, consts)
+
+
+def _batchnorm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = x * scale + shift`` of a BatchNorm in eval mode, in float64."""
+    scale = torch.rsqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
+    shift = -module.running_mean.detach().to(torch.float64).cpu() * scale
+    if module.weight is not None:
+        weight = module.weight.detach().to(torch.float64).cpu()
+        scale, shift = scale * weight, shift * weight + module.bias.detach().to(torch.float64).cpu()
+    return scale, shift
 
 
 def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
