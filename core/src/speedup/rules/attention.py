@@ -125,7 +125,7 @@ class MultiheadAttentionRule(ModuleRule):
         if bias_v is not None and bool(constant.any()):
             weight = layout.weight("out_proj.weight").to(torch.float64).reshape(-1, layout.heads, layout.head_dim)
             head_values = bias_v.to(torch.float64).reshape(layout.heads, layout.head_dim)
-            value = value + torch.einsum("ohd,hd->o", weight[:, constant], head_values[constant])
+            value = value + (weight[:, constant] * head_values[constant]).sum((1, 2))
         ctx.set_const(layout.out, -1, DimConst.where(~reads_live, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:

@@ -134,9 +134,10 @@ def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     """Output channels reading no varying input are constant: the bias plus any uniform fold."""
     consts = ctx.const(spec.x, spec.cdim)
     taps = _taps(spec, ctx)
-    key = (spec.weight.index, spec.transposed, spec.groups)
+    has_taps = ctx.memo(("conv-has-taps", spec.weight.index, spec.transposed, spec.groups),
+                        lambda: taps.any(2).reshape(-1))
     if consts is None:
-        reads_variable = ctx.memo(("conv-reads-any",) + key, lambda: taps.any(2).reshape(-1))
+        reads_variable = has_taps
     else:
         live = ~consts.mask
         if not spec.uniform_fold:
@@ -147,11 +148,23 @@ def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     n_out = reads_variable.numel()
     value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(n_out, dtype=torch.float64)
     if consts is not None and spec.uniform_fold and bool(consts.nonzero_const.any()):
-        sums = ctx.memo(("conv-kernel-sums",) + key,
-                        lambda: spec.local_weight().to(torch.float64).flatten(2).sum(2).reshape(taps.shape))
-        folded = torch.where(consts.nonzero_const, consts.value, 0.0)
-        value = value + (sums * _per_group(spec, folded)).sum(2).reshape(-1)
+        value = _add_uniform_fold(spec, consts, (~reads_variable & has_taps).nonzero().reshape(-1), value)
     ctx.set_const(spec.out, spec.cdim, DimConst.where(~reads_variable, value))
+
+
+def _add_uniform_fold(spec: _Spec, consts: DimConst, rows: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Adds ``sum_c v_c * sum(W[o, c])`` to constant output rows that read constant inputs.
+
+    Only those rows: a masked row has no tap and contributes nothing (the usual case).
+    """
+    if not rows.numel():
+        return value
+    sums = spec.local_weight().index_select(0, rows).flatten(2).sum(2).to(torch.float64)
+    inputs = (rows // spec.out_per_group)[:, None] * spec.in_per_group + torch.arange(spec.in_per_group)
+    folded = torch.where(consts.nonzero_const, consts.value, 0.0)[inputs]
+    value = value.clone()
+    value[rows] += (sums * folded).sum(1)
+    return value
 
 
 def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> None:
@@ -225,6 +238,13 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     Reads only the weight columns of inputs that hold a non-zero constant, and only kept rows.
     """
     removed, values = plan.removed_input_constants(spec.cdim)
+    if spec.groups == 1:  # one constant per input channel: a matrix-vector product
+        used = values != 0
+        columns, constants = removed[used], values[used]
+        weight = spec.local_weight().index_select(1, columns)
+        if kept_out is not None:
+            weight = weight.index_select(0, kept_out)
+        return torch.matmul(weight.movedim(1, -1), constants.to(weight.dtype)).unsqueeze(1).to(torch.float64)
     v = torch.zeros(spec.x.shape[spec.cdim], dtype=torch.float64)
     v[removed] = values
     outputs = torch.arange(spec.out_per_group * spec.groups)
@@ -234,9 +254,6 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     per_tap = v[reads]  # (kept outputs, in_per_group): the constant each weight column meets
     columns = (per_tap != 0).any(0).nonzero().reshape(-1)
     weight = spec.local_weight().index_select(1, columns).index_select(0, outputs)
-    if spec.groups == 1:  # one constant per input channel: a matrix-vector product
-        kernel = torch.einsum("oc...,c->o...", weight, per_tap[0, columns].to(weight.dtype))
-        return kernel.unsqueeze(1).to(torch.float64)
     constants = per_tap[:, columns].reshape(outputs.numel(), columns.numel(), *([1] * (weight.dim() - 2)))
     return (weight.to(torch.float64) * constants).sum(1, keepdim=True)
 

@@ -53,10 +53,16 @@ class LinearRule(ModuleRule):
         consts = ctx.const(x, -1)
         nonzero = self._nonzero(node, ctx)
         reads_variable = nonzero.rows if consts is None else nonzero.rows_reading(~consts.mask)
+        if bool(reads_variable.all()):
+            return
         value = bias.data.detach().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
-            used = consts.nonzero_const
-            value = value + weight[:, used].to(torch.float64) @ consts.value[used]
+            # Constant rows read constant inputs only: add their W[o, c] * v_c (those rows only).
+            rows = (~reads_variable & nonzero.rows).nonzero().reshape(-1)  # constant rows that read constants
+            if rows.numel():
+                used = consts.nonzero_const.nonzero().reshape(-1)
+                value = value.clone()
+                value[rows] += weight[rows[:, None], used[None, :]].to(torch.float64) @ consts.value[used]
         ctx.set_const(out, -1, DimConst.where(~reads_variable, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
