@@ -77,6 +77,9 @@ class AtomSolution:
     """``(count, width)``: the primitive class representatives an atom stands for, padded with UNIT."""
     pinned: torch.Tensor
     """Boolean over atoms: primitive classes that must stay."""
+    defined: torch.Tensor
+    """The atoms defined as conjunctions, and (``parts``) their parts, outermost first, as given."""
+    parts: torch.Tensor
 
     @classmethod
     def build(cls, table: AtomTable) -> "AtomSolution":
@@ -100,7 +103,7 @@ class AtomSolution:
             pinned[expansion[root[torch.cat(table._pins)]].reshape(-1)] = True
         pinned[expansion[cyclic].reshape(-1)] = True
         pinned[UNIT] = True
-        return cls(root, expansion, pinned)
+        return cls(root, expansion, pinned, defined, parts)
 
     def primitives(self, atoms: torch.Tensor) -> torch.Tensor:
         """``(n, width)`` primitive classes of each atom of a 1-D array."""

@@ -56,13 +56,7 @@ class Analysis:
 
     def run(self, pinned_nodes: frozenset = frozenset()) -> None:
         """All three passes. ``pinned_nodes`` (node indices) are treated as barriers."""
-        self.table = AtomTable()
-        self.barriers = []
-        for value in self.graph.values:
-            value.atoms, value.demand, value.kept = [], None, []
-        for node in self.graph.nodes:
-            self._couple(node, pinned_nodes)
-        self.solution = self.table.solve()
+        self.couple(pinned_nodes)
         for node in self.graph.nodes:
             self._node = node
             node.rule.forward(node, self)
@@ -75,6 +69,21 @@ class Analysis:
             else:
                 node.rule.backward(node, self)
         self._node = None
+
+    def couple(self, pinned_nodes: frozenset = frozenset()) -> AtomSolution:
+        """The coupling pass alone: which entries of which dimensions live or go together."""
+        self.table = AtomTable()
+        self.barriers = []
+        self._factorings: dict[int, tuple] = {}
+        for value in self.graph.values:
+            value.atoms, value.demand, value.kept = [], None, []
+        for node in self.graph.nodes:
+            self._couple(node, pinned_nodes)
+        for value in self.graph.outputs:  # what the model returns keeps its shape
+            for d in range(value.ndim):
+                self._pin_dim(value, d)
+        self.solution = self.table.solve()
+        return self.solution
 
     def _couple(self, node: Node, pinned_nodes: frozenset) -> None:
         self._node = node
@@ -170,6 +179,30 @@ class Analysis:
             value.atoms[d] = None
         elif atoms is not None:
             self.table.pin(atoms)
+
+    def note_factoring(self, source: torch.Tensor, factors: list[torch.Tensor]) -> None:
+        """Records that ``source[i]`` was defined as the conjunction of ``factors`` (outermost first,
+        row-major), so that reassembling exactly these factors is recognised as a permutation."""
+        record = (source, factors)
+        for position, factor in enumerate(factors):
+            self._factorings[id(factor)] = (record, position)
+
+    def reassembled(self, factors: list[torch.Tensor], coordinates: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """If ``factors`` are all the factors of one recorded factoring (in any order), the source atoms
+        at the given per-factor coordinates: a reshape that only permutes, as a channel shuffle does."""
+        origins = [self._factorings.get(id(f)) for f in factors]
+        if any(o is None for o in origins) or len({id(o[0][0]) for o in origins}) != 1:
+            return None
+        source, recorded = origins[0][0]
+        positions = [o[1] for o in origins]
+        if sorted(positions) != list(range(len(recorded))):
+            return None
+        sizes = [f.numel() for f in recorded]
+        strides = [1] * len(sizes)
+        for k in range(len(sizes) - 2, -1, -1):
+            strides[k] = strides[k + 1] * sizes[k + 1]
+        index = sum(coordinate * strides[position] for coordinate, position in zip(coordinates, positions))
+        return source[index]
 
     def fresh(self, n: int) -> torch.Tensor:
         """New atoms for a dimension that no input determines (an expanded dimension, conv outputs)."""

@@ -289,16 +289,22 @@ def _couple_group(ctx: Analysis, x: TensorValue, out: TensorValue, group: _Group
             factors[k] = ctx.fresh(sizes[k])
             parts.append(factors[k][(entries * stride // bounds[k]) % sizes[k]])
         ctx.define(atoms, torch.stack(parts, 1))
+        ctx.note_factoring(atoms, [factors[k] for k in span])
     for d in group.out_dims:
         stride = _stride(out, group.out_dims, d)
         span = [k for k in _factor_span(bounds, stride, out.shape[d]) if factors[k] is not None]
         entries = torch.arange(out.shape[d])
-        parts = [factors[k][(entries * stride // bounds[k]) % sizes[k]] for k in span]
+        coordinates = [(entries * stride // bounds[k]) % sizes[k] for k in span]
+        parts = [factors[k][c] for k, c in zip(span, coordinates)]
         if not parts:
             ctx.assign(out, d, None)
         elif len(parts) == 1:
             ctx.assign(out, d, parts[0])
         else:
+            permuted = ctx.reassembled([factors[k] for k in span], coordinates)
+            if permuted is not None:
+                ctx.assign(out, d, permuted)  # a split undone in another order: a permutation
+                continue
             atoms = ctx.fresh(out.shape[d])
             ctx.define(atoms, torch.stack(parts, 1))
             ctx.assign(out, d, atoms)

@@ -1,0 +1,181 @@
+"""Which channels of a model live or go together: dependency groups read off the traced graph.
+
+The coupling pass that lets the engine remove channels legally also says, for every parameter
+dimension, which atoms its entries stand for (see :mod:`speedup.atoms`). Channels that must go
+together (both operands of a residual add, a conv and the depthwise conv after it, the two branches
+of a channel shuffle, q/k/v/out of one head) share atoms. A :class:`ChannelGroup` is one axis of
+such coupled channels; removing member ``i`` of a group removes every parameter slice tied to it.
+
+Pruning algorithms use the groups to pick channels *consistently* (so that the speedup can remove
+all of them); :func:`consistent_masks` is the simplest such algorithm, a random pick.
+
+Within a conjunction (a reshape into heads x head_dim, a grouped layer's groups x positions) only
+the outermost factor that is free to go is offered: heads, never part of ``head_dim``; positions of a
+channel shuffle, never a whole branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .atoms import UNIT, AtomSolution
+from .engine import _Rules, split_inputs
+from .graph import TensorValue
+from .propagation import Analysis
+from .rule import OpRule
+from .tracer import trace
+from .transaction import Transaction
+
+
+@dataclass
+class GroupMember:
+    """One parameter dimension touched by a group: entry ``e`` goes when ``member_of[e]`` goes."""
+
+    parameter: str
+    dim: int
+    member_of: list[torch.Tensor]
+    """For each group member, a boolean over the dimension's entries that refer to it."""
+
+
+@dataclass
+class ChannelGroup:
+    """An axis of channels coupled through the model: pick members, and all their slices go."""
+
+    size: int
+    members: list[GroupMember] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{m.parameter}[{m.dim}]" for m in self.members[:4])
+        more = f" and {len(self.members) - 4} more" if len(self.members) > 4 else ""
+        return f"{self.size} channels of {where}{more}"
+
+
+def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
+    """Traces ``model`` (left unchanged) and returns its groups of coupled, removable channels."""
+    args, kwargs = split_inputs(example_inputs)
+    rules = _Rules({})
+    tx = Transaction()
+    tx.set_training(model, False)
+    try:
+        graph = trace(model, args, kwargs, rules.claims).graph
+    finally:
+        tx.rollback()
+    analysis = Analysis(graph, rules.for_node, OpRule())
+    solution = analysis.couple()
+    parameters = [v for v in graph.parameters.values() if v.owner is not None and _is_parameter(v)]
+    slots = []
+    for value in parameters:
+        for d, atoms in enumerate(value.atoms):
+            if atoms is not None and isinstance(atoms, torch.Tensor) and atoms.numel():
+                slots.append((value, d, solution.primitives(atoms)))
+    removable = _removable_classes(solution)
+    return _group(slots, removable)
+
+
+def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.5, seed: int = 0,
+                     groups: Optional[list[ChannelGroup]] = None) -> dict:
+    """Masks removing ``sparsity`` of every channel group, chosen at random but consistently.
+
+    Every parameter slice tied to a removed channel is masked, so everything masked can really go.
+    The result is in the NNI layout ``{module: {parameter: mask}}``, accepted by ``speedup.shrink``.
+    """
+    groups = find_groups(model, example_inputs) if groups is None else groups
+    generator = torch.Generator().manual_seed(seed)
+    keep: dict[tuple[str, int], torch.Tensor] = {}
+    for group in groups:
+        removed = torch.randperm(group.size, generator=generator)[: int(round(group.size * sparsity))]
+        for member in group.members:
+            n = member.member_of[0].numel()
+            gone = keep.setdefault((member.parameter, member.dim), torch.ones(n, dtype=torch.bool))
+            for index in removed.tolist():
+                gone &= ~member.member_of[index]
+    masks: dict[str, dict[str, torch.Tensor]] = {}
+    parameters = dict(model.named_parameters())
+    for (name, dim), kept in keep.items():
+        tensor = parameters[name]
+        shape = [1] * tensor.dim()
+        shape[dim] = -1
+        module, _, attr = name.rpartition(".")
+        entry = masks.setdefault(module, {})
+        line = kept.reshape(shape)
+        entry[attr] = (entry[attr] & line) if attr in entry else line.expand(tensor.shape)
+    return masks
+
+
+def _is_parameter(value: TensorValue) -> bool:
+    module, attr = value.owner
+    return attr in module._parameters
+
+
+def _removable_classes(solution: AtomSolution) -> torch.Tensor:
+    """Primitive classes a consistent pick may remove: not pinned, and never an inner factor only."""
+    count = solution.pinned.numel()
+    inner = torch.zeros(count, dtype=torch.bool)
+    outer = torch.zeros(count, dtype=torch.bool)
+    if solution.defined.numel():
+        parts = solution.parts
+        for row in range(parts.shape[0]):
+            seen_outer = False
+            for part in parts[row].tolist():
+                if part == UNIT:
+                    continue
+                primitives = solution.primitives(torch.tensor([part]))[0]
+                primitives = primitives[primitives != UNIT]
+                free = primitives[~solution.pinned[primitives]]
+                if not free.numel():
+                    continue
+                if seen_outer:
+                    inner[free] = True
+                else:
+                    outer[free] = True
+                    seen_outer = True
+    return ~solution.pinned & ~(inner & ~outer)
+
+
+def _group(slots: list, removable: torch.Tensor) -> list[ChannelGroup]:
+    """Joins removable classes that share a parameter dimension into groups (one axis each)."""
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    # A class that carries more than half of some dimension is not a channel but a block of them
+    # (coupling constraints merged it, as through chains of channel shuffles): not offered.
+    removable = removable.clone()
+    for value, d, primitives in slots:
+        counts = torch.bincount(primitives.reshape(-1), minlength=removable.numel())
+        removable &= counts * 2 <= primitives.shape[0]
+    per_slot = []
+    for value, d, primitives in slots:
+        classes = torch.unique(primitives[removable[primitives]]).tolist()
+        per_slot.append(classes)
+        for other in classes[1:]:
+            parent[find(other)] = find(classes[0])
+        for c in classes[:1]:
+            find(c)
+    members: dict[int, list[int]] = {}
+    for c in list(parent):
+        members.setdefault(find(c), []).append(c)
+    groups: dict[int, ChannelGroup] = {}
+    index_of: dict[int, tuple[int, int]] = {}
+    for root, classes in members.items():
+        groups[root] = ChannelGroup(len(classes))
+        for i, c in enumerate(sorted(classes)):
+            index_of[c] = (root, i)
+    for (value, d, primitives), classes in zip(slots, per_slot):
+        if not classes:
+            continue
+        root = index_of[classes[0]][0]
+        group = groups[root]
+        member_of = [torch.zeros(primitives.shape[0], dtype=torch.bool) for _ in range(group.size)]
+        for c in classes:
+            member_of[index_of[c][1]] = (primitives == c).any(1)
+        group.members.append(GroupMember(value.name, d, member_of))
+    return [g for g in groups.values() if g.members]

@@ -1,0 +1,64 @@
+"""Dependency groups and consistent masks: everything masked consistently can really go."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedup.groups import consistent_masks, find_groups
+from support.checks import check_speedup
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.b(torch.relu(self.a(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_residual_and_depthwise_links_put_channels_in_one_group():
+    model = Residual().eval()
+    groups = find_groups(model, torch.randn(1, 3, 8, 8))
+    touched = {(m.parameter, m.dim) for g in groups for m in g.members}
+    shared = [g for g in groups if {m.parameter for m in g.members} >= {"stem.weight", "b.weight", "head.weight"}]
+    assert len(shared) == 1 and shared[0].size == 16
+    assert ("head.weight", 0) not in touched  # the model's output keeps its size
+
+
+def test_consistent_masks_let_everything_masked_go():
+    model = Residual().eval()
+    masks = consistent_masks(model, torch.randn(1, 3, 8, 8), sparsity=0.5, seed=1)
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 9, 7),
+                  shrunk=["stem.weight", "a.weight", "b.weight", "head.weight"], max_param_ratio=0.35)
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_attention_heads_are_picked_whole():
+    model = Heads().eval()
+    masks = consistent_masks(model, torch.randn(1, 5, 8), seed=3)
+    check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 6, 8), shrunk=["attn.out_proj.weight"])
+    assert model.attn.num_heads == 2 and model.attn.head_dim == 8
+
+
+def test_finding_groups_leaves_the_model_unchanged():
+    model = Residual().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    find_groups(model, torch.randn(1, 3, 8, 8))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
