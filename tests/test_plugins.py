@@ -689,6 +689,56 @@ def test_registry_prefers_a_rule_registered_for_the_subclass_itself():
     assert registry.module_rule(PlainSubclass()) is base_rule
 
 
+def test_registry_size_functions_apply_to_subclasses_and_reject_what_is_not_callable():
+    registry = RuleRegistry()
+    sizes = lambda module: {"width": 1}  # noqa: E731
+    registry.add_sizes(f"{Base.__module__}.{Base.__qualname__}", sizes)
+    assert registry.size_attributes(Base()) is sizes
+    assert registry.size_attributes(OverridesForward()) is sizes
+    assert registry.size_attributes(nn.Linear(1, 1)) is None
+    with pytest.raises(TypeError, match="function of the module"):
+        registry.add_sizes(Base, 3)
+    with pytest.raises(TypeError, match="module path"):
+        registry.add_sizes("Base", sizes)
+
+
+class StoredWidth(nn.Module):
+    """Traced through, but reshapes with a stored width that must follow ``up.out_features``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.width = 8
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)).reshape(-1, self.width))
+
+
+def _with_sizes(monkeypatch, sizes) -> None:
+    plugin = types.ModuleType("stored_width_plugin")
+    plugin.speedup_register_rules = speedup.hookimpl(lambda registry: registry.add_sizes(StoredWidth, sizes))
+    monkeypatch.setattr(manager, "_loaded", manager.load_plugins(extra=[plugin]))
+
+
+def test_size_attributes_follow_the_shrunk_parts(monkeypatch):
+    _with_sizes(monkeypatch, lambda m: {"width": m.up.out_features})
+    model = StoredWidth()
+    masks = {"up": {"weight": rows(keep_mask(8), (8, 4))}}
+    report = check_speedup(model, masks, torch.randn(3, 4), torch.randn(5, 4), shrunk=["up.weight"])
+    assert model.width == 4 and report.attributes == {"width": (8, 4)}
+    assert "(attribute)" in report.table()
+
+
+def test_a_wrong_size_function_costs_the_pruning_never_the_outputs(monkeypatch):
+    """Verification finds the first call that failed, keeps it at full size, and the width is not touched."""
+    _with_sizes(monkeypatch, lambda m: {"width": 3})
+    model = StoredWidth()
+    report = check_speedup(model, {"up": {"weight": rows(keep_mask(8), (8, 4))}}, torch.randn(3, 4),
+                           torch.randn(5, 4))
+    assert model.width == 8 and model.up.out_features == 8 and not report.attributes
+    assert report.kept_for_verification
+
+
 def test_registry_rejects_what_is_not_a_module_type_or_not_a_module_rule():
     registry = RuleRegistry()
     with pytest.raises(TypeError, match="nn.Module subclass"):

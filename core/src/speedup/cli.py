@@ -27,12 +27,15 @@ def _plugins(verbose: bool, strict: bool) -> int:
         status = "ok" if info.ok else f"FAILED: {info.error}"
         print(f"{info.distribution} {info.version}  [{info.name} = {info.target}]  {status}")
         if info.ok:
-            print(f"  {len(info.modules)} module types, {len(info.ops)} operators")
+            summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
+            print(summary + (f", {len(info.sizes)} size attributes" if info.sizes else ""))
             if verbose:
                 for name in info.modules:
                     print(f"    module {name}")
                 for name in info.ops:
                     print(f"    op     {name}")
+                for name in info.sizes:
+                    print(f"    sizes  {name}")
         failed |= not info.ok
     registry = loaded.registry
     for key in registry.conflicts:

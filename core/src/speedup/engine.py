@@ -166,7 +166,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
-        replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for)
+        replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
         clock.lap("replace")
         if not verify:
             break
@@ -188,7 +188,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
     tensor_masks.drop_all_ones(holders, tx)
     _restore_training(model, flags, replaced)
-    report.modules, report.parameters = replaced.modules, replaced.parameters
+    report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
     report.warnings = plan.warnings + replaced.warnings
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)

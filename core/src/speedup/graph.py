@@ -62,6 +62,8 @@ class TensorValue:
     """For parameters and buffers: the module holding it and the attribute name."""
     name: Optional[str] = None
     """For parameters and buffers: the qualified name in the model."""
+    strides: tuple[int, ...] = ()
+    """The strides it had when it was created (empty for layouts without strides)."""
     consumers: list["Node"] = field(default_factory=list)
     is_output: bool = False
 
@@ -163,7 +165,8 @@ class Graph:
     """Boundaries of observed modules (replaced by ``customized_replace_func``), first call only."""
 
     def new_value(self, tensor: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
-        value = TensorValue(len(self.values), tuple(tensor.shape), tensor.dtype, origin, **fields)
+        value = TensorValue(len(self.values), tuple(tensor.shape), tensor.dtype, origin,
+                            strides=tensor.stride() if tensor.layout is torch.strided else (), **fields)
         self.values.append(value)
         return value
 

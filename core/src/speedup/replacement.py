@@ -6,6 +6,8 @@ Three kinds of change, all through the :class:`~speedup.transaction.Transaction`
   from a :class:`ModulePlan`, and put in place of the old one under every name it has;
 * a parameter read directly by operators (``F.linear(x, self.weight)``) is sliced where it lost
   entries and set back on its owner;
+* an attribute repeating a size (``self.hidden_dim``) of a module that is traced through is set to
+  what the plugin's size function says, once the module's parts have shrunk;
 * nothing else: operators run unchanged on smaller tensors.
 
 Sliced parameters are memoised, so a parameter shared by two modules (tied embeddings) stays
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .graph import Graph, Node, NodeKind, TensorValue
+from .plugins.registry import SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
 
@@ -192,6 +195,8 @@ class ReplacementReport:
 
     modules: dict[str, tuple[str, dict[str, tuple[tuple, tuple]]]] = field(default_factory=dict)
     parameters: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
+    attributes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """``"module.attribute"``: (value before, value after), for size attributes that changed."""
     pairs: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
     """(old module, the module that replaced it)."""
     warnings: list[str] = field(default_factory=list)
@@ -206,6 +211,7 @@ def replace(
     tx: Transaction,
     rule_of: Callable[[nn.Module], Optional[ModuleRule]],
     custom_of: Callable[[nn.Module], Optional[CustomReplace]],
+    sizes_of: Callable[[nn.Module], Optional[SizeAttributes]] = lambda module: None,
 ) -> ReplacementReport:
     """Applies the kept entries recorded on ``graph``'s values to ``model``."""
     report = ReplacementReport()
@@ -239,7 +245,22 @@ def replace(
             continue
         tx.set_attr(owner, attr, slicer.slice(value))
         report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
+    if report.modules or report.parameters:
+        _update_sizes(model, sizes_of, tx, report)
     return report
+
+
+def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: ReplacementReport) -> None:
+    """Sets the size attributes that plugins derive from a module's (already rebuilt) parts."""
+    for name, module in model.named_modules():
+        sizes = sizes_of(module)
+        if sizes is None:
+            continue
+        for attr, value in sizes(module).items():
+            before = getattr(module, attr, None)
+            if before != value:
+                tx.set_attr(module, attr, value)
+                report.attributes[f"{name}.{attr}" if name else attr] = (before, value)
 
 
 def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:

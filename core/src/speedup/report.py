@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class ShrinkReport:
     """Rebuilt module name -> (type, {parameter: (shape before, shape after)})."""
     parameters: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)
     """Parameters read directly by operators that were sliced: name -> (shape before, shape after)."""
+    attributes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Size attributes that plugins keep in step: ``"module.attribute"`` -> (before, after)."""
     params_before: int = 0
     params_after: int = 0
     flops_before: int = 0
@@ -85,6 +87,8 @@ class ShrinkReport:
             rows.append(f"{name:40s} {kind:24s} {change}")
         for name, (a, b) in self.parameters.items():
             rows.append(f"{name:40s} {'(parameter)':24s} {tuple(a)}->{tuple(b)}")
+        for name, (a, b) in self.attributes.items():
+            rows.append(f"{name:40s} {'(attribute)':24s} {a!r}->{b!r}")
         return "\n".join(rows)
 
     def __str__(self) -> str:

@@ -37,7 +37,10 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
         ``registry.add_module(module_type, rule)`` with a :class:`~speedup.rule.ModuleRule` for a
         module type the plugin knows as a whole (it is then recorded as one node and replaced by the
         rule), and ``registry.add_op(op, rule)`` with an :class:`~speedup.rule.OpRule` for an ATen
-        operator (``"aten.add.Tensor"`` for one overload, ``"aten.add"`` for all of them).
+        operator (``"aten.add.Tensor"`` for one overload, ``"aten.add"`` for all of them). Call
+        ``registry.add_sizes(module_type, fn)`` for a module type that is traced through but whose
+        ``forward`` reads a stored size (``self.hidden_dim``): ``fn(module)`` returns the attributes
+        to set once its parts have shrunk (``{"hidden_dim": module.conv_proj.out_channels}``).
     :return: nothing; the registrations are the result.
 
     A plugin's registration replaces core's built-in rule for the same target. Two installed plugins

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -14,6 +14,8 @@ from ..rule import ModuleRule, OpRule
 CORE_DISTRIBUTION = "speedup-core"
 
 OpKey = Union[str, torch._ops.OpOverload, torch._ops.OpOverloadPacket]
+SizeAttributes = Callable[[nn.Module], Mapping[str, Any]]
+"""``fn(module) -> {attribute: value}``: attributes of a module that repeat sizes of its parts."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class RuleRegistry:
     modules: dict[Union[type, str], _Entry] = field(default_factory=dict)
     """Rules by module type, or by the type's qualified name (``"transformers.pytorch_utils.Conv1D"``)."""
     ops: dict[str, _Entry] = field(default_factory=dict)
+    sizes: dict[str, _Entry] = field(default_factory=dict)
+    """Size-attribute functions by the module type's qualified name (see :meth:`add_sizes`)."""
     conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
@@ -52,15 +56,24 @@ class RuleRegistry:
         ``module_type`` may be the class or its qualified name, ``"package.module.ClassName"``: a
         name lets a plugin register without importing a heavy library until a model uses it.
         """
-        if isinstance(module_type, str):
-            if "." not in module_type:
-                raise TypeError(f"a module type given by name needs its module path, got {module_type!r}")
-        elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-            raise TypeError(f"add_module needs an nn.Module subclass, got {module_type!r}")
-        label = module_type if isinstance(module_type, str) else module_type.__qualname__
+        key = _module_key(module_type, "add_module")
         if not isinstance(rule, ModuleRule):
-            raise TypeError(f"the rule for {label} must be a ModuleRule, got {type(rule).__name__}")
-        self._put(self.modules, _qualified(module_type) if isinstance(module_type, type) else module_type, rule, label)
+            raise TypeError(f"the rule for {key} must be a ModuleRule, got {type(rule).__name__}")
+        self._put(self.modules, key, rule, key)
+
+    def add_sizes(self, module_type: Union[type, str], sizes: SizeAttributes) -> None:
+        """Keeps attributes of ``module_type`` that repeat a size in step with the sizes of its parts.
+
+        For a module that is traced through (not claimed by a rule) but whose ``forward`` reads a
+        stored size: torchvision's ``VisionTransformer`` reshapes with ``self.hidden_dim``, which must
+        follow ``conv_proj.out_channels`` once that shrinks. After the speedup rebuilt the module's
+        parts, ``sizes(module)`` returns ``{attribute: new value}`` and the engine sets each one that
+        changed (undone like every other change if the speedup fails). Applies to subclasses too.
+        """
+        key = _module_key(module_type, "add_sizes")
+        if not callable(sizes):
+            raise TypeError(f"the sizes of {key} must be a function of the module, got {sizes!r}")
+        self._put(self.sizes, key, sizes, key)
 
     def add_op(self, op: OpKey, rule: OpRule) -> None:
         """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""
@@ -108,6 +121,14 @@ class RuleRegistry:
                 return entry.rule
         return None
 
+    def size_attributes(self, module: nn.Module) -> Optional[SizeAttributes]:
+        """The size-attribute function for this module's type or its nearest registered base."""
+        for base in type(module).__mro__:
+            entry = self.sizes.get(_qualified(base))
+            if entry is not None:
+                return entry.rule
+        return None
+
     def provider_of(self, target: Union[type, str]) -> Optional[Provider]:
         """Which distribution's rule applies to a module type (or name) or an operator key."""
         key = _qualified(target) if isinstance(target, type) else target
@@ -127,6 +148,17 @@ class RuleRegistry:
             if entry is not None:
                 return entry.rule
         return None
+
+
+def _module_key(module_type: Union[type, str], method: str) -> str:
+    """A module type's key: its qualified name, given as the class or as the name itself."""
+    if isinstance(module_type, str):
+        if "." not in module_type:
+            raise TypeError(f"a module type given by name needs its module path, got {module_type!r}")
+        return module_type
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"{method} needs an nn.Module subclass, got {module_type!r}")
+    return _qualified(module_type)
 
 
 def _qualified(cls: type) -> str:

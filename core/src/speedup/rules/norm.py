@@ -10,6 +10,8 @@ whole groups only.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -102,53 +104,68 @@ def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.T
 
 
 class LayerNormRule(ModuleRule):
-    """``LayerNorm`` (and ``RMSNorm``) over the last dimension."""
+    """``LayerNorm`` (and ``RMSNorm``) over one dimension, the last by default.
+
+    Entries of the normalised dimension can go: a removed entry holding a constant still counts in
+    the statistics, which the constant-aware replacement adds back. Normalising over several
+    dimensions keeps them all. Subclasses normalising another dimension (torchvision's
+    ``LayerNorm2d`` normalises channels, dimension 1) override :meth:`normalized_dim`.
+    """
 
     subclasses = True
 
-    def _normalized(self, node: Node) -> int:
-        return len(node.module.normalized_shape)
+    def normalized_dim(self, node: Node) -> Optional[int]:
+        """The one dimension normalised over (negative: from the end), or None for several."""
+        return -1 if len(node.module.normalized_shape) == 1 else None
+
+    def _free_dims(self, node: Node, ndim: int) -> list[int]:
+        """Dimensions that map one to one (all, when a single dimension is normalised)."""
+        if self.normalized_dim(node) is not None:
+            return list(range(ndim))
+        return list(range(ndim - len(node.module.normalized_shape)))
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
-        k = self._normalized(node)
-        for d in range(x.ndim - k):
+        dim = self.normalized_dim(node)
+        for d in self._free_dims(node, x.ndim):
             ctx.link(x, d, out, d)
-        if k != 1:
+        if dim is None:
             return
-        ctx.link(x, -1, out, -1)
         for name in ("weight", "bias"):
             if name in node.params:
-                ctx.link(node.params[name], 0, out, -1)
+                ctx.link(node.params[name], 0, out, dim)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         out = node.outputs[0]
         weight, bias = param_data(node, "weight"), param_data(node, "bias")
-        if self._normalized(node) != 1 or weight is None:
+        dim = self.normalized_dim(node)
+        if dim is None or weight is None:
             return
         shift = bias.to(torch.float64) if bias is not None else torch.zeros(weight.numel(), dtype=torch.float64)
-        ctx.set_const(out, -1, DimConst.where(weight == 0, shift))
+        ctx.set_const(out, dim, DimConst.where(weight == 0, shift))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
         if not ctx.is_demanded(out):
             return
-        masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
-        if self._normalized(node) == 1:
+        dim = self.normalized_dim(node)
+        masks = {d: ctx.demanded(out, d) for d in self._free_dims(node, x.ndim)}
+        if dim is not None:
             # Every varying entry feeds the statistics; a constant one is counted without being read.
-            masks[x.ndim - 1] = ctx.demanded(out, -1) | ~foldable(ctx, node, x, -1)
+            masks[dim % x.ndim] = ctx.demanded(out, dim) | ~foldable(ctx, node, x, dim)
         ctx.demand(x, masks)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         new = _with_sliced_affine(module, plan)
-        kept = plan.count(plan.input(), -1)
-        new.normalized_shape = (kept,)
-        removed, values = plan.removed_input_constants(-1)
+        dim = self.normalized_dim(plan.calls[0])
+        new.normalized_shape = (plan.count(plan.input(), dim),)
+        removed, values = plan.removed_input_constants(dim)
         if removed.numel() == 0:
             return new
-        return self.constant_aware(new, plan.input().shape[-1], values)
+        return self.constant_aware(new, plan.input().shape[dim], values)
 
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
+        """``new`` made to count the removed constant entries ``values`` in its statistics."""
         return ConstantAwareLayerNorm.convert(new, full_size, values)
 
 

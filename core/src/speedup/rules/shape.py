@@ -45,6 +45,24 @@ class Identity(MapRule):
         return [DimMap(x, d, out, d) for d in range(x.ndim)] if x.shape == out.shape else []
 
 
+class Restride(MapRule):
+    """``as_strided`` that only changes the strides of size-1 dimensions: the same entries.
+
+    ATen emits it to give a result the memory format of its input (``adaptive_avg_pool2d`` to
+    1x1 of a channels-last tensor restrides the mean); the sizes and strides are computed from the
+    tensor it runs on, so they follow a smaller one. Any other ``as_strided`` reinterprets memory
+    and stays a barrier.
+    """
+
+    def maps(self, node: Node) -> list[DimMap]:
+        args = bind(node)
+        x, size, stride = args["self"], tuple(args["size"]), tuple(args["stride"])
+        offset = args.get("storage_offset")
+        same = (size == x.shape and offset is None and len(x.strides) == len(size)
+                and all(n == 1 or a == b for n, a, b in zip(size, stride, x.strides)))
+        return [DimMap(x, d, node.outputs[0], d) for d in range(x.ndim)] if same else []
+
+
 class Permute(MapRule):
     def maps(self, node: Node) -> list[DimMap]:
         x, out = node.args[0], node.outputs[0]
@@ -389,6 +407,7 @@ def register(registry) -> None:
          "aten.resolve_neg"],
         Identity(),
     )
+    registry.add_ops(["aten.as_strided", "aten.as_strided_"], Restride())
     registry.add_ops(["aten.permute", "aten.transpose.int", "aten.t", "aten.swapaxes", "aten.swapdims"], Permute())
     registry.add_op("aten.unsqueeze", Unsqueeze())
     registry.add_op("aten.squeeze", Squeeze())
