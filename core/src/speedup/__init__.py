@@ -6,8 +6,10 @@
 or, with a report of what changed:
 
 >>> report = speedup.shrink(model, masks, dummy_input)
+>>> speedup.fold_batchnorm(model, dummy_input)   # optional, for inference
 """
 
+from .batchnorm_folding import fold_batchnorm
 from .compat import ModelSpeedup
 from .engine import SpeedupWarning, shrink
 from .errors import MaskError, PluginConflictError, PluginLoadError, SpeedupError, TraceError, VerificationError
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelSpeedup",
     "shrink",
+    "fold_batchnorm",
     "ShrinkReport",
     "SpeedupWarning",
     "SpeedupError",
