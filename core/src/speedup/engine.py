@@ -156,7 +156,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     analysis = Analysis(graph, rules.for_node, OpRule())
     for name, mask in masks.parameters.items():
         if name in graph.parameters:
-            analysis.add_mask(graph.parameters[name], mask, masks.structure(name))
+            dim, line = masks.structure(name)  # the analysis runs on the CPU (see TensorValue.host)
+            analysis.add_mask(graph.parameters[name], mask.cpu(), (dim, line.cpu() if line is not None else None))
     analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()

@@ -77,6 +77,21 @@ class TensorValue:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def host(self) -> Optional[torch.Tensor]:
+        """``data`` detached and on the CPU (copied once from another device).
+
+        The analysis runs on the CPU whatever the model's device: its masks and constants are
+        small, and mixing devices in one expression is an error.
+        """
+        if self.data is None:
+            return None
+        if self.data.device.type == "cpu":
+            return self.data.detach()
+        cached = self.__dict__.get("_host")
+        if cached is None:
+            cached = self.__dict__["_host"] = self.data.detach().cpu()
+        return cached
+
     def dim(self, d: int) -> int:
         """Normalizes a possibly negative dimension index."""
         return d + self.ndim if d < 0 else d

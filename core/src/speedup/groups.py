@@ -33,12 +33,21 @@ from .transaction import Transaction
 
 @dataclass
 class GroupMember:
-    """One parameter dimension touched by a group: entry ``e`` goes when ``member_of[e]`` goes."""
+    """One parameter dimension touched by a group: an entry goes when a group member it refers to goes."""
 
     parameter: str
     dim: int
-    member_of: list[torch.Tensor]
-    """For each group member, a boolean over the dimension's entries that refer to it."""
+    refers: torch.Tensor
+    """``(entries, k)``: the group members each entry of the dimension refers to, ``-1`` padding. An
+    entry refers to several members where it is a conjunction (a grouped layer's group and position)."""
+
+    @property
+    def size(self) -> int:
+        return self.refers.shape[0]
+
+    def removed_by(self, members: torch.Tensor) -> torch.Tensor:
+        """Boolean over the entries: those referring to one of ``members`` (group member indices)."""
+        return torch.isin(self.refers, members).any(1)
 
 
 @dataclass
@@ -89,10 +98,8 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
     for group in groups:
         removed = torch.randperm(group.size, generator=generator)[: int(round(group.size * sparsity))]
         for member in group.members:
-            n = member.member_of[0].numel()
-            gone = keep.setdefault((member.parameter, member.dim), torch.ones(n, dtype=torch.bool))
-            for index in removed.tolist():
-                gone &= ~member.member_of[index]
+            kept = keep.setdefault((member.parameter, member.dim), torch.ones(member.size, dtype=torch.bool))
+            kept &= ~member.removed_by(removed)
     masks: dict[str, dict[str, torch.Tensor]] = {}
     parameters = dict(model.named_parameters())
     for (name, dim), kept in keep.items():
@@ -138,44 +145,38 @@ def _removable_classes(solution: AtomSolution) -> torch.Tensor:
 
 def _group(slots: list, removable: torch.Tensor) -> list[ChannelGroup]:
     """Joins removable classes that share a parameter dimension into groups (one axis each)."""
-    parent: dict[int, int] = {}
-
-    def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
     # A class that carries more than half of some dimension is not a channel but a block of them
     # (coupling constraints merged it, as through chains of channel shuffles): not offered.
     removable = removable.clone()
     for value, d, primitives in slots:
         counts = torch.bincount(primitives.reshape(-1), minlength=removable.numel())
         removable &= counts * 2 <= primitives.shape[0]
+    parent = list(range(removable.numel()))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
     per_slot = []
     for value, d, primitives in slots:
         classes = torch.unique(primitives[removable[primitives]]).tolist()
         per_slot.append(classes)
-        for other in classes[1:]:
-            parent[find(other)] = find(classes[0])
-        for c in classes[:1]:
-            find(c)
-    members: dict[int, list[int]] = {}
-    for c in list(parent):
-        members.setdefault(find(c), []).append(c)
+        if classes:
+            root = find(classes[0])
+            for other in classes[1:]:
+                parent[find(other)] = root
+    used = sorted({c for classes in per_slot for c in classes})
+    roots = {c: find(c) for c in used}
+    local = torch.full((removable.numel(),), -1, dtype=torch.long)
     groups: dict[int, ChannelGroup] = {}
-    index_of: dict[int, tuple[int, int]] = {}
-    for root, classes in members.items():
-        groups[root] = ChannelGroup(len(classes))
-        for i, c in enumerate(sorted(classes)):
-            index_of[c] = (root, i)
+    for c in used:  # numbered in class order within each group
+        group = groups.setdefault(roots[c], ChannelGroup(0))
+        local[c] = group.size
+        group.size += 1
     for (value, d, primitives), classes in zip(slots, per_slot):
-        if not classes:
-            continue
-        root = index_of[classes[0]][0]
-        group = groups[root]
-        member_of = [torch.zeros(primitives.shape[0], dtype=torch.bool) for _ in range(group.size)]
-        for c in classes:
-            member_of[index_of[c][1]] = (primitives == c).any(1)
-        group.members.append(GroupMember(value.name, d, member_of))
-    return [g for g in groups.values() if g.members]
+        if classes:
+            refers = torch.where(removable[primitives], local[primitives], -1)
+            groups[roots[classes[0]]].members.append(GroupMember(value.name, d, refers))
+    return list(groups.values())

@@ -76,8 +76,10 @@ class _RemovedConstants:
 
     def _remember(self, full_size: int, values: torch.Tensor) -> None:
         self.full_size = full_size
-        self.register_buffer("removed_sum", values.sum().to(torch.float32).reshape(()))
-        self.register_buffer("removed_square_sum", values.pow(2).sum().to(torch.float32).reshape(()))
+        device = next(iter(self.parameters()), values).device
+        self.register_buffer("removed_sum", values.sum().to(device=device, dtype=torch.float32).reshape(()))
+        self.register_buffer("removed_square_sum",
+                             values.pow(2).sum().to(device=device, dtype=torch.float32).reshape(()))
         self.removed_count = int(values.numel())
 
 

@@ -238,7 +238,7 @@ class Analysis:
             if value.ndim >= 2 and value.index in self.masks:
                 consts = self._masked_slices(value, d)
             elif value.data is not None:
-                consts = numeric_const(value.data, d)
+                consts = numeric_const(value.host(), d)
             else:
                 consts = None
             value.consts[d] = consts
@@ -287,7 +287,7 @@ class Analysis:
 
     def _find_uniform(self, value: TensorValue) -> Optional[float]:
         if value.data is not None:
-            data = value.data.detach()
+            data = value.host()
             if data.numel() == 0:
                 return None
             low, high = data.min(), data.max()

@@ -54,7 +54,7 @@ class TensorMaskHolder(nn.Module):
                 f"broadcast to that tensor's shape {tuple(tensor.shape)}. A mask has the tensor's shape, or fewer "
                 "dimensions lined up from the right, or size 1 where it is the same for all entries."
             )
-        return tensor * mask.to(tensor.dtype)
+        return tensor * mask.to(device=tensor.device, dtype=tensor.dtype)
 
     def _varies_per_sample(self, mask: torch.Tensor, tensor: torch.Tensor):
         """``None`` if the mask has no batch dimension of its own, else whether it differs along it."""

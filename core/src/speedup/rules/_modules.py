@@ -62,7 +62,7 @@ def foldable(ctx: Analysis, node: Node, x: TensorValue, dim: int) -> torch.Tenso
 
 def param_data(node: Node, name: str) -> Optional[torch.Tensor]:
     value = node.params.get(name)
-    return value.data.detach() if value is not None and value.data is not None else None
+    return value.host() if value is not None else None
 
 
 class NonzeroPattern:
@@ -94,7 +94,7 @@ class NonzeroPattern:
             pattern.cols = ctx.kept_slices(weight, 1 - out_dim)
             pattern.full = None
             return pattern
-        source = ctx.masks[weight.index] if structure is not None else weight.data.detach() != 0
+        source = ctx.masks[weight.index] if structure is not None else weight.host() != 0
         return cls(source if out_dim == 0 else source.t())
 
     def rows_reading(self, columns: torch.Tensor) -> torch.Tensor:

@@ -61,11 +61,11 @@ class _Layout:
                 (self.value, "v_proj_weight", slice(None))]
 
     def weight(self, name: str) -> torch.Tensor:
-        return self.params[name].data.detach()
+        return self.params[name].host()
 
     def value_bias(self) -> Optional[torch.Tensor]:
         bias = self.params.get("in_proj_bias")
-        return bias.data.detach()[2 * self.embed:] if bias is not None else None
+        return bias.host()[2 * self.embed:] if bias is not None else None
 
 
 class MultiheadAttentionRule(ModuleRule):
@@ -120,7 +120,7 @@ class MultiheadAttentionRule(ModuleRule):
         constant = self._constant_heads(layout, ctx)
         reads_live = (self._reads(layout, ctx) & ~constant).any(1)
         out_bias = layout.params.get("out_proj.bias")
-        value = out_bias.data.detach().to(torch.float64) if out_bias is not None else torch.zeros(reads_live.numel(), dtype=torch.float64)
+        value = out_bias.host().to(torch.float64) if out_bias is not None else torch.zeros(reads_live.numel(), dtype=torch.float64)
         bias_v = layout.value_bias()
         if bias_v is not None and bool(constant.any()):
             weight = layout.weight("out_proj.weight").to(torch.float64).reshape(-1, layout.heads, layout.head_dim)
@@ -184,7 +184,7 @@ def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept
         bias = bias[rows].to(torch.float64)
         consts = x.consts[x.dim(-1)] if x.consts else None
         if isinstance(consts, DimConst) and removed.numel():
-            bias = bias + full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed]
+            bias = bias + full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed].to(full.device)
         bias = bias.to(full.dtype)
     weight = full[rows] if kept_in is None else full[rows[:, None], kept_in[None, :]]
     return _linear(weight, bias)

@@ -52,7 +52,7 @@ class _Spec:
 
     def local_weight(self) -> torch.Tensor:
         """``(out_channels, in_per_group, *kernel)`` view of the weight, for either kind."""
-        return self.local(self.weight.data.detach())
+        return self.local(self.weight.host())
 
     def local(self, w: torch.Tensor) -> torch.Tensor:
         """Any tensor laid out like the weight (``(w0, w1, ...)``), as ``(out_channels, in_per_group, ...)``."""
@@ -146,7 +146,7 @@ def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     if bool(reads_variable.all()):
         return  # every output channel varies
     n_out = reads_variable.numel()
-    value = spec.bias.data.detach().to(torch.float64) if spec.bias is not None else torch.zeros(n_out, dtype=torch.float64)
+    value = spec.bias.host().to(torch.float64) if spec.bias is not None else torch.zeros(n_out, dtype=torch.float64)
     if consts is not None and spec.uniform_fold and bool(consts.nonzero_const.any()):
         value = _add_uniform_fold(spec, consts, (~reads_variable & has_taps).nonzero().reshape(-1), value)
     ctx.set_const(spec.out, spec.cdim, DimConst.where(~reads_variable, value))
@@ -259,6 +259,7 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
 
 
 def _add_to_bias(bias, extra: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    extra = extra.to(like.device)
     base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
     return nn.Parameter((base + extra).to(like.dtype), requires_grad=like.requires_grad)
 
@@ -268,7 +269,7 @@ _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedCo
 
 def _fold_borders(conv: nn.Module, kernel: torch.Tensor, spatial: tuple) -> nn.Module:
     conv.__class__ = _FOLDED[type(conv)]
-    conv.register_buffer("constant_kernel", kernel.to(conv.weight.dtype))
+    conv.register_buffer("constant_kernel", kernel.to(device=conv.weight.device, dtype=conv.weight.dtype))
     # Computed once per input size; prime it for the recorded size so the first call costs nothing extra.
     conv._constant_map(torch.empty((1, conv.in_channels) + tuple(spatial), dtype=conv.weight.dtype,
                                    device=conv.weight.device))

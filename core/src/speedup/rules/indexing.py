@@ -126,13 +126,13 @@ class IndexSelect(_IndexingRule):
         out = node.outputs[0]
         if index.data is None:
             return [DimMap(x, d, out, d) for d in range(x.ndim) if d != dim]
-        return [DimMap(x, d, out, d, index.data.long().reshape(-1) if d == dim else None) for d in range(x.ndim)]
+        return [DimMap(x, d, out, d, index.host().long().reshape(-1) if d == dim else None) for d in range(x.ndim)]
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
         x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
         ctx.pin(x, dim) if index.data is None or index.data.numel() == 0 else _pin_prefix(
-            ctx, x, dim, int(index.data.max()) + 1)
+            ctx, x, dim, int(index.host().max()) + 1)
 
 
 class Flip(MapRule):

@@ -48,14 +48,14 @@ class LinearRule(ModuleRule):
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
-        weight = self.as_out_in(node.params["weight"].data.detach())
+        weight = self.as_out_in(node.params["weight"].host())
         bias = node.params.get("bias")
         consts = ctx.const(x, -1)
         nonzero = self._nonzero(node, ctx)
         reads_variable = nonzero.rows if consts is None else nonzero.rows_reading(~consts.mask)
         if bool(reads_variable.all()):
             return
-        value = bias.data.detach().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+        value = bias.host().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
             # Constant rows read constant inputs only: add their W[o, c] * v_c (those rows only).
             rows = (~reads_variable & nonzero.rows).nonzero().reshape(-1)  # constant rows that read constants
@@ -95,7 +95,7 @@ class LinearRule(ModuleRule):
         full = self.as_out_in(module.weight.detach())
         kept_out = plan.kept(plan.output(), -1)
         rows = full if kept_out is None else full[kept_out]
-        extra = rows[:, removed[used]].to(torch.float64) @ values[used]
+        extra = rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device)
         base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
         return nn.Parameter((base + extra).to(full.dtype), requires_grad=module.weight.requires_grad)
 
