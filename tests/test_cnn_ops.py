@@ -270,3 +270,21 @@ def test_masks_given_as_input_and_output_targets():
     keep = keep_mask(8).float().reshape(1, 8, 1, 1)
     masks = {"0": {"_output_0": keep}, "2": {"_input_0": keep}}
     check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["0.weight", "2.weight"])
+
+
+def test_a_buffer_passed_to_a_child_module_is_sliced_on_its_owner():
+    """The parent's buffer feeds a Linear as its input: it loses the columns the Linear no longer reads."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("coords", torch.randn(6, 4))
+            self.embed = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.embed(self.coords)).mean(0) + x)
+
+    model = Table()
+    masks = {"embed": {"weight": torch.tensor([1, 0, 1, 1], dtype=torch.bool).expand(8, 4)}}
+    check_speedup(model, masks, torch.randn(2, 8), torch.randn(5, 8), shrunk=["embed.weight", "coords"])

@@ -278,3 +278,21 @@ def test_hidden_size_pruned_through_attention_and_first_token_pooling():
                   shrunk=["embed.weight", "attn.out_proj.weight", "fc.weight", "head.weight"])
     assert model.head.in_features == int(hidden.sum())
     assert model.attn.q_proj.in_features == int(hidden.sum())
+
+
+def test_constant_inputs_of_attention_without_bias_become_a_bias():
+    """Features masked in the layer before hold its bias; attention without biases folds them into new ones."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, E)
+            self.attn = nn.MultiheadAttention(E, H, bias=False, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    model = Block()
+    masks = {"inp": {"weight": rows(keep_mask(E), (E, 8))}}
+    check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 7, 8), shrunk=["inp.weight"])

@@ -80,7 +80,7 @@ def check_speedup(
     """
     model.eval()
     reference = masked_copy(model, masks).eval()
-    before = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    before = {name: tuple(p.shape) for name, p in _all_parameters(model)}
     params_before = parameter_count(model)
     report = speedup.shrink(model, masks, dummy, **shrink_options)
     assert_same_outputs(reference, model, fresh)

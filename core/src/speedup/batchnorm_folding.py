@@ -24,7 +24,7 @@ from .engine import _compare, _trace_error, split_inputs
 from .errors import VerificationError
 from .graph import Graph, Node, NodeKind
 from .replacement import _places
-from .rules._modules import clone_module
+from .rules.toolkit import clone_module
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
 

@@ -241,13 +241,18 @@ def replace(
         if all(k is None for k in value.kept) or value.owner is None:
             continue
         owner, attr = value.owner
-        if id(owner) in rebuilt or all(node.kind is NodeKind.MODULE for node in value.consumers):
-            continue
+        if id(owner) in rebuilt or all(_holds(node, value) for node in value.consumers):
+            continue  # the rebuilt module took its sliced copy
         tx.set_attr(owner, attr, slicer.slice(value))
         report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
     if report.modules or report.parameters:
         _update_sizes(model, sizes_of, tx, report)
     return report
+
+
+def _holds(node: Node, value: TensorValue) -> bool:
+    """Whether ``value`` is one of a module node's own parameters (not an input it was passed)."""
+    return node.kind is NodeKind.MODULE and any(p is value for p in node.params.values())
 
 
 def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: ReplacementReport) -> None:

@@ -9,7 +9,7 @@ from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import clone_module, first_input, param_data
+from .toolkit import clone_module, first_input, param_data
 
 
 class PReLURule(ModuleRule):

@@ -22,7 +22,8 @@ from ..modules import PrunedMultiheadAttention
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import NonzeroPattern, foldable
+from .heads import Heads, feature_index
+from .toolkit import NonzeroPattern, added_to_bias, foldable
 
 
 class _Layout:
@@ -60,12 +61,14 @@ class _Layout:
         return [(self.query, "q_proj_weight", slice(None)), (self.key, "k_proj_weight", slice(None)),
                 (self.value, "v_proj_weight", slice(None))]
 
-    def weight(self, name: str) -> torch.Tensor:
-        return self.params[name].host()
-
     def value_bias(self) -> Optional[torch.Tensor]:
         bias = self.params.get("in_proj_bias")
-        return bias.host()[2 * self.embed:] if bias is not None else None
+        return bias.host()[2 * self.embed:].to(torch.float64) if bias is not None else None
+
+    def heads_view(self) -> Heads:
+        _, name, rows = self.projections()[2]
+        return Heads(self.heads, self.head_dim, self.params[name], rows.start or 0, self.value_bias(),
+                     self.params["out_proj.weight"], self.params.get("out_proj.bias"))
 
 
 class MultiheadAttentionRule(ModuleRule):
@@ -99,34 +102,14 @@ class MultiheadAttentionRule(ModuleRule):
             ctx.tie(ctx.atoms(layout.weights, -3), heads)
 
     def _constant_heads(self, layout: _Layout, ctx: Analysis) -> torch.Tensor:
-        """Heads whose values are all masked: their output is the value bias, whatever the input."""
-        module = layout.module
-        if module.bias_k is not None or module.add_zero_attn:
+        """Heads whose value rows are all masked, unless an extra key (``bias_k``, a zero key) sees other values."""
+        if layout.module.bias_k is not None or layout.module.add_zero_attn:
             return torch.zeros(layout.heads, dtype=torch.bool)
-        _, name, rows = layout.projections()[2]
-        live_rows = NonzeroPattern.of(ctx, layout.params[name]).rows[rows]
-        return ~live_rows.reshape(layout.heads, -1).any(1)
-
-    def _reads(self, layout: _Layout, ctx: Analysis) -> torch.Tensor:
-        """``(out_features, heads)``: which output feature reads which head through non-zero weights."""
-        pattern = NonzeroPattern.of(ctx, layout.params["out_proj.weight"])
-        if pattern.full is None:
-            heads = pattern.cols.reshape(layout.heads, -1).any(1)
-            return pattern.rows[:, None] & heads[None, :]
-        return pattern.full.reshape(pattern.full.shape[0], layout.heads, -1).any(2)
+        return layout.heads_view().constant(ctx)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
-        constant = self._constant_heads(layout, ctx)
-        reads_live = (self._reads(layout, ctx) & ~constant).any(1)
-        out_bias = layout.params.get("out_proj.bias")
-        value = out_bias.host().to(torch.float64) if out_bias is not None else torch.zeros(reads_live.numel(), dtype=torch.float64)
-        bias_v = layout.value_bias()
-        if bias_v is not None and bool(constant.any()):
-            weight = layout.weight("out_proj.weight").to(torch.float64).reshape(-1, layout.heads, layout.head_dim)
-            head_values = bias_v.to(torch.float64).reshape(layout.heads, layout.head_dim)
-            value = value + (weight[:, constant] * head_values[constant]).sum((1, 2))
-        ctx.set_const(layout.out, -1, DimConst.where(~reads_live, value))
+        ctx.set_const(layout.out, -1, layout.heads_view().output_constants(ctx, self._constant_heads(layout, ctx)))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
@@ -134,8 +117,7 @@ class MultiheadAttentionRule(ModuleRule):
         weights_needed = layout.weights is not None and ctx.is_demanded(layout.weights)
         if not out_needed and not weights_needed:
             return
-        need_out = ctx.demanded(layout.out, -1)
-        heads = (self._reads(layout, ctx)[need_out].any(0) & ~self._constant_heads(layout, ctx))
+        heads = layout.heads_view().needed(ctx, ctx.demanded(layout.out, -1), self._constant_heads(layout, ctx))
         if weights_needed:
             heads = torch.ones_like(heads)
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -163,29 +145,25 @@ class MultiheadAttentionRule(ModuleRule):
             bias = module.in_proj_bias.detach()[index * layout.embed:(index + 1) * layout.embed] if module.in_proj_bias is not None else None
             projections.append(_projection(plan, x, full, bias, kept_heads, layout))
         out_proj = _out_projection(module, plan, layout, kept_heads)
-        bias_k = module.bias_k.detach()[..., _feature_index(kept_heads, layout)] if module.bias_k is not None else None
-        bias_v = module.bias_v.detach()[..., _feature_index(kept_heads, layout)] if module.bias_v is not None else None
+        bias_k = module.bias_k.detach()[..., feature_index(kept_heads, layout.head_dim)] if module.bias_k is not None else None
+        bias_v = module.bias_v.detach()[..., feature_index(kept_heads, layout.head_dim)] if module.bias_v is not None else None
         new = PrunedMultiheadAttention(*projections, out_proj, int(kept_heads.numel()), layout.head_dim,
                                        module.batch_first, module.dropout, bias_k, bias_v, module.add_zero_attn)
         new.train(module.training)
         return new.to(device=module.out_proj.weight.device)
 
 
-def _feature_index(kept_heads: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    return (kept_heads[:, None] * layout.head_dim + torch.arange(layout.head_dim)).reshape(-1)
-
-
 def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept_heads, layout: _Layout) -> nn.Linear:
     """The q, k or v projection for the kept heads and kept input features, constants folded."""
-    rows = _feature_index(kept_heads, layout)
+    rows = feature_index(kept_heads, layout.head_dim)
     kept_in = plan.kept(x, -1)
     removed = plan.removed(x, -1)
-    if bias is not None:
-        bias = bias[rows].to(torch.float64)
-        consts = x.consts[x.dim(-1)] if x.consts else None
-        if isinstance(consts, DimConst) and removed.numel():
-            bias = bias + full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed].to(full.device)
-        bias = bias.to(full.dtype)
+    bias = bias[rows] if bias is not None else None
+    consts = x.consts[x.dim(-1)] if x.consts else None
+    if isinstance(consts, DimConst) and removed.numel() and bool(consts.value[removed].ne(0).any()):
+        # Removed constant inputs become a bias, even where the module had none.
+        extra = full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed].to(full.device)
+        bias = added_to_bias(bias, extra, full)
     weight = full[rows] if kept_in is None else full[rows[:, None], kept_in[None, :]]
     return _linear(weight, bias)
 
@@ -200,21 +178,15 @@ def _linear(weight: torch.Tensor, bias) -> nn.Linear:
 
 
 def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _Layout, kept_heads) -> nn.Linear:
-    """``out_proj`` for the kept heads and outputs, with constant (removed) heads folded into its bias."""
+    """``out_proj`` for the kept heads and outputs, the removed heads' constant values folded into its bias."""
     full = module.out_proj.weight.detach()
     kept_out = plan.kept(layout.out, -1)
     out_rows = torch.arange(full.shape[0]) if kept_out is None else kept_out
     bias = module.out_proj.bias.detach() if module.out_proj.bias is not None else None
-    bias = (bias if kept_out is None else bias[kept_out]).to(torch.float64) if bias is not None else None
-    removed_heads = torch.ones(layout.heads, dtype=torch.bool)
-    removed_heads[kept_heads] = False
-    value_bias = module.in_proj_bias.detach()[2 * layout.embed:] if module.in_proj_bias is not None else None
-    if value_bias is not None and bool(removed_heads.any()):
-        columns = _feature_index(removed_heads.nonzero().reshape(-1), layout)
-        extra = full[out_rows[:, None], columns[None, :]].to(torch.float64) @ value_bias[columns].to(torch.float64)
-        bias = extra if bias is None else bias + extra
-    weight = full[out_rows[:, None], _feature_index(kept_heads, layout)[None, :]]
-    return _linear(weight, bias.to(full.dtype) if bias is not None else None)
+    bias = bias[out_rows] if bias is not None else None
+    extra = layout.heads_view().removed_contribution(full, kept_out, kept_heads)
+    weight = full[out_rows[:, None], feature_index(kept_heads, layout.head_dim)[None, :]]
+    return _linear(weight, added_to_bias(bias, extra, full))
 
 
 def register(registry) -> None:

@@ -23,7 +23,7 @@ from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
-from ._modules import clone_module, first_input, foldable
+from .toolkit import added_to_bias, clone_module, first_input, foldable
 
 
 
@@ -227,7 +227,7 @@ class ConvModuleRule(ModuleRule):
         kernel = contribution_kernel(spec, plan, kept_out)
         if spec.uniform_fold:
             # No zero padding: every output position sees every tap, so the contribution is the sum.
-            new.bias = _add_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
+            new.bias = added_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
             return new
         return _fold_borders(new, kernel, spec.x.shape[spec.cdim + 1:])
 
@@ -256,12 +256,6 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     weight = spec.local_weight().index_select(1, columns).index_select(0, outputs)
     constants = per_tap[:, columns].reshape(outputs.numel(), columns.numel(), *([1] * (weight.dim() - 2)))
     return (weight.to(torch.float64) * constants).sum(1, keepdim=True)
-
-
-def _add_to_bias(bias, extra: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    extra = extra.to(like.device)
-    base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
-    return nn.Parameter((base + extra).to(like.dtype), requires_grad=like.requires_grad)
 
 
 _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d}

@@ -11,7 +11,7 @@ from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import ModuleRule, OpRule
-from ._modules import clone_module, first_input
+from .toolkit import clone_module, first_input
 
 
 def _couple(ctx: Analysis, weight: TensorValue, indices: TensorValue, out: TensorValue) -> None:

@@ -17,7 +17,7 @@ from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import NonzeroPattern, clone_module, first_input, foldable
+from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
 class LinearRule(ModuleRule):
@@ -95,9 +95,7 @@ class LinearRule(ModuleRule):
         full = self.as_out_in(module.weight.detach())
         kept_out = plan.kept(plan.output(), -1)
         rows = full if kept_out is None else full[kept_out]
-        extra = rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device)
-        base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
-        return nn.Parameter((base + extra).to(full.dtype), requires_grad=module.weight.requires_grad)
+        return added_to_bias(bias, rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device), module.weight)
 
 
 def register(registry) -> None:

@@ -20,7 +20,7 @@ from ..modules import ConstantAwareLayerNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
-from ._modules import clone_module, first_input, foldable, param_data
+from .toolkit import clone_module, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
 

@@ -1,7 +1,11 @@
 """speedup rules for torchvision layers, registered through the ``speedup`` entry-point group.
 
-Types are registered by qualified name, so loading the plugin does not import torchvision; the rule
-applies when a model contains such a module.
+Types are registered by qualified name, so loading the plugin does not import torchvision; a rule
+applies when a model contains such a module. What torchvision models run beyond plain torch
+modules and operators: ``FrozenBatchNorm2d``, ConvNeXt's ``LayerNorm2d``, Swin's and MaxViT's
+attention, and the hidden size ViT keeps in an attribute. Everything else they use (``Permute``,
+``StochasticDepth``, ``SqueezeExcitation``, channel shuffles, window partitions) is recorded as
+the torch operators it calls, which core's rules follow.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from speedup import hookimpl
 from speedup.plugins.registry import RuleRegistry
 from speedup.rules.norm import ChannelNormRule
 
+from . import convnext, maxvit, swin, vision_transformer
+
 __version__ = "0.1.0"
 
 
@@ -17,3 +23,7 @@ __version__ = "0.1.0"
 def speedup_register_rules(registry: RuleRegistry) -> None:
     # FrozenBatchNorm2d is a per-channel affine map held in buffers: BatchNorm in eval mode.
     registry.add_module("torchvision.ops.misc.FrozenBatchNorm2d", ChannelNormRule())
+    convnext.register(registry)
+    maxvit.register(registry)
+    swin.register(registry)
+    vision_transformer.register(registry)

@@ -25,7 +25,7 @@ from speedup.rule import DimConst, ModuleRule
 
 # Helpers shared by core's module rules: a safe shallow copy of a module, the first tensor input
 # of a node, and which constant input entries every call of the module can fold.
-from speedup.rules._modules import clone_module, first_input, foldable
+from speedup.rules.toolkit import clone_module, first_input, foldable
 
 from .modules import ScaledLinear
 

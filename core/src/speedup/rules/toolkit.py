@@ -1,4 +1,9 @@
-"""Helpers for module rules: copying a module safely, and which constant inputs it can fold."""
+"""What module rules, core's and plugins', build on: copying a module safely, which constant inputs a
+module can fold and adding them to its bias, and which entries of a weight are non-zero.
+
+Public for plugins (``from speedup.rules.toolkit import clone_module, foldable, ...``); multi-head
+modules also have :mod:`speedup.rules.heads`.
+"""
 
 from __future__ import annotations
 
@@ -108,3 +113,16 @@ class NonzeroPattern:
         if self.full is None:
             return self.cols & bool((self.rows & rows).any())
         return (self.full & rows[:, None]).any(0)
+
+
+def added_to_bias(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor], like: torch.Tensor):
+    """``bias + extra``: constants folded into a layer's bias (summed in float64, cast like ``like``).
+
+    ``extra`` None returns ``bias`` as it is; a layer without a bias gets one holding ``extra``.
+    The result lives on ``like``'s device, whatever device ``extra`` was computed on.
+    """
+    if extra is None:
+        return bias
+    extra = extra.to(device=like.device, dtype=torch.float64)
+    base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
+    return nn.Parameter((base + extra).to(like.dtype), requires_grad=like.requires_grad)
