@@ -739,6 +739,38 @@ def test_a_wrong_size_function_costs_the_pruning_never_the_outputs(monkeypatch):
     assert report.kept_for_verification
 
 
+class Memory:
+    """Stands for a key/value cache: returned by the model only to be passed back to it."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+class Remembers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        hidden = torch.relu(self.up(x))
+        return self.down(hidden), Memory(hidden)
+
+
+def test_state_returned_by_the_model_follows_its_new_sizes(monkeypatch):
+    masks = {"up": {"weight": rows(keep_mask(8), (8, 4))}}
+    model = Remembers()
+    speedup.shrink(model, masks, torch.randn(3, 4))
+    assert model.up.out_features == 8, "an output keeps its shape"
+
+    plugin = types.ModuleType("memory_state_plugin")
+    plugin.speedup_register_rules = speedup.hookimpl(lambda registry: registry.add_state(Memory))
+    monkeypatch.setattr(manager, "_loaded", manager.load_plugins(extra=[plugin]))
+    assert manager.loaded_plugins().plugins[-1].states == [f"{Memory.__module__}.{Memory.__qualname__}"]
+    model = Remembers()
+    check_speedup(model, masks, torch.randn(3, 4), torch.randn(5, 4), shrunk=["up.weight", "down.weight"])
+    assert model(torch.randn(2, 4))[1].hidden.shape == (2, 4)
+
+
 def test_registry_rejects_what_is_not_a_module_type_or_not_a_module_rule():
     registry = RuleRegistry()
     with pytest.raises(TypeError, match="nn.Module subclass"):

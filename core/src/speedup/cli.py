@@ -28,7 +28,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
         print(f"{info.distribution} {info.version}  [{info.name} = {info.target}]  {status}")
         if info.ok:
             summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
-            print(summary + (f", {len(info.sizes)} size attributes" if info.sizes else ""))
+            summary += f", {len(info.sizes)} size attributes" if info.sizes else ""
+            print(summary + (f", {len(info.states)} state types" if info.states else ""))
             if verbose:
                 for name in info.modules:
                     print(f"    module {name}")
@@ -36,6 +37,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
                     print(f"    op     {name}")
                 for name in info.sizes:
                     print(f"    sizes  {name}")
+                for name in info.states:
+                    print(f"    state  {name}")
         failed |= not info.ok
     registry = loaded.registry
     for key in registry.conflicts:

@@ -148,7 +148,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     params_before = _count_parameters(model)
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
     try:
-        recorded = trace(model, args, kwargs, rules.claims, observe, known)
+        recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state)
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")
@@ -256,10 +256,11 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _C
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - located below, by recording the failing run
         return _locate(model, args, kwargs, recorded, rules, replaced, "")
-    difference = _compare(recorded.output, output)
+    is_state = rules.registry.is_state
+    difference = _compare(recorded.output, output, is_state)
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference)
-    return _Check(True, max_abs_diff=_max_difference(recorded.output, output))
+    return _Check(True, max_abs_diff=_max_difference(recorded.output, output, is_state))
 
 
 def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str) -> _Check:
@@ -268,7 +269,7 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     original = recorded.graph.nodes
     try:
-        again = trace(model, args, kwargs, claims)
+        again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
     except TracingFailed as failure:
         index = len(failure.graph.nodes)
         node = original[min(index, len(original) - 1)] if original else None
@@ -289,8 +290,9 @@ def _count_flops(model, args, kwargs) -> int:
     return counter.total
 
 
-def _compare(expected: Any, actual: Any) -> Optional[str]:
-    ref, got = list(iter_tensors(expected)), list(iter_tensors(actual))
+def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool]] = None) -> Optional[str]:
+    """What differs between two returns of a model (state the model reads back is not compared)."""
+    ref, got = list(iter_tensors(expected, is_state)), list(iter_tensors(actual, is_state))
     if len(ref) != len(got):
         return f"the model returned {len(got)} tensors instead of {len(ref)}"
     for i, (a, b) in enumerate(zip(ref, got)):
@@ -316,9 +318,9 @@ def outputs_close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
     return float((a[finite] - b[finite]).abs().max()) <= tolerance * max(scale, 1.0)
 
 
-def _max_difference(expected: Any, actual: Any) -> float:
+def _max_difference(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool]] = None) -> float:
     worst = 0.0
-    for a, b in zip(iter_tensors(expected), iter_tensors(actual)):
+    for a, b in zip(iter_tensors(expected, is_state), iter_tensors(actual, is_state)):
         if a.is_floating_point() and a.numel():
             worst = max(worst, float((a.double() - b.double()).abs().nan_to_num(0).max()))
     return worst

@@ -70,7 +70,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     tx = Transaction()
     tx.set_training(model, False)
     try:
-        graph = trace(model, args, kwargs, rules.claims).graph
+        graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state).graph
     finally:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())

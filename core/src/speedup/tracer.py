@@ -55,6 +55,7 @@ def trace(
     claims: Callable[[nn.Module], bool],
     observe: Callable[[nn.Module], bool] = lambda module: False,
     known: tuple = (),
+    is_state: Optional[Callable[[Any], bool]] = None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -62,7 +63,9 @@ def trace(
     rather than as the operators it runs. The root module is never claimed: its forward is the
     graph. ``observe(module)`` marks unclaimed modules whose boundary values are noted (for
     ``customized_replace_func``). ``known`` lists extra ``(name, owner, attribute)`` tensors that
-    count as parameters. Runs under ``torch.no_grad``; the caller chooses train or eval mode.
+    count as parameters. Objects in the output for which ``is_state`` holds (a key/value cache) are
+    not outputs of the graph: their tensors need not keep their shapes. Runs under ``torch.no_grad``;
+    the caller chooses train or eval mode.
     """
     recorder = _Recorder(model, known)
     modules = list({id(m): m for m in model.modules()}.values())
@@ -73,7 +76,7 @@ def trace(
         recorder.bind_inputs(args, kwargs)
         with torch.no_grad(), recorder:
             output = model(*args, **kwargs)
-        recorder.bind_outputs(output)
+        recorder.bind_outputs(output, is_state)
     except Exception as exc:
         raise TracingFailed(exc, recorder.graph) from exc
     finally:
@@ -94,8 +97,9 @@ def _disable_fused_attention() -> Callable[[], None]:
     return lambda: mha.set_fastpath_enabled(previous)
 
 
-def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iterator[torch.Tensor]:
-    """Yields every tensor reachable from a model's return value.
+def iter_tensors(obj: Any, skip: Optional[Callable[[Any], bool]] = None, _depth: int = 0,
+                 _seen: Optional[set] = None) -> Iterator[torch.Tensor]:
+    """Yields every tensor reachable from a model's return value, except inside objects ``skip`` names.
 
     Covers tensors, sequences, mappings, dataclasses and plain objects (a key/value cache), which
     ``torch.utils._pytree`` treats as opaque leaves.
@@ -104,6 +108,8 @@ def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iter
         yield obj
         return
     if _depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
+        return
+    if skip is not None and skip(obj):
         return
     _seen = set() if _seen is None else _seen
     if id(obj) in _seen:
@@ -120,7 +126,7 @@ def iter_tensors(obj: Any, _depth: int = 0, _seen: Optional[set] = None) -> Iter
     else:
         return
     for child in children:
-        yield from iter_tensors(child, _depth + 1, _seen)
+        yield from iter_tensors(child, skip, _depth + 1, _seen)
 
 
 class _Recorder(TorchDispatchMode):
@@ -163,8 +169,8 @@ class _Recorder(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and self._lookup(tensor) is None:
                 self.graph.inputs.append(self._remember(tensor, self.graph.new_value(tensor, Origin.INPUT)))
 
-    def bind_outputs(self, output: Any) -> None:
-        for tensor in iter_tensors(output):
+    def bind_outputs(self, output: Any, is_state: Optional[Callable[[Any], bool]] = None) -> None:
+        for tensor in iter_tensors(output, is_state):
             value = self.value_of(tensor)
             if not value.is_output:
                 value.is_output = True

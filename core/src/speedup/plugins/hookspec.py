@@ -40,7 +40,9 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
         operator (``"aten.add.Tensor"`` for one overload, ``"aten.add"`` for all of them). Call
         ``registry.add_sizes(module_type, fn)`` for a module type that is traced through but whose
         ``forward`` reads a stored size (``self.hidden_dim``): ``fn(module)`` returns the attributes
-        to set once its parts have shrunk (``{"hidden_dim": module.conv_proj.out_channels}``).
+        to set once its parts have shrunk (``{"hidden_dim": module.conv_proj.out_channels}``). Call
+        ``registry.add_state(type)`` for a type of object a model returns only to be given back to
+        it (a key/value cache): its tensors then follow the model's new sizes.
     :return: nothing; the registrations are the result.
 
     A plugin's registration replaces core's built-in rule for the same target. Two installed plugins

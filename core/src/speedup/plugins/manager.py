@@ -42,6 +42,7 @@ class PluginInfo:
     modules: list[str] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)
     sizes: list[str] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +116,8 @@ def strict_from_environment() -> bool:
 
 
 def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: ModuleType, info: PluginInfo) -> PluginInfo:
-    before_modules, before_ops, before_sizes = dict(registry.modules), dict(registry.ops), dict(registry.sizes)
+    tables = ("modules", "ops", "sizes", "states")
+    before = {name: dict(getattr(registry, name)) for name in tables}
     try:
         manager.register(module, name=f"{info.distribution}:{info.name}")
         registry.provider = Provider(info.distribution, info.version)
@@ -124,15 +126,15 @@ def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: Mod
                 impl.function(registry=registry)
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
         info.error = _describe(exc)
-        registry.modules, registry.ops, registry.sizes = before_modules, before_ops, before_sizes
+        for name in tables:
+            setattr(registry, name, before[name])
         if manager.is_registered(module):
             manager.unregister(module)
         return info
     finally:
         registry.provider = Provider(CORE_DISTRIBUTION, "")
-    info.modules = sorted(k for k, e in registry.modules.items() if before_modules.get(k) is not e)
-    info.ops = sorted(k for k, e in registry.ops.items() if before_ops.get(k) is not e)
-    info.sizes = sorted(k for k, e in registry.sizes.items() if before_sizes.get(k) is not e)
+    for name in tables:
+        setattr(info, name, sorted(k for k, e in getattr(registry, name).items() if before[name].get(k) is not e))
     return info
 
 

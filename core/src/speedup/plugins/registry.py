@@ -44,11 +44,14 @@ class RuleRegistry:
     ops: dict[str, _Entry] = field(default_factory=dict)
     sizes: dict[str, _Entry] = field(default_factory=dict)
     """Size-attribute functions by the module type's qualified name (see :meth:`add_sizes`)."""
+    states: dict[str, _Entry] = field(default_factory=dict)
+    """Types of model state found in outputs, by qualified name (see :meth:`add_state`)."""
     conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
     """Set by the plugin manager before it calls each plugin's hook."""
     _by_type: dict = field(default_factory=dict, repr=False)
+    _state_types: dict = field(default_factory=dict, repr=False)
 
     def add_module(self, module_type: Union[type, str], rule: ModuleRule) -> None:
         """Claims ``module_type`` (exactly; subclasses only if ``rule.subclasses``).
@@ -75,6 +78,33 @@ class RuleRegistry:
             raise TypeError(f"the sizes of {key} must be a function of the module, got {sizes!r}")
         self._put(self.sizes, key, sizes, key)
 
+    def add_state(self, state_type: Union[type, str]) -> None:
+        """Declares a type of object that a model returns as state to be given back to it later.
+
+        A key/value cache is the example: its tensors are not results the caller reads but what
+        the model itself reads at its next call, so they follow the model's new sizes (fewer heads)
+        instead of keeping their shapes, and verification does not compare them. Applies to
+        subclasses too; given as the class or its qualified name.
+        """
+        if isinstance(state_type, str):
+            if "." not in state_type:
+                raise TypeError(f"a state type given by name needs its module path, got {state_type!r}")
+            key = state_type
+        elif isinstance(state_type, type):
+            key = _qualified(state_type)
+        else:
+            raise TypeError(f"add_state needs a type or its qualified name, got {state_type!r}")
+        if key not in self.states:  # two plugins saying the same thing do not conflict
+            self._put(self.states, key, True, key)
+
+    def is_state(self, obj: Any) -> bool:
+        """Whether ``obj`` (found in a model's output) is state declared with :meth:`add_state`."""
+        cls = type(obj)
+        known = self._state_types.get(cls)
+        if known is None:
+            known = self._state_types[cls] = any(_qualified(base) in self.states for base in cls.__mro__)
+        return known
+
     def add_op(self, op: OpKey, rule: OpRule) -> None:
         """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""
         if not isinstance(rule, OpRule):
@@ -92,6 +122,7 @@ class RuleRegistry:
             self.conflicts[key] = (previous.provider, self.provider)
         table[key] = _Entry(rule, self.provider)
         self._by_type.clear()
+        self._state_types.clear()
 
     def conflict_message(self, key: Any) -> str:
         first, second = self.conflicts[key]

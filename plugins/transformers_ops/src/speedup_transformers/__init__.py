@@ -17,3 +17,5 @@ __version__ = "0.1.0"
 @hookimpl
 def speedup_register_rules(registry: RuleRegistry) -> None:
     registry.add_module("transformers.pytorch_utils.Conv1D", Conv1DRule())
+    # A key/value cache is returned only to be passed back in: it holds the heads that remain.
+    registry.add_state("transformers.cache_utils.Cache")
