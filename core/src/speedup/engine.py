@@ -271,16 +271,26 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
     try:
         again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
     except TracingFailed as failure:
+        # The first call that went off-plan is to blame, even if the error comes later (a view
+        # with -1 silently makes the wrong shape; an operator further on raises).
+        check = _first_departure(original, failure.graph.nodes)
+        if check is not None:
+            return check
         index = len(failure.graph.nodes)
         node = original[min(index, len(original) - 1)] if original else None
         return _Check(False, node, f"{type(failure.error).__name__}: {failure.error}")
-    for old, new in zip(original, again.graph.nodes):
+    return _first_departure(original, again.graph.nodes) or _Check(False, None, difference or "the outputs differ")
+
+
+def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check]:
+    """The first recorded call whose re-recorded counterpart is another call or has unplanned shapes."""
+    for old, new in zip(original, again):
         if old.kind is not new.kind or (old.kind is NodeKind.OP and old.target is not new.target):
             return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
         for value, produced in zip(old.outputs, new.outputs):
             if _expected_shape(value) != produced.shape:
                 return _Check(False, old, f"produced shape {produced.shape} where {_expected_shape(value)} was planned")
-    return _Check(False, None, difference or "the outputs differ")
+    return None
 
 
 def _count_flops(model, args, kwargs) -> int:
