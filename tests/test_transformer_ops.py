@@ -99,6 +99,28 @@ def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
                   shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
 
 
+class SilentView(nn.Module):
+    """``view(b, -1, 4)`` makes a wrong shape without raising once ``proj`` loses its inner entries;
+    a size read from it then breaks an unrelated operator further on."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.gate, self.out = nn.Linear(8, 16), nn.Linear(8, 4), nn.Linear(16, 2)
+
+    def forward(self, x):
+        blocks = torch.relu(self.proj(x)).view(x.shape[0], -1, 4)
+        gated = self.gate(x) * torch.ones(blocks.shape[1])
+        return self.out(blocks.flatten(1)) + gated.sum(1, keepdim=True)
+
+
+def test_verification_blames_the_call_that_went_off_plan_not_the_one_that_raised():
+    model = SilentView()
+    inner = torch.arange(16) % 4 < 2  # the last two entries of every block of 4
+    masks = {"proj": {"weight": rows(inner, (16, 8)), "bias": inner}}
+    report = check_speedup(model, masks, torch.randn(4, 8), torch.randn(6, 8))
+    assert report.kept_for_verification and "view" in report.kept_for_verification[0]
+
+
 def test_a_literal_head_count_in_view_keeps_the_heads_after_verification():
     model = HandAttention(heads_in_view=H)  # view(b, t, 4, 8): would not adapt to fewer heads
     heads = torch.tensor([False, True, True, False])
