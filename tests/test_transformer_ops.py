@@ -99,6 +99,20 @@ def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
                   shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
 
 
+def test_a_literal_head_dim_keeps_only_the_head_dim_after_verification():
+    """v loses entries inside its heads too; ``view(b, t, -1, D)`` cannot follow, the heads still go."""
+    model = HandAttention()
+    heads = torch.tensor([False, True, True, False])
+    feature = heads.repeat_interleave(D)
+    inner = feature & (torch.arange(E) % D < D - 2)
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k")}
+    masks["v"] = {"weight": rows(inner, (E, E)), "bias": inner}
+    report = check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E),
+                           shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
+    assert model.v.out_features == 2 * D
+    assert report.kept_for_verification and "dimension 3 kept" in report.kept_for_verification[0]
+
+
 class SilentView(nn.Module):
     """``view(b, -1, 4)`` makes a wrong shape without raising once ``proj`` loses its inner entries;
     a size read from it then breaks an unrelated operator further on."""

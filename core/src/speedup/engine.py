@@ -161,9 +161,10 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()
+    pinned_dims: dict[int, set[int]] = {}
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
-        analysis.run(frozenset(pinned))
+        analysis.run(frozenset(pinned), pinned_dims)
         report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
@@ -182,7 +183,12 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
                 f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
                 "unchanged. Please report this with the model's code."
             )
-        pinned.add(node.index)
+        dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
+        if dims is None:
+            pinned.add(node.index)  # the whole call; also where keeping some dimensions was not enough
+        else:
+            pinned_dims[node.index] = dims
+            reason += f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
         report.kept_for_verification.append(f"{node.describe()}: {reason}")
         tx.rollback(savepoint)
     else:
@@ -234,11 +240,6 @@ def _barriers(nodes: list[Node]) -> list[Barrier]:
     return [Barrier(node.op_name, node.scope, node.location or "") for node in nodes]
 
 
-def _expected_shape(value: TensorValue) -> tuple:
-    return tuple(n if not value.kept or value.kept[d] is None else int(value.kept[d].numel())
-                 for d, n in enumerate(value.shape))
-
-
 @dataclass
 class _Check:
     """The outcome of verifying one attempt."""
@@ -247,6 +248,8 @@ class _Check:
     node: Optional[Node] = None
     reason: str = ""
     max_abs_diff: float = 0.0
+    again: Optional[Node] = None
+    """The blamed call as the sped-up model made it (None where that is not known)."""
 
 
 def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _Check:
@@ -278,7 +281,8 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
             return check
         index = len(failure.graph.nodes)
         node = original[min(index, len(original) - 1)] if original else None
-        return _Check(False, node, f"{type(failure.error).__name__}: {failure.error}")
+        call = failure.call if failure.call is not None and node is not None and failure.call.target is node.target else None
+        return _Check(False, node, f"{type(failure.error).__name__}: {failure.error}", again=call)
     return _first_departure(original, again.graph.nodes) or _Check(False, None, difference or "the outputs differ")
 
 
@@ -288,8 +292,9 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
         if old.kind is not new.kind or (old.kind is NodeKind.OP and old.target is not new.target):
             return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
         for value, produced in zip(old.outputs, new.outputs):
-            if _expected_shape(value) != produced.shape:
-                return _Check(False, old, f"produced shape {produced.shape} where {_expected_shape(value)} was planned")
+            if value.planned_shape() != produced.shape:
+                return _Check(False, old, f"produced shape {produced.shape} where {value.planned_shape()} was planned",
+                              again=new)
     return None
 
 

@@ -77,6 +77,12 @@ class TensorValue:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def planned_shape(self) -> tuple[int, ...]:
+        """The shape once the kept entries of every dimension are all that is left."""
+        if not self.kept:
+            return self.shape
+        return tuple(n if k is None else int(k.numel()) for n, k in zip(self.shape, self.kept))
+
     def host(self) -> Optional[torch.Tensor]:
         """``data`` detached and on the CPU (copied once from another device).
 

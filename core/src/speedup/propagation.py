@@ -54,9 +54,10 @@ class Analysis:
                 self._unknown.add(node.index)
             node.rule = rule
 
-    def run(self, pinned_nodes: frozenset = frozenset()) -> None:
-        """All three passes. ``pinned_nodes`` (node indices) are treated as barriers."""
-        self.couple(pinned_nodes)
+    def run(self, pinned_nodes: frozenset = frozenset(), pinned_dims: Optional[dict[int, set[int]]] = None) -> None:
+        """All three passes. ``pinned_nodes`` (node indices) are treated as barriers; ``pinned_dims``
+        keeps dimensions of some nodes' first output whole (node index -> dimensions)."""
+        self.couple(pinned_nodes, pinned_dims)
         for node in self.graph.nodes:
             self._node = node
             node.rule.forward(node, self)
@@ -70,7 +71,8 @@ class Analysis:
                 node.rule.backward(node, self)
         self._node = None
 
-    def couple(self, pinned_nodes: frozenset = frozenset()) -> AtomSolution:
+    def couple(self, pinned_nodes: frozenset = frozenset(),
+               pinned_dims: Optional[dict[int, set[int]]] = None) -> AtomSolution:
         """The coupling pass alone: which entries of which dimensions live or go together."""
         self.table = AtomTable()
         self.barriers = []
@@ -79,6 +81,9 @@ class Analysis:
             value.atoms, value.demand, value.kept = [], None, []
         for node in self.graph.nodes:
             self._couple(node, pinned_nodes)
+        for index, dims in (pinned_dims or {}).items():
+            for d in dims:
+                self._pin_dim(self.graph.nodes[index].outputs[0], d)
         for value in self.graph.outputs:  # what the model returns keeps its shape
             for d in range(value.ndim):
                 self._pin_dim(value, d)

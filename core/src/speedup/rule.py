@@ -54,6 +54,16 @@ class Rule:
             for value in node.inputs:
                 ctx.demand_all(value)
 
+    def keep_after_departure(self, node: "Node", again: Optional["Node"]) -> Optional[set[int]]:
+        """Which dimensions of the first output to keep whole after verification found that this call
+        made other shapes than planned in the sped-up model; ``None`` keeps the whole call (the default).
+
+        ``again`` is the same call in the sped-up model, or ``None`` where it raised before
+        returning (then ``node`` stands in for it). A rule that sees why can keep less: a reshape
+        given a literal size keeps just that dimension, so the others may still shrink.
+        """
+        return None
+
     @property
     def label(self) -> str:
         return self.name or type(self).__name__

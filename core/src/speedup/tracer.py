@@ -40,12 +40,14 @@ class Trace:
 
 
 class TracingFailed(Exception):
-    """The model raised while being recorded; ``graph`` holds what was recorded up to then."""
+    """The model raised while being recorded; ``graph`` holds what was recorded up to then, and
+    ``call`` the operator call that raised (without outputs), if an operator did."""
 
-    def __init__(self, error: BaseException, graph: Graph):
+    def __init__(self, error: BaseException, graph: Graph, call: Optional[Node] = None):
         super().__init__(str(error))
         self.error = error
         self.graph = graph
+        self.call = call
 
 
 def trace(
@@ -78,7 +80,7 @@ def trace(
             output = model(*args, **kwargs)
         recorder.bind_outputs(output, is_state)
     except Exception as exc:
-        raise TracingFailed(exc, recorder.graph) from exc
+        raise TracingFailed(exc, recorder.graph, recorder.failed_call) from exc
     finally:
         fastpath()
         for handle in handles:
@@ -160,6 +162,7 @@ class _Recorder(TorchDispatchMode):
         self._constant_storages: dict[int, list[TensorValue]] = {}
         self._writes: dict[int, list[TensorValue]] = {}
         self.suppress = 0
+        self.failed_call: Optional[Node] = None
         self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
 
     # -- values ---------------------------------------------------------------------------
@@ -240,12 +243,16 @@ class _Recorder(TorchDispatchMode):
         written = _written_tensors(func, args, kwargs)
         for tensor in written:
             self._protect_before_write(tensor)
-        out = func(*args, **kwargs)
+        inputs = _values_in(call_args) + _values_in(tuple(call_kwargs.values()))
+        node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed_call = node
+            raise
         if counted:
             self.flops += flop_count.count(func, args, kwargs, out)
-        inputs = _values_in(call_args) + _values_in(tuple(call_kwargs.values()))
         origin = _derived_origin(func, inputs)
-        node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
         self.graph.add_node(node)
         results = _tensors(out)
         base = _view_base(func, args)

@@ -172,6 +172,16 @@ class _Group:
 class Reshape(OpRule):
     """``view`` / ``reshape``: regroups dimensions, splitting and merging as the sizes say."""
 
+    def keep_after_departure(self, node: Node, again: Optional[Node]) -> Optional[set[int]]:
+        """The dimensions the call gives a size other than ``-1`` and the plan another size: a literal
+        (``view(b, t, -1, self.head_dim)``) does not follow the plan, the ``-1`` next to it does."""
+        sizes = list(node.args[1] if again is None else again.args[1])
+        planned = node.outputs[0].planned_shape()
+        if len(sizes) != len(planned) or not all(isinstance(s, int) for s in sizes):
+            return None
+        keep = {d for d, (given, want) in enumerate(zip(sizes, planned)) if given != -1 and given != want}
+        return keep or None
+
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = node.args[0], node.outputs[0]
         groups = _groups(x.shape, out.shape)
