@@ -493,3 +493,21 @@ def test_model_speedup_returns_the_same_model_and_sets_the_report():
     assert runner.report.params_after < runner.report.params_before
     assert_same_outputs(reference, model, fresh())
 
+
+
+def test_a_module_the_dummy_input_never_reaches_is_named_in_a_warning():
+    """An auxiliary head that only runs in training keeps its sizes; the user is told which one."""
+
+    class WithAuxiliary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            hidden = torch.relu(self.body(x))
+            return (self.head(hidden), self.aux(hidden)) if self.training else self.head(hidden)
+
+    model = WithAuxiliary()
+    with pytest.warns(speedup.SpeedupWarning, match="'aux' did not run on the dummy input"):
+        speedup.shrink(model, {"body": {"weight": rows(keep_mask(8), (8, 4))}}, torch.randn(2, 4))
+    assert model.body.out_features == 4 and model.aux.in_features == 8

@@ -196,10 +196,30 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     tensor_masks.drop_all_ones(holders, tx)
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
-    report.warnings = plan.warnings + replaced.warnings
+    report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced)
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
     return report
+
+
+def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
+    """Modules whose parameters the dummy input never reached keep their sizes: say so, when something
+    around them shrank (an auxiliary head that only runs in training no longer fits its input)."""
+    if not (replaced.modules or replaced.parameters):
+        return []
+    outermost: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{o}.") for o in outermost):
+            continue
+        names = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
+        if names and not any(n in graph.parameters for n in names):
+            outermost.append(name)
+    if not outermost:
+        return []
+    listed = ", ".join(f"'{m or '<model>'}'" for m in outermost[:6]) + (" ..." if len(outermost) > 6 else "")
+    return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
+            "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
+            "dummy input that runs them."]
 
 
 class _Clock:
