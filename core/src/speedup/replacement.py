@@ -261,11 +261,15 @@ def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: Replaceme
         sizes = sizes_of(module)
         if sizes is None:
             continue
-        for attr, value in sizes(module).items():
-            before = getattr(module, attr, None)
+        for path, value in sizes(module).items():
+            *parents, attr = path.split(".")
+            owner = module
+            for parent in parents:  # "config.hidden_size": set on the object the module holds
+                owner = getattr(owner, parent)
+            before = getattr(owner, attr, None)
             if before != value:
-                tx.set_attr(module, attr, value)
-                report.attributes[f"{name}.{attr}" if name else attr] = (before, value)
+                tx.set_attr(owner, attr, value)
+                report.attributes[f"{name}.{path}" if name else path] = (before, value)
 
 
 def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:

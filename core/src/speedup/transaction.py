@@ -98,7 +98,9 @@ def _lookup(obj: Any, name: str) -> Any:
         for table in (obj._parameters, obj._buffers, obj._modules):
             if name in table:
                 return table[name]
-    return obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
+    if name in getattr(obj, "__dict__", {}):
+        return obj.__dict__[name]
+    return getattr(obj, name, _MISSING)  # a property or mapped name (a config's aliases): restored by setattr
 
 
 def _restore(obj: Any, name: str, previous: Any) -> None:

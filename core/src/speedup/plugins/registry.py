@@ -71,7 +71,8 @@ class RuleRegistry:
         stored size: torchvision's ``VisionTransformer`` reshapes with ``self.hidden_dim``, which must
         follow ``conv_proj.out_channels`` once that shrinks. After the speedup rebuilt the module's
         parts, ``sizes(module)`` returns ``{attribute: new value}`` and the engine sets each one that
-        changed (undone like every other change if the speedup fails). Applies to subclasses too.
+        changed (undone like every other change if the speedup fails). A dotted attribute
+        (``"config.hidden_size"``) is set on the object the module holds. Applies to subclasses too.
         """
         key = _module_key(module_type, "add_sizes")
         if not callable(sizes):
