@@ -140,6 +140,71 @@ def settle(model: nn.Module, inputs: Any, *, min_runs: int = 2, max_runs: int = 
     return runs
 
 
+def budgeted_latency(models: Mapping[str, nn.Module], inputs: Any, *, budget_s: float, min_rounds: int = 3,
+                     max_rounds: int = 25) -> dict[str, dict]:
+    """:func:`interleaved_latency` under a time budget, for models from milliseconds to minutes a forward.
+
+    Each model is warmed up with :func:`settle`, given a share of the budget (so that a model whose
+    forward takes longer than the budget gets a single warm-up run); then interleaved rounds (one
+    run of each model, the order rotating) are measured until ``budget_s`` has passed, at least
+    ``min_rounds`` and at most ``max_rounds``. There is no unmeasured interleaved round: the
+    median over the rounds absorbs a slow first one. Same result layout as ``interleaved_latency``.
+    """
+    names = list(models)
+    share = budget_s / (2 * len(names))
+    with torch.no_grad():
+        warm = {name: settle(models[name], inputs, min_runs=1, max_s=share) for name in names}
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        started = time.perf_counter()
+        for round_ in range(max(max_rounds, min_rounds)):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                call(models[name], inputs)
+                samples[name].append(time.perf_counter() - t0)
+            if round_ + 1 >= min_rounds and time.perf_counter() - started > budget_s:
+                break
+    return {name: {"median": statistics.median(s), "min": min(s), "runs": len(s), "warmup_runs": warm[name]}
+            for name, s in samples.items()}
+
+
+def _proc_kib(path: str, field: str) -> Optional[int]:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def memory_limit(fraction: float = 0.85):
+    """Makes allocations fail (``MemoryError`` / torch's "can't allocate memory") instead of the OOM killer.
+
+    Sets the soft address-space limit (``RLIMIT_AS``) to this process's current virtual size plus
+    ``fraction`` of the memory available now (``MemAvailable``), and puts it back on exit. Without
+    ``/proc`` or ``resource`` (not Linux) it does nothing. Yields the limit in bytes (or None).
+    """
+    try:
+        import resource
+    except ImportError:
+        resource = None
+    size, available = _proc_kib("/proc/self/status", "VmSize"), _proc_kib("/proc/meminfo", "MemAvailable")
+    if resource is None or size is None or available is None:
+        yield None
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = (size + int(available * fraction)) * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 # --------------------------------------------------------------------------------------------
 # Masks
 
@@ -292,8 +357,13 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
 
 def save_json(name: str, payload: Any) -> Path:
     """Writes ``payload`` to ``benchmarks/results/<name>.json`` (the folder is git-ignored)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    return write_json(RESULTS_DIR / f"{name}.json", payload)
+
+
+def write_json(path: "str | Path", payload: Any) -> Path:
+    """Writes ``payload`` as JSON to ``path`` (any location; parent folders created), as :func:`save_json` does."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     return path
 
@@ -306,6 +376,42 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return str(value)
+
+
+class StreamTable:
+    """A text table printed one row at a time (each line flushed), for runs that take hours.
+
+    ``columns`` are ``(key, header, format spec, width)``; a cell wider than its width pushes the
+    rest of its line right (nothing is cut). The last column is left-aligned and never padded, so
+    it can hold free text (a status, an error message).
+    """
+
+    def __init__(self, columns: Sequence[tuple[str, str, str, int]]):
+        self.columns = [(key, header, spec, max(width, len(header))) for key, header, spec, width in columns]
+
+    def _line(self, cells: Sequence[str]) -> str:
+        parts = []
+        for i, (cell, (_, _, _, width)) in enumerate(zip(cells, self.columns)):
+            if i == len(self.columns) - 1:
+                parts.append(cell)
+            elif i == 0:
+                parts.append(cell.ljust(width))
+            else:
+                parts.append(cell.rjust(width))
+        return "  ".join(parts).rstrip()
+
+    def header(self) -> str:
+        """Prints (and returns) the header line and the rule under it."""
+        text = self._line([header for _, header, _, _ in self.columns]) + "\n" + "  ".join(
+            "-" * width for _, _, _, width in self.columns)
+        print(text, flush=True)
+        return text
+
+    def row(self, row: Mapping[str, Any]) -> str:
+        """Prints (and returns) one row; missing keys print as ``-``."""
+        text = self._line([fmt(row.get(key), spec) for key, _, spec, _ in self.columns])
+        print(text, flush=True)
+        return text
 
 
 def split_list(text: Optional[str], known: Iterable[str]) -> list[str]:

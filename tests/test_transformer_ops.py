@@ -1,6 +1,7 @@
 """Attention, normalisation of the hidden size, embeddings, shared modules: against the masked model."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -97,6 +98,32 @@ def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
     masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
     check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E),
                   shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
+
+
+class PerHeadBias(nn.Module):
+    """Attention given a per-head additive mask (T5's relative position bias, one table column per head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
+        self.bias = nn.Embedding(9, H)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+        distance = (torch.arange(t)[None, :] - torch.arange(t)[:, None]).clamp(-4, 4) + 4
+        mask = self.bias(distance).permute(2, 0, 1).unsqueeze(0)  # (1, heads, t, t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_per_head_attention_mask_loses_the_slices_of_removed_heads():
+    model = PerHeadBias()
+    heads = torch.tensor([True, False, True, False])
+    feature = heads.repeat_interleave(D)
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
+    check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 7, E),
+                  shrunk=["q.weight", "o.weight", "bias.weight"])
 
 
 def test_a_literal_head_dim_keeps_only_the_head_dim_after_verification():
@@ -240,6 +267,31 @@ def test_tied_embedding_and_head_stay_tied():
     masks = {"embed": {"weight": hidden[None, :].expand(40, E)}, "body": {"weight": rows(hidden, (E, E)), "bias": hidden}}
     check_speedup(model, masks, torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (3, 7)), shrunk=["embed.weight"])
     assert model.head.weight is model.embed.weight
+
+
+class SharedEmbeddingUnderTwoNames(nn.Module):
+    """Like T5: the model holds ``shared``; the encoder holds another Embedding with the same weight and calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(40, E)
+        self.encoder = nn.ModuleDict({"embed": nn.Embedding(40, E), "body": nn.Linear(E, 6)})
+        self.encoder["embed"].weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.encoder["body"](self.encoder["embed"](ids))
+
+
+def test_an_embedding_tied_under_another_name_shrinks_with_the_one_called():
+    model = SharedEmbeddingUnderTwoNames()
+    hidden = keep_mask(E)
+    masks = {"shared": {"weight": hidden[None, :].expand(40, E)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both embeddings ran, in effect: no "did not run" warning
+        check_speedup(model, masks, torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (3, 7)),
+                      shrunk=["shared.weight", "encoder.body.weight"])
+    assert model.shared.weight is model.encoder["embed"].weight
+    assert model.shared is not model.encoder["embed"] and model.shared.embedding_dim == int(hidden.sum())
 
 
 class ShapeControlFlow(nn.Module):

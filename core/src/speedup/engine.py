@@ -207,9 +207,10 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     around them shrank (an auxiliary head that only runs in training no longer fits its input)."""
     if not (replaced.modules or replaced.parameters):
         return []
+    reached = set(graph.module_calls) | set(replaced.modules)
     outermost: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{o}.") for o in outermost):
+        if name in reached or any(name.startswith(f"{o}.") for o in outermost):
             continue
         names = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
         if names and not any(n in graph.parameters for n in names):

@@ -3,7 +3,8 @@
 Three kinds of change, all through the :class:`~speedup.transaction.Transaction`:
 
 * a module recorded as one node is rebuilt by its rule (or by the user's ``customized_replace_func``)
-  from a :class:`ModulePlan`, and put in place of the old one under every name it has;
+  from a :class:`ModulePlan`, and put in place of the old one under every name it has; a module
+  holding the very same parameters under another name (a tied embedding) gets a twin of it;
 * a parameter read directly by operators (``F.linear(x, self.weight)``) is sliced where it lost
   entries and set back on its owner;
 * an attribute repeating a size (``self.hidden_dim``) of a module that is traced through is set to
@@ -16,6 +17,7 @@ shared after the speedup.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -236,6 +238,7 @@ def replace(
         new = custom(boundary.module, seed_masks(boundary.inputs, boundary.outputs, params))
         _put(model, boundary.module, new, places, tx, report)
         report.modules[name] = (type(boundary.module).__name__, {})
+    _retie(model, places, tx, report)
     rebuilt = {id(m) for old, _ in report.pairs for m in old.modules()}
     for value in graph.parameters.values():
         if all(k is None for k in value.kept) or value.owner is None:
@@ -277,6 +280,48 @@ def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transacti
     if new is not old:
         for parent, attr in places.get(id(old), []):
             tx.set_attr(parent, attr, new)
+
+
+def _retie(model: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:
+    """Modules tied to a rebuilt one become its twins, so that they stay tied.
+
+    Two modules holding the very same parameters (an encoder's input embedding and the model's
+    ``shared`` one) are one module under two names, of which the model calls one. The other gets a
+    copy of the rebuilt module holding the same new parameters (the tie holds; each name still
+    has its own module object, as before).
+    """
+    by_tensors: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        key = _own_tensors(module)
+        if key:
+            by_tensors.setdefault(key, []).append((name, module))
+    for old, new in list(report.pairs):
+        if new is old:
+            continue
+        for name, module in by_tensors.get(_own_tensors(old), []):
+            if module is not old and type(module) is type(old):
+                _put(model, module, _twin(new), places, tx, report)
+                report.modules[name] = (type(module).__name__, _param_shapes_of(module, new))
+
+
+def _own_tensors(module: nn.Module) -> tuple:
+    """(name, id) of the parameters and buffers a module holds itself."""
+    held = list(module._parameters.items()) + list(module._buffers.items())
+    return tuple(sorted((name, id(t)) for name, t in held if t is not None))
+
+
+def _twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` sharing its parameters, buffers and children."""
+    twin = copy.copy(module)
+    twin._parameters = dict(module._parameters)
+    twin._buffers = dict(module._buffers)
+    twin._modules = dict(module._modules)
+    return twin
+
+
+def _param_shapes_of(old: nn.Module, new: nn.Module) -> dict[str, tuple[tuple, tuple]]:
+    return {name: (tuple(p.shape), tuple(_get(new, name).shape)) for name, p in old._parameters.items()
+            if p is not None and tuple(p.shape) != tuple(_get(new, name).shape)}
 
 
 def _boundary_changed(boundary) -> bool:

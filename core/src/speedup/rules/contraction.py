@@ -159,7 +159,22 @@ class Attention(OpRule):
         ctx.demand(k, {**batch, k.ndim - 3: kv_heads, k.ndim - 1: features})
         ctx.demand(v, {**batch, v.ndim - 3: kv_heads, v.ndim - 1: ctx.demanded(out, -1)})
         if mask is not None:
-            ctx.demand_all(mask)
+            ctx.demand(mask, _mask_demand(ctx, q, k, out, mask))
+
+
+def _mask_demand(ctx: Analysis, q: TensorValue, k: TensorValue, out: TensorValue,
+                 mask: TensorValue) -> dict[int, torch.Tensor]:
+    """The entries of an attention mask the output needs: those of its needed batch entries, heads and
+    query positions, every key position. A mask with one slice per head (T5 adds its position bias
+    through it) then lets heads go: a removed head does not read its slice."""
+    scores = q.shape[:-1] + (k.shape[-2],)  # the shape the mask broadcasts to
+    offset = len(scores) - mask.ndim
+    demand = {}
+    for d in range(mask.ndim):
+        s = d + offset
+        if s < q.ndim - 1 and mask.shape[d] == scores[s] != 1:
+            demand[d] = ctx.demanded(out, s)
+    return demand
 
 
 def register(registry) -> None:
