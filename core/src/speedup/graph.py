@@ -179,6 +179,8 @@ class Graph:
     values: list[TensorValue] = field(default_factory=list)
     inputs: list[TensorValue] = field(default_factory=list)
     outputs: list[TensorValue] = field(default_factory=list)
+    output_paths: list[tuple[tuple, TensorValue]] = field(default_factory=list)
+    """Where each returned tensor is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
     parameters: dict[str, TensorValue] = field(default_factory=dict)
     module_calls: dict[str, list[Node]] = field(default_factory=dict)
     """Module nodes grouped by module name, to treat every call of a shared module alike."""

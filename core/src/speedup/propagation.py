@@ -7,7 +7,8 @@ iterates to a fixpoint):
    solved once afterwards.
 2. **forward**: rules say which output entries are constant ("direct sparsity").
 3. **backward**: rules say which input entries they need ("indirect sparsity"), starting from the
-   graph outputs, which are needed whole.
+   graph outputs, which need every entry but their constant ones (put back after the model, see
+   :mod:`speedup.output_constants`).
 
 Per dimension of every value the passes leave ``atoms`` (an atom per entry, ``None`` for a
 dimension that keeps its size), ``consts`` (:class:`~speedup.rule.DimConst` or ``None``) and
@@ -62,7 +63,7 @@ class Analysis:
             self._node = node
             node.rule.forward(node, self)
         for value in self.graph.outputs:
-            self.demand_all(value)
+            self.demand(value, self._returned_demand(value))
         for node in reversed(self.graph.nodes):
             self._node = node
             if node.index in pinned_nodes:
@@ -71,9 +72,26 @@ class Analysis:
                 node.rule.backward(node, self)
         self._node = None
 
+    def _returned_demand(self, value: TensorValue) -> dict[int, torch.Tensor]:
+        """What the caller needs of a returned tensor: every entry but the constant ones along
+        dimensions that may shrink (those are put back after the model)."""
+        demand = {}
+        for d in range(value.ndim):
+            if value.atoms and value.atoms[d] is not None:
+                consts = self.const(value, d)
+                if consts is not None and consts.any():
+                    demand[d] = ~consts.mask
+        return demand
+
     def couple(self, pinned_nodes: frozenset = frozenset(),
-               pinned_dims: Optional[dict[int, set[int]]] = None) -> AtomSolution:
-        """The coupling pass alone: which entries of which dimensions live or go together."""
+               pinned_dims: Optional[dict[int, set[int]]] = None, pin_results: bool = False) -> AtomSolution:
+        """The coupling pass alone: which entries of which dimensions live or go together.
+
+        ``pin_results`` keeps every entry of the model's results: the returned tensors that nothing
+        in the model reads further (for choosing what to prune: class scores are not offered; a
+        hidden state the model returns besides using it is). Without it, returned entries go where
+        they are constant.
+        """
         self.table = AtomTable()
         self.barriers = []
         self._factorings: dict[int, tuple] = {}
@@ -84,9 +102,10 @@ class Analysis:
         for index, dims in (pinned_dims or {}).items():
             for d in dims:
                 self._pin_dim(self.graph.nodes[index].outputs[0], d)
-        for value in self.graph.outputs:  # what the model returns keeps its shape
-            for d in range(value.ndim):
-                self._pin_dim(value, d)
+        if pin_results:
+            for value in self.graph.outputs:
+                for d in range(value.ndim if not value.consumers else 0):
+                    self._pin_dim(value, d)
         self.solution = self.table.solve()
         return self.solution
 

@@ -9,6 +9,8 @@ Three kinds of change, all through the :class:`~speedup.transaction.Transaction`
   entries and set back on its owner;
 * an attribute repeating a size (``self.hidden_dim``) of a module that is traced through is set to
   what the plugin's size function says, once the module's parts have shrunk;
+* constant channels of returned tensors that went inside the model are put back by a forward hook
+  (:mod:`speedup.output_constants`);
 * nothing else: operators run unchanged on smaller tensors.
 
 Sliced parameters are memoised, so a parameter shared by two modules (tied embeddings) stays
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from .graph import Graph, Node, NodeKind, TensorValue
+from .output_constants import PutBackConstants, put_back_constants
 from .plugins.registry import SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
@@ -201,6 +204,8 @@ class ReplacementReport:
     """``"module.attribute"``: (value before, value after), for size attributes that changed."""
     pairs: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
     """(old module, the module that replaced it)."""
+    put_back: Optional[PutBackConstants] = None
+    """The hook putting removed constant channels back into the returned tensors, if any went."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -250,6 +255,7 @@ def replace(
         report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
     if report.modules or report.parameters:
         _update_sizes(model, sizes_of, tx, report)
+    report.put_back = put_back_constants(model, graph, tx)
     return report
 
 

@@ -99,17 +99,28 @@ def _disable_fused_attention() -> Callable[[], None]:
     return lambda: mha.set_fastpath_enabled(previous)
 
 
-def iter_tensors(obj: Any, skip: Optional[Callable[[Any], bool]] = None, _depth: int = 0,
-                 _seen: Optional[set] = None) -> Iterator[torch.Tensor]:
+def iter_tensors(obj: Any, skip: Optional[Callable[[Any], bool]] = None) -> Iterator[torch.Tensor]:
     """Yields every tensor reachable from a model's return value, except inside objects ``skip`` names.
 
     Covers tensors, sequences, mappings, dataclasses and plain objects (a key/value cache), which
     ``torch.utils._pytree`` treats as opaque leaves.
     """
+    for _, tensor in iter_tensor_paths(obj, skip):
+        yield tensor
+
+
+Path = tuple
+"""Steps from a return value to one of its tensors: ``("item", key)`` (mapping or sequence entry) or
+``("attr", name)`` (attribute of a dataclass or plain object)."""
+
+
+def iter_tensor_paths(obj: Any, skip: Optional[Callable[[Any], bool]] = None, _path: Path = (),
+                      _seen: Optional[set] = None) -> Iterator[tuple[Path, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor :func:`iter_tensors` yields, in the same order."""
     if isinstance(obj, torch.Tensor):
-        yield obj
+        yield _path, obj
         return
-    if _depth > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
+    if len(_path) > 8 or obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module)):
         return
     if skip is not None and skip(obj):
         return
@@ -118,17 +129,19 @@ def iter_tensors(obj: Any, skip: Optional[Callable[[Any], bool]] = None, _depth:
         return
     _seen.add(id(obj))
     if isinstance(obj, dict):
-        children = obj.values()
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        children = obj
+        children = [(("item", key), value) for key, value in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        children = [(("item", i), value) for i, value in enumerate(obj)]
+    elif isinstance(obj, (set, frozenset)):
+        children = [((), value) for value in obj]  # no path leads back into a set
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        children = (getattr(obj, f.name) for f in dataclasses.fields(obj))
+        children = [(("attr", f.name), getattr(obj, f.name)) for f in dataclasses.fields(obj)]
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        children = vars(obj).values()
+        children = [(("attr", name), value) for name, value in vars(obj).items()]
     else:
         return
-    for child in children:
-        yield from iter_tensors(child, skip, _depth + 1, _seen)
+    for step, child in children:
+        yield from iter_tensor_paths(child, skip, _path + ((step,) if step else ()), _seen)
 
 
 class _Recorder(TorchDispatchMode):
@@ -173,8 +186,9 @@ class _Recorder(TorchDispatchMode):
                 self.graph.inputs.append(self._remember(tensor, self.graph.new_value(tensor, Origin.INPUT)))
 
     def bind_outputs(self, output: Any, is_state: Optional[Callable[[Any], bool]] = None) -> None:
-        for tensor in iter_tensors(output, is_state):
+        for path, tensor in iter_tensor_paths(output, is_state):
             value = self.value_of(tensor)
+            self.graph.output_paths.append((path, value))
             if not value.is_output:
                 value.is_output = True
                 self.graph.outputs.append(value)

@@ -1,0 +1,116 @@
+"""Constant channels of what a model returns: removed inside the model, put back after it.
+
+A returned tensor keeps its shape, since callers index it. Channels of it that hold a constant (a
+hidden stream whose channels were masked everywhere is zero there; a masked output layer gives its
+bias) need not be computed, though: the analysis lets them go inside the model like any other
+constant channel, and :class:`PutBackConstants`, a forward hook on the model, writes the constants
+back into the returned tensors. T5 returns its encoder's hidden state next to the logits: without
+this, its hidden size could not shrink at all.
+
+The hook is a plain object of this module, so a sped-up model still pickles and deep-copies. It
+finds the tensors by their path in the return value (a key of a ``ModelOutput``, an index of a
+tuple); a return value that lacks a path (another output option was set) is left as it is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .graph import Graph, TensorValue
+from .rule import DimConst
+from .transaction import Transaction
+
+
+@dataclass
+class DimensionRestore:
+    """One dimension of a returned tensor: where its kept entries go, and the removed constants."""
+
+    dim: int
+    size: int
+    kept: torch.Tensor
+    removed: torch.Tensor
+    values: torch.Tensor
+    """float64, one per removed entry."""
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape[self.dim] != self.kept.numel():
+            return tensor  # not the shape this model returns here: leave it
+        shape = list(tensor.shape)
+        shape[self.dim] = self.size
+        full = tensor.new_empty(shape)
+        full.index_copy_(self.dim, self.kept.to(tensor.device), tensor)
+        view = [1] * tensor.ndim
+        view[self.dim] = -1
+        shape[self.dim] = self.removed.numel()
+        constants = self.values.to(device=tensor.device, dtype=tensor.dtype).view(view).expand(shape)
+        return full.index_copy_(self.dim, self.removed.to(tensor.device), constants)
+
+
+class PutBackConstants:
+    """Forward hook: the returned tensors at ``restores``' paths get their removed constant channels back."""
+
+    def __init__(self, restores: list[tuple[tuple, list[DimensionRestore]]]):
+        self.restores = restores
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        for path, dims in self.restores:
+            tensor = _get(output, path)
+            if isinstance(tensor, torch.Tensor):
+                for dim in dims:
+                    tensor = dim.apply(tensor)
+                output = _set(output, path, tensor)
+        return output
+
+
+def put_back_constants(model: nn.Module, graph: Graph, tx: Transaction) -> Optional[PutBackConstants]:
+    """Registers the hook where a returned tensor lost entries (undone on rollback); returns it."""
+    restores = []
+    for path, value in graph.output_paths:
+        dims = [_restore(value, d) for d, kept in enumerate(value.kept) if kept is not None]
+        if dims:
+            restores.append((path, dims))
+    if not restores:
+        return None
+    hook = PutBackConstants(restores)
+    tx.on_rollback(model.register_forward_hook(hook).remove)
+    return hook
+
+
+def _restore(value: TensorValue, d: int) -> DimensionRestore:
+    kept = value.kept[d]
+    removed = torch.ones(value.shape[d], dtype=torch.bool)
+    removed[kept] = False
+    consts = value.consts[d] if value.consts else None
+    # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
+    assert isinstance(consts, DimConst) and bool(consts.mask[removed].all()), "a returned entry went that varies"
+    return DimensionRestore(d, value.shape[d], kept.clone(), removed.nonzero().flatten(), consts.value[removed].clone())
+
+
+def _get(obj: Any, path: tuple) -> Any:
+    for kind, key in path:
+        try:
+            obj = obj[key] if kind == "item" else getattr(obj, key)
+        except (KeyError, IndexError, AttributeError, TypeError):
+            return None
+    return obj
+
+
+def _set(obj: Any, path: tuple, new: Any) -> Any:
+    """``obj`` with the entry at ``path`` replaced by ``new``: containers changed in place, tuples rebuilt."""
+    if not path:
+        return new
+    (kind, key), rest = path[0], path[1:]
+    child = _set(obj[key] if kind == "item" else getattr(obj, key), rest, new)
+    if kind == "attr":
+        setattr(obj, key, child)
+    elif isinstance(obj, tuple):
+        items = list(obj)
+        items[key] = child
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    else:
+        obj[key] = child
+    return obj

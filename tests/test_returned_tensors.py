@@ -1,0 +1,86 @@
+"""Returned tensors keep their shapes; their constant channels go inside the model and are put back after it."""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import namedtuple
+
+import torch
+from torch import nn
+
+from speedup.groups import find_groups
+from speedup.output_constants import PutBackConstants
+from support.checks import check_speedup, keep_mask, rows
+
+Pair = namedtuple("Pair", ["scores", "hidden"])
+
+
+class ReturnsItsHiddenState(nn.Module):
+    """Returns the scores and, besides, the hidden state they are computed from (as T5 returns its encoder's)."""
+
+    def __init__(self, as_tuple: bool = False):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.as_tuple = as_tuple
+
+    def forward(self, x):
+        hidden = torch.relu(self.up(x))
+        scores = self.down(hidden)
+        return Pair(scores, hidden) if self.as_tuple else {"scores": scores, "hidden": hidden}
+
+
+def _hidden_masks(with_bias: bool) -> dict:
+    keep = keep_mask(16)
+    return {"up": {"weight": rows(keep, (16, 6)), **({"bias": keep} if with_bias else {})}}
+
+
+def test_a_returned_hidden_state_shrinks_inside_and_keeps_its_shape():
+    model = ReturnsItsHiddenState()
+    report = check_speedup(model, _hidden_masks(with_bias=True), torch.randn(2, 6), torch.randn(5, 6),
+                           shrunk=["up.weight", "down.weight"])
+    assert model(torch.randn(4, 6))["hidden"].shape == (4, 16)
+    assert report.kept_for_verification == []
+
+
+def test_non_zero_constants_are_put_back_in_a_named_tuple():
+    model = ReturnsItsHiddenState(as_tuple=True)
+    check_speedup(model, _hidden_masks(with_bias=False), torch.randn(2, 6), torch.randn(5, 6),
+                  shrunk=["up.weight", "down.weight"])
+    out = model(torch.randn(4, 6))
+    assert type(out) is Pair and out.hidden.shape == (4, 16)
+    assert bool((out.hidden[:, ~_kept_rows(model)] > 0).any()), "relu(bias) of the masked rows is put back"
+
+
+def _kept_rows(model) -> torch.Tensor:
+    hook = next(h for h in model._forward_hooks.values() if isinstance(h, PutBackConstants))
+    (_, dims), = hook.restores
+    kept = torch.zeros(16, dtype=torch.bool)
+    kept[dims[0].kept] = True
+    return kept
+
+
+def test_masked_output_channels_of_the_last_layer_are_not_computed():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 10))
+    keep = keep_mask(10)
+    check_speedup(model, {"2": {"weight": rows(keep, (10, 8))}}, torch.randn(2, 6), torch.randn(3, 6),
+                  shrunk=["2.weight"])
+    assert model[2].out_features == int(keep.sum()) and model(torch.randn(3, 6)).shape == (3, 10)
+
+
+def test_a_sped_up_model_that_puts_constants_back_pickles_and_copies():
+    model = ReturnsItsHiddenState()
+    check_speedup(model, _hidden_masks(with_bias=False), torch.randn(2, 6), torch.randn(5, 6), shrunk=["up.weight"])
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    x = torch.randn(3, 6)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert all(torch.equal(a, b) for a, b in zip(model(x).values(), twin(x).values()))
+
+
+def test_groups_offer_a_returned_hidden_state_but_not_the_scores():
+    groups = find_groups(ReturnsItsHiddenState(), torch.randn(2, 6))
+    touched = {(m.parameter, m.dim) for g in groups for m in g.members}
+    assert ("up.weight", 0) in touched
+    assert ("down.weight", 0) not in touched
