@@ -144,6 +144,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         tensor = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
         tx.zero_masked(tensor, mask, masks.structure(name))
     holders = tensor_masks.install(model, masks.tensors, tx)
+    clock.lap("zero masked")
     known = tuple((name, holder, "mask") for name, holder in holders)
     params_before = _count_parameters(model)
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
@@ -208,12 +209,16 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     if not (replaced.modules or replaced.parameters):
         return []
     reached = set(graph.module_calls) | set(replaced.modules)
+    holding, holding_reached = set(), set()  # modules holding parameters (in their subtree); those reached
+    for name, _ in model.named_parameters():
+        prefixes = _prefixes(name)
+        holding.update(prefixes)
+        if name in graph.parameters:
+            holding_reached.update(prefixes)
     outermost: list[str] = []
-    for name, module in model.named_modules():
-        if name in reached or any(name.startswith(f"{o}.") for o in outermost):
-            continue
-        names = [f"{name}.{p}" if name else p for p, _ in module.named_parameters()]
-        if names and not any(n in graph.parameters for n in names):
+    for name, _ in model.named_modules():
+        if name in holding and name not in holding_reached and name not in reached \
+                and not any(name.startswith(f"{o}.") for o in outermost):
             outermost.append(name)
     if not outermost:
         return []
@@ -221,6 +226,12 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
+
+
+def _prefixes(parameter: str) -> list[str]:
+    """The names of the modules holding a parameter: ``"a.b.weight"`` -> ``["", "a", "a.b"]``."""
+    parts = parameter.split(".")[:-1]
+    return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 class _Clock:

@@ -51,19 +51,19 @@ class Transaction:
     def zero_masked(self, tensor: torch.Tensor, mask: torch.Tensor, structure: tuple = None) -> None:
         """Zeroes ``tensor`` where ``mask`` is False (as ``tensor * mask``), in place, undoably.
 
-        In place, keeping only the zeroed slices for the undo: fresh memory is the expensive part of
-        touching every weight of a large model. A mask varying along one dimension (whole rows or
-        columns, the usual case) zeroes by broadcasting; any other mask element by element.
+        In place, keeping only the zeroed slices for the undo where a mask varies along one
+        dimension (whole rows or columns, the usual case). Any other mask (rows and columns of one
+        conv) keeps a copy of the whole tensor: gathering the zeroed elements one by one takes ten
+        times as long as copying them all.
         """
         with torch.no_grad():
             dim, line = structure if structure is not None else single_dimension(mask)
             data = tensor.data
             if dim is None:
-                removed = ~mask.to(data.device)
-                if bool(removed.any()):
-                    saved = data[removed]
-                    data.masked_fill_(removed, 0)
-                    self._undo.append(lambda: data.masked_scatter_(removed, saved))
+                # Some entry goes: a mask that varies along no single dimension is not all ones.
+                saved = data.clone()
+                torch.where(mask.to(data.device), saved, torch.zeros((), dtype=data.dtype, device=data.device), out=data)
+                self._undo.append(lambda: data.copy_(saved))
                 return
             line = line.to(data.device)
             if bool(line.all()):
