@@ -52,7 +52,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str
         for conv, norm in pairs:
             _fold(conv.module, norm.module, places, tx)
         with torch.no_grad():
-            difference = _compare(recorded.output, model(*args, **kwargs), loaded_plugins().registry.is_state)
+            difference, _ = _compare(recorded.output, model(*args, **kwargs), loaded_plugins().registry.is_state)
         if difference is not None:
             raise VerificationError(f"folding BatchNorm changed the outputs ({difference}); the model was left unchanged")
     except BaseException:

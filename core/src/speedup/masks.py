@@ -190,6 +190,8 @@ def single_dimension(mask: torch.Tensor):
     low, high = torch.aminmax(grid, dim=1)
     if bool((low == high).all()):
         return 0, high.bool()
+    if bool((high == 0).any()):
+        return None, None  # whole rows go, and other rows vary: rows and columns (skip the pass below)
     if mask.dim() >= 2:
         cube = grid.reshape(mask.shape[0], mask.shape[1], -1)
         if bool((cube == cube[:1, :, :1]).all()):
