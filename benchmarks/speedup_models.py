@@ -44,6 +44,7 @@ from torch import nn  # noqa: E402
 
 from _common import (  # noqa: E402
     add_mask,
+    call,
     count_flops,
     environment,
     first_half_mask,
@@ -278,6 +279,8 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
     tp_model = copy.deepcopy(model) if not args.no_tp else None
     spares = [copy.deepcopy(model) for _ in range(args.shrink_repeats - 1)]
 
+    with torch.no_grad():  # as a user's model has: run once (the first forward of a process sets up kernels)
+        call(masked, dummy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report, shrink_s = wall(lambda: speedup.shrink(model, masks, dummy))

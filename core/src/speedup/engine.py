@@ -12,11 +12,13 @@ redone. That costs one more pass, is reported, and never yields a wrong model.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -109,7 +111,8 @@ def shrink(
     args, kwargs = split_inputs(example_inputs)
     tx = Transaction()
     try:
-        report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify)
+        with _collector_paused():
+            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify)
     except BaseException:
         tx.rollback()
         raise
@@ -126,6 +129,24 @@ def shrink(
             stacklevel=2,
         )
     return report
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector for the call.
+
+    The call makes tens of thousands of small objects (a value per tensor, a node per operator);
+    each time enough of them pile up, the collector scans every object alive, the model's included.
+    That took a quarter of the call on densenet201. Nothing made during the call needs collecting
+    before it ends; the collector runs as usual afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:

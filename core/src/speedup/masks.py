@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .boolean import any_along
 from .errors import MaskError
 
 MaskSource = Union[str, os.PathLike, Mapping[str, Any]]
@@ -187,16 +188,35 @@ def single_dimension(mask: torch.Tensor):
         if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
             return dim, _line(mask, dim)
     grid = mask.contiguous().view(torch.uint8).reshape(mask.shape[0], -1)
-    low, high = torch.aminmax(grid, dim=1)
+    low, high = grid.amin(1), grid.amax(1)  # faster than aminmax on bytes
     if bool((low == high).all()):
         return 0, high.bool()
     if bool((high == 0).any()):
         return None, None  # whole rows go, and other rows vary: rows and columns (skip the pass below)
     if mask.dim() >= 2:
         cube = grid.reshape(mask.shape[0], mask.shape[1], -1)
-        if bool((cube == cube[:1, :, :1]).all()):
+        if torch.equal(cube, cube[:1, :, :1].expand_as(cube)):
             return 1, cube[0, :, 0].bool()
     return None, None
+
+
+def rows_times_rest(mask: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(rows, rest)`` if ``mask`` keeps the same entries of every kept row (dimension 0), else None.
+
+    ``rows`` is a boolean per row, ``rest`` the flat boolean mask every kept row shares: a layer
+    losing output and input channels at once. One pass over the mask.
+    """
+    if mask.dim() < 2:
+        return None
+    grid = mask.reshape(mask.shape[0], -1)
+    rows = any_along(grid, 1)
+    kept = rows.nonzero().reshape(-1)
+    if not kept.numel():
+        return None
+    rest = grid[kept[0]]
+    if not torch.equal(grid.index_select(0, kept), rest.expand(kept.numel(), -1)):
+        return None
+    return rows, rest
 
 
 def _line(mask: torch.Tensor, dim: int) -> torch.Tensor:

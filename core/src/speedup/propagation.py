@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .atoms import AtomSolution, AtomTable
+from .boolean import any_along
 from .masks import single_dimension
 from .graph import Graph, Node, NodeKind, Origin, TensorValue
 from .rule import DimConst, Rule
@@ -282,7 +283,7 @@ class Analysis:
                 return line
             return torch.full((value.shape[d],), bool(line.any()), dtype=torch.bool)
         mask = self.masks[value.index]
-        return mask.movedim(d, 0).reshape(value.shape[d], -1).any(1)
+        return any_along(mask.movedim(d, 0).reshape(value.shape[d], -1), 1)
 
     def add_mask(self, value: TensorValue, mask: torch.Tensor, structure: tuple) -> None:
         self.masks[value.index] = mask

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .masks import single_dimension
+from .masks import rows_times_rest, single_dimension
 
 _MISSING = object()
 
@@ -52,14 +52,19 @@ class Transaction:
         """Zeroes ``tensor`` where ``mask`` is False (as ``tensor * mask``), in place, undoably.
 
         In place, keeping only the zeroed slices for the undo where a mask varies along one
-        dimension (whole rows or columns, the usual case). Any other mask (rows and columns of one
-        conv) keeps a copy of the whole tensor: gathering the zeroed elements one by one takes ten
-        times as long as copying them all.
+        dimension (whole rows or columns, the usual case) or is rows times a pattern every kept
+        row shares (output and input channels of one layer). Any other mask keeps a copy of the
+        whole tensor: gathering the zeroed elements one by one takes ten times as long as copying
+        them all.
         """
         with torch.no_grad():
             dim, line = structure if structure is not None else single_dimension(mask)
             data = tensor.data
             if dim is None:
+                factors = rows_times_rest(mask) if data.is_contiguous() else None
+                if factors is not None:
+                    self._zero_rows_and_rest(data, *(f.to(data.device) for f in factors))
+                    return
                 # Some entry goes: a mask that varies along no single dimension is not all ones.
                 saved = data.clone()
                 torch.where(mask.to(data.device), saved, torch.zeros((), dtype=data.dtype, device=data.device), out=data)
@@ -77,6 +82,23 @@ class Transaction:
                 shape[dim] = -1
                 data.mul_(line.to(data.dtype).reshape(shape))
             self._undo.append(lambda: data.index_copy_(dim, removed, saved))
+
+    def _zero_rows_and_rest(self, data: torch.Tensor, rows: torch.Tensor, rest: torch.Tensor) -> None:
+        """Zeroes the removed rows, then the removed entries of the kept rows' shared pattern,
+        keeping only those for the undo (a conv losing output and input channels)."""
+        removed_rows = (~rows).nonzero().reshape(-1)
+        flat = data.view(data.shape[0], -1)
+        removed_rest = (~rest).nonzero().reshape(-1)
+        saved_rows = flat.index_select(0, removed_rows)
+        flat.index_fill_(0, removed_rows, 0)
+        saved_rest = flat.index_select(1, removed_rest)
+        flat.index_fill_(1, removed_rest, 0)
+
+        def undo() -> None:
+            flat.index_copy_(1, removed_rest, saved_rest)
+            flat.index_copy_(0, removed_rows, saved_rows)
+
+        self._undo.append(undo)
 
     def set_training(self, model: nn.Module, mode: bool) -> None:
         flags = [(m, m.training) for m in model.modules()]

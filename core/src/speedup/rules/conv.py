@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..graph import Node, TensorValue
+from ..boolean import any_along
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
@@ -119,7 +120,7 @@ def _nonzero_taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
         kept = ctx.kept_slices(spec.weight, 0)[:, None] & ctx.kept_slices(spec.weight, 1)[None, :]
         taps = spec.local(kept)
     elif structure is not None:
-        taps = spec.local(ctx.masks[spec.weight.index]).flatten(2).any(2)
+        taps = any_along(spec.local(ctx.masks[spec.weight.index]).flatten(2), 2)
     else:
         taps = spec.local_weight().flatten(2).abs().sum(2) != 0
     return taps.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
@@ -135,14 +136,14 @@ def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     consts = ctx.const(spec.x, spec.cdim)
     taps = _taps(spec, ctx)
     has_taps = ctx.memo(("conv-has-taps", spec.weight.index, spec.transposed, spec.groups),
-                        lambda: taps.any(2).reshape(-1))
+                        lambda: any_along(taps, 2).reshape(-1))
     if consts is None:
         reads_variable = has_taps
     else:
         live = ~consts.mask
         if not spec.uniform_fold:
             live |= consts.nonzero_const  # non-uniform near borders: not a constant output
-        reads_variable = (taps & _per_group(spec, live)).any(2).reshape(-1)
+        reads_variable = any_along(taps & _per_group(spec, live), 2).reshape(-1)
     if bool(reads_variable.all()):
         return  # every output channel varies
     n_out = reads_variable.numel()
@@ -175,9 +176,9 @@ def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> 
     taps = _taps(spec, ctx)
     if bool(need_out.all()):
         read = ctx.memo(("conv-read-all", spec.weight.index, spec.transposed, spec.groups),
-                        lambda: taps.any(1).reshape(-1))
+                        lambda: any_along(taps, 1).reshape(-1))
     else:
-        read = (taps & need_out.reshape(spec.groups, spec.out_per_group, 1)).any(1).reshape(-1)
+        read = any_along(taps & need_out.reshape(spec.groups, spec.out_per_group, 1), 1).reshape(-1)
     masks = {spec.cdim: read & ~foldable_inputs}
     if spec.cdim == 1:
         masks[0] = ctx.demanded(out, 0)

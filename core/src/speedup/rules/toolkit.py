@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..boolean import any_along
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst
@@ -80,10 +81,10 @@ class NonzeroPattern:
     """
 
     def __init__(self, nonzero: torch.Tensor):
-        self.rows = nonzero.any(1)
-        self.cols = nonzero.any(0)
-        outer = int(self.rows.sum()) * int(self.cols.sum())
-        self.full: Optional[torch.Tensor] = None if int(nonzero.sum()) == outer else nonzero
+        self.rows = any_along(nonzero, 1)
+        self.cols = any_along(nonzero, 0)
+        outer = int(torch.count_nonzero(self.rows)) * int(torch.count_nonzero(self.cols))
+        self.full: Optional[torch.Tensor] = None if int(torch.count_nonzero(nonzero)) == outer else nonzero
 
     @classmethod
     def of(cls, ctx: Analysis, weight: TensorValue, out_dim: int = 0) -> "NonzeroPattern":
@@ -106,13 +107,13 @@ class NonzeroPattern:
         """Rows with a non-zero weight in one of ``columns`` (boolean over the input)."""
         if self.full is None:
             return self.rows & bool((self.cols & columns).any())
-        return (self.full & columns).any(1)
+        return any_along(self.full & columns, 1)
 
     def columns_read_by(self, rows: torch.Tensor) -> torch.Tensor:
         """Columns with a non-zero weight in one of ``rows`` (boolean over the output)."""
         if self.full is None:
             return self.cols & bool((self.rows & rows).any())
-        return (self.full & rows[:, None]).any(0)
+        return any_along(self.full & rows[:, None], 0)
 
 
 def added_to_bias(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor], like: torch.Tensor):
