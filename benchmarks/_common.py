@@ -7,12 +7,14 @@ with ``benchmarks/`` on ``sys.path``, which ``python benchmarks/<script>.py`` gi
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -89,18 +91,22 @@ def call(model: nn.Module, inputs: Any) -> Any:
 
 
 def interleaved_latency(models: Mapping[str, nn.Module], inputs: Any, *, warmup: int = 2, repeats: int = 10,
-                        budget_s: Optional[float] = None) -> dict[str, dict]:
+                        budget_s: Optional[float] = None, warmup_s: float = 30.0,
+                        warm_round: bool = True) -> dict[str, dict]:
     """Median forward latency (seconds) of each model on ``inputs``, under ``torch.no_grad()``.
 
     Runs are interleaved (one run of each model per round, the order rotating every round) so that
     slow drifts of the machine (frequency, other load) hit every model alike. ``budget_s`` stops
     after the round in which the time spent on measured rounds passes it (at least 3 rounds).
-    Returns ``{name: {"median": s, "min": s, "runs": n}}``.
+    Each model is warmed up with :func:`settle` (at least ``warmup`` runs, for at most about
+    ``warmup_s``), then ``warm_round`` runs one unmeasured interleaved round, so that switching
+    between models is warm too (leave it out for models whose forward takes minutes: the median
+    absorbs a slow first round). Returns ``{name: {"median": s, "min": s, "runs": n}}``.
     """
     names = list(models)
     with torch.no_grad():
-        warm = {name: settle(models[name], inputs, min_runs=warmup) for name in names}
-        for name in names:  # one interleaved round, so that switching between models is warm too
+        warm = {name: settle(models[name], inputs, min_runs=warmup, max_s=warmup_s) for name in names}
+        for name in names if warm_round else ():
             call(models[name], inputs)
         samples: dict[str, list[float]] = {name: [] for name in names}
         started = time.perf_counter()
@@ -138,34 +144,6 @@ def settle(model: nn.Module, inputs: Any, *, min_runs: int = 2, max_runs: int = 
                 break
             previous = elapsed
     return runs
-
-
-def budgeted_latency(models: Mapping[str, nn.Module], inputs: Any, *, budget_s: float, min_rounds: int = 3,
-                     max_rounds: int = 25) -> dict[str, dict]:
-    """:func:`interleaved_latency` under a time budget, for models from milliseconds to minutes a forward.
-
-    Each model is warmed up with :func:`settle`, given a share of the budget (so that a model whose
-    forward takes longer than the budget gets a single warm-up run); then interleaved rounds (one
-    run of each model, the order rotating) are measured until ``budget_s`` has passed, at least
-    ``min_rounds`` and at most ``max_rounds``. There is no unmeasured interleaved round: the
-    median over the rounds absorbs a slow first one. Same result layout as ``interleaved_latency``.
-    """
-    names = list(models)
-    share = budget_s / (2 * len(names))
-    with torch.no_grad():
-        warm = {name: settle(models[name], inputs, min_runs=1, max_s=share) for name in names}
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        started = time.perf_counter()
-        for round_ in range(max(max_rounds, min_rounds)):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                call(models[name], inputs)
-                samples[name].append(time.perf_counter() - t0)
-            if round_ + 1 >= min_rounds and time.perf_counter() - started > budget_s:
-                break
-    return {name: {"median": statistics.median(s), "min": min(s), "runs": len(s), "warmup_runs": warm[name]}
-            for name, s in samples.items()}
 
 
 def _proc_kib(path: str, field: str) -> Optional[int]:
@@ -412,6 +390,45 @@ class StreamTable:
         text = self._line([fmt(row.get(key), spec) for key, _, spec, _ in self.columns])
         print(text, flush=True)
         return text
+
+
+def bench_each(names: Sequence[str], bench: Callable[[str], tuple[list[dict], dict]]) -> tuple[list[dict], list[dict], float]:
+    """Runs ``bench(name) -> (table rows, details)`` for each model; returns all rows, all details and
+    the wall time. A model that raises gets an error row and its traceback, and the run goes on."""
+    started = time.perf_counter()
+    rows: list[dict] = []
+    details: list[dict] = []
+    for name in names:
+        print(f"\n== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            model_rows, model_details = bench(name)
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the run
+            message = f"{type(exc).__name__}: {exc}"
+            print(f"  FAILED: {message}", flush=True)
+            traceback.print_exc(limit=6)
+            model_rows = [{"model": name, "error": message}]
+            model_details = {"model": name, "error": message, "traceback": traceback.format_exc()}
+        model_details["bench_wall_s"] = time.perf_counter() - t0
+        rows += model_rows
+        details.append(model_details)
+        gc.collect()
+    return rows, details, time.perf_counter() - started
+
+
+def report_lines(info: Mapping[str, Any]) -> list[str]:
+    """What a model's details say about its speedup call: barriers, calls kept for verification,
+    the first warnings."""
+    lines = []
+    if info.get("barriers"):
+        lines.append(f"barriers ({len(info['barriers'])}): {'; '.join(info['barriers'][:3])}")
+    if info.get("kept_for_verification"):
+        lines.append(f"kept for verification: {'; '.join(info['kept_for_verification'][:3])}")
+    warned = info.get("report_warnings", [])
+    lines += [f"warning: {w}" for w in warned[:2]]
+    if len(warned) > 2:
+        lines.append(f"... {len(warned) - 2} more speedup warnings")
+    return lines
 
 
 def split_list(text: Optional[str], known: Iterable[str]) -> list[str]:

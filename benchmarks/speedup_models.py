@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import gc
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from torch import nn  # noqa: E402
 
 from _common import (  # noqa: E402
     add_mask,
+    bench_each,
     call,
     count_flops,
     environment,
@@ -56,6 +55,7 @@ from _common import (  # noqa: E402
     parameter_count,
     print_table,
     randomize_batchnorm,
+    report_lines,
     rows_mask,
     save_json,
     split_list,
@@ -447,25 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{env.get('torch_pruning_dist', env['torch_pruning'])}; {threads} threads, {env['cpu_count']} CPUs; "
           f"{'quick' if args.quick else 'full'} run: warm-up {args.warmup}, median of up to {args.repeats} "
           f"interleaved runs (batch 8: {args.repeats_large})", flush=True)
-    started = time.perf_counter()
-    rows: list[dict] = []
-    details: list[dict] = []
-    for name in names:
-        print(f"\n== {name}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            model_rows, model_details = bench_model(SPECS[name], args)
-        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the run
-            message = f"{type(exc).__name__}: {exc}"
-            print(f"  FAILED: {message}", flush=True)
-            traceback.print_exc(limit=6)
-            model_rows = [{"model": name, "batch": None, "error": message}]
-            model_details = {"model": name, "error": message, "traceback": traceback.format_exc()}
-        model_details["bench_wall_s"] = time.perf_counter() - t0
-        rows += model_rows
-        details.append(model_details)
-        gc.collect()
-    total = time.perf_counter() - started
+    rows, details, total = bench_each(names, lambda name: bench_model(SPECS[name], args))
 
     print()
     print_table(rows, COLUMNS, title=f"speedup on 50%-masked models (CPU, {threads} threads, latency = median ms; "
@@ -474,16 +456,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if row.get("error"):
             print(f"  {row['model']}: FAILED: {row['error']}")
     for info in details:
-        lines = []
-        if info.get("barriers"):
-            lines.append(f"barriers ({len(info['barriers'])}): {'; '.join(info['barriers'][:3])}")
-        if info.get("kept_for_verification"):
-            lines.append(f"kept for verification: {'; '.join(info['kept_for_verification'][:3])}")
-        warned = info.get("report_warnings", [])
-        lines += [f"warning: {w}" for w in warned[:2]]
-        if len(warned) > 2:
-            lines.append(f"... {len(warned) - 2} more speedup warnings")
-        lines += info.get("notes", [])
+        lines = report_lines(info) + info.get("notes", [])
         if "masked_ms_without_fastpath" in info:
             lines.append(f"masked without torch's fused attention fast path: {info['masked_ms_without_fastpath']:.1f} ms")
         if lines:

@@ -82,10 +82,10 @@ from torch import nn  # noqa: E402
 from _common import (  # noqa: E402
     RESULTS_DIR,
     StreamTable,
-    budgeted_latency,
     count_flops,
     environment,
     flush_denormals,
+    interleaved_latency,
     max_difference,
     memory_limit,
     outputs,
@@ -338,6 +338,14 @@ def warm_up_speedup() -> float:
     return seconds
 
 
+def budgeted_latency(models: dict[str, nn.Module], inputs: Any, budget_s: float) -> dict[str, dict]:
+    """Interleaved latency within ``budget_s``, for forwards from milliseconds to minutes: each model
+    warms up for a share of the budget (one run if its forward is longer), no unmeasured round, at
+    least 3 and at most 25 measured rounds."""
+    return interleaved_latency(models, inputs, warmup=1, repeats=25, budget_s=budget_s,
+                               warmup_s=budget_s / (2 * len(models)), warm_round=False)
+
+
 def median(values: list) -> Optional[float]:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.median(values) if values else None
@@ -373,7 +381,7 @@ def bench_model(name: str, segmentation: bool, args: argparse.Namespace) -> list
     common: dict[str, Any] = {"model": name, "family": family(name), "segmentation": segmentation, "size": size}
     caught: list[str] = []
     rows: list[dict] = []
-    base = tp_model = None
+    base = None
     try:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
@@ -416,7 +424,7 @@ def bench_model(name: str, segmentation: bool, args: argparse.Namespace) -> list
                     gc.collect()
         caught = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}" for w in records})
     finally:
-        base = tp_model = None
+        base = None
         gc.collect()
     for row in rows:
         row["python_warnings"] = caught[:20]
@@ -445,7 +453,7 @@ def run_torch_pruning(base: nn.Module, classifiers: list[nn.Module], dummy: torc
         info["tp_flops_ratio"] = count_flops(tp_model, dummy) / common["flops"]
         stage = "latency"
         for batch, batch_inputs in inputs.items():
-            latency = budgeted_latency({"original": base, "tp": tp_model}, batch_inputs, budget_s=args.budget_s)
+            latency = budgeted_latency({"original": base, "tp": tp_model}, batch_inputs, args.budget_s)
             original, pruned = latency["original"]["median"], latency["tp"]["median"]
             info[f"original_ms_b{batch}"] = original * 1e3
             info[f"tp_ms_b{batch}"] = pruned * 1e3
@@ -501,7 +509,7 @@ def run_masks(kind: str, model: nn.Module, segmentation: bool, dummy: torch.Tens
 
         stage = "latency"
         for batch, batch_inputs in inputs.items():
-            latency = budgeted_latency(contenders, batch_inputs, budget_s=args.budget_s)
+            latency = budgeted_latency(contenders, batch_inputs, args.budget_s)
             m, s = latency["masked"]["median"], latency["sped"]["median"]
             row.update({f"masked_ms_b{batch}": m * 1e3, f"sped_ms_b{batch}": s * 1e3, f"lat_b{batch}": m / s,
                         f"runs_b{batch}": latency["masked"]["runs"]})
@@ -510,7 +518,7 @@ def run_masks(kind: str, model: nn.Module, segmentation: bool, dummy: torch.Tens
         if 1 in inputs:  # the dummy's batch and shape
             forward = row["masked_ms_b1"] / 1e3
         else:
-            latency = budgeted_latency({"masked": masked}, dummy, budget_s=min(args.budget_s, 5.0))
+            latency = budgeted_latency({"masked": masked}, dummy, min(args.budget_s, 5.0))
             forward = latency["masked"]["median"]
         row.update(masked_forward_ms=forward * 1e3, shrink_fwd=row["shrink_s"] / forward)
     except Exception as exc:  # noqa: BLE001 - one failure must not stop the run

@@ -57,11 +57,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +72,7 @@ from torch import nn  # noqa: E402
 
 from _common import (  # noqa: E402
     add_mask,
+    bench_each,
     count_flops,
     environment,
     flush_denormals,
@@ -81,6 +80,7 @@ from _common import (  # noqa: E402
     max_difference,
     parameter_count,
     print_table,
+    report_lines,
     save_json,
     split_list,
     use_default_threads,
@@ -499,25 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{env['cpu_count']} CPUs; {'quick' if args.quick else 'full'} run: warm-up {args.warmup}, median of up to "
           f"{args.repeats} interleaved runs (batch 8: {args.repeats_large}; decode: {args.decode_repeats} rounds of "
           f"{args.decode_steps} tokens)", flush=True)
-    started = time.perf_counter()
-    rows: list[dict] = []
-    details: list[dict] = []
-    for name in names:
-        print(f"\n== {name}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            model_rows, model_details = bench_model(SPECS[name], args)
-        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the run
-            message = f"{type(exc).__name__}: {exc}"
-            print(f"  FAILED: {message}", flush=True)
-            traceback.print_exc(limit=6)
-            model_rows = [{"model": name, "error": message}]
-            model_details = {"model": name, "error": message, "traceback": traceback.format_exc()}
-        model_details["bench_wall_s"] = time.perf_counter() - t0
-        rows += model_rows
-        details.append(model_details)
-        gc.collect()
-    total = time.perf_counter() - started
+    rows, details, total = bench_each(names, lambda name: bench_model(SPECS[name], args))
 
     print()
     print_table(rows, COLUMNS, title=f"speedup on transformers models, 50% of heads and FFN channels masked (CPU, "
@@ -527,12 +509,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if row.get("error"):
             print(f"  {row['model']}: FAILED: {row['error']}")
     for info in details:
-        lines = []
-        if info.get("barriers"):
-            lines.append(f"barriers ({len(info['barriers'])}): {'; '.join(info['barriers'][:3])}")
-        if info.get("kept_for_verification"):
-            lines.append(f"kept for verification: {'; '.join(info['kept_for_verification'][:3])}")
-        lines += [f"warning: {w}" for w in info.get("report_warnings", [])[:2]]
+        lines = report_lines(info)
         if lines:
             print(f"  {info['model']}: " + "\n    ".join(lines))
     print()

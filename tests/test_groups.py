@@ -1,7 +1,6 @@
 """Dependency groups and consistent masks: everything masked consistently can really go."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speedup.groups import consistent_masks, find_groups

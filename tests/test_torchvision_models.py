@@ -16,7 +16,6 @@ from torch import nn
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import convnext, shufflenetv2, vision_transformer  # noqa: E402
 
-import speedup  # noqa: E402
 from speedup.groups import consistent_masks  # noqa: E402
 from speedup_torchvision.convnext import ConstantAwareLayerNorm2d  # noqa: E402
 from support.checks import check_speedup, output_channel_masks, randomize_norms  # noqa: E402

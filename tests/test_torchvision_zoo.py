@@ -7,7 +7,6 @@ A representative subset of the zoo, one model per family trait: residual links (
 whole zoo runs in ``benchmarks/torchvision_zoo.py``.
 """
 
-from functools import partial
 
 import pytest
 import torch

@@ -71,10 +71,17 @@ def config_kwargs(**extra) -> dict:
     return dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
-def llama_like(config_class, model_class) -> Callable[[], nn.Module]:
-    return lambda: model_class(config_class(**config_kwargs(
-        num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        intermediate_size=FFN)))
+def llama_like(config_class, model_class) -> Family:
+    """Llama, Mistral and Qwen2 share one layout: grouped-query attention and a gated MLP."""
+    return Family(
+        lambda: model_class(config_class(**config_kwargs(
+            num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+            intermediate_size=FFN))),
+        standard_attention("model.layers.{}.self_attn", kv_heads=KV_HEADS),
+        [[f"{p}.gate_proj", f"{p}.up_proj"] for p in layers("model.layers.{}.mlp")],
+        "model.embed_tokens.weight",
+        causal=True,
+    )
 
 
 def layers(template: str, count: int = LAYERS) -> list[str]:
@@ -146,27 +153,9 @@ FAMILIES: dict[str, Family] = {
         "shared.weight",
         decoder=True,
     ),
-    "llama": Family(
-        llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        standard_attention("model.layers.{}.self_attn", kv_heads=KV_HEADS),
-        [[f"{p}.gate_proj", f"{p}.up_proj"] for p in layers("model.layers.{}.mlp")],
-        "model.embed_tokens.weight",
-        causal=True,
-    ),
-    "mistral": Family(
-        llama_like(transformers.MistralConfig, transformers.MistralForCausalLM),
-        standard_attention("model.layers.{}.self_attn", kv_heads=KV_HEADS),
-        [[f"{p}.gate_proj", f"{p}.up_proj"] for p in layers("model.layers.{}.mlp")],
-        "model.embed_tokens.weight",
-        causal=True,
-    ),
-    "qwen2": Family(
-        llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        standard_attention("model.layers.{}.self_attn", kv_heads=KV_HEADS),
-        [[f"{p}.gate_proj", f"{p}.up_proj"] for p in layers("model.layers.{}.mlp")],
-        "model.embed_tokens.weight",
-        causal=True,
-    ),
+    "llama": llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": llama_like(transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "opt": Family(
         lambda: transformers.OPTForCausalLM(transformers.OPTConfig(**config_kwargs(
             num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_dim=FFN,

@@ -7,8 +7,7 @@ should shrink did.
 
 from __future__ import annotations
 
-import copy
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn

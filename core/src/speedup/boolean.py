@@ -17,9 +17,3 @@ def any_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
         return mask.any(dim)
     return mask.view(torch.uint8).amax(dim).bool()
 
-
-def all_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """``mask.all(dim)`` for a boolean tensor."""
-    if mask.dtype != torch.bool or mask.numel() == 0:
-        return mask.all(dim)
-    return mask.view(torch.uint8).amin(dim).bool()

@@ -26,7 +26,7 @@ from torch import nn
 from . import tensor_masks
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
-from .graph import Graph, Node, NodeKind, TensorValue
+from .graph import Graph, Node, NodeKind
 from .masks import MaskSource, load_masks
 from .planning import decide
 from .plugins.manager import loaded_plugins
@@ -232,27 +232,26 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     reached = set(graph.module_calls) | set(replaced.modules)
     holding, holding_reached = set(), set()  # modules holding parameters (in their subtree); those reached
     for name, _ in model.named_parameters():
-        prefixes = _prefixes(name)
+        prefixes = _module_and_parents(name.rpartition(".")[0])
         holding.update(prefixes)
         if name in graph.parameters:
             holding_reached.update(prefixes)
-    outermost: list[str] = []
+    outermost: dict[str, None] = {}  # in model order
     for name, _ in model.named_modules():
-        inside = _prefixes(f"{name}.") if name else [""]  # the module and those holding it
-        if name in holding and name not in holding_reached and not any(p in reached for p in inside) \
-                and not any(name.startswith(f"{o}.") for o in outermost):
-            outermost.append(name)
+        enclosing = _module_and_parents(name)
+        if name in holding and name not in holding_reached and not any(p in reached or p in outermost for p in enclosing):
+            outermost[name] = None
     if not outermost:
         return []
-    listed = ", ".join(f"'{m or '<model>'}'" for m in outermost[:6]) + (" ..." if len(outermost) > 6 else "")
+    listed = ", ".join(f"'{m or '<model>'}'" for m in list(outermost)[:6]) + (" ..." if len(outermost) > 6 else "")
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
 
 
-def _prefixes(parameter: str) -> list[str]:
-    """The names of the modules holding a parameter: ``"a.b.weight"`` -> ``["", "a", "a.b"]``."""
-    parts = parameter.split(".")[:-1]
+def _module_and_parents(module: str) -> list[str]:
+    """``"a.b"`` -> ``["", "a", "a.b"]``: the module's name and those of the modules holding it."""
+    parts = module.split(".") if module else []
     return [""] + [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
@@ -373,7 +372,7 @@ def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool
             if not torch.equal(a, b):
                 return f"output {i} differs", math.inf
             continue
-        close, difference = _closeness(a, b)
+        close, difference = closeness(a, b)
         if not close:
             return f"output {i} differs by up to {difference:.3g}", difference
         worst = max(worst, difference)
@@ -384,10 +383,10 @@ def outputs_close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
     """Equal within the round-off of the dtype, relative to the output's magnitude."""
     if not expected.is_floating_point():
         return bool(torch.equal(expected, actual))
-    return _closeness(expected, actual)[0]
+    return closeness(expected, actual)[0]
 
 
-def _closeness(expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, float]:
+def closeness(expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, float]:
     """(close, largest difference over the finite entries) of two floating-point tensors of one shape.
 
     Compared in float32 at least (float64 stays float64): the tolerance is far above float32's

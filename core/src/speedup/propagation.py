@@ -24,7 +24,7 @@ import torch
 from .atoms import AtomSolution, AtomTable
 from .boolean import any_along
 from .masks import single_dimension
-from .graph import Graph, Node, NodeKind, Origin, TensorValue
+from .graph import Graph, Node, Origin, TensorValue
 from .rule import DimConst, Rule
 
 _UNSET = object()

@@ -224,6 +224,7 @@ def replace(
     report = ReplacementReport()
     slicer = ParamSlicer()
     places = _places(model)
+    shapes: dict[int, tuple] = {}  # id(rebuilt module) -> its entry in report.modules
     for name, calls in graph.module_calls.items():
         module = calls[0].module
         plan = ModulePlan(module, name, calls, slicer)
@@ -233,7 +234,7 @@ def replace(
         new = custom(module, plan.seed_masks()) if custom is not None else rule_of(module).replace(module, plan)
         report.warnings.extend(plan.warnings)
         _put(model, module, new, places, tx, report)
-        report.modules[name] = (type(module).__name__, _param_shapes(calls[0], new))
+        report.modules[name] = shapes[id(module)] = (type(module).__name__, _param_shapes(calls[0], new))
     for name, boundary in graph.observed.items():
         custom = custom_of(boundary.module)
         if custom is None or not _boundary_changed(boundary):
@@ -242,8 +243,8 @@ def replace(
         params = {key[len(prefix):]: v for key, v in graph.parameters.items() if key.startswith(prefix)}
         new = custom(boundary.module, seed_masks(boundary.inputs, boundary.outputs, params))
         _put(model, boundary.module, new, places, tx, report)
-        report.modules[name] = (type(boundary.module).__name__, {})
-    _retie(model, places, tx, report)
+        report.modules[name] = shapes[id(boundary.module)] = (type(boundary.module).__name__, {})
+    _retie(model, places, shapes, tx, report)
     rebuilt = {id(m) for old, _ in report.pairs for m in old.modules()}
     for value in graph.parameters.values():
         if all(k is None for k in value.kept) or value.owner is None:
@@ -288,7 +289,7 @@ def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transacti
             tx.set_attr(parent, attr, new)
 
 
-def _retie(model: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:
+def _retie(model: nn.Module, places, shapes: dict[int, tuple], tx: Transaction, report: ReplacementReport) -> None:
     """Modules tied to a rebuilt one become its twins, so that they stay tied.
 
     Two modules holding the very same parameters (an encoder's input embedding and the model's
@@ -296,18 +297,12 @@ def _retie(model: nn.Module, places, tx: Transaction, report: ReplacementReport)
     copy of the rebuilt module holding the same new parameters (the tie holds; each name still
     has its own module object, as before).
     """
-    by_tensors: dict[tuple, list[tuple[str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        key = _own_tensors(module)
-        if key:
-            by_tensors.setdefault(key, []).append((name, module))
-    for old, new in list(report.pairs):
-        if new is old:
-            continue
-        for name, module in by_tensors.get(_own_tensors(old), []):
-            if module is not old and type(module) is type(old):
-                _put(model, module, _twin(new), places, tx, report)
-                report.modules[name] = (type(module).__name__, _param_shapes_of(module, new))
+    rebuilt = {(type(old), _own_tensors(old)): (old, new) for old, new in report.pairs if new is not old}
+    for name, module in list(model.named_modules()) if rebuilt else ():
+        old, new = rebuilt.get((type(module), _own_tensors(module)), (None, None))
+        if old is not None and module is not old and _own_tensors(module):
+            _put(model, module, _twin(new), places, tx, report)
+            report.modules[name] = shapes[id(old)]
 
 
 def _own_tensors(module: nn.Module) -> tuple:
@@ -323,11 +318,6 @@ def _twin(module: nn.Module) -> nn.Module:
     twin._buffers = dict(module._buffers)
     twin._modules = dict(module._modules)
     return twin
-
-
-def _param_shapes_of(old: nn.Module, new: nn.Module) -> dict[str, tuple[tuple, tuple]]:
-    return {name: (tuple(p.shape), tuple(_get(new, name).shape)) for name, p in old._parameters.items()
-            if p is not None and tuple(p.shape) != tuple(_get(new, name).shape)}
 
 
 def _boundary_changed(boundary) -> bool:

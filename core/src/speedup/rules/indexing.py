@@ -25,7 +25,7 @@ import torch
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
-from ._maps import DimMap, backward_maps, couple_maps, forward_maps
+from ._maps import DimMap, couple_maps, forward_maps
 from .shape import MapRule
 
 
