@@ -8,11 +8,13 @@ so these go through the byte view.
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 
-def any_along(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """``mask.any(dim)`` for a boolean tensor."""
+def any_along(mask: torch.Tensor, dim: Union[int, tuple[int, ...]]) -> torch.Tensor:
+    """``mask.any(dim)`` for a boolean tensor (``dim`` one dimension or a non-empty tuple of them)."""
     if mask.dtype != torch.bool or mask.numel() == 0:
         return mask.any(dim)
     return mask.view(torch.uint8).amax(dim).bool()

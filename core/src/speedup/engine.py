@@ -29,6 +29,7 @@ from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind
 from .masks import MaskSource, load_masks
 from .planning import decide
+from .leftovers import masked_but_kept
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
 from .replacement import CustomReplace, replace
@@ -221,6 +222,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced)
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
+    report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)
     return report
 
 

@@ -23,3 +23,7 @@ class PluginConflictError(SpeedupError):
 
 class PluginLoadError(SpeedupError):
     """A plugin failed to load while plugins were loaded strictly."""
+
+
+class ConfigError(SpeedupError, ValueError):
+    """A pruning config list is malformed, or selects something the model cannot prune that way."""

@@ -42,6 +42,18 @@ class ShrinkReport:
     """Largest difference between the sped-up and the masked model's outputs on the dummy input."""
     count_flops_after: Optional[Callable[[], int]] = field(default=None, repr=False)
     _flops_after: Optional[int] = field(default=None, repr=False)
+    find_masked_but_kept: Optional[Callable[[], dict]] = field(default=None, repr=False)
+    _masked_but_kept: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def masked_but_kept(self) -> dict[str, dict[int, int]]:
+        """Wholly masked slices still in the model: ``{parameter: {dim: how many}}``; empty when every
+        channel, row or column a mask zeroed was removed (see :mod:`speedup.leftovers`). Found on
+        first access."""
+        if self._masked_but_kept is None and self.find_masked_but_kept is not None:
+            self._masked_but_kept = self.find_masked_but_kept()
+            self.find_masked_but_kept = None
+        return self._masked_but_kept or {}
 
     @property
     def flops_after(self) -> int:

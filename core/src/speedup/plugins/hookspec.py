@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from .pruning_registry import PruningRegistry
     from .registry import RuleRegistry
 
 PROJECT = "speedup"
@@ -48,4 +49,26 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
     A plugin's registration replaces core's built-in rule for the same target. Two installed plugins
     registering the same target is an error naming both distributions; a user resolves it per call
     with ``customized_replace_func`` or by uninstalling one.
+    """
+
+
+@hookspec
+def speedup_register_pruning(registry: "PruningRegistry") -> None:
+    """Register the pruning pieces this plugin contributes (optional; most plugins only have rules).
+
+    Called once per plugin, right after :func:`speedup_register_rules`.
+
+    :param registry: the :class:`~speedup.plugins.pruning_registry.PruningRegistry` to fill. Call
+        ``registry.add_metric(name, factory)`` with ``factory(**options) -> Metric`` for a metric
+        (what decides which units matter least; see :class:`speedup.pruning.metrics.Metric`),
+        ``registry.add_granularity(name, fn)`` for a way of cutting a parameter into units
+        (``fn(selected, parameter_name, tensor, layout) -> Blocks``), ``registry.add_schedule(name, factory)``
+        for an iterative schedule (see :class:`speedup.pruning.scheduling.Schedule`), and
+        ``registry.add_channels(module_type, ChannelLayout(...))`` to say where a module type keeps
+        its input and output channels (what ``out_channel`` / ``in_channel`` and activation metrics
+        mean for it).
+    :return: nothing; the registrations are the result.
+
+    As with rules, a plugin's piece replaces core's built-in of the same name, and two installed
+    plugins registering the same name is an error naming both distributions when the name is used.
     """

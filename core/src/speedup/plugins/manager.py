@@ -20,6 +20,7 @@ import pluggy
 
 from ..errors import PluginLoadError
 from . import hookspec
+from .pruning_registry import PruningRegistry
 from .registry import CORE_DISTRIBUTION, Provider, RuleRegistry
 
 if sys.version_info >= (3, 10):
@@ -43,6 +44,8 @@ class PluginInfo:
     ops: list[str] = field(default_factory=list)
     sizes: list[str] = field(default_factory=list)
     states: list[str] = field(default_factory=list)
+    pruning: list[str] = field(default_factory=list)
+    """Pruning pieces: ``"metric l1"``, ``"channels torch.nn.modules.conv.Conv2d"``..."""
 
     @property
     def ok(self) -> bool:
@@ -53,6 +56,7 @@ class PluginInfo:
 class LoadedPlugins:
     registry: RuleRegistry
     plugins: list[PluginInfo]
+    pruning: PruningRegistry
 
 
 _loaded: Optional[LoadedPlugins] = None
@@ -82,13 +86,14 @@ def load_plugins(strict: Optional[bool] = None, extra: Iterable[ModuleType] = ()
     manager = pluggy.PluginManager(hookspec.PROJECT)
     manager.add_hookspecs(hookspec)
     registry = RuleRegistry()
+    pruning = PruningRegistry()
     infos: list[PluginInfo] = []
     candidates = sorted(_entry_points(), key=lambda ep: (_distribution(ep)[0] != CORE_DISTRIBUTION, ep.name))
     if not any(_distribution(ep)[0] == CORE_DISTRIBUTION for ep in candidates):
         # Running from a source tree that was never installed: core's rules still come first.
         from .. import rules as core_rules
 
-        infos.append(_register(manager, registry, core_rules, PluginInfo("torch", "speedup.rules", CORE_DISTRIBUTION, "source")))
+        infos.append(_register(manager, registry, pruning, core_rules, PluginInfo("torch", "speedup.rules", CORE_DISTRIBUTION, "source")))
     for ep in candidates:
         distribution, version = _distribution(ep)
         info = PluginInfo(ep.name, ep.value, distribution, version)
@@ -97,17 +102,17 @@ def load_plugins(strict: Optional[bool] = None, extra: Iterable[ModuleType] = ()
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, reported below
             info.error = _describe(exc)
         else:
-            _register(manager, registry, module, info)
+            _register(manager, registry, pruning, module, info)
         infos.append(info)
     for module in extra:
-        infos.append(_register(manager, registry, module, PluginInfo(module.__name__, module.__name__, module.__name__, "")))
+        infos.append(_register(manager, registry, pruning, module, PluginInfo(module.__name__, module.__name__, module.__name__, "")))
     failed = [info for info in infos if not info.ok]
     for info in failed:
         message = f"speedup plugin '{info.name}' ({info.distribution} {info.version}) failed to load: {info.error}"
         if strict:
             raise PluginLoadError(message)
         warnings.warn(message + " Its rules are not available; the other plugins are.", stacklevel=2)
-    return LoadedPlugins(registry, infos)
+    return LoadedPlugins(registry, infos, pruning)
 
 
 def strict_from_environment() -> bool:
@@ -115,26 +120,34 @@ def strict_from_environment() -> bool:
     return os.environ.get("SPEEDUP_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _register(manager: pluggy.PluginManager, registry: RuleRegistry, module: ModuleType, info: PluginInfo) -> PluginInfo:
-    tables = ("modules", "ops", "sizes", "states")
-    before = {name: dict(getattr(registry, name)) for name in tables}
+def _register(manager: pluggy.PluginManager, registry: RuleRegistry, pruning: PruningRegistry, module: ModuleType,
+              info: PluginInfo) -> PluginInfo:
+    tables = [(registry, name) for name in ("modules", "ops", "sizes", "states")]
+    tables += [(pruning, name) for name in PruningRegistry.TABLES]
+    before = {(id(owner), name): dict(getattr(owner, name)) for owner, name in tables}
     try:
         manager.register(module, name=f"{info.distribution}:{info.name}")
-        registry.provider = Provider(info.distribution, info.version)
-        for impl in manager.hook.speedup_register_rules.get_hookimpls():
-            if impl.plugin is module:
-                impl.function(registry=registry)
+        registry.provider = pruning.provider = Provider(info.distribution, info.version)
+        for hook, target in ((manager.hook.speedup_register_rules, registry),
+                             (manager.hook.speedup_register_pruning, pruning)):
+            for impl in hook.get_hookimpls():
+                if impl.plugin is module:
+                    impl.function(registry=target)
     except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
         info.error = _describe(exc)
-        for name in tables:
-            setattr(registry, name, before[name])
+        for owner, name in tables:
+            setattr(owner, name, before[(id(owner), name)])
         if manager.is_registered(module):
             manager.unregister(module)
         return info
     finally:
-        registry.provider = Provider(CORE_DISTRIBUTION, "")
-    for name in tables:
-        setattr(info, name, sorted(k for k, e in getattr(registry, name).items() if before[name].get(k) is not e))
+        registry.provider = pruning.provider = Provider(CORE_DISTRIBUTION, "")
+    for owner, name in tables:
+        added = sorted(k for k, e in getattr(owner, name).items() if before[(id(owner), name)].get(k) is not e)
+        if owner is registry:
+            setattr(info, name, added)
+        else:
+            info.pruning += [f"{PruningRegistry.TABLES[name]} {k}" for k in added]
     return info
 
 

@@ -59,7 +59,7 @@ class RuleRegistry:
         ``module_type`` may be the class or its qualified name, ``"package.module.ClassName"``: a
         name lets a plugin register without importing a heavy library until a model uses it.
         """
-        key = _module_key(module_type, "add_module")
+        key = module_key(module_type, "add_module")
         if not isinstance(rule, ModuleRule):
             raise TypeError(f"the rule for {key} must be a ModuleRule, got {type(rule).__name__}")
         self._put(self.modules, key, rule, key)
@@ -74,7 +74,7 @@ class RuleRegistry:
         changed (undone like every other change if the speedup fails). A dotted attribute
         (``"config.hidden_size"``) is set on the object the module holds. Applies to subclasses too.
         """
-        key = _module_key(module_type, "add_sizes")
+        key = module_key(module_type, "add_sizes")
         if not callable(sizes):
             raise TypeError(f"the sizes of {key} must be a function of the module, got {sizes!r}")
         self._put(self.sizes, key, sizes, key)
@@ -92,7 +92,7 @@ class RuleRegistry:
                 raise TypeError(f"a state type given by name needs its module path, got {state_type!r}")
             key = state_type
         elif isinstance(state_type, type):
-            key = _qualified(state_type)
+            key = qualified_name(state_type)
         else:
             raise TypeError(f"add_state needs a type or its qualified name, got {state_type!r}")
         if key not in self.states:  # two plugins saying the same thing do not conflict
@@ -103,7 +103,7 @@ class RuleRegistry:
         cls = type(obj)
         known = self._state_types.get(cls)
         if known is None:
-            known = self._state_types[cls] = any(_qualified(base) in self.states for base in cls.__mro__)
+            known = self._state_types[cls] = any(qualified_name(base) in self.states for base in cls.__mro__)
         return known
 
     def add_op(self, op: OpKey, rule: OpRule) -> None:
@@ -118,10 +118,7 @@ class RuleRegistry:
             self.add_op(op, rule)
 
     def _put(self, table: dict, key: Any, rule: Any, label: str) -> None:
-        previous = table.get(key)
-        if previous is not None and previous.provider.distribution not in (CORE_DISTRIBUTION, self.provider.distribution):
-            self.conflicts[key] = (previous.provider, self.provider)
-        table[key] = _Entry(rule, self.provider)
+        claim(table, key, rule, self.provider, self.conflicts)
         self._by_type.clear()
         self._state_types.clear()
 
@@ -141,14 +138,14 @@ class RuleRegistry:
         return self._by_type[cls]
 
     def _find_module_rule(self, cls: type) -> Optional[ModuleRule]:
-        key = _qualified(cls)
+        key = qualified_name(cls)
         if key in self.conflicts:
             raise PluginConflictError(self.conflict_message(key))
         entry = self.modules.get(key)
         if entry is not None:
             return entry.rule
         for base in cls.__mro__[1:]:
-            entry = self.modules.get(_qualified(base))
+            entry = self.modules.get(qualified_name(base))
             if entry is not None and entry.rule.subclasses and not _overrides_forward(cls, base):
                 return entry.rule
         return None
@@ -156,19 +153,19 @@ class RuleRegistry:
     def size_attributes(self, module: nn.Module) -> Optional[SizeAttributes]:
         """The size-attribute function for this module's type or its nearest registered base."""
         for base in type(module).__mro__:
-            entry = self.sizes.get(_qualified(base))
+            entry = self.sizes.get(qualified_name(base))
             if entry is not None:
                 return entry.rule
         return None
 
     def provider_of(self, target: Union[type, str]) -> Optional[Provider]:
         """Which distribution's rule applies to a module type (or name) or an operator key."""
-        key = _qualified(target) if isinstance(target, type) else target
+        key = qualified_name(target) if isinstance(target, type) else target
         entry = self.modules.get(key) or self.ops.get(key)
         return entry.provider if entry is not None else None
 
     def has_conflict(self, module: nn.Module) -> bool:
-        return _qualified(type(module)) in self.conflicts
+        return qualified_name(type(module)) in self.conflicts
 
     def op_rule(self, func: Any) -> Optional[OpRule]:
         if not isinstance(func, torch._ops.OpOverload):
@@ -182,7 +179,19 @@ class RuleRegistry:
         return None
 
 
-def _module_key(module_type: Union[type, str], method: str) -> str:
+def claim(table: dict, key: Any, value: Any, provider: Provider, conflicts: dict) -> None:
+    """Puts ``value`` under ``key``; a second non-core distribution claiming the key is a conflict.
+
+    Core's built-ins load first and any plugin may replace them; two plugins disagreeing is
+    recorded in ``conflicts`` (key -> both providers) and reported when the key is used.
+    """
+    previous = table.get(key)
+    if previous is not None and previous.provider.distribution not in (CORE_DISTRIBUTION, provider.distribution):
+        conflicts[key] = (previous.provider, provider)
+    table[key] = _Entry(value, provider)
+
+
+def module_key(module_type: Union[type, str], method: str) -> str:
     """A module type's key: its qualified name, given as the class or as the name itself."""
     if isinstance(module_type, str):
         if "." not in module_type:
@@ -190,10 +199,10 @@ def _module_key(module_type: Union[type, str], method: str) -> str:
         return module_type
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"{method} needs an nn.Module subclass, got {module_type!r}")
-    return _qualified(module_type)
+    return qualified_name(module_type)
 
 
-def _qualified(cls: type) -> str:
+def qualified_name(cls: type) -> str:
     """Types are keyed by qualified name, so a rule registered by name matches the class itself."""
     return f"{cls.__module__}.{cls.__qualname__}"
 

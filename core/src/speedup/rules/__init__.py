@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ..plugins.hookspec import hookimpl
 from ..plugins.registry import RuleRegistry
+from ..pruning import builtin as pruning_builtins
+from ..plugins.pruning_registry import PruningRegistry
 from . import activation, attention, contraction, conv, elementwise, embedding, indexing, linear, norm, reduction, shape, spatial
 
 _FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, embedding, activation,
@@ -18,3 +20,8 @@ _FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, line
 def speedup_register_rules(registry: RuleRegistry) -> None:
     for family in _FAMILIES:
         family.register(registry)
+
+
+@hookimpl
+def speedup_register_pruning(registry: PruningRegistry) -> None:
+    pruning_builtins.register(registry)
