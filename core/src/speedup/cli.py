@@ -29,7 +29,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
         if info.ok:
             summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
             summary += f", {len(info.sizes)} size attributes" if info.sizes else ""
-            print(summary + (f", {len(info.states)} state types" if info.states else ""))
+            summary += f", {len(info.states)} state types" if info.states else ""
+            print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
             if verbose:
                 for name in info.modules:
                     print(f"    module {name}")
@@ -39,6 +40,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
                     print(f"    sizes  {name}")
                 for name in info.states:
                     print(f"    state  {name}")
+                for name in info.pruning:
+                    print(f"    prune  {name}")
         failed |= not info.ok
     registry = loaded.registry
     for key in registry.conflicts:

@@ -5,7 +5,8 @@ channels of a dependency group: a traced :class:`~speedup.groups.ChannelGroup` (
 BatchNorm, both sides of a residual add, q/k/v/out of a head) or the targets sharing a
 ``dependency_group_id``. A group's score per channel is the sum of its targets' scores for that
 channel (a target whose several entries make one channel, as a head's rows do, contributes their
-mean), so coupled layers prune the same channels.
+mean), so coupled layers prune the same channels. Where a target's entries are conjunctions (heads x
+positions in a head), only the outermost factor is allocated: whole heads, never a position in every head.
 
 Within a candidate the lowest scores go: ``round(sparse_ratio * units)``, clamped by
 ``min_sparse_ratio`` / ``max_sparse_ratio`` and so that one unit always stays. Candidates sharing a
@@ -46,7 +47,7 @@ class Candidate:
 
     @property
     def scored(self) -> int:
-        return int(torch.isfinite(self.scores).sum())
+        return int((self.scores != math.inf).sum())
 
 
 @dataclass
@@ -114,9 +115,22 @@ def _member_index(groups: list[ChannelGroup]) -> dict[tuple[str, int], tuple[int
     return {(m.parameter, m.dim): (number, m) for number, group in enumerate(groups) for m in group.members}
 
 
+def _outermost(member: GroupMember) -> torch.Tensor:
+    """The group channel each entry belongs to, ``-1`` for none: where an entry is a conjunction (a
+    column of a (heads x head_dim) projection refers to its head and its position in the head), the
+    outermost factor, the one changing least often along the entries (the head)."""
+    refers = member.refers
+    if refers.shape[1] == 1:
+        return refers[:, 0]
+    changes = (refers[1:] != refers[:-1]).sum(0)
+    changes[~(refers >= 0).any(0)] = refers.shape[0] + 1  # a column referring to nothing never wins
+    return refers[:, int(torch.argmin(changes))]
+
+
 def _spans_several_entries(member: GroupMember) -> bool:
-    refers = member.refers[member.refers >= 0]
-    return refers.numel() > 0 and int(torch.bincount(refers).max()) > 1
+    channels = _outermost(member)
+    channels = channels[channels >= 0]
+    return channels.numel() > 0 and int(torch.bincount(channels).max()) > 1
 
 
 def _blocker(group: ChannelGroup, excluded: set[str], registry: PruningRegistry,
@@ -169,8 +183,9 @@ def _traced(number: int, group: ChannelGroup, pairs: list[tuple[Target, GroupMem
     total = torch.zeros(group.size)
     covered = torch.zeros(group.size, dtype=torch.bool)
     for target, member in pairs:
-        rows, slots = torch.nonzero(member.refers >= 0, as_tuple=True)
-        channels = member.refers[rows, slots]
+        channels = _outermost(member)
+        rows = torch.nonzero(channels >= 0).flatten()
+        channels = channels[rows]
         unit_scores = scores[target.name].float()[rows]
         sums = torch.zeros(group.size).index_add_(0, channels, unit_scores)
         counts = torch.zeros(group.size).index_add_(0, channels, torch.ones_like(unit_scores))

@@ -1,5 +1,8 @@
 """From allocated units to masks in NNI's layout ``{module: {parameter: 0/1 tensor}}``.
 
+Masks are boolean (``True`` = kept): a quarter of the memory of float masks, and what the speedup
+reads fastest; ``mask.float()`` gives NNI's float masks, and ``weight * mask`` works either way.
+
 A removed unit of a single target zeroes its block (and, for output channels, the same entries of
 the module's bias). A removed channel of a traced dependency group zeroes every parameter slice
 tied to it: the conv's rows, its bias, the BatchNorm after it, the columns of every layer reading it,
@@ -95,5 +98,5 @@ def _along(kept: Optional[torch.Tensor], dim: int, tensor: torch.Tensor) -> torc
 
 def _and(masks: Masks, module: str, attr: str, tensor: torch.Tensor, keep: torch.Tensor) -> None:
     entry = masks.setdefault(module, {})
-    keep = keep.to(torch.float32)
-    entry[attr] = entry[attr] * keep if attr in entry else keep.contiguous()
+    keep = keep.bool()
+    entry[attr] = entry[attr] & keep if attr in entry else keep.contiguous()

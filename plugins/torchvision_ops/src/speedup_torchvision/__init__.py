@@ -11,6 +11,7 @@ the torch operators it calls, which core's rules follow.
 from __future__ import annotations
 
 from speedup import hookimpl
+from speedup.plugins.pruning_registry import ChannelLayout, PruningRegistry
 from speedup.plugins.registry import RuleRegistry
 from speedup.rules.norm import ChannelNormRule
 
@@ -27,3 +28,9 @@ def speedup_register_rules(registry: RuleRegistry) -> None:
     maxvit.register(registry)
     swin.register(registry)
     vision_transformer.register(registry)
+
+
+@hookimpl
+def speedup_register_pruning(registry: PruningRegistry) -> None:
+    # ConvNeXt's LayerNorm2d normalizes the channels of an (N, C, H, W) tensor: they are dimension 1.
+    registry.add_channels("torchvision.models.convnext.LayerNorm2d", ChannelLayout(weight_out=0, weight_in=None, output=1))

@@ -14,6 +14,7 @@ takes about a second); a rule applies when a model contains such a module.
 from __future__ import annotations
 
 from speedup import hookimpl
+from speedup.plugins.pruning_registry import ChannelLayout, PruningRegistry
 from speedup.plugins.registry import RuleRegistry
 
 from . import rms_norm
@@ -37,3 +38,11 @@ def speedup_register_rules(registry: RuleRegistry) -> None:
     registry.add_sizes("transformers.modeling_utils.PreTrainedModel", agreed_config_fields)
     # A key/value cache is returned only to be passed back in: it holds the heads that remain.
     registry.add_state("transformers.cache_utils.Cache")
+
+
+@hookimpl
+def speedup_register_pruning(registry: PruningRegistry) -> None:
+    # Conv1D keeps its weight as (in, out): output channels are its columns.
+    registry.add_channels("transformers.pytorch_utils.Conv1D", ChannelLayout(weight_out=1, weight_in=0, output=-1))
+    for name in rms_norm.RMS_NORMS:
+        registry.add_channels(name, ChannelLayout(weight_out=0, weight_in=None, output=-1, parameters=()))
