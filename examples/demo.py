@@ -8,7 +8,6 @@ difference between their outputs on a fresh input.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -72,7 +71,7 @@ def main() -> None:
         ("latency (CPU, batch %d)" % options.batch, f"{masked_time * 1000:.1f} ms", f"{fast_time * 1000:.1f} ms",
          f"{masked_time / fast_time:.2f}x faster"),
     ]
-    print(f"ResNet-50, second half of every conv's channels masked\n")
+    print("ResNet-50, second half of every conv's channels masked\n")
     print(f"{'':24s} {'masked':>14s} {'sped up':>14s} {'ratio':>14s}")
     for row in rows:
         print(f"{row[0]:24s} {row[1]:>14s} {row[2]:>14s} {row[3]:>14s}")

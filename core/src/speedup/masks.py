@@ -146,14 +146,17 @@ def _checked_values(mask: Any, module_name: str, target: str, map_location: Any)
         if mask.is_complex():
             raise MaskError(f"{where} is complex; a mask holds 0 and 1.")
         values = mask.detach()
-        bad = ~((values == 0) | (values == 1))
-        if bool(bad.any()):
+        ones = values == 1
+        # Every non-zero entry is a one: two passes over the values (the comparison above is the mask).
+        if int(torch.count_nonzero(values)) != int(torch.count_nonzero(ones)):
+            bad = (values != 0) & ~ones
             example = values[bad].flatten()[:3].tolist()
             raise MaskError(
                 f"{where} holds values other than 0 and 1 (for example {example}). A mask marks pruned entries with 0 "
                 "and kept ones with 1; threshold a score first (score > t)."
             )
-    return mask.bool()
+        return ones
+    return mask
 
 
 def _fitted(mask: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor:
