@@ -308,6 +308,18 @@ def test_objective_search_meets_a_flops_ratio():
     assert 0.55 <= report.flops_ratio <= 0.6
 
 
+def test_objective_search_meets_a_parameter_ratio_and_a_measured_latency_ratio():
+    model = randomize_norms(Residual()).eval()
+    pruner = Pruner(model, [{"op_types": ["Conv2d"]}], X)
+    masks = pruner.run(objective=Objective("params", 0.5, tolerance=0.05))
+    report = speedup.shrink(copy.deepcopy(model), masks, X)
+    assert 0.45 <= report.param_ratio <= 0.5 and pruner.reached == pytest.approx(report.param_ratio)
+    big = torch.randn(8, 3, 64, 64)
+    pruner = Pruner(model, [{"op_types": ["Conv2d"]}], big)
+    pruner.run(objective=Objective("latency", 0.9, tolerance=0.5, repeats=3))
+    assert pruner.reached <= 0.9  # measured on the sped-up copy, against the original
+
+
 def test_masks_applied_multiplies_and_unhooks():
     model = Plain()
     masks = {"conv1": {"weight": torch.zeros_like(model.conv1.weight)}}

@@ -191,12 +191,7 @@ def _align(entry: ConfigEntry, value: Any) -> Align:
 
 def _matching(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
     selection = entry.selection
-    names = set(selection.get("op_names", ()))
-    missing = sorted(n for n in names if n not in modules)
-    if missing:
-        raise ConfigError(f"{entry.where('op_names')} names {', '.join(repr(m) for m in missing)}, which the model "
-                          "does not have. Module names are those of model.named_modules().")
-    patterns = [re.compile(p) for p in selection.get("op_names_re", ())]
+    names, patterns = _names_and_patterns(entry, modules, "op_names")
     by_name = "op_names" in selection or "op_names_re" in selection
     types = selection.get("op_types")
     found = []
@@ -212,16 +207,20 @@ def _matching(entry: ConfigEntry, modules: dict[str, nn.Module]) -> list[str]:
 
 
 def _excluded_by(entry: ConfigEntry, modules: dict[str, nn.Module]) -> set[str]:
-    selection = entry.selection
-    names = set(selection.get("exclude_op_names", ()))
-    missing = sorted(n for n in names if n not in modules)
-    if missing:
-        raise ConfigError(f"{entry.where('exclude_op_names')} names {', '.join(repr(m) for m in missing)}, which "
-                          "the model does not have.")
-    patterns = [re.compile(p) for p in selection.get("exclude_op_names_re", ())]
-    types = selection.get("exclude_op_types", ())
+    names, patterns = _names_and_patterns(entry, modules, "exclude_op_names")
+    types = entry.selection.get("exclude_op_types", ())
     return {n for n, m in modules.items()
             if n in names or any(p.fullmatch(n) for p in patterns) or (types and _is_type(m, types))}
+
+
+def _names_and_patterns(entry: ConfigEntry, modules: dict[str, nn.Module], key: str) -> tuple[set[str], list]:
+    """The names under ``key`` (each must be a module of the model) and the compiled ``key + '_re'``."""
+    names = set(entry.selection.get(key, ()))
+    missing = sorted(n for n in names if n not in modules)
+    if missing:
+        raise ConfigError(f"{entry.where(key)} names {', '.join(repr(m) for m in missing)}, which the model does not "
+                          "have. Module names are those of model.named_modules().")
+    return names, [re.compile(p) for p in entry.selection.get(key + "_re", ())]
 
 
 def _is_type(module: nn.Module, types: tuple[str, ...]) -> bool:

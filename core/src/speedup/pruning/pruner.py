@@ -66,6 +66,8 @@ class Pruner:
         self.frozen: list[str] = []
         """Targets left unpruned, with the reason: their channels cannot be removed (with dependency
         groups: a model input or output, a barrier), or an excluded module shares them."""
+        self.reached: Optional[float] = None
+        """After :meth:`run` with an objective: the measured ratio the last step reached."""
         self._removed: dict[str, Any] = {}
 
     def compute_masks(self, scale: float = 1.0) -> Masks:
@@ -91,7 +93,7 @@ class Pruner:
             scale = fraction
             if objective is not None:
                 goal = 1.0 - fraction * (1.0 - objective.ratio)
-                scale, _ = search(objective, goal, lambda s: self._masks(s, False, searching=True), self._highest_scale(),
+                scale, self.reached = search(objective, goal, lambda s: self._masks(s, False, searching=True), self._highest_scale(),
                                   self.model, self.example_inputs)
             masks = self._masks(scale, remember=True, searching=objective is not None)
             if fine_tune is not None:
