@@ -233,6 +233,26 @@ def test_hidden_size_pruned_through_layer_norms_keeps_their_statistics():
     assert isinstance(model.final, ConstantAwareLayerNorm)
 
 
+@pytest.mark.parametrize("constants", [[0.0, 0.0, 0.0], [0.5, -1.0, 2.0]])
+def test_constant_aware_layer_norm_equals_the_full_norm_in_values_and_gradients(constants):
+    removed = torch.tensor(constants)
+    norm = ConstantAwareLayerNorm.convert(nn.LayerNorm(5), 8, removed)
+    full = nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+        full.weight[:5], full.bias[:5] = norm.weight, norm.bias
+    x = (torch.randn(4, 5) * 3 + 7).requires_grad_()
+    expected = full(torch.cat([x, removed.expand(4, 3)], 1))[:, :5]
+    with torch.no_grad():
+        assert torch.allclose(norm(x), expected, atol=1e-5)  # the fused inference path
+    actual = norm(x)  # the differentiable path
+    assert torch.allclose(actual, expected, atol=1e-5)
+    (gradient,) = torch.autograd.grad(actual.pow(3).sum(), x)
+    (reference,) = torch.autograd.grad(expected.pow(3).sum(), x)
+    assert torch.allclose(gradient, reference, atol=1e-4)
+
+
 class Shared(nn.Module):
     def __init__(self):
         super().__init__()

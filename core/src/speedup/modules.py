@@ -81,6 +81,7 @@ class _RemovedConstants:
         self.register_buffer("removed_square_sum",
                              values.pow(2).sum().to(device=device, dtype=torch.float32).reshape(()))
         self.removed_count = int(values.numel())
+        self.zero_constants = not bool(values.any())
 
 
 class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
@@ -95,23 +96,48 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         var = (n * v + n * (m - mu)^2 + s2 - 2 * mu * s1 + k * mu^2) / N
 
     The normalized kept channels are then rescaled and shifted per row, in place: three times
-    faster than computing the statistics with separate reductions.
+    faster than computing the statistics with separate reductions. Where gradients flow into the
+    input (training), plain differentiable operators compute the same.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        n, full = input.shape[-1], self.full_size
+        if input.requires_grad and torch.is_grad_enabled():
+            return self._differentiable(input)
+        n, full, k = input.shape[-1], self.full_size, self.removed_count
         normalized, mean, rstd = torch.native_layer_norm(input, (n,), None, None, self.eps)
-        variance = rstd.pow(-2) - self.eps
-        s1 = self.removed_sum.to(input.dtype)
-        s2 = self.removed_square_sum.to(input.dtype)
-        mu = (mean * n + s1) / full
-        spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + self.removed_count * mu.pow(2)
-        rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
-        out = normalized.mul_(rstd_full / rstd).add_((mean - mu) * rstd_full)
+        variance = rstd.pow(-2).sub_(self.eps)
+        if self.zero_constants:  # the usual case (a masked stream): mu = m * n / N, fewer row operations
+            spread = torch.addcmul(variance.mul_(n / full), mean, mean, value=n * k / full**2)
+            rstd_full = spread.clamp_(min=0).add_(self.eps).rsqrt_()
+            shift = mean.mul(rstd_full).mul_(k / full)
+        else:
+            s1 = self.removed_sum.to(input.dtype)
+            s2 = self.removed_square_sum.to(input.dtype)
+            mu = (mean * n + s1) / full
+            spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + k * mu.pow(2)
+            rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
+            shift = (mean - mu) * rstd_full
+        out = normalized.mul_(rstd_full / rstd).add_(shift)
         if self.weight is not None:
             out = out.mul_(self.weight)
         if self.bias is not None:
             out = out.add_(self.bias)
+        return out
+
+    def _differentiable(self, input: torch.Tensor) -> torch.Tensor:
+        """The same with plain operators, for training: the fused layer norm's mean and rstd outputs
+        carry no gradient, so the fast path would give wrong input gradients."""
+        n = self.full_size
+        s1 = self.removed_sum.to(input.dtype)
+        mean = (input.sum(-1, keepdim=True) + s1) / n
+        centered = input - mean
+        square = centered.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)
+        square = square - 2 * mean * s1 + self.removed_count * mean.pow(2)
+        out = centered * torch.rsqrt(square / n + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
         return out
 
 
