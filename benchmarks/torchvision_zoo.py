@@ -64,6 +64,7 @@ import copy
 import fnmatch
 import gc
 import io
+import json
 import math
 import signal
 import statistics
@@ -653,6 +654,19 @@ def save(rows: list[dict], args: argparse.Namespace, env: dict, total_s: float, 
     return write_json(args.json, payload)
 
 
+def earlier_rows(args: argparse.Namespace) -> list[dict]:
+    """Rows of an earlier run in ``args.json`` for the models and mask kinds of this one (``--resume``)."""
+    path = Path(args.json)
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text()).get("rows", [])
+    by_model: dict[str, list[dict]] = {}
+    for row in earlier:
+        by_model.setdefault(row["model"], []).append(row)
+    return [row for model_rows in by_model.values() if {r["masks"] for r in model_rows} >= set(args.masks)
+            for row in model_rows if row["masks"] in args.masks]
+
+
 # ============================================================================================
 # Main
 # ============================================================================================
@@ -680,6 +694,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "+BN bN = latency masked / folded")
     parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals (noisier timings)")
     parser.add_argument("--json", help="where the rows go (default benchmarks/results/torchvision_zoo.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json and bench only the models missing there (a whole zoo "
+                             "run with latency takes hours on 2 cores: it can be spread over several runs)")
     args = parser.parse_args(argv)
 
     classification = torchvision.models.list_models(module=torchvision.models)
@@ -720,8 +737,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = StreamTable(columns(args))
     table.header()
     started = time.perf_counter()
-    rows: list[dict] = []
-    for name in names:
+    rows = [r for r in earlier_rows(args) if r["model"] in names] if args.resume else []
+    for row in rows:
+        table.row(decorate(row))
+    done = {r["model"] for r in rows}
+    for name in [n for n in names if n not in done]:
         t0 = time.perf_counter()
         try:
             with memory_limit():  # a model that needs too much fails with MemoryError instead of the OOM killer
