@@ -126,12 +126,14 @@ class Activation(Metric):
         if calibration is None:
             raise ConfigError(f"the {self.name} metric needs calibration batches: prune(..., "
                               "calibration=Calibration(inputs=[batch, ...]))")
-        handles = []
+        self._sums, self._counts = {}, {}  # each schedule step looks at the model as it is now
+        handles, observed = [], set()
         for target in targets:
             if not target.is_output_channels:
                 raise ConfigError(f"{target.entry.where('granularity')}: {self.name} scores output channels; "
                                   f"'{target.name}' is not pruned by output channel")
-            if target.module_name not in self._sums:
+            if target.module_name not in observed:
+                observed.add(target.module_name)
                 handles.append(target.module.register_forward_hook(self._observer(target)))
         try:
             with torch.no_grad():
@@ -182,6 +184,7 @@ class Taylor(Metric):
         for name, tensor in tensors.items():
             if not tensor.requires_grad:
                 raise ConfigError(f"the taylor metric needs gradients of '{name}', which does not require grad")
+        self._scores = {}  # each schedule step looks at the model as it is now
         saved = {name: tensor.grad for name, tensor in tensors.items()}
         try:
             for inputs, label in calibration.batches():

@@ -72,7 +72,7 @@ class Pruner:
 
     def compute_masks(self, scale: float = 1.0) -> Masks:
         """Masks at every entry's ``sparse_ratio`` times ``scale``; units removed before stay removed."""
-        return self._masks(scale, remember=True)
+        return self._masks(self._scores(), scale, remember=True)
 
     def run(self, fine_tune: Optional[FineTune] = None, schedule: Union[str, Schedule] = "one_shot",
             objective: Optional[Objective] = None, **schedule_options: Any) -> Masks:
@@ -90,20 +90,20 @@ class Pruner:
             schedule = self.registry.schedule(schedule)(**schedule_options)
         masks: Masks = {}
         for step, fraction in enumerate(schedule.fractions()):
+            scores = self._scores()  # once per step: the search below only changes the ratios
             scale = fraction
             if objective is not None:
                 goal = 1.0 - fraction * (1.0 - objective.ratio)
-                scale, self.reached = search(objective, goal, lambda s: self._masks(s, False, searching=True), self._highest_scale(),
-                                  self.model, self.example_inputs)
-            masks = self._masks(scale, remember=True, searching=objective is not None)
+                scale, self.reached = search(objective, goal, lambda s: self._masks(scores, s, False, searching=True),
+                                             self._highest_scale(), self.model, self.example_inputs)
+            masks = self._masks(scores, scale, remember=True, searching=objective is not None)
             if fine_tune is not None:
                 with masks_applied(self.model, masks):
                     fine_tune(self.model, masks, step)
         return masks
 
-    def _masks(self, scale: float, remember: bool, searching: bool = False) -> Masks:
+    def _masks(self, scores: dict, scale: float, remember: bool, searching: bool = False) -> Masks:
         """``searching``: an objective scales the ratios, so an entry without ``sparse_ratio`` counts as 1."""
-        scores = self._scores()
         planned = allocation.plan(self.targets, scores, self.groups, self.excluded, self.registry, self.modules,
                                   lambda entry: self._ratio(entry, scale, searching))
         removed = allocation.allocate(planned.candidates, self._removed)
