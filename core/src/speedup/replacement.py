@@ -31,6 +31,7 @@ from .output_constants import PutBackConstants, put_back_constants
 from .plugins.registry import SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
+from .slicing import gather_kept
 
 Tensorish = Union[torch.Tensor, nn.Parameter]
 
@@ -46,7 +47,7 @@ class ParamSlicer:
         key = id(original)
         if key in self._done:
             return self._done[key][1]
-        sliced = _gather(original.detach(), value.kept)
+        sliced = gather_kept(original.detach(), value.kept)
         if all(k is None for k in value.kept):
             result: Tensorish = original
         elif isinstance(original, nn.Parameter):
@@ -55,26 +56,6 @@ class ParamSlicer:
             result = sliced.contiguous()
         self._done[key] = (original, result)
         return result
-
-
-def _gather(tensor: torch.Tensor, kept: list) -> torch.Tensor:
-    """The kept entries of every dimension, in one gather (one new allocation, not one per dimension)."""
-    dims = [d for d, k in enumerate(kept) if k is not None]
-    if not dims:
-        return tensor
-    if len(dims) == 1:
-        return tensor.index_select(dims[0], kept[dims[0]].to(tensor.device))
-    index: list = [slice(None)] * tensor.dim()
-    for i, d in enumerate(dims):
-        shape = [1] * len(dims)
-        shape[i] = -1
-        index[d] = kept[d].to(tensor.device).reshape(shape)
-    if dims != list(range(dims[0], dims[0] + len(dims))):
-        # Advanced indices that are not adjacent move to the front; slice one dimension at a time.
-        for d in dims:
-            tensor = tensor.index_select(d, kept[d].to(tensor.device))
-        return tensor
-    return tensor[tuple(index)]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..modules import PrunedMultiheadAttention
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
+from ..slicing import gather_kept
 from .heads import Heads, feature_index
 from .toolkit import NonzeroPattern, added_to_bias, foldable
 
@@ -162,9 +163,9 @@ def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept
     consts = x.consts[x.dim(-1)] if x.consts else None
     if isinstance(consts, DimConst) and removed.numel() and bool(consts.value[removed].ne(0).any()):
         # Removed constant inputs become a bias, even where the module had none.
-        extra = full[rows[:, None], removed[None, :]].to(torch.float64) @ consts.value[removed].to(full.device)
+        extra = gather_kept(full, [rows, removed]).to(torch.float64) @ consts.value[removed].to(full.device)
         bias = added_to_bias(bias, extra, full)
-    weight = full[rows] if kept_in is None else full[rows[:, None], kept_in[None, :]]
+    weight = gather_kept(full, [rows, kept_in])
     return _linear(weight, bias)
 
 
@@ -181,11 +182,10 @@ def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _La
     """``out_proj`` for the kept heads and outputs, the removed heads' constant values folded into its bias."""
     full = module.out_proj.weight.detach()
     kept_out = plan.kept(layout.out, -1)
-    out_rows = torch.arange(full.shape[0]) if kept_out is None else kept_out
     bias = module.out_proj.bias.detach() if module.out_proj.bias is not None else None
-    bias = bias[out_rows] if bias is not None else None
+    bias = bias[kept_out] if bias is not None and kept_out is not None else bias
     extra = layout.heads_view().removed_contribution(full, kept_out, kept_heads)
-    weight = full[out_rows[:, None], feature_index(kept_heads, layout.head_dim)[None, :]]
+    weight = gather_kept(full, [kept_out, feature_index(kept_heads, layout.head_dim)])
     return _linear(weight, added_to_bias(bias, extra, full))
 
 

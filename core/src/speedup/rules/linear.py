@@ -17,6 +17,7 @@ from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
+from ..slicing import gather_kept
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
@@ -62,7 +63,7 @@ class LinearRule(ModuleRule):
             if rows.numel():
                 used = consts.nonzero_const.nonzero().reshape(-1)
                 value = value.clone()
-                value[rows] += weight[rows[:, None], used[None, :]].to(torch.float64) @ consts.value[used]
+                value[rows] += gather_kept(weight, [rows, used]).to(torch.float64) @ consts.value[used]
         ctx.set_const(out, -1, DimConst.where(~reads_variable, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
