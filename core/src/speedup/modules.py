@@ -95,8 +95,9 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         mu = (n * m + s1) / N
         var = (n * v + n * (m - mu)^2 + s2 - 2 * mu * s1 + k * mu^2) / N
 
-    The normalized kept channels are then rescaled and shifted per row, in place: three times
-    faster than computing the statistics with separate reductions. Where gradients flow into the
+    The normalized kept channels are then rescaled and shifted per row, in place, the shift times
+    the weight added as one outer product: three times faster than computing the statistics with
+    separate reductions. Where gradients flow into the
     input (training), plain differentiable operators compute the same.
     """
 
@@ -104,7 +105,8 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         if input.requires_grad and torch.is_grad_enabled():
             return self._differentiable(input)
         n, full, k = input.shape[-1], self.full_size, self.removed_count
-        normalized, mean, rstd = torch.native_layer_norm(input, (n,), None, None, self.eps)
+        weight = self.weight
+        normalized, mean, rstd = torch.native_layer_norm(input, (n,), weight, None, self.eps)  # times weight
         variance = rstd.pow(-2).sub_(self.eps)
         if self.zero_constants:  # the usual case (a masked stream): mu = m * n / N, fewer row operations
             spread = torch.addcmul(variance.mul_(n / full), mean, mean, value=n * k / full**2)
@@ -117,12 +119,14 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
             spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + k * mu.pow(2)
             rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
             shift = (mean - mu) * rstd_full
-        out = normalized.mul_(rstd_full / rstd).add_(shift)
-        if self.weight is not None:
-            out = out.mul_(self.weight)
-        if self.bias is not None:
-            out = out.add_(self.bias)
-        return out
+        scale = rstd_full / rstd
+        if weight is None:
+            out = normalized.mul_(scale).add_(shift)
+            return out.add_(self.bias) if self.bias is not None else out
+        # (normalized * scale + shift) * weight + bias, the row shift times the weight as one product
+        rows = shift.reshape(-1, 1)
+        offset = torch.addmm(self.bias, rows, weight.reshape(1, n)) if self.bias is not None else rows * weight
+        return normalized.mul_(scale).add_(offset.view(normalized.shape))
 
     def _differentiable(self, input: torch.Tensor) -> torch.Tensor:
         """The same with plain operators, for training: the fused layer norm's mean and rstd outputs
