@@ -163,8 +163,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     flags = {id(m): m.training for m in model.modules()}
     tx.set_training(model, False)
     for name, mask in masks.parameters.items():
-        tensor = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
-        tx.zero_masked(tensor, mask, masks.structure(name))
+        tx.zero_masked(masks.masked[name], mask, masks.structure(name))
     holders = tensor_masks.install(model, masks.tensors, tx)
     clock.lap("zero masked")
     known = tuple((name, holder, "mask") for name, holder in holders)
@@ -266,14 +265,6 @@ class _Clock:
         now = time.perf_counter()
         self.timings[name] = self.timings.get(name, 0.0) + now - self.last
         self.last = now
-
-
-def _is_parameter(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
 
 
 def _count_parameters(model: nn.Module) -> int:

@@ -47,6 +47,8 @@ class TensorMask:
 class Masks:
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
     """Qualified parameter or buffer name -> mask of the parameter's shape."""
+    masked: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Qualified parameter or buffer name -> the parameter or buffer itself (found once, when loading)."""
     tensors: list[TensorMask] = field(default_factory=list)
     _structures: dict = field(default_factory=dict)
 
@@ -86,6 +88,7 @@ def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, b
                 qualified = f"{module_name}.{target}" if module_name else target
                 tensor = _parameter(module, module_name, target)
                 masks.parameters[qualified] = _fitted(mask, tensor, qualified)
+                masks.masked[qualified] = tensor
     return masks
 
 
