@@ -122,7 +122,7 @@ class Pruner:
             if score.numel() != target.units:
                 raise ValueError(f"metric {self.metric.name} gave {score.numel()} scores for the {target.units} units "
                                  f"of '{target.name}'")
-            scores[target.name] = score.reshape(-1)
+            scores[target.name] = score.detach().reshape(-1).float().cpu()  # allocation and masks live on the CPU
         return scores
 
     def _ratio(self, entry: ConfigEntry, scale: float, searching: bool) -> float:
