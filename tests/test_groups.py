@@ -61,3 +61,29 @@ def test_finding_groups_leaves_the_model_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     find_groups(model, torch.randn(1, 3, 8, 8))
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Concat(nn.Module):
+    """Two producers concatenated and read together, as in a DenseNet block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 24, 3, padding=1)
+        self.norm = nn.BatchNorm2d(32)
+        self.read = nn.Conv2d(32, 6, 1)
+
+    def forward(self, x):
+        return self.read(torch.relu(self.norm(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_each_producer_of_a_concatenation_loses_its_own_share():
+    model = Concat().eval()
+    x = torch.randn(1, 3, 8, 8)
+    (group,) = [g for g in find_groups(model, x) if g.size == 32]
+    assert sorted(s.numel() for s in group.strata()) == [8, 24]
+    for seed in range(3):
+        masks = consistent_masks(model, x, 0.5, seed=seed)
+        kept = [int(masks[name]["weight"].flatten(1).any(1).sum()) for name in ("a", "b")]
+        assert kept == [4, 12]
+    check_speedup(model, masks, x, torch.randn(2, 3, 10, 10), shrunk=["a.weight", "b.weight", "read.weight"])

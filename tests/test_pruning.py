@@ -399,3 +399,12 @@ def test_gpt2_conv1d_heads_and_ffn_through_the_transformers_plugin():
     report = check_speedup(model, masks, tokens, torch.randint(0, 100, (2, 7)),
                            shrunk=["h.0.attn.c_attn.weight", "h.1.mlp.c_fc.weight", "h.1.mlp.c_proj.weight"])
     assert report.masked_but_kept == {} and model.h[0].attn.num_heads == 2
+
+
+def test_dependency_groups_prune_each_producer_of_a_concatenation_by_its_ratio():
+    from test_groups import Concat
+
+    model = Concat().eval()
+    x = torch.randn(1, 3, 8, 8)
+    masks = prune(model, [{"op_names": ["a", "b"], "sparse_ratio": 0.5}], x, "l2")
+    assert [len(_removed_rows(masks[name]["weight"])) for name in ("a", "b")] == [4, 12]

@@ -9,7 +9,9 @@ mean), so coupled layers prune the same channels. Where a target's entries are c
 positions in a head), only the outermost factor is allocated: whole heads, never a position in every head.
 
 Within a candidate the lowest scores go: ``round(sparse_ratio * units)``, clamped by
-``min_sparse_ratio`` / ``max_sparse_ratio`` and so that one unit always stays. Candidates sharing a
+``min_sparse_ratio`` / ``max_sparse_ratio`` and so that one unit always stays. A traced group is
+allocated per stratum (:meth:`~speedup.groups.ChannelGroup.strata`: each producer's share of a
+concatenation), so every layer loses its own fraction. Candidates sharing a
 ``global_group_id`` are pooled: the lowest scores across all of them go until the group's ratio is
 met, each candidate still within its own min/max.
 """
@@ -17,7 +19,7 @@ met, each candidate still within its own min/max.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -103,7 +105,8 @@ def allocate(candidates: list[Candidate], previous: dict[str, torch.Tensor]) -> 
             scores[previous[candidate.key]] = -math.inf
         candidate.scores = scores
         if candidate.global_group is None:
-            removed[candidate.key] = _lowest(candidate.scores, _count(candidate))
+            removed[candidate.key] = _stratified(candidate) if candidate.group is not None else \
+                _lowest(candidate.scores, _count(candidate))
         else:
             pools.setdefault(candidate.global_group, []).append(candidate)
     for group_id, members in pools.items():
@@ -204,6 +207,16 @@ def _limits(candidate: Candidate) -> tuple[int, int]:
 def _count(candidate: Candidate) -> int:
     low, high = _limits(candidate)
     return max(low, min(high, round(candidate.ratio * candidate.scored)))
+
+
+def _stratified(candidate: Candidate) -> torch.Tensor:
+    """The lowest of each stratum of a traced group (each producer's share of a concatenation), at
+    the candidate's ratio: every layer loses its fraction, as a per-layer ratio says."""
+    removed = torch.zeros(candidate.scores.numel(), dtype=torch.bool)
+    for stratum in candidate.group.strata():
+        part = replace(candidate, scores=candidate.scores[stratum])
+        removed[stratum] = _lowest(part.scores, _count(part))
+    return removed
 
 
 def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
