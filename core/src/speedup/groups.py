@@ -56,6 +56,7 @@ class ChannelGroup:
 
     size: int
     members: list[GroupMember] = field(default_factory=list)
+    _strata: Optional[list[torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def strata(self) -> list[torch.Tensor]:
         """The group's channels split by which parameter slices refer to them: each layer's own share.
@@ -66,6 +67,12 @@ class ChannelGroup:
         regular widths (16 of 32, not 13 or 19), which is what a per-layer ratio means and what
         CPU kernels run fastest.
         """
+        if self._strata is None:  # computed once: schedules and objective searches allocate many times
+            self._strata = self._split_by_referrers()
+        return self._strata
+
+    def _split_by_referrers(self) -> list[torch.Tensor]:
+        """Channels with the same set of referring parameter slices (a random 40-bit tag per slice, summed)."""
         generator = torch.Generator().manual_seed(self.size)
         signature = torch.zeros(self.size, dtype=torch.int64)
         for member in self.members:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .boolean import any_along
+from .masks import named_tensor
 
 
 def masked_but_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, dict[int, int]]:
@@ -22,14 +23,8 @@ def masked_but_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[st
     """
     found: dict[str, dict[int, int]] = {}
     for name, mask in masks.items():
-        try:
-            now = model.get_parameter(name)
-        except AttributeError:
-            try:
-                now = model.get_buffer(name)
-            except AttributeError:
-                continue  # the speedup removed it entirely
-        if mask.dim() != now.dim():
+        now = named_tensor(model, name)
+        if now is None or mask.dim() != now.dim():  # the speedup removed it entirely
             continue
         nonzero = mask.ne(0)
         for dim in range(mask.dim()):

@@ -117,15 +117,19 @@ def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
     )
 
 
-def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor:
-    tensor = None
+def named_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The parameter or buffer ``name`` (dotted) of ``module``, or ``None`` if it has none."""
     try:
-        tensor = module.get_parameter(target)
+        return module.get_parameter(name)
     except AttributeError:
         try:
-            tensor = module.get_buffer(target)
+            return module.get_buffer(name)
         except AttributeError:
-            pass
+            return None
+
+
+def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor:
+    tensor = named_tensor(module, target)
     if tensor is None:
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
         raise MaskError(

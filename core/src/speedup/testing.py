@@ -29,10 +29,7 @@ def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
     checked = load_masks(masks, masked)
     with torch.no_grad():
         for name, mask in checked.parameters.items():
-            try:
-                tensor = masked.get_parameter(name)
-            except AttributeError:
-                tensor = masked.get_buffer(name)
+            tensor = checked.masked[name]
             tensor.mul_(mask.to(tensor.dtype))
     tensor_masks.install(masked, checked.tensors, Transaction())
     return masked

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 from torch import nn
 
 from ..errors import PluginConflictError
-from .registry import CORE_DISTRIBUTION, Provider, claim, module_key, qualified_name
+from .registry import CORE_DISTRIBUTION, Provider, claim, module_key, nearest
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,7 @@ class PruningRegistry:
 
     def layout(self, module: nn.Module) -> Optional[ChannelLayout]:
         """The channel layout of ``module``'s type or its nearest registered base; ``None`` if unknown."""
-        for base in type(module).__mro__:
-            key = qualified_name(base)
-            if key in self.conflicts:
-                raise PluginConflictError(self._conflict(key))
-            entry = self.channels.get(key)
-            if entry is not None:
-                return entry.rule
-        return None
+        return nearest(self.channels, type(module), self.conflicts, self._conflict)
 
     def _named(self, table: dict, name: str, kind: str) -> Any:
         if name in self.conflicts and name in table:

@@ -152,11 +152,7 @@ class RuleRegistry:
 
     def size_attributes(self, module: nn.Module) -> Optional[SizeAttributes]:
         """The size-attribute function for this module's type or its nearest registered base."""
-        for base in type(module).__mro__:
-            entry = self.sizes.get(qualified_name(base))
-            if entry is not None:
-                return entry.rule
-        return None
+        return nearest(self.sizes, type(module), self.conflicts, self.conflict_message)
 
     def provider_of(self, target: Union[type, str]) -> Optional[Provider]:
         """Which distribution's rule applies to a module type (or name) or an operator key."""
@@ -177,6 +173,19 @@ class RuleRegistry:
             if entry is not None:
                 return entry.rule
         return None
+
+
+def nearest(table: dict, cls: type, conflicts: dict, conflict_message: Callable[[str], str]) -> Any:
+    """What ``table`` holds for ``cls`` or its nearest base (by qualified name); ``None`` if nothing.
+    A key two plugins claimed is a :class:`PluginConflictError` with ``conflict_message(key)``."""
+    for base in cls.__mro__:
+        key = qualified_name(base)
+        if key in conflicts and key in table:
+            raise PluginConflictError(conflict_message(key))
+        entry = table.get(key)
+        if entry is not None:
+            return entry.rule
+    return None
 
 
 def claim(table: dict, key: Any, value: Any, provider: Provider, conflicts: dict) -> None:

@@ -29,6 +29,9 @@ from ..plugins.pruning_registry import PruningRegistry
 from .scheduling import Schedule, masks_applied
 from .targets import targets_of
 
+_MOST = 0.99
+"""The highest ratio a scaled entry reaches (one unit in a hundred stays)."""
+
 FineTune = Callable[[nn.Module, Masks, int], None]
 """``fine_tune(model, masks, step)``: trains the masked model between steps (masks stay applied)."""
 
@@ -130,11 +133,11 @@ class Pruner:
             raise ConfigError(f"{entry.where()} has no sparse_ratio (only entries with 'align', or pruned towards an "
                               "objective, may go without)")
         base = 1.0 if entry.sparse_ratio is None else entry.sparse_ratio
-        return min(base * scale, entry.max_sparse_ratio, 0.99)
+        return min(base * scale, entry.max_sparse_ratio, _MOST)
 
     def _highest_scale(self) -> float:
-        """The scale at which every entry reaches its max_sparse_ratio (at most 0.99)."""
-        ratios = [(e.sparse_ratio or 1.0, min(e.max_sparse_ratio, 0.99)) for e in self.entries if e.align is None]
+        """The scale at which every entry reaches its max_sparse_ratio (at most :data:`_MOST`)."""
+        ratios = [(e.sparse_ratio or 1.0, min(e.max_sparse_ratio, _MOST)) for e in self.entries if e.align is None]
         return max(high / base for base, high in ratios if base > 0)
 
     def _metric(self, metric: Union[str, Metric], options: dict) -> Metric:
