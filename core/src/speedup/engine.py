@@ -162,8 +162,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     tx.set_training(model, False)
-    for name, mask in masks.parameters.items():
-        tx.zero_masked(masks.masked[name], mask, masks.structure(name))
+    for name in masks.parameters:
+        tx.zero_masked(masks.masked[name], masks.pattern(name))
     holders = tensor_masks.install(model, masks.tensors, tx)
     clock.lap("zero masked")
     known = tuple((name, holder, "mask") for name, holder in holders)
@@ -176,10 +176,9 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     clock.lap("trace")
     graph = recorded.graph
     analysis = Analysis(graph, rules.for_node, OpRule())
-    for name, mask in masks.parameters.items():
-        if name in graph.parameters:
-            dim, line = masks.structure(name)  # the analysis runs on the CPU (see TensorValue.host)
-            analysis.add_mask(graph.parameters[name], mask.cpu(), (dim, line.cpu() if line is not None else None))
+    for name in masks.parameters:
+        if name in graph.parameters:  # the analysis runs on the CPU (see TensorValue.host)
+            analysis.add_mask(graph.parameters[name], masks.pattern(name).cpu())
     analysis.no_fold = {name for name, calls in graph.module_calls.items() if rules.custom_for(calls[0].module)}
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()

@@ -50,16 +50,16 @@ class Masks:
     masked: dict[str, torch.Tensor] = field(default_factory=dict)
     """Qualified parameter or buffer name -> the parameter or buffer itself (found once, when loading)."""
     tensors: list[TensorMask] = field(default_factory=list)
-    _structures: dict = field(default_factory=dict)
+    _patterns: dict[str, "MaskPattern"] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.parameters or self.tensors)
 
-    def structure(self, name: str) -> tuple:
-        """:func:`single_dimension` of a parameter's mask, computed once (masking and analysis need it)."""
-        if name not in self._structures:
-            self._structures[name] = single_dimension(self.parameters[name])
-        return self._structures[name]
+    def pattern(self, name: str) -> "MaskPattern":
+        """The :class:`MaskPattern` of a parameter's mask, found once (masking and analysis need it)."""
+        if name not in self._patterns:
+            self._patterns[name] = mask_pattern(self.parameters[name])
+        return self._patterns[name]
 
 
 def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, batch_dim: int = 0) -> Masks:
@@ -186,47 +186,79 @@ def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -
     return TensorMask(module, kind, parsed, mask, batch_dim)
 
 
-def single_dimension(mask: torch.Tensor):
-    """``(dim, 1-D mask)`` if ``mask`` only varies along ``dim``, else ``(None, None)``.
+@dataclass(frozen=True)
+class MaskPattern:
+    """Where a parameter's mask keeps entries, found in one pass when the masks are loaded.
 
-    Broadcast (expanded) masks are recognised from their strides. Materialised ones are checked for
-    varying only along dimension 0 (output channels) or 1 (input channels), one pass each.
+    Zeroing the parameter, the analysis and the rules all ask "which rows / columns / kernel taps
+    keep an entry" of every masked weight; answering from this summary instead of passing over the
+    mask again each time was a tenth of the speedup call on densenet201.
     """
-    if mask.dim() == 0:
-        return None, None
+
+    mask: torch.Tensor
+    """The mask itself, at the parameter's shape (possibly a broadcast view)."""
+    dim: Optional[int]
+    """The one dimension the mask varies along (``None``: it varies along several)."""
+    line: Optional[torch.Tensor]
+    """With ``dim``: the 1-D mask along it."""
+    pair: Optional[torch.Tensor]
+    """For two or more dimensions: ``(shape[0], shape[1])``, whether any entry of the slice at
+    ``[i, j]`` is kept (the kernel taps of a convolution, the mask itself for a linear weight)."""
+    separable: bool
+    """The mask keeps exactly the rows of ``kept(0)`` times the columns of ``kept(1)``, every entry
+    of the trailing dimensions (so ``pair`` is their outer product)."""
+
+    def kept(self, dim: int) -> torch.Tensor:
+        """Boolean per slice along ``dim``: the mask keeps some entry of it."""
+        if self.dim is not None:
+            if dim == self.dim:
+                return self.line
+            return torch.full((self.mask.shape[dim],), bool(self.line.any()), dtype=torch.bool, device=self.line.device)
+        if dim in (0, 1):
+            return any_along(self.pair, 1 - dim)
+        return any_along(self.mask.movedim(dim, 0).reshape(self.mask.shape[dim], -1), 1)
+
+    def cpu(self) -> "MaskPattern":
+        """The same pattern with its small parts on the CPU (the analysis runs there)."""
+        if self.mask.device.type == "cpu":
+            return self
+        move = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.pair), self.separable)
+
+
+def mask_pattern(mask: torch.Tensor) -> MaskPattern:
+    """The :class:`MaskPattern` of a boolean mask.
+
+    Broadcast (expanded) masks are recognised from their strides, without reading them. A
+    materialised mask of two or more dimensions is read once for its kernel taps (``pair``) and
+    once for its count of kept entries, which tells whether it is rows times columns.
+    """
     for dim in range(mask.dim()):
         if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
-            return dim, _line(mask, dim)
-    grid = mask.contiguous().view(torch.uint8).reshape(mask.shape[0], -1)
-    low, high = grid.amin(1), grid.amax(1)  # faster than aminmax on bytes
-    if bool((low == high).all()):
-        return 0, high.bool()
-    if bool((high == 0).any()):
-        return None, None  # whole rows go, and other rows vary: rows and columns (skip the pass below)
-    if mask.dim() >= 2:
-        cube = grid.reshape(mask.shape[0], mask.shape[1], -1)
-        if torch.equal(cube, cube[:1, :, :1].expand_as(cube)):
-            return 1, cube[0, :, 0].bool()
-    return None, None
+            line = _line(mask, dim)
+            pair = _outer(mask, line, dim) if mask.dim() >= 2 else None
+            return MaskPattern(mask, dim, line, pair, dim < 2 or bool(line.all()))
+    if mask.dim() < 2:  # a 0-D mask
+        return MaskPattern(mask, None, None, None, False)
+    grid = mask.view(torch.uint8).reshape(mask.shape[0], mask.shape[1], -1)
+    pair = (grid.amax(2) if grid.shape[2] > 1 else grid[:, :, 0]).bool()
+    rows, cols = any_along(pair, 1), any_along(pair, 0)
+    n_rows, n_cols = int(torch.count_nonzero(rows)), int(torch.count_nonzero(cols))
+    separable = int(torch.count_nonzero(grid)) == n_rows * n_cols * grid.shape[2]
+    if separable and n_cols == cols.numel():
+        return MaskPattern(mask, 0, rows, pair, True)
+    if separable and n_rows == rows.numel():
+        return MaskPattern(mask, 1, cols, pair, True)
+    return MaskPattern(mask, None, None, pair, separable)
 
 
-def rows_times_rest(mask: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(rows, rest)`` if ``mask`` keeps the same entries of every kept row (dimension 0), else None.
-
-    ``rows`` is a boolean per row, ``rest`` the flat boolean mask every kept row shares: a layer
-    losing output and input channels at once. One pass over the mask.
-    """
-    if mask.dim() < 2:
-        return None
-    grid = mask.reshape(mask.shape[0], -1)
-    rows = any_along(grid, 1)
-    kept = rows.nonzero().reshape(-1)
-    if not kept.numel():
-        return None
-    rest = grid[kept[0]]
-    if not torch.equal(grid.index_select(0, kept), rest.expand(kept.numel(), -1)):
-        return None
-    return rows, rest
+def _outer(mask: torch.Tensor, line: torch.Tensor, dim: int) -> torch.Tensor:
+    """``pair`` of a mask varying along ``dim`` only."""
+    if dim >= 2:
+        return torch.full(mask.shape[:2], bool(line.any()), dtype=torch.bool, device=line.device)
+    shape = [1, 1]
+    shape[dim] = -1
+    return line.reshape(shape).expand(mask.shape[:2])
 
 
 def _line(mask: torch.Tensor, dim: int) -> torch.Tensor:

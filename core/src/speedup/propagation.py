@@ -22,8 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from .atoms import AtomSolution, AtomTable
-from .boolean import any_along
-from .masks import single_dimension
+from .masks import MaskPattern
 from .graph import Graph, Node, Origin, TensorValue
 from .rule import DimConst, Rule
 
@@ -43,7 +42,7 @@ class Analysis:
         self._node: Optional[Node] = None
         self._uniform: dict[int, Optional[float]] = {}
         self._memo: dict = {}
-        self.masks: dict[int, torch.Tensor] = {}
+        self.masks: dict[int, MaskPattern] = {}
         """Masks of masked parameters, by value index: where a weight is zero, known without reading it."""
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
@@ -275,26 +274,14 @@ class Analysis:
 
     def kept_slices(self, value: TensorValue, dim: int) -> torch.Tensor:
         """For a masked parameter: which slices along ``dim`` the mask keeps any entry of."""
-        d = value.dim(dim)
-        structure = self.mask_structure(value)
-        if structure is not None and structure[0] is not None:
-            varying, line = structure
-            if varying == d:
-                return line
-            return torch.full((value.shape[d],), bool(line.any()), dtype=torch.bool)
-        mask = self.masks[value.index]
-        return any_along(mask.movedim(d, 0).reshape(value.shape[d], -1), 1)
+        return self.masks[value.index].kept(value.dim(dim))
 
-    def add_mask(self, value: TensorValue, mask: torch.Tensor, structure: tuple) -> None:
-        self.masks[value.index] = mask
-        self._memo[("mask-structure", value.index)] = structure
+    def add_mask(self, value: TensorValue, pattern: MaskPattern) -> None:
+        self.masks[value.index] = pattern
 
-    def mask_structure(self, value: TensorValue):
-        """``(dim, 1-D mask)`` when a parameter's mask varies along one dimension only, ``(None, None)``
-        when it varies along several, ``None`` when the parameter has no mask."""
-        if value.index not in self.masks:
-            return None
-        return self.memo(("mask-structure", value.index), lambda: single_dimension(self.masks[value.index]))
+    def mask_pattern(self, value: TensorValue) -> Optional[MaskPattern]:
+        """The :class:`~speedup.masks.MaskPattern` of a parameter's mask, ``None`` when it has none."""
+        return self.masks.get(value.index)
 
     def set_const(self, value: TensorValue, dim: int, consts: Optional[DimConst]) -> None:
         d = value.dim(dim)

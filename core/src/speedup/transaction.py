@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .masks import rows_times_rest, single_dimension
+from .masks import MaskPattern
 
 _MISSING = object()
 
@@ -48,42 +48,35 @@ class Transaction:
         tensor.data = data
         self._undo.append(lambda: setattr(tensor, "data", previous))
 
-    def zero_masked(self, tensor: torch.Tensor, mask: torch.Tensor, structure: tuple = None) -> None:
-        """Zeroes ``tensor`` where ``mask`` is False (as ``tensor * mask``), undoably.
+    def zero_masked(self, tensor: torch.Tensor, pattern: MaskPattern) -> None:
+        """Zeroes ``tensor`` where its mask (``pattern.mask``) is False, undoably.
 
         Whole rows (dimension 0, the usual case) are zeroed in place, keeping only those rows for
-        the undo. Any other mask writes ``tensor * mask`` into new storage that the parameter then
+        the undo. Any other mask writes the masked tensor into new storage that the parameter then
         holds (:meth:`set_data`): one pass over the tensor, an undo that costs nothing, and no
         strided gathers (saving the zeroed columns of a large weight takes several times as long
         as multiplying it once).
         """
-        with torch.no_grad():
-            dim, line = structure if structure is not None else single_dimension(mask)
-            data = tensor.data
-            if dim is None:
-                factors = rows_times_rest(mask) if data.is_contiguous() else None
-                if factors is not None:
-                    rows, rest = (f.to(data.device) for f in factors)
-                    masked = torch.mul(data.view(data.shape[0], -1), rest.to(data.dtype))
-                    masked.index_fill_(0, (~rows).nonzero().reshape(-1), 0)
-                    self.set_data(tensor, masked.view(data.shape))
-                    return
-                # Some entry goes: a mask that varies along no single dimension is not all ones.
-                zero = torch.zeros((), dtype=data.dtype, device=data.device)
-                self.set_data(tensor, torch.where(mask.to(data.device), data, zero))
-                return
-            line = line.to(data.device)
-            if bool(line.all()):
-                return
-            if dim != 0:
-                shape = [1] * data.dim()
-                shape[dim] = -1
-                self.set_data(tensor, torch.mul(data, line.to(data.dtype).reshape(shape)))
-                return
-            removed = (~line).nonzero().reshape(-1)
-            saved = data.index_select(0, removed)
-            data.index_fill_(0, removed, 0)
-            self._undo.append(lambda: data.index_copy_(0, removed, saved))
+        data = tensor.data
+        if pattern.dim is None:
+            mask = pattern.mask.to(data.device)
+            if data.is_floating_point():  # times the mask's bytes: several times faster than a boolean operand
+                self.set_data(tensor, torch.mul(data, mask.view(torch.uint8)))
+            else:
+                self.set_data(tensor, torch.where(mask, data, torch.zeros((), dtype=data.dtype, device=data.device)))
+            return
+        line = pattern.line.to(data.device)
+        if bool(line.all()):
+            return
+        if pattern.dim != 0:
+            shape = [1] * data.dim()
+            shape[pattern.dim] = -1
+            self.set_data(tensor, torch.mul(data, line.to(data.dtype).reshape(shape)))
+            return
+        removed = (~line).nonzero().reshape(-1)
+        saved = data.index_select(0, removed)
+        data.index_fill_(0, removed, 0)
+        self._undo.append(lambda: data.index_copy_(0, removed, saved))
 
     def set_training(self, model: nn.Module, mode: bool) -> None:
         flags = [(m, m.training) for m in model.modules()]

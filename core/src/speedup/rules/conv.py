@@ -24,7 +24,7 @@ from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
-from .toolkit import added_to_bias, clone_module, first_input, foldable
+from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
 
@@ -108,42 +108,53 @@ def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
         ctx.link(weight, 0, out, spec.cdim)
 
 
-def _taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
-    """``(groups, out_per_group, in_per_group)``: which weight taps are not all zero (computed once)."""
-    return ctx.memo(("conv-taps", spec.weight.index, spec.transposed, spec.groups), lambda: _nonzero_taps(spec, ctx))
+class _GroupedTaps:
+    """:class:`~speedup.rules.toolkit.NonzeroPattern`'s answers for a grouped convolution, from its
+    ``(groups, out_per_group, in_per_group)`` taps (is any weight of the kernel not zero)."""
+
+    def __init__(self, taps: torch.Tensor):
+        self.taps = taps.contiguous()
+        self.rows = any_along(self.taps, 2).reshape(-1)
+        self.cols = any_along(self.taps, 1).reshape(-1)
+
+    def rows_reading(self, columns: torch.Tensor) -> torch.Tensor:
+        groups, _, in_per_group = self.taps.shape
+        return any_along(self.taps & columns.reshape(groups, 1, in_per_group), 2).reshape(-1)
+
+    def columns_read_by(self, rows: torch.Tensor) -> torch.Tensor:
+        groups, out_per_group, _ = self.taps.shape
+        return any_along(self.taps & rows.reshape(groups, out_per_group, 1), 1).reshape(-1)
 
 
-def _nonzero_taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
-    structure = ctx.mask_structure(spec.weight)
-    if structure is not None and structure[0] is not None:
-        # The mask says which (dim 0, dim 1) slices are kept: their outer product, laid out locally.
-        kept = ctx.kept_slices(spec.weight, 0)[:, None] & ctx.kept_slices(spec.weight, 1)[None, :]
-        taps = spec.local(kept)
-    elif structure is not None:
-        taps = any_along(spec.local(ctx.masks[spec.weight.index]).flatten(2), 2)
+def _nonzero(spec: _Spec, ctx: Analysis):
+    """Which output channels read which input channels through a non-zero kernel (computed once)."""
+    if spec.groups == 1:
+        return NonzeroPattern.of(ctx, spec.weight, spec.out_dim)
+    return ctx.memo(("grouped-taps", spec.weight.index, spec.transposed, spec.groups),
+                    lambda: _GroupedTaps(_grouped_taps(spec, ctx)))
+
+
+def _grouped_taps(spec: _Spec, ctx: Analysis) -> torch.Tensor:
+    pattern = ctx.mask_pattern(spec.weight)
+    if pattern is not None:
+        taps = spec.local(pattern.pair)  # from the mask: no pass over the weight
     else:
         taps = spec.local_weight().flatten(2).abs().sum(2) != 0
     return taps.reshape(spec.groups, spec.out_per_group, spec.in_per_group)
 
 
-def _per_group(spec: _Spec, values: torch.Tensor) -> torch.Tensor:
-    """An input-channel vector as ``(groups, 1, in_per_group)``, to broadcast against the taps."""
-    return values.reshape(spec.groups, 1, spec.in_per_group)
-
-
 def forward_conv(spec: _Spec, ctx: Analysis) -> None:
     """Output channels reading no varying input are constant: the bias plus any uniform fold."""
     consts = ctx.const(spec.x, spec.cdim)
-    taps = _taps(spec, ctx)
-    has_taps = ctx.memo(("conv-has-taps", spec.weight.index, spec.transposed, spec.groups),
-                        lambda: any_along(taps, 2).reshape(-1))
+    nonzero = _nonzero(spec, ctx)
+    has_taps = nonzero.rows
     if consts is None:
         reads_variable = has_taps
     else:
         live = ~consts.mask
         if not spec.uniform_fold:
             live |= consts.nonzero_const  # non-uniform near borders: not a constant output
-        reads_variable = any_along(taps & _per_group(spec, live), 2).reshape(-1)
+        reads_variable = nonzero.rows_reading(live)
     if bool(reads_variable.all()):
         return  # every output channel varies
     n_out = reads_variable.numel()
@@ -173,12 +184,8 @@ def backward_conv(spec: _Spec, ctx: Analysis, foldable_inputs: torch.Tensor) -> 
     if not ctx.is_demanded(out):
         return
     need_out = ctx.demanded(out, spec.cdim)
-    taps = _taps(spec, ctx)
-    if bool(need_out.all()):
-        read = ctx.memo(("conv-read-all", spec.weight.index, spec.transposed, spec.groups),
-                        lambda: any_along(taps, 1).reshape(-1))
-    else:
-        read = any_along(taps & need_out.reshape(spec.groups, spec.out_per_group, 1), 1).reshape(-1)
+    nonzero = _nonzero(spec, ctx)
+    read = nonzero.cols if bool(need_out.all()) else nonzero.columns_read_by(need_out)
     masks = {spec.cdim: read & ~foldable_inputs}
     if spec.cdim == 1:
         masks[0] = ctx.demanded(out, 0)

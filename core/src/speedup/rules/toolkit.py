@@ -72,8 +72,8 @@ def param_data(node: Node, name: str) -> Optional[torch.Tensor]:
 
 
 class NonzeroPattern:
-    """Which entries of an ``(out, in)`` weight are not zero, answering "which rows read these
-    columns" and "which columns do these rows read".
+    """Which entries of an ``(out, in)`` weight (or ``(out, in, *kernel)``: any tap) are not zero,
+    answering "which rows read these columns" and "which columns do these rows read".
 
     Masks usually remove whole rows or columns; then the non-zeros are exactly the rows with a
     non-zero times the columns with one, and every question costs two vector operations instead of
@@ -88,20 +88,21 @@ class NonzeroPattern:
 
     @classmethod
     def of(cls, ctx: Analysis, weight: TensorValue, out_dim: int = 0) -> "NonzeroPattern":
-        """The pattern of a 2-D weight with output rows along ``out_dim``; from its mask when it has one."""
+        """The pattern of a weight with output rows along ``out_dim`` (0 or 1); from its mask when it has one."""
         return ctx.memo(("nonzero-pattern", weight.index, out_dim), lambda: cls._build(ctx, weight, out_dim))
 
     @classmethod
     def _build(cls, ctx: Analysis, weight: TensorValue, out_dim: int) -> "NonzeroPattern":
-        structure = ctx.mask_structure(weight)
-        if structure is not None and structure[0] is not None:
-            pattern = cls.__new__(cls)
-            pattern.rows = ctx.kept_slices(weight, out_dim)
-            pattern.cols = ctx.kept_slices(weight, 1 - out_dim)
-            pattern.full = None
-            return pattern
-        source = ctx.masks[weight.index] if structure is not None else weight.host() != 0
-        return cls(source if out_dim == 0 else source.t())
+        pattern = ctx.mask_pattern(weight)
+        if pattern is None:
+            nonzero = weight.host() != 0
+            if nonzero.dim() > 2:  # a kernel: is any of its taps not zero
+                nonzero = any_along(nonzero.flatten(2), 2)
+            return cls(nonzero if out_dim == 0 else nonzero.t())
+        built = cls.__new__(cls)
+        built.rows, built.cols = pattern.kept(out_dim), pattern.kept(1 - out_dim)
+        built.full = None if pattern.separable else (pattern.pair if out_dim == 0 else pattern.pair.t())
+        return built
 
     def rows_reading(self, columns: torch.Tensor) -> torch.Tensor:
         """Rows with a non-zero weight in one of ``columns`` (boolean over the input)."""
