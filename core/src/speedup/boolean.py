@@ -17,5 +17,5 @@ def any_along(mask: torch.Tensor, dim: Union[int, tuple[int, ...]]) -> torch.Ten
     """``mask.any(dim)`` for a boolean tensor (``dim`` one dimension or a non-empty tuple of them)."""
     if mask.dtype != torch.bool or mask.numel() == 0:
         return mask.any(dim)
-    return mask.view(torch.uint8).amax(dim).bool()
+    return mask.view(torch.uint8).amax(dim).view(torch.bool)  # the maxima are 0 or 1: no conversion
 

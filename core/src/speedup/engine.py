@@ -221,6 +221,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
     report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)
+    graph.release()
     return report
 
 

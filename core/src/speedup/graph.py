@@ -193,6 +193,14 @@ class Graph:
         self.values.append(value)
         return value
 
+    def release(self) -> None:
+        """Drops the links from values back to their nodes, so that the graph is freed by reference
+        counting as soon as it is dropped, not by the cyclic garbage collector (which took 15 ms
+        after each speedup call on densenet201, finding some 20 000 objects)."""
+        for value in self.values:
+            value.producer = None
+            value.consumers = []
+
     def add_node(self, node: Node) -> Node:
         self.nodes.append(node)
         for value in node.inputs:

@@ -167,6 +167,8 @@ def _checked_values(mask: Any, module_name: str, target: str, map_location: Any)
 
 
 def _fitted(mask: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if mask.shape == tensor.shape:
+        return mask  # the usual case; torch.broadcast_shapes costs tens of microseconds a call
     try:
         shape = torch.broadcast_shapes(mask.shape, tensor.shape)
     except RuntimeError:
@@ -207,15 +209,15 @@ class MaskPattern:
     separable: bool
     """The mask keeps exactly the rows of ``kept(0)`` times the columns of ``kept(1)``, every entry
     of the trailing dimensions (so ``pair`` is their outer product)."""
+    leading: tuple = ()
+    """``kept(0)`` and, for two or more dimensions, ``kept(1)``."""
 
     def kept(self, dim: int) -> torch.Tensor:
         """Boolean per slice along ``dim``: the mask keeps some entry of it."""
+        if dim < len(self.leading):
+            return self.leading[dim]
         if self.dim is not None:
-            if dim == self.dim:
-                return self.line
-            return torch.full((self.mask.shape[dim],), bool(self.line.any()), dtype=torch.bool, device=self.line.device)
-        if dim in (0, 1):
-            return any_along(self.pair, 1 - dim)
+            return self.line if dim == self.dim else _filled_like(self.line, self.mask.shape[dim])
         return any_along(self.mask.movedim(dim, 0).reshape(self.mask.shape[dim], -1), 1)
 
     def cpu(self) -> "MaskPattern":
@@ -223,7 +225,8 @@ class MaskPattern:
         if self.mask.device.type == "cpu":
             return self
         move = lambda t: None if t is None else t.cpu()  # noqa: E731
-        return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.pair), self.separable)
+        return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.pair), self.separable,
+                           tuple(t.cpu() for t in self.leading))
 
 
 def mask_pattern(mask: torch.Tensor) -> MaskPattern:
@@ -236,29 +239,26 @@ def mask_pattern(mask: torch.Tensor) -> MaskPattern:
     for dim in range(mask.dim()):
         if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
             line = _line(mask, dim)
-            pair = _outer(mask, line, dim) if mask.dim() >= 2 else None
-            return MaskPattern(mask, dim, line, pair, dim < 2 or bool(line.all()))
+            leading = tuple(line if d == dim else _filled_like(line, mask.shape[d]) for d in range(min(mask.dim(), 2)))
+            pair = leading[0][:, None] & leading[1][None, :] if mask.dim() >= 2 else None
+            return MaskPattern(mask, dim, line, pair, dim < 2 or bool(line.all()), leading)
     if mask.dim() < 2:  # a 0-D mask
         return MaskPattern(mask, None, None, None, False)
     grid = mask.view(torch.uint8).reshape(mask.shape[0], mask.shape[1], -1)
-    pair = (grid.amax(2) if grid.shape[2] > 1 else grid[:, :, 0]).bool()
+    pair = (grid.amax(2) if grid.shape[2] > 1 else grid[:, :, 0]).view(torch.bool)
     rows, cols = any_along(pair, 1), any_along(pair, 0)
     n_rows, n_cols = int(torch.count_nonzero(rows)), int(torch.count_nonzero(cols))
     separable = int(torch.count_nonzero(grid)) == n_rows * n_cols * grid.shape[2]
     if separable and n_cols == cols.numel():
-        return MaskPattern(mask, 0, rows, pair, True)
+        return MaskPattern(mask, 0, rows, pair, True, (rows, cols))
     if separable and n_rows == rows.numel():
-        return MaskPattern(mask, 1, cols, pair, True)
-    return MaskPattern(mask, None, None, pair, separable)
+        return MaskPattern(mask, 1, cols, pair, True, (rows, cols))
+    return MaskPattern(mask, None, None, pair, separable, (rows, cols))
 
 
-def _outer(mask: torch.Tensor, line: torch.Tensor, dim: int) -> torch.Tensor:
-    """``pair`` of a mask varying along ``dim`` only."""
-    if dim >= 2:
-        return torch.full(mask.shape[:2], bool(line.any()), dtype=torch.bool, device=line.device)
-    shape = [1, 1]
-    shape[dim] = -1
-    return line.reshape(shape).expand(mask.shape[:2])
+def _filled_like(line: torch.Tensor, n: int) -> torch.Tensor:
+    """The kept slices along a dimension a mask does not vary along: all, or none if it keeps nothing."""
+    return torch.full((n,), bool(line.any()), dtype=torch.bool, device=line.device)
 
 
 def _line(mask: torch.Tensor, dim: int) -> torch.Tensor:

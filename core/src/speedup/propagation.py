@@ -131,11 +131,12 @@ class Analysis:
 
     def _slot(self, value: TensorValue, d: int):
         """Current atoms of a dimension; ``_UNSET`` only where this node may still assign them."""
-        if not value.atoms:
-            value.atoms = [_UNSET] * value.ndim
-        atoms = value.atoms[d]
+        atoms_of = value.atoms
+        if not atoms_of:
+            atoms_of = value.atoms = [_UNSET] * len(value.shape)
+        atoms = atoms_of[d]
         if atoms is _UNSET and not (value.producer is self._node or value.origin is Origin.PARAMETER):
-            atoms = value.atoms[d] = None  # inputs and foreign constants keep their size
+            atoms = atoms_of[d] = None  # inputs and foreign constants keep their size
         return atoms
 
     def atoms(self, value: TensorValue, dim: int) -> Optional[torch.Tensor]:
@@ -163,11 +164,15 @@ class Analysis:
 
     def link(self, a: TensorValue, da: int, b: TensorValue, db: int) -> None:
         """Entry ``i`` of ``a`` along ``da`` and of ``b`` along ``db`` are kept or removed together."""
-        da, db = a.dim(da), b.dim(db)
+        if da < 0:
+            da += len(a.shape)
+        if db < 0:
+            db += len(b.shape)
         if a.shape[da] != b.shape[db]:
             raise ValueError(f"{self._where()}: cannot link sizes {a.shape[da]} and {b.shape[db]}")
-        self._handled.add((a.index, da))
-        self._handled.add((b.index, db))
+        handled = self._handled
+        handled.add((a.index, da))
+        handled.add((b.index, db))
         atoms_a, atoms_b = self._slot(a, da), self._slot(b, db)
         if atoms_a is _UNSET and atoms_b is _UNSET:
             atoms_a = a.atoms[da] = self.table.fresh(a.shape[da])
@@ -175,11 +180,12 @@ class Analysis:
             b.atoms[db] = atoms_a
         elif atoms_a is _UNSET:
             a.atoms[da] = atoms_b
-        elif atoms_a is None and atoms_b is not None:
-            self.table.pin(atoms_b)
-        elif atoms_b is None and atoms_a is not None:
+        elif atoms_a is None:
+            if atoms_b is not None:
+                self.table.pin(atoms_b)
+        elif atoms_b is None:
             self.table.pin(atoms_a)
-        elif atoms_a is not None:
+        else:
             self.table.tie(atoms_a, atoms_b)
 
     def link_all(self, a: TensorValue, b: TensorValue) -> None:
@@ -254,19 +260,20 @@ class Analysis:
         For a masked weight (two or more dimensions) the mask says which slices are zero without a
         pass over the weight; other slices are taken to vary, which is conservative.
         """
-        d = value.dim(dim)
-        if not value.consts:
-            value.consts = [_UNSET] * value.ndim
-        consts = value.consts[d]
-        if consts is _UNSET:
+        consts = value.consts
+        if not consts:
+            consts = value.consts = [_UNSET] * len(value.shape)
+        found = consts[dim]
+        if found is _UNSET:
+            d = value.dim(dim)
             if value.ndim >= 2 and value.index in self.masks:
-                consts = self._masked_slices(value, d)
+                found = self._masked_slices(value, d)
             elif value.data is not None:
-                consts = numeric_const(value.host(), d)
+                found = numeric_const(value.host(), d)
             else:
-                consts = None
-            value.consts[d] = consts
-        return consts
+                found = None
+            consts[d] = found
+        return found
 
     def _masked_slices(self, value: TensorValue, d: int) -> Optional[DimConst]:
         kept = self.kept_slices(value, d)
@@ -333,15 +340,19 @@ class Analysis:
 
     def demand(self, value: TensorValue, masks: Optional[dict[int, torch.Tensor]] = None) -> None:
         """Needs the entries selected by ``masks`` (dimension -> boolean); unnamed dimensions whole."""
-        new: list = [None] * value.ndim
-        for dim, mask in (masks or {}).items():
-            if self._prunable(value, value.dim(dim)):  # a dimension that keeps its size is needed whole
-                new[value.dim(dim)] = mask
+        ndim, atoms = len(value.shape), value.atoms
+        new: list = [None] * ndim
+        if masks and atoms:
+            for dim, mask in masks.items():
+                d = dim + ndim if dim < 0 else dim
+                if atoms[d] is not None:  # a dimension that keeps its size is needed whole
+                    new[d] = mask
         if value.demand is None:
             value.demand = new
             return
         value.demand = [
-            None if old is None or add is None else old | add for old, add in zip(value.demand, new)
+            None if old is None or add is None else old if old is add else old | add
+            for old, add in zip(value.demand, new)
         ]
 
     def keep(self, value: TensorValue, dim: int, mask: torch.Tensor) -> None:

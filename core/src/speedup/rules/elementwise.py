@@ -140,15 +140,8 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
         values = c.value if c is not None else torch.zeros(n, dtype=torch.float64)
         stand_ins[x.index] = values.to(x.dtype)
 
-    def substitute(arg):
-        if isinstance(arg, TensorValue):
-            return stand_ins[arg.index]
-        if isinstance(arg, (list, tuple)):
-            return type(arg)(substitute(a) for a in arg)
-        return arg
-
-    args = substitute(node.args)
-    kwargs = {k: substitute(v) for k, v in node.kwargs.items()}
+    args = _substituted(node.args, stand_ins)
+    kwargs = {k: _substituted(v, stand_ins) for k, v in node.kwargs.items()}
     if node.target._opname.endswith("_"):
         args = (args[0].clone(),) + tuple(args[1:])
     try:
@@ -159,6 +152,16 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
         result = result[0]
     result = result.to(torch.float64).reshape(-1)
     return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
+
+
+def _substituted(arg, stand_ins: dict[int, torch.Tensor]):
+    """An argument with every value replaced by its stand-in (a module-level function: a nested
+    recursive one would be a reference cycle left to the garbage collector)."""
+    if isinstance(arg, TensorValue):
+        return stand_ins[arg.index]
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_substituted(a, stand_ins) for a in arg)
+    return arg
 
 
 def register(registry) -> None:

@@ -173,7 +173,10 @@ class Cat(OpRule):
         for d in range(out.ndim):
             if d != dim:
                 _set_common_const(ctx, parts, d, out)
-        consts = [ctx.const(x, dim) or DimConst.none(x.shape[dim]) for x in parts]
+        consts = [ctx.const(x, dim) for x in parts]
+        if all(c is None for c in consts):
+            return
+        consts = [c or DimConst.none(x.shape[dim]) for c, x in zip(consts, parts)]
         ctx.set_const(out, dim, DimConst(torch.cat([c.mask for c in consts]), torch.cat([c.value for c in consts])))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
@@ -183,13 +186,19 @@ class Cat(OpRule):
         needs = ctx.demanded(out, dim).split([x.shape[dim] for x in parts])
         others = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim}
         for x, need in zip(parts, needs):
-            ctx.demand(x, {**others, dim: need})
+            others[dim] = need
+            ctx.demand(x, others)
 
 
 def _set_common_const(ctx: Analysis, parts: list[TensorValue], d: int, out: TensorValue) -> None:
     """Along a non-concatenated dimension an entry is constant if it is, equally, in every part."""
-    consts = [ctx.const(x, d) for x in parts]
-    if not consts or any(c is None for c in consts):
+    consts = []
+    for x in parts:
+        found = ctx.const(x, d)
+        if found is None:
+            return
+        consts.append(found)
+    if not consts:
         return
     mask = torch.stack([c.mask for c in consts]).all(0)
     values = torch.stack([c.value for c in consts])
