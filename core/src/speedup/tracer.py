@@ -28,6 +28,8 @@ from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
+_LIBRARY_CODE: dict[Any, bool] = {}
+"""Code objects by whether they are torch's or speedup's (skipped when looking for the caller)."""
 
 
 @dataclasses.dataclass
@@ -204,8 +206,8 @@ class _Recorder(TorchDispatchMode):
         return entry if entry is not None and entry[0]() is tensor else None
 
     def value_of(self, tensor: torch.Tensor) -> TensorValue:
-        entry = self._lookup(tensor)
-        if entry is not None:
+        entry = self._values.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
             _, value, version = entry
             if tensor._version == version:
                 return value
@@ -244,56 +246,82 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        counted = flop_count.counted(func)
+        facts = _FACTS.get(func)
+        if facts is None:
+            facts = _FACTS[func] = _OperatorFacts.of(func)
         if self.suppress:
             out = func(*args, **kwargs)
-            if counted:
+            if facts.counted:
                 self.flops += flop_count.count(func, args, kwargs, out)
-            for tensor in _tensors(out):
-                self._hidden[id(tensor)] = weakref.ref(tensor)
+            hidden = self._hidden
+            if type(out) is torch.Tensor:
+                hidden[id(out)] = weakref.ref(out)
+            else:
+                for tensor in _tensors(out):
+                    hidden[id(tensor)] = weakref.ref(tensor)
             return out
-        call_args = tuple(self._substitute(a) for a in args)
-        call_kwargs = {k: self._substitute(v) for k, v in kwargs.items()} if kwargs else {}
-        written = _written_tensors(func, args, kwargs)
+        inputs: list[TensorValue] = []
+        call_args = tuple(self._substitute(a, inputs) for a in args)
+        call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()} if kwargs else {}
+        written = _written_tensors(facts, args, kwargs) if facts.writes else ()
         for tensor in written:
             self._protect_before_write(tensor)
-        inputs = _values_in(call_args) + _values_in(tuple(call_kwargs.values()))
         node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
         try:
             out = func(*args, **kwargs)
         except Exception:
             self.failed_call = node
             raise
-        if counted:
+        if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
-        origin = _derived_origin(func, inputs)
+        if facts.seeded or not all(v.origin.input_independent for v in inputs):
+            origin = Origin.COMPUTED
+        else:
+            origin = Origin.CONSTANT
         self.graph.add_node(node)
+        base = args[0] if facts.view and args and isinstance(args[0], torch.Tensor) else None
+        outputs = node.outputs
+        if not written:
+            if type(out) is torch.Tensor:
+                outputs.append(self._record_output(out, origin, node, False, base))
+            else:
+                for tensor in _tensors(out):
+                    outputs.append(self._record_output(tensor, origin, node, False, base))
+            return out
         results = _tensors(out)
-        base = _view_base(func, args)
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
             bumped = any(tensor is w for w in written)
-            node.outputs.append(self._record_output(tensor, origin, node, bumped, base))
+            outputs.append(self._record_output(tensor, origin, node, bumped, base))
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
 
-    def _substitute(self, arg: Any) -> Any:
-        """An argument with every tensor replaced by its value (arguments nest one level: lists)."""
+    def _substitute(self, arg: Any, found: list) -> Any:
+        """An argument with every tensor replaced by its value (arguments nest one level: lists);
+        the values are appended to ``found``."""
         if isinstance(arg, torch.Tensor):
-            return self.value_of(arg)
-        if isinstance(arg, (tuple, list)):
-            return tuple(self._substitute(a) for a in arg) if any(isinstance(a, torch.Tensor) for a in arg) else arg
+            value = self.value_of(arg)
+            found.append(value)
+            return value
+        if isinstance(arg, (tuple, list)) and any(isinstance(a, torch.Tensor) for a in arg):
+            values = tuple(self.value_of(a) if isinstance(a, torch.Tensor) else a for a in arg)
+            found.extend(v for v in values if isinstance(v, TensorValue))
+            return values
         return arg
 
     def _caller(self) -> tuple[str, Optional[str]]:
         """The innermost module running the user code that issued an operator, and that code's line."""
         frame = sys._getframe(2)
+        skipped = _LIBRARY_CODE
         while frame is not None:
-            filename = frame.f_code.co_filename
-            if not filename.startswith((_TORCH_DIR, _OWN_DIR)):
-                owner = frame.f_locals.get("self")
+            code = frame.f_code
+            inside = skipped.get(code)
+            if inside is None:
+                inside = skipped[code] = code.co_filename.startswith((_TORCH_DIR, _OWN_DIR))
+            if not inside:
+                owner = frame.f_locals.get("self") if code.co_varnames[:1] == ("self",) else None
                 scope = self._names.get(id(owner), "") if isinstance(owner, nn.Module) else ""
-                return scope, f"{filename}:{frame.f_lineno}"
+                return scope, f"{code.co_filename}:{frame.f_lineno}"
             frame = frame.f_back
         return "", None
 
@@ -319,9 +347,10 @@ class _Recorder(TorchDispatchMode):
 
     def enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.suppress == 0:
-            call_args = tuple(self._substitute(a) for a in args)
-            call_kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
-            self._pending.append((_values_in(call_args) + _values_in(tuple(call_kwargs.values())), call_args, call_kwargs))
+            inputs: list[TensorValue] = []
+            call_args = tuple(self._substitute(a, inputs) for a in args)
+            call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
+            self._pending.append((inputs, call_args, call_kwargs))
         self.suppress += 1
 
     def _tensors_of(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -339,7 +368,7 @@ class _Recorder(TorchDispatchMode):
         node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
         node.inputs = inputs + [p for p in params.values() if p not in inputs]
         self.graph.add_node(node)
-        origin = _derived_origin(None, inputs)
+        origin = _derived_origin(inputs)
         for tensor in iter_tensors(output):
             self._hidden.pop(id(tensor), None)
             node.outputs.append(self._record_output(tensor, origin, node))
@@ -389,51 +418,45 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _values_in(args: tuple) -> list[TensorValue]:
-    found = []
-    for arg in args:
-        if isinstance(arg, TensorValue):
-            found.append(arg)
-        elif isinstance(arg, tuple):
-            found.extend(a for a in arg if isinstance(a, TensorValue))
-    return found
-
-
-def _derived_origin(func: Any, inputs: list[TensorValue]) -> Origin:
-    if func is not None and torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()):
-        return Origin.COMPUTED
+def _derived_origin(inputs: list[TensorValue]) -> Origin:
+    """A module's outputs: constant when all it reads is."""
     if all(v.origin.input_independent for v in inputs):
         return Origin.CONSTANT
     return Origin.COMPUTED
 
 
-_VIEWS: dict[Any, bool] = {}
+@dataclasses.dataclass(frozen=True)
+class _OperatorFacts:
+    """What the recorder needs to know of an operator, read from its schema once."""
 
+    counted: bool
+    """FLOPs are counted for it."""
+    seeded: bool
+    """It draws random numbers: its result is not a constant even from constant inputs."""
+    view: bool
+    """Its outputs are views of its first argument (``slice``, ``expand``, ``split``...)."""
+    writes: tuple[tuple[int, str], ...]
+    """(position, name) of the arguments it writes in place (``self`` of ``add_``, ``out=``)."""
 
-def _view_base(func: Any, args: tuple) -> Optional[torch.Tensor]:
-    """The tensor an operator's outputs are views of (``slice``, ``expand``, ``split``...), if any."""
-    is_view = _VIEWS.get(func)
-    if is_view is None:
-        is_view = _VIEWS[func] = any(
-            r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns
+    @classmethod
+    def of(cls, func: Any) -> "_OperatorFacts":
+        schema = func._schema
+        return cls(
+            counted=flop_count.counted(func),
+            seeded=torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()),
+            view=any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns),
+            writes=tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                         if a.alias_info is not None and a.alias_info.is_write),
         )
-    return args[0] if is_view and args and isinstance(args[0], torch.Tensor) else None
 
 
-_WRITTEN: dict[Any, tuple[tuple[int, str], ...]] = {}
+_FACTS: dict[Any, _OperatorFacts] = {}
 
 
-def _written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors an operator writes in place (``self`` of ``add_``, ``out=`` arguments)."""
-    positions = _WRITTEN.get(func)
-    if positions is None:
-        positions = tuple(
-            (i, arg.name) for i, arg in enumerate(func._schema.arguments)
-            if arg.alias_info is not None and arg.alias_info.is_write
-        )
-        _WRITTEN[func] = positions
+def _written_tensors(facts: _OperatorFacts, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an operator writes in place."""
     written = []
-    for i, name in positions:
+    for i, name in facts.writes:
         tensor = args[i] if i < len(args) else kwargs.get(name)
         if isinstance(tensor, torch.Tensor):
             written.append(tensor)
