@@ -42,18 +42,17 @@ class ChannelNormRule(ModuleRule):
         x, out = first_input(node), node.outputs[0]
         consts = ctx.const(x, 1)
         weight, bias = param_data(node, "weight"), param_data(node, "bias")
-        if consts is None and (weight is None or bool(weight.all())):
-            return  # no constant input channel and no masked scale: nothing is constant
-        mask = torch.zeros(x.shape[1], dtype=torch.bool)
-        value = torch.zeros(x.shape[1], dtype=torch.float64)
-        if consts is not None:
-            mask = consts.mask.clone()
-            value = _normalized_constants(ctx, node, x.ndim, consts)
-        if weight is not None and bias is not None:
-            # A channel whose scale is masked is its shift, whatever the input.
-            zero_scale = weight == 0
+        # A channel whose scale is masked is its shift, whatever the input.
+        zero_scale = weight == 0 if weight is not None and bias is not None else None
+        if consts is None:
+            if zero_scale is not None and bool(zero_scale.any()):
+                ctx.set_const(out, 1, DimConst.where(zero_scale & torch.isfinite(bias), bias))
+            return
+        value = _normalized_constants(ctx, node, x.ndim, consts)
+        mask = consts.mask
+        if zero_scale is not None:
             value = torch.where(zero_scale & ~mask, bias.to(torch.float64), value)
-            mask |= zero_scale
+            mask = mask | zero_scale
         ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
@@ -82,12 +81,12 @@ def _normalized_constants(ctx: Analysis, node: Node, ndim: int, consts: DimConst
 
 def _batchnorm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x * scale + shift`` of a BatchNorm in eval mode, in float64."""
-    scale = torch.rsqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
-    shift = -module.running_mean.detach().to(torch.float64).cpu() * scale
+    as_double = lambda t: t.detach().to(device="cpu", dtype=torch.float64)  # noqa: E731
+    scale = (as_double(module.running_var) + module.eps).rsqrt_()
     if module.weight is not None:
-        weight = module.weight.detach().to(torch.float64).cpu()
-        scale, shift = scale * weight, shift * weight + module.bias.detach().to(torch.float64).cpu()
-    return scale, shift
+        scale.mul_(as_double(module.weight))
+        return scale, torch.addcmul(as_double(module.bias), as_double(module.running_mean), scale, value=-1)
+    return scale, -as_double(module.running_mean) * scale
 
 
 def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
