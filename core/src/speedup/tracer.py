@@ -253,12 +253,8 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
             if facts.counted:
                 self.flops += flop_count.count(func, args, kwargs, out)
-            hidden = self._hidden
-            if type(out) is torch.Tensor:
-                hidden[id(out)] = weakref.ref(out)
-            else:
-                for tensor in _tensors(out):
-                    hidden[id(tensor)] = weakref.ref(tensor)
+            for tensor in _tensors(out):
+                self._hidden[id(tensor)] = weakref.ref(tensor)
             return out
         inputs: list[TensorValue] = []
         call_args = tuple(self._substitute(a, inputs) for a in args)
@@ -274,24 +270,16 @@ class _Recorder(TorchDispatchMode):
             raise
         if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
-        if facts.seeded or not all(v.origin.input_independent for v in inputs):
-            origin = Origin.COMPUTED
-        else:
-            origin = Origin.CONSTANT
+        origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs)
         self.graph.add_node(node)
         base = args[0] if facts.view and args and isinstance(args[0], torch.Tensor) else None
-        outputs = node.outputs
-        if not written:
-            if type(out) is torch.Tensor:
-                outputs.append(self._record_output(out, origin, node, False, base))
-            else:
-                for tensor in _tensors(out):
-                    outputs.append(self._record_output(tensor, origin, node, False, base))
-            return out
         results = _tensors(out)
+        if not written:
+            node.outputs = [self._record_output(tensor, origin, node, False, base) for tensor in results]
+            return out
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
             bumped = any(tensor is w for w in written)
-            outputs.append(self._record_output(tensor, origin, node, bumped, base))
+            node.outputs.append(self._record_output(tensor, origin, node, bumped, base))
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
@@ -419,7 +407,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 
 def _derived_origin(inputs: list[TensorValue]) -> Origin:
-    """A module's outputs: constant when all it reads is."""
+    """Constant when all a call reads is."""
     if all(v.origin.input_independent for v in inputs):
         return Origin.CONSTANT
     return Origin.COMPUTED
