@@ -188,7 +188,7 @@ def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -
     return TensorMask(module, kind, parsed, mask, batch_dim)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MaskPattern:
     """Where a parameter's mask keeps entries, found in one pass when the masks are loaded.
 

@@ -67,6 +67,8 @@ class Elementwise(OpRule):
         per_input: list[Optional[DimConst]] = []
         for x in inputs:
             per_input.append(_input_const(ctx, x, out, d))
+        if any(c is None for c in per_input) and all(per_input[inputs.index(x)] is None for x in annihilators):
+            return None  # an input varies everywhere and no zero annihilates it: the usual case, decided early
         zero = torch.zeros(n, dtype=torch.bool)
         for x in annihilators:
             c = per_input[inputs.index(x)]
