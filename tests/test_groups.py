@@ -87,3 +87,24 @@ def test_each_producer_of_a_concatenation_loses_its_own_share():
         kept = [int(masks[name]["weight"].flatten(1).any(1).sum()) for name in ("a", "b")]
         assert kept == [4, 12]
     check_speedup(model, masks, x, torch.randn(2, 3, 10, 10), shrunk=["a.weight", "b.weight", "read.weight"])
+
+
+class Grouped(nn.Module):
+    """A ResNeXt/RegNet bottleneck: 1x1, a 3x3 convolution in 4 groups of 4 channels, 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(3, 16, 1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.expand = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.expand(torch.relu(self.grouped(torch.relu(self.reduce(x)))))
+
+
+def test_grouped_convolutions_lose_positions_in_every_group_not_whole_groups():
+    model = Grouped().eval()
+    masks = consistent_masks(model, torch.randn(1, 3, 8, 8), sparsity=0.5, seed=0)
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 9, 7), shrunk=["grouped.weight"])
+    # Two of the four channels of every group stay: the layer does a quarter of its work, not a half.
+    assert model.grouped.groups == 4 and tuple(model.grouped.weight.shape[:2]) == (8, 2)

@@ -38,6 +38,7 @@ class AtomTable:
         self._pins: list[torch.Tensor] = []
         self._defined: list[torch.Tensor] = []
         self._parts: list[torch.Tensor] = []
+        self._offered: list[torch.Tensor] = []
 
     def fresh(self, n: int) -> torch.Tensor:
         atoms = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -54,14 +55,16 @@ class AtomTable:
     def pin(self, atoms: torch.Tensor) -> None:
         self._pins.append(atoms.reshape(-1))
 
-    def define(self, atoms: torch.Tensor, parts: torch.Tensor) -> None:
-        """``atoms[i]`` is kept exactly when every atom of ``parts[i]`` is kept."""
+    def define(self, atoms: torch.Tensor, parts: torch.Tensor, offered: int = 0) -> None:
+        """``atoms[i]`` is kept exactly when every atom of ``parts[i]`` is kept; ``offered`` is the
+        column of ``parts`` that pruning algorithms pick from (see :meth:`Analysis.define`)."""
         if parts.dim() == 1:
             parts = parts[:, None]
         if parts.shape[0] != atoms.numel():
             raise ValueError("a conjunction needs one row of parts per atom")
         self._defined.append(atoms.reshape(-1))
         self._parts.append(parts)
+        self._offered.append(torch.full((parts.shape[0],), offered, dtype=torch.long))
 
     def solve(self) -> "AtomSolution":
         return AtomSolution.build(self)
@@ -80,6 +83,8 @@ class AtomSolution:
     defined: torch.Tensor
     """The atoms defined as conjunctions, and (``parts``) their parts, outermost first, as given."""
     parts: torch.Tensor
+    offered: torch.Tensor
+    """Per defined atom: the column of ``parts`` offered to pruning algorithms as the unit to pick."""
 
     @classmethod
     def build(cls, table: AtomTable) -> "AtomSolution":
@@ -103,7 +108,8 @@ class AtomSolution:
             pinned[expansion[root[torch.cat(table._pins)]].reshape(-1)] = True
         pinned[expansion[cyclic].reshape(-1)] = True
         pinned[UNIT] = True
-        return cls(root, expansion, pinned, defined, parts)
+        offered = torch.cat(table._offered) if table._offered else torch.empty(0, dtype=torch.long)
+        return cls(root, expansion, pinned, defined, parts, offered)
 
     def primitives(self, atoms: torch.Tensor) -> torch.Tensor:
         """``(n, width)`` primitive classes of each atom of a 1-D array."""

@@ -10,8 +10,9 @@ Pruning algorithms use the groups to pick channels *consistently* (so that the s
 all of them); :func:`consistent_masks` is the simplest such algorithm, a random pick.
 
 Within a conjunction (a reshape into heads x head_dim, a grouped layer's groups x positions) only
-the outermost factor that is free to go is offered: heads, never part of ``head_dim``; positions of a
-channel shuffle, never a whole branch.
+the factor its rule offers is, when it is free to go: heads, never part of ``head_dim``; positions of
+a channel shuffle, never a whole branch; positions in every group of a grouped convolution (not
+whole groups), which is what shrinks its work with the square of the width.
 """
 
 from __future__ import annotations
@@ -146,27 +147,28 @@ def _is_parameter(value: TensorValue) -> bool:
 
 
 def _removable_classes(solution: AtomSolution) -> torch.Tensor:
-    """Primitive classes a consistent pick may remove: not pinned, and never an inner factor only."""
+    """Primitive classes a consistent pick may remove: not pinned, and never a factor the rule that
+    defined a conjunction did not offer (see :meth:`~speedup.propagation.Analysis.define`) while the
+    offered one is free to go (if it is not, the outermost free factor is offered instead)."""
     count = solution.pinned.numel()
     inner = torch.zeros(count, dtype=torch.bool)
     outer = torch.zeros(count, dtype=torch.bool)
     if solution.defined.numel():
         parts = solution.parts
         for row in range(parts.shape[0]):
-            seen_outer = False
+            factors = []
             for part in parts[row].tolist():
-                if part == UNIT:
-                    continue
-                primitives = solution.primitives(torch.tensor([part]))[0]
+                primitives = solution.primitives(torch.tensor([part]))[0] if part != UNIT else torch.empty(0, dtype=torch.long)
                 primitives = primitives[primitives != UNIT]
-                free = primitives[~solution.pinned[primitives]]
-                if not free.numel():
-                    continue
-                if seen_outer:
-                    inner[free] = True
-                else:
+                factors.append(primitives[~solution.pinned[primitives]])
+            offered = int(solution.offered[row])
+            chosen = offered if offered < len(factors) and factors[offered].numel() else next(
+                (i for i, free in enumerate(factors) if free.numel()), None)
+            for i, free in enumerate(factors):
+                if i == chosen:
                     outer[free] = True
-                    seen_outer = True
+                else:
+                    inner[free] = True
     return ~solution.pinned & ~(inner & ~outer)
 
 

@@ -242,9 +242,14 @@ class Analysis:
         """Atom arrays of equal length whose entries live or go together (many-to-one by repeating)."""
         self.table.tie(a, b)
 
-    def define(self, atoms: torch.Tensor, parts: torch.Tensor) -> None:
-        """``atoms[i]`` exists exactly when every atom of row ``parts[i]`` does."""
-        self.table.define(atoms, parts)
+    def define(self, atoms: torch.Tensor, parts: torch.Tensor, offered: int = 0) -> None:
+        """``atoms[i]`` exists exactly when every atom of row ``parts[i]`` does.
+
+        ``offered`` is the factor (column of ``parts``) that pruning algorithms pick as their unit;
+        the others are never offered on their own. The outermost by default: whole heads, not one
+        position in every head.
+        """
+        self.table.define(atoms, parts, offered)
 
     def memo(self, key, compute: Callable[[], object]):
         """``compute()`` once per analysis for ``key`` (weight patterns read by several passes)."""

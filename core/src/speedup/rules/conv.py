@@ -93,14 +93,18 @@ def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
         ctx.pin(weight, 1)
         ctx.assign(out, spec.cdim, None)
         return
+    # Pruning picks positions in every group where groups are wider than one channel (the layer
+    # keeps its group count and its work falls with the square of the width, as with a dense
+    # layer), and whole groups of a depthwise layer.
+    offered = 1 if spec.in_per_group > 1 and spec.out_per_group > 1 else 0
     c = torch.arange(x.shape[spec.cdim])
     if x_atoms is not None:
-        ctx.define(x_atoms, torch.stack([groups[c // spec.in_per_group], local_in[c % spec.in_per_group]], 1))
+        ctx.define(x_atoms, torch.stack([groups[c // spec.in_per_group], local_in[c % spec.in_per_group]], 1), offered)
     else:
         ctx.table.pin(local_in)
     o = torch.arange(out.shape[spec.cdim])
     out_atoms = ctx.fresh(out.shape[spec.cdim])
-    ctx.define(out_atoms, torch.stack([groups[o // spec.out_per_group], local_out[o % spec.out_per_group]], 1))
+    ctx.define(out_atoms, torch.stack([groups[o // spec.out_per_group], local_out[o % spec.out_per_group]], 1), offered)
     ctx.assign(out, spec.cdim, out_atoms)
     if spec.transposed:
         ctx.link(weight, 0, x, spec.cdim)
