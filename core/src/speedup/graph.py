@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -56,14 +56,19 @@ class TensorValue:
     dtype: torch.dtype
     origin: Origin
     producer: Optional["Node"] = None
-    data: Optional[torch.Tensor] = None
-    """The tensor itself, kept only for input-independent values (parameters and constants)."""
+    tensor: Optional[torch.Tensor] = None
+    """The tensor itself as the model holds it, kept only for input-independent values (parameters
+    and constants). Its values are :attr:`data`."""
     owner: Optional[tuple[nn.Module, str]] = None
     """For parameters and buffers: the module holding it and the attribute name."""
     name: Optional[str] = None
     """For parameters and buffers: the qualified name in the model."""
     strides: tuple[int, ...] = ()
     """The strides it had when it was created (empty for layouts without strides)."""
+    mask: Any = None
+    """For a parameter the masked model multiplies by a mask the model does not hold applied (a
+    :class:`~speedup.masks.MaskPattern`, see :func:`speedup.tracer.trace`): ``tensor`` holds the
+    model's values, :attr:`data` and :meth:`host` the masked ones."""
     consumers: list["Node"] = field(default_factory=list)
     is_output: bool = False
 
@@ -83,20 +88,39 @@ class TensorValue:
             return self.shape
         return tuple(n if k is None else int(k.numel()) for n, k in zip(self.shape, self.kept))
 
+    @property
+    def data(self) -> Optional[torch.Tensor]:
+        """The masked model's values: ``tensor``, times its ``mask`` where it has one (a copy, made once)."""
+        if self.mask is None:
+            return self.tensor
+        masked = self.__dict__.get("_masked")
+        if masked is None:
+            masked = self.__dict__["_masked"] = self.mask.apply(self.tensor.detach())
+        return masked
+
     def host(self) -> Optional[torch.Tensor]:
-        """``data`` detached and on the CPU (copied once from another device).
+        """:attr:`data` detached and on the CPU (copied once from another device).
 
         The analysis runs on the CPU whatever the model's device: its masks and constants are
         small, and mixing devices in one expression is an error.
         """
-        if self.data is None:
+        data = self.data
+        if data is None:
             return None
-        if self.data.device.type == "cpu":
-            return self.data.detach()
+        if data.device.type == "cpu":
+            return data.detach()
         cached = self.__dict__.get("_host")
         if cached is None:
-            cached = self.__dict__["_host"] = self.data.detach().cpu()
+            cached = self.__dict__["_host"] = data.detach().cpu()
         return cached
+
+    def mask_in_place(self, apply: Callable[[torch.Tensor, Any], None]) -> None:
+        """Masks the model's own tensor (``apply(tensor, mask)``), which then holds :attr:`data`."""
+        if self.mask is not None:
+            apply(self.tensor, self.mask)
+            self.mask = None
+            self.__dict__.pop("_masked", None)
+            self.__dict__.pop("_host", None)
 
     def dim(self, d: int) -> int:
         """Normalizes a possibly negative dimension index."""
@@ -187,9 +211,10 @@ class Graph:
     observed: dict[str, Boundary] = field(default_factory=dict)
     """Boundaries of observed modules (replaced by ``customized_replace_func``), first call only."""
 
-    def new_value(self, tensor: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
-        value = TensorValue(len(self.values), tuple(tensor.shape), tensor.dtype, origin,
-                            strides=tensor.stride() if tensor.layout is torch.strided else (), **fields)
+    def new_value(self, of: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
+        """A new value recording the shape, dtype and strides of the tensor ``of``."""
+        value = TensorValue(len(self.values), tuple(of.shape), of.dtype, origin,
+                            strides=of.stride() if of.layout is torch.strided else (), **fields)
         self.values.append(value)
         return value
 

@@ -220,6 +220,25 @@ class MaskPattern:
             return self.line if dim == self.dim else _filled_like(self.line, self.mask.shape[dim])
         return any_along(self.mask.movedim(dim, 0).reshape(self.mask.shape[dim], -1), 1)
 
+    def apply(self, data: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``data`` times the mask, in new storage (or in ``out``, of ``data``'s shape and dtype).
+
+        Rows times columns: the columns multiply (a vector broadcast over the rows, as fast as a
+        copy) and the removed rows are filled with zeros; twice as fast on a 400 MB weight as
+        multiplying by the whole mask, whose bytes must be converted on the way.
+        """
+        if self.dim is not None:
+            shape = [1] * data.dim()
+            shape[self.dim] = -1
+            return torch.mul(data, self.line.to(device=data.device, dtype=data.dtype).reshape(shape), out=out)
+        if self.separable and data.is_floating_point() and data.is_contiguous() and (out is None or out.is_contiguous()):
+            columns = self.kept(1).to(device=data.device, dtype=data.dtype)
+            grid = (data.shape[0], data.shape[1], -1)
+            masked = torch.mul(data.view(grid), columns.view(1, -1, 1), out=None if out is None else out.view(grid))
+            masked.index_fill_(0, (~self.kept(0)).to(data.device).nonzero().reshape(-1), 0)
+            return masked.view(data.shape)
+        return times_mask(data, self.mask, out)
+
     def cpu(self) -> "MaskPattern":
         """The same pattern with its small parts on the CPU (the analysis runs there)."""
         if self.mask.device.type == "cpu":
@@ -227,6 +246,14 @@ class MaskPattern:
         move = lambda t: None if t is None else t.cpu()  # noqa: E731
         return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.pair), self.separable,
                            tuple(t.cpu() for t in self.leading))
+
+
+def times_mask(data: torch.Tensor, mask: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``data`` times a boolean mask of its shape (or broadcasting to it), in new storage or ``out``."""
+    mask = mask.to(data.device)
+    if data.is_floating_point():  # times the mask's bytes: several times faster than a boolean operand
+        return torch.mul(data, mask.view(torch.uint8), out=out)
+    return torch.where(mask, data, torch.zeros((), dtype=data.dtype, device=data.device), out=out)
 
 
 def mask_pattern(mask: torch.Tensor) -> MaskPattern:

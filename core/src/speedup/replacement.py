@@ -31,6 +31,7 @@ from .output_constants import PutBackConstants, put_back_constants
 from .plugins.registry import SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
+from .masks import MaskPattern, times_mask
 from .slicing import gather_kept
 
 Tensorish = Union[torch.Tensor, nn.Parameter]
@@ -43,19 +44,43 @@ class ParamSlicer:
         self._done: dict[int, tuple[torch.Tensor, Tensorish]] = {}
 
     def slice(self, value: TensorValue) -> Tensorish:
-        original = value.data
+        """The kept entries of a parameter as the masked model has them, as a new parameter; the
+        parameter itself when it keeps every entry (masked in the model by the engine where it is
+        lazily masked, see :func:`speedup.tracer.trace`)."""
+        original = value.tensor
         key = id(original)
         if key in self._done:
             return self._done[key][1]
-        sliced = gather_kept(original.detach(), value.kept)
         if all(k is None for k in value.kept):
             result: Tensorish = original
         elif isinstance(original, nn.Parameter):
-            result = nn.Parameter(sliced.contiguous(), requires_grad=original.requires_grad)
+            result = nn.Parameter(masked_entries(value, value.kept), requires_grad=original.requires_grad)
         else:
-            result = sliced.contiguous()
+            result = masked_entries(value, value.kept)
         self._done[key] = (original, result)
         return result
+
+
+def masked_entries(value: TensorValue, kept: list) -> torch.Tensor:
+    """The entries of a parameter that ``kept`` selects (per dimension: indices, or None for all),
+    holding the masked model's values, contiguous: a lazily masked parameter's mask is applied to
+    the selection only, and not at all where it keeps everything selected."""
+    selected = gather_kept(value.tensor.detach(), kept)
+    if value.mask is not None and not _keeps_all(value.mask, kept):
+        selected = times_mask(selected, gather_kept(value.mask.mask, kept))
+    return selected.contiguous()
+
+
+def _keeps_all(pattern: MaskPattern, kept: list) -> bool:
+    """Whether a mask keeps every entry that ``kept`` selects (told from its rows and columns alone
+    where it is rows times columns, the usual case)."""
+    if not pattern.separable:
+        return False
+    for d in range(min(len(kept), 2)):
+        line = pattern.kept(d)
+        if not bool((line if kept[d] is None else line[kept[d].to(line.device)]).all()):
+            return False
+    return True
 
 
 @dataclass
@@ -107,6 +132,22 @@ class ModulePlan:
         if value is None:
             return _get(self.module, name)
         return self.slicer.slice(value)
+
+    def masked(self, name: str, kept: Optional[list] = None) -> Optional[torch.Tensor]:
+        """The parameter or buffer ``name`` holding the masked model's values, on its device (detached):
+        whole, or the entries ``kept`` selects (per dimension: indices, or None for all). For a rule
+        that selects entries itself or folds removed ones.
+
+        Read parameters through this or :meth:`param`, not as the module's attributes: the module
+        may still hold its own values of a masked weight (see :attr:`~speedup.rule.ModuleRule.lazy_masks`).
+        """
+        value = self.param_value(name)
+        if value is None:
+            tensor = _get(self.module, name)
+            return None if tensor is None else gather_kept(tensor.detach(), kept or [])
+        if kept is None:
+            return value.data.detach()
+        return masked_entries(value, kept)
 
     @property
     def changed(self) -> bool:

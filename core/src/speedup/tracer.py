@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import weakref
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -60,6 +60,8 @@ def trace(
     observe: Callable[[nn.Module], bool] = lambda module: False,
     known: tuple = (),
     is_state: Optional[Callable[[Any], bool]] = None,
+    masked: Optional[Mapping[int, tuple[torch.Tensor, Any]]] = None,
+    apply_mask: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -70,8 +72,15 @@ def trace(
     count as parameters. Objects in the output for which ``is_state`` holds (a key/value cache) are
     not outputs of the graph: their tensors need not keep their shapes. Runs under ``torch.no_grad``;
     the caller chooses train or eval mode.
+
+    ``masked`` (``id(tensor) -> (tensor, MaskPattern)``) are parameters the model holds unmasked:
+    every operator reading one gets a masked copy instead, made for that call and dropped after it,
+    so the model computes what the masked model does without a masked copy of every weight held at
+    once (nor the model's own values overwritten). Their values get the pattern as ``mask``. An
+    operator that writes one in place calls ``apply_mask(tensor)`` first, which must mask the
+    tensor itself.
     """
-    recorder = _Recorder(model, known)
+    recorder = _Recorder(model, known, masked, apply_mask)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _claim_modules(model, modules, recorder, claims)
     handles += _observe_modules(model, modules, recorder, claims, observe)
@@ -154,8 +163,12 @@ class _Recorder(TorchDispatchMode):
         # never compiled, so neither is needed.
         return False
 
-    def __init__(self, model: nn.Module, known: tuple = ()):
+    def __init__(self, model: nn.Module, known: tuple = (), masked: Optional[Mapping[int, tuple]] = None,
+                 apply_mask: Optional[Callable[[torch.Tensor], None]] = None):
         super().__init__()
+        self._masked: dict[int, tuple] = dict(masked or {})
+        self._apply_mask = apply_mask
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self.graph = Graph()
         self.flops = 0
         self._values: dict[int, tuple] = {}  # id(tensor) -> (weak reference, TensorValue, version)
@@ -215,7 +228,10 @@ class _Recorder(TorchDispatchMode):
         known = self._known.get(id(tensor))
         if known is not None and known[0] is tensor:
             _, name, module, attr = known
-            value = self.graph.new_value(tensor, Origin.PARAMETER, data=tensor, owner=(module, attr), name=name)
+            value = self.graph.new_value(tensor, Origin.PARAMETER, tensor=tensor, owner=(module, attr), name=name)
+            lazily = self._masked.get(id(tensor))
+            if lazily is not None and lazily[0] is tensor:
+                value.mask = lazily[1]
             self.graph.parameters[name] = value
             return self._remember(tensor, value)
         hidden = self._hidden.get(id(tensor))
@@ -226,7 +242,7 @@ class _Recorder(TorchDispatchMode):
         return self._remember(tensor, self._constant(tensor))
 
     def _constant(self, tensor: torch.Tensor) -> TensorValue:
-        value = self.graph.new_value(tensor, Origin.CONSTANT, data=tensor)
+        value = self.graph.new_value(tensor, Origin.CONSTANT, tensor=tensor)
         self._constant_storages.setdefault(_storage_key(tensor), []).append(value)
         return value
 
@@ -249,8 +265,9 @@ class _Recorder(TorchDispatchMode):
         facts = _FACTS.get(func)
         if facts is None:
             facts = _FACTS[func] = _OperatorFacts.of(func)
+        run_args, run_kwargs = self._masked_operands(facts, args, kwargs) if self._masked else (args, kwargs)
         if self.suppress:
-            out = func(*args, **kwargs)
+            out = func(*run_args, **run_kwargs)
             if facts.counted:
                 self.flops += flop_count.count(func, args, kwargs, out)
             for tensor in _tensors(out):
@@ -264,7 +281,7 @@ class _Recorder(TorchDispatchMode):
             self._protect_before_write(tensor)
         node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())
         try:
-            out = func(*args, **kwargs)
+            out = func(*run_args, **run_kwargs)
         except Exception:
             self.failed_call = node
             raise
@@ -272,6 +289,8 @@ class _Recorder(TorchDispatchMode):
             self.flops += flop_count.count(func, args, kwargs, out)
         origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs)
         self.graph.add_node(node)
+        # Autograd makes the outputs of a view operator views of the argument it passed us (not of a
+        # masked copy we ran the operator on): they share its version counter.
         base = args[0] if facts.view and args and isinstance(args[0], torch.Tensor) else None
         results = _tensors(out)
         if not written:
@@ -283,6 +302,48 @@ class _Recorder(TorchDispatchMode):
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
+
+    def _masked_operands(self, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments an operator runs on: every lazily masked parameter replaced by a masked copy.
+        A parameter it writes in place is masked for good first (the write must land in it)."""
+        if facts.writes:
+            for tensor in _written_tensors(facts, args, kwargs):
+                if self._lazily_masked(tensor):
+                    del self._masked[id(tensor)]
+                    self._apply_mask(tensor)
+        # An operator that returns no view of its arguments is done with the copies when it returns:
+        # they go in scratch memory the next operator reuses (fresh memory for each would be as much
+        # as the weights, page faults included). A view operator's copies live on in its outputs.
+        slots = None if facts.view else iter(range(len(args) + len(kwargs)))
+        return (tuple(self._masked_operand(a, slots) for a in args),
+                {k: self._masked_operand(v, slots) for k, v in kwargs.items()} if kwargs else kwargs)
+
+    def _masked_operand(self, arg: Any, slots: Optional[Iterator[int]]) -> Any:
+        if isinstance(arg, torch.Tensor):
+            if not self._lazily_masked(arg):
+                return arg
+            data = arg.detach()
+            return self._masked[id(arg)][1].apply(data, None if slots is None else self._scratch(next(slots), data))
+        if isinstance(arg, (tuple, list)) and any(isinstance(a, torch.Tensor) for a in arg):
+            return type(arg)(self._masked_operand(a, slots) for a in arg)
+        return arg
+
+    def _lazily_masked(self, tensor: torch.Tensor) -> bool:
+        entry = self._masked.get(id(tensor))
+        return entry is not None and entry[0] is tensor
+
+    def _scratch(self, slot: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Memory laid out like ``like`` (dense layouts only), reused by every operator for its
+        ``slot``-th masked copy; the first slot is sized for the largest masked parameter at once."""
+        if not _dense(like):
+            return None
+        key = (slot, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel():
+            largest = max((t.numel() for t, _ in self._masked.values() if t.dtype == like.dtype), default=0)
+            size = max(like.numel(), largest if slot == 0 else 0)
+            buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buffer.as_strided(like.shape, like.stride())
 
     def _substitute(self, arg: Any, found: list) -> Any:
         """An argument with every tensor replaced by its value (arguments nest one level: lists);
@@ -329,7 +390,7 @@ class _Recorder(TorchDispatchMode):
     def _protect_before_write(self, tensor: torch.Tensor) -> None:
         """Constants keep their data for the analysis; an in-place write must not change it."""
         for value in self._constant_storages.pop(_storage_key(tensor), []):
-            value.data = value.data.clone()
+            value.tensor = value.tensor.clone()
 
     # -- claimed modules ------------------------------------------------------------------
 
@@ -449,6 +510,19 @@ def _written_tensors(facts: _OperatorFacts, args: tuple, kwargs: dict) -> list[t
         if isinstance(tensor, torch.Tensor):
             written.append(tensor)
     return written
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's strides lay its elements out without gaps or overlaps from offset 0 (as
+    ``empty_like`` would), in any order of dimensions."""
+    if tensor.layout is not torch.strided:
+        return False
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

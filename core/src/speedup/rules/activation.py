@@ -13,6 +13,7 @@ from .toolkit import clone_module, first_input, param_data
 
 
 class PReLURule(ModuleRule):
+    lazy_masks = True  # reads parameters through the node's values and the plan only
     subclasses = True
 
     def couple(self, node: Node, ctx: Analysis) -> None:

@@ -73,6 +73,8 @@ class _Layout:
 
 
 class MultiheadAttentionRule(ModuleRule):
+    lazy_masks = True  # reads parameters through the node's values and the plan only
+
     def couple(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
         heads = ctx.fresh(layout.heads)
@@ -142,12 +144,14 @@ class MultiheadAttentionRule(ModuleRule):
         kept_heads = torch.unique(head_rows[kept_rows]) if kept_rows is not None else torch.arange(layout.heads)
         projections = []
         for index, (x, name, rows) in enumerate(layout.projections()):
-            full = getattr(module, name).detach()[rows]
-            bias = module.in_proj_bias.detach()[index * layout.embed:(index + 1) * layout.embed] if module.in_proj_bias is not None else None
+            full = plan.masked(name, [torch.arange(getattr(module, name).shape[0])[rows]])  # this projection's rows
+            bias = plan.masked("in_proj_bias")
+            bias = bias[index * layout.embed:(index + 1) * layout.embed] if bias is not None else None
             projections.append(_projection(plan, x, full, bias, kept_heads, layout))
         out_proj = _out_projection(module, plan, layout, kept_heads)
-        bias_k = module.bias_k.detach()[..., feature_index(kept_heads, layout.head_dim)] if module.bias_k is not None else None
-        bias_v = module.bias_v.detach()[..., feature_index(kept_heads, layout.head_dim)] if module.bias_v is not None else None
+        bias_k, bias_v = plan.masked("bias_k"), plan.masked("bias_v")
+        bias_k = bias_k[..., feature_index(kept_heads, layout.head_dim)] if bias_k is not None else None
+        bias_v = bias_v[..., feature_index(kept_heads, layout.head_dim)] if bias_v is not None else None
         new = PrunedMultiheadAttention(*projections, out_proj, int(kept_heads.numel()), layout.head_dim,
                                        module.batch_first, module.dropout, bias_k, bias_v, module.add_zero_attn)
         new.train(module.training)
@@ -180,9 +184,9 @@ def _linear(weight: torch.Tensor, bias) -> nn.Linear:
 
 def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _Layout, kept_heads) -> nn.Linear:
     """``out_proj`` for the kept heads and outputs, the removed heads' constant values folded into its bias."""
-    full = module.out_proj.weight.detach()
+    full = plan.masked("out_proj.weight")
     kept_out = plan.kept(layout.out, -1)
-    bias = module.out_proj.bias.detach() if module.out_proj.bias is not None else None
+    bias = plan.masked("out_proj.bias")
     bias = bias[kept_out] if bias is not None and kept_out is not None else bias
     extra = layout.heads_view().removed_contribution(full, kept_out, kept_heads)
     weight = gather_kept(full, [kept_out, feature_index(kept_heads, layout.head_dim)])

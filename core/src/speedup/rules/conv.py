@@ -203,6 +203,7 @@ def _module_spec(node: Node) -> _Spec:
 
 
 class ConvModuleRule(ModuleRule):
+    lazy_masks = True  # reads parameters through the node's values and the plan only
     subclasses = True
 
     def couple(self, node: Node, ctx: Analysis) -> None:

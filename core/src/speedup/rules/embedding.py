@@ -30,6 +30,7 @@ def _backward(ctx: Analysis, indices: TensorValue, out: TensorValue) -> None:
 
 
 class EmbeddingRule(ModuleRule):
+    lazy_masks = True  # reads parameters through the node's values and the plan only
     subclasses = True
 
     def couple(self, node: Node, ctx: Analysis) -> None:

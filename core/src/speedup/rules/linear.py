@@ -22,6 +22,7 @@ from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, f
 
 
 class LinearRule(ModuleRule):
+    lazy_masks = True  # reads parameters through the node's values and the plan only
     subclasses = True
     weight_in = 1
     """The weight dimension that reads input features (1 for ``nn.Linear``'s ``(out, in)`` weight)."""
@@ -49,19 +50,20 @@ class LinearRule(ModuleRule):
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
-        weight = self.as_out_in(node.params["weight"].host())
         bias = node.params.get("bias")
         consts = ctx.const(x, -1)
         nonzero = self._nonzero(node, ctx)
         reads_variable = nonzero.rows if consts is None else nonzero.rows_reading(~consts.mask)
         if bool(reads_variable.all()):
             return
-        value = bias.host().to(torch.float64) if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+        n_out = reads_variable.numel()
+        value = bias.host().to(torch.float64) if bias is not None else torch.zeros(n_out, dtype=torch.float64)
         if consts is not None and bool(consts.nonzero_const.any()):
             # Constant rows read constant inputs only: add their W[o, c] * v_c (those rows only).
             rows = (~reads_variable & nonzero.rows).nonzero().reshape(-1)  # constant rows that read constants
             if rows.numel():
                 used = consts.nonzero_const.nonzero().reshape(-1)
+                weight = self.as_out_in(node.params["weight"].host())  # read only here: a masked copy at most
                 value = value.clone()
                 value[rows] += gather_kept(weight, [rows, used]).to(torch.float64) @ consts.value[used]
         ctx.set_const(out, -1, DimConst.where(~reads_variable, value))
@@ -93,7 +95,7 @@ class LinearRule(ModuleRule):
         used = values != 0
         if not bool(used.any()):
             return bias
-        full = self.as_out_in(module.weight.detach())
+        full = self.as_out_in(plan.masked("weight"))
         kept_out = plan.kept(plan.output(), -1)
         rows = full if kept_out is None else full[kept_out]
         return added_to_bias(bias, rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device), module.weight)

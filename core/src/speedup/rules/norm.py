@@ -29,6 +29,7 @@ class ChannelNormRule(ModuleRule):
     """``BatchNormNd`` and ``InstanceNormNd``: dimension 1 holds independent channels."""
 
     subclasses = True
+    lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
@@ -112,6 +113,7 @@ class LayerNormRule(ModuleRule):
     """
 
     subclasses = True
+    lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def normalized_dim(self, node: Node) -> Optional[int]:
         """The one dimension normalised over (negative: from the end), or None for several."""
@@ -179,6 +181,7 @@ class GroupNormRule(ModuleRule):
     """``GroupNorm``: statistics per group of channels, so only whole groups may go."""
 
     subclasses = True
+    lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]

@@ -95,6 +95,8 @@ class _Layout:
 class RelativePositionalAttentionRule(ModuleRule):
     """Heads, input features and output features of MaxViT's attention (see the module docstring)."""
 
+    lazy_masks = True  # reads parameters through the node's values and the plan only
+
     def couple(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
         heads = layout.view.couple_fused(ctx, layout.x, layout.out)
@@ -134,7 +136,7 @@ def _qkv_projection(module: nn.Module, plan: ModulePlan) -> nn.Linear:
     used = values != 0
     extra = None
     if bool(used.any()):
-        full = module.to_qkv.weight.detach()
+        full = plan.masked("to_qkv.weight")
         kept_rows = plan.kept_param("to_qkv.weight", 0)
         rows = full if kept_rows is None else full[kept_rows]
         extra = rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device)
@@ -143,8 +145,7 @@ def _qkv_projection(module: nn.Module, plan: ModulePlan) -> nn.Linear:
 
 def _merge_projection(module: nn.Module, plan: ModulePlan, layout: _Layout, kept_heads: torch.Tensor) -> nn.Linear:
     """``merge`` for the kept heads and output features, the removed heads' constant values in its bias."""
-    extra = layout.view.removed_contribution(module.merge.weight.detach(), plan.kept(plan.output(), -1),
-                                                      kept_heads)
+    extra = layout.view.removed_contribution(plan.masked("merge.weight"), plan.kept(plan.output(), -1), kept_heads)
     return _linear(module.merge, plan.param("merge.weight"), plan.param("merge.bias"), extra)
 
 

@@ -181,6 +181,8 @@ class _Layout:
 class ShiftedWindowAttentionRule(ModuleRule):
     """Heads, input features and output features of Swin window attention (V1 and V2)."""
 
+    lazy_masks = True  # reads parameters through the node's values and the plan only
+
     def couple(self, node: Node, ctx: Analysis) -> None:
         layout = _Layout(node)
         params = layout.params
@@ -257,9 +259,9 @@ def _sliced_linear(linear: nn.Linear, plan: ModulePlan, prefix: str, bias: Optio
 def _folded_proj_bias(module: nn.Module, plan: ModulePlan, layout: _Layout,
                       kept_heads: torch.Tensor) -> Optional[torch.Tensor]:
     """``proj.bias`` of the kept outputs, plus the constant output of every removed head."""
-    weight = module.proj.weight
-    extra = layout.view.removed_contribution(weight.detach(), plan.kept(layout.out, -1), kept_heads)
-    return added_to_bias(plan.param("proj.bias"), extra, weight)
+    weight = plan.masked("proj.weight")
+    extra = layout.view.removed_contribution(weight, plan.kept(layout.out, -1), kept_heads)
+    return added_to_bias(plan.param("proj.bias"), extra, module.proj.weight)
 
 
 def register(registry: RuleRegistry) -> None:
