@@ -1,0 +1,79 @@
+"""Masked weights are read masked, though the model keeps its own values while it is sped up.
+
+Operators read masked copies of a masked weight while the model is traced; slices are masked as they
+are taken; what the model still holds at the end is masked in it. Every way a weight is read must
+give the masked model's values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import speedup
+from support.checks import check_speedup, keep_mask, rows
+
+
+class TwoViews(nn.Module):
+    """Views of two weights taken before either is used: each must keep its own values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(8, 6))
+        self.b = nn.Parameter(torch.randn(8, 6))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a_t, b_t = self.a.t(), self.b.t()
+        return self.head(torch.relu(x @ a_t) + torch.relu(x @ b_t))
+
+
+def test_views_of_masked_weights_taken_together_keep_their_own_values():
+    torch.manual_seed(0)
+    model = TwoViews().eval()
+    generator = torch.Generator().manual_seed(1)
+    keep_a, keep_b = keep_mask(8, 0.5, generator), keep_mask(8, 0.5, generator)
+    masks = {"": {"a": rows(keep_a, (8, 6)), "b": rows(keep_b, (8, 6))}}
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6))
+
+
+def test_a_weight_nothing_can_slice_holds_the_masked_values_after_the_speedup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    scattered = torch.rand(8, 6, generator=torch.Generator().manual_seed(0)) > 0.5  # no whole row or column
+    original = model[0].weight.detach().clone()
+    check_speedup(model, {"0": {"weight": scattered}}, torch.randn(2, 6), torch.randn(4, 6))
+    assert torch.equal(model[0].weight.detach(), original * scattered)
+
+
+class WritesItsWeight(nn.Module):
+    """Writes a masked weight in place during forward: the write must land in the (masked) weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 6))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.mul_(1.0)
+        return self.head(torch.relu(x @ self.weight.t()))
+
+
+def test_a_masked_weight_written_in_place_is_masked_in_the_model_first():
+    torch.manual_seed(0)
+    model = WritesItsWeight().eval()
+    keep = keep_mask(8, 0.5, torch.Generator().manual_seed(2))
+    check_speedup(model, {"": {"weight": rows(keep, (8, 6))}}, torch.randn(2, 6), torch.randn(4, 6))
+
+
+def test_a_failed_speedup_leaves_a_lazily_masked_weight_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    masks = {"0": {"weight": rows(keep_mask(8), (8, 6))}}
+    try:
+        speedup.shrink(model, masks, torch.randn(2, 7))  # the model rejects this input
+    except speedup.SpeedupError:
+        pass
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
