@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -265,7 +265,9 @@ class _Recorder(TorchDispatchMode):
         facts = _FACTS.get(func)
         if facts is None:
             facts = _FACTS[func] = _OperatorFacts.of(func)
-        run_args, run_kwargs = self._masked_operands(facts, args, kwargs) if self._masked else (args, kwargs)
+        run_args, run_kwargs = args, kwargs
+        if self._masked and (self._reads_masked(args) or (kwargs and self._reads_masked(kwargs.values()))):
+            run_args, run_kwargs = self._masked_operands(facts, args, kwargs)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
             if facts.counted:
@@ -327,6 +329,16 @@ class _Recorder(TorchDispatchMode):
         if isinstance(arg, (tuple, list)) and any(isinstance(a, torch.Tensor) for a in arg):
             return type(arg)(self._masked_operand(a, slots) for a in arg)
         return arg
+
+    def _reads_masked(self, args: Iterable) -> bool:
+        """Whether a lazily masked parameter may be among the arguments (a quick look by identity)."""
+        masked = self._masked
+        for arg in args:
+            if id(arg) in masked:
+                return True
+            if type(arg) in (list, tuple) and any(id(a) in masked for a in arg):
+                return True
+        return False
 
     def _lazily_masked(self, tensor: torch.Tensor) -> bool:
         entry = self._masked.get(id(tensor))
