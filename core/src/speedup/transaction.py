@@ -51,8 +51,8 @@ class Transaction:
     def zero_masked(self, tensor: torch.Tensor, pattern: MaskPattern) -> None:
         """Zeroes ``tensor`` where its mask (``pattern.mask``) is False, undoably.
 
-        Whole rows (dimension 0, the usual case) are zeroed in place, keeping only those rows for
-        the undo. Any other mask writes the masked tensor into new storage that the parameter then
+        Whole rows of a weight (dimension 0, the usual case) are zeroed in place, keeping only those
+        rows for the undo. Any other mask writes the masked tensor into new storage that the parameter then
         holds (:meth:`set_data`): one pass over the tensor, an undo that costs nothing, and no
         strided gathers (saving the zeroed columns of a large weight takes several times as long
         as multiplying it once).
@@ -60,7 +60,7 @@ class Transaction:
         data = tensor.data
         if pattern.dim is not None and bool(pattern.line.all()):
             return
-        if pattern.dim != 0:
+        if pattern.dim != 0 or data.dim() == 1:  # a vector: a masked copy takes fewer operations
             self.set_data(tensor, pattern.apply(data))
             return
         removed = (~pattern.line.to(data.device)).nonzero().reshape(-1)

@@ -74,20 +74,39 @@ def _normalized_constants(ctx: Analysis, node: Node, ndim: int, consts: DimConst
     """What the layer makes of channels holding constants: its affine map for plain BatchNorm in
     eval mode (computed once per layer), else the layer itself run on them."""
     module = node.module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
-        scale, shift = ctx.memo(("batchnorm-affine", id(module)), lambda: _batchnorm_affine(module))
+    if _plain_batchnorm(module):
+        affine = ctx.memo("batchnorm-affine", lambda: _batchnorm_affines(ctx.graph.module_calls.values()))
+        scale, shift = affine[id(module)]
         return consts.value * scale + shift
     return _run_on_constants(module, ndim, consts)
 
 
-def _batchnorm_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y = x * scale + shift`` of a BatchNorm in eval mode, in float64."""
-    as_double = lambda t: t.detach().to(device="cpu", dtype=torch.float64)  # noqa: E731
-    scale = (as_double(module.running_var) + module.eps).rsqrt_()
-    if module.weight is not None:
-        scale.mul_(as_double(module.weight))
-        return scale, torch.addcmul(as_double(module.bias), as_double(module.running_mean), scale, value=-1)
-    return scale, -as_double(module.running_mean) * scale
+def _plain_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None
+
+
+def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``y = x * scale + shift`` of every BatchNorm in eval mode of the graph, in float64, by module id.
+
+    Computed for all of them at once, each of their tensors concatenated: a network has hundreds of
+    BatchNorms, and a dozen operations on each small vector cost more than the arithmetic.
+    """
+    norms = [calls[0].module for calls in module_calls if _plain_batchnorm(calls[0].module)]
+    if not norms:
+        return {}
+    sizes = [m.running_mean.numel() for m in norms]
+
+    def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().to(device="cpu").reshape(-1) for t in tensors]).to(torch.float64)
+
+    variance, mean = joined([m.running_var for m in norms]), joined([m.running_mean for m in norms])
+    eps = torch.tensor([m.eps for m in norms], dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
+    ones, zeros = torch.ones(max(sizes)), torch.zeros(max(sizes))
+    weight = joined([m.weight if m.weight is not None else ones[:n] for m, n in zip(norms, sizes)])
+    bias = joined([m.bias if m.bias is not None else zeros[:n] for m, n in zip(norms, sizes)])
+    scale = (variance + eps).rsqrt_().mul_(weight)
+    shift = torch.addcmul(bias, mean, scale, value=-1)
+    return {id(m): pair for m, pair in zip(norms, zip(scale.split(sizes), shift.split(sizes)))}
 
 
 def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
