@@ -97,7 +97,8 @@ def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tens
     sizes = [m.running_mean.numel() for m in norms]
 
     def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().to(device="cpu").reshape(-1) for t in tensors]).to(torch.float64)
+        with torch.no_grad():  # one concatenation of the vectors as they are, one conversion
+            return torch.cat([t.cpu() for t in tensors]).to(torch.float64)
 
     variance, mean = joined([m.running_var for m in norms]), joined([m.running_mean for m in norms])
     eps = torch.tensor([m.eps for m in norms], dtype=torch.float64).repeat_interleave(torch.tensor(sizes))
