@@ -29,6 +29,7 @@ from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind
 from .masks import MaskSource, load_masks
 from .planning import decide
+from .lazy_masks import LazyMasks
 from .leftovers import masked_but_kept
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
@@ -162,30 +163,23 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     tx.set_training(model, False)
-    lazily = _lazily_masked(model, masks, rules)
+    lazy = LazyMasks(model, masks, tx, lambda module: rules.custom_for(module) is not None)
     for name in masks.parameters:
-        if name not in lazily:
+        if name not in lazy.names:
             tx.zero_masked(masks.masked[name], masks.pattern(name))
     holders = tensor_masks.install(model, masks.tensors, tx)
     clock.lap("zero masked")
     known = tuple((name, holder, "mask") for name, holder in holders)
     params_before = _count_parameters(model)
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
-    masked_now: set[int] = set()  # lazily masked parameters an operator wrote in place, masked for good
-
-    def apply_mask(tensor: torch.Tensor) -> None:
-        masked_now.add(id(tensor))
-        tx.zero_masked(tensor, lazily_by_id[id(tensor)][1])
-
-    lazily_by_id = {id(masks.masked[name]): (masks.masked[name], masks.pattern(name)) for name in lazily}
     try:
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
-                         lazily_by_id, apply_mask)
+                         lazy.by_id, lazy.mask_for_good)
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")
     graph = recorded.graph
-    _mask_where_modules_are_read(graph, rules, lambda tensor, mask: apply_mask(tensor))
+    lazy.mask_where_modules_are_read(graph, rules.module_rule)
     analysis = Analysis(graph, rules.for_node, OpRule())
     for name in masks.parameters:
         if name in graph.parameters:  # the analysis runs on the CPU (see TensorValue.host)
@@ -201,7 +195,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
-        _mask_what_remains(model, [entry for key, entry in lazily_by_id.items() if key not in masked_now], tx)
+        lazy.mask_what_remains(model)
         clock.lap("replace")
         if not verify:
             break
@@ -235,45 +229,6 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)
     graph.release()
     return report
-
-
-def _lazily_masked(model: nn.Module, masks, rules: _Rules) -> set[str]:
-    """The masked parameters left as they are in the model while it is traced: the weights (two or
-    more dimensions), which operators read masked copies of (see :func:`speedup.tracer.trace`).
-
-    Zeroing them in the model would mean a masked copy or the zeroed entries saved for the undo,
-    as large as the weights themselves in fresh memory: on a BERT-base encoder, half the call.
-    Vectors (biases, norms) are zeroed in the model: small, and read by the analysis as they are.
-    So are the parameters of modules the user's functions replace, which receive the masked module.
-    """
-    lazily = {name for name, tensor in masks.masked.items() if tensor.dim() >= 2}
-    if rules.custom and lazily:
-        for module_name, module in model.named_modules():
-            if rules.custom_for(module) is not None:
-                prefix = f"{module_name}." if module_name else ""
-                lazily = {name for name in lazily if not name.startswith(prefix)}
-    return lazily
-
-
-def _mask_where_modules_are_read(graph: Graph, rules: _Rules, apply: Callable) -> None:
-    """Masks, in the model, the lazily masked weights of modules whose rules may read the module's
-    attributes (without :attr:`~speedup.rule.ModuleRule.lazy_masks`)."""
-    for calls in graph.module_calls.values():
-        rule = rules.module_rule(calls[0].module)
-        if rule is not None and not rule.lazy_masks:
-            for value in calls[0].params.values():
-                value.mask_in_place(apply)
-
-
-def _mask_what_remains(model: nn.Module, lazily: list[tuple[torch.Tensor, Any]], tx: Transaction) -> None:
-    """Masks, in the model, the lazily masked parameters it still holds: those the replacement did not
-    slice (slices are masked as they are taken), so that they hold what the masked model holds."""
-    if not lazily:
-        return
-    held = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    for tensor, pattern in lazily:
-        if id(tensor) in held:
-            tx.zero_masked(tensor, pattern)
 
 
 def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:

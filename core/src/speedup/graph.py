@@ -67,7 +67,7 @@ class TensorValue:
     """The strides it had when it was created (empty for layouts without strides)."""
     mask: Any = None
     """For a parameter the masked model multiplies by a mask the model does not hold applied (a
-    :class:`~speedup.masks.MaskPattern`, see :func:`speedup.tracer.trace`): ``tensor`` holds the
+    :class:`~speedup.masks.MaskPattern`, see :mod:`speedup.lazy_masks`): ``tensor`` holds the
     model's values, :attr:`data` and :meth:`host` the masked ones."""
     consumers: list["Node"] = field(default_factory=list)
     is_output: bool = False

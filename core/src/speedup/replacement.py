@@ -46,7 +46,7 @@ class ParamSlicer:
     def slice(self, value: TensorValue) -> Tensorish:
         """The kept entries of a parameter as the masked model has them, as a new parameter; the
         parameter itself when it keeps every entry (masked in the model by the engine where it is
-        lazily masked, see :func:`speedup.tracer.trace`)."""
+        lazily masked, see :mod:`speedup.lazy_masks`)."""
         original = value.tensor
         key = id(original)
         if key in self._done:
