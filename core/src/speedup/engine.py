@@ -163,7 +163,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     tx.set_training(model, False)
-    lazy = LazyMasks(model, masks, tx, lambda module: rules.custom_for(module) is not None)
+    lazy = LazyMasks(model, masks, tx, (lambda module: rules.custom_for(module) is not None) if rules.custom else None)
     for name in masks.parameters:
         if name not in lazy.names:
             tx.zero_masked(masks.masked[name], masks.pattern(name))

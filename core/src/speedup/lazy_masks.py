@@ -19,7 +19,7 @@ Vectors (biases, norms) are small and are always masked in the model up front.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -33,10 +33,10 @@ class LazyMasks:
     """The masked weights of one speedup call that the model holds unmasked, and masking them for good."""
 
     def __init__(self, model: nn.Module, masks: Masks, tx: Transaction,
-                 replaced_by_user: Callable[[nn.Module], bool]):
+                 replaced_by_user: Optional[Callable[[nn.Module], bool]] = None):
         self._tx = tx
         names = {name for name, tensor in masks.masked.items() if tensor.dim() >= 2}
-        if names:
+        if names and replaced_by_user is not None:
             for module_name, module in model.named_modules():
                 if replaced_by_user(module):
                     prefix = f"{module_name}." if module_name else ""
