@@ -77,3 +77,43 @@ def test_a_failed_speedup_leaves_a_lazily_masked_weight_untouched():
     except speedup.SpeedupError:
         pass
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+class HandsOutItsWeight(nn.Module):
+    """A module that returns a view of its own weight besides its result."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, x):
+        return x @ self.weight.t(), self.weight.t()
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = HandsOutItsWeight()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _KeepsEverything(speedup.ModuleRule):
+    """Claims the module as a whole and keeps every dimension (nothing to rebuild)."""
+
+    lazy_masks = True
+
+
+def test_a_view_of_a_masked_weight_leaving_a_claimed_module_holds_the_masked_values():
+    from speedup.plugins import manager
+
+    registry = manager.loaded_plugins().registry
+    registry.add_module(HandsOutItsWeight, _KeepsEverything())
+    try:
+        torch.manual_seed(0)
+        model = Holder().eval()
+        scattered = torch.rand(8, 6, generator=torch.Generator().manual_seed(3)) > 0.5
+        check_speedup(model, {"inner": {"weight": scattered}}, torch.randn(2, 6), torch.randn(4, 6))
+    finally:
+        manager.reset()  # the next use loads the plugins afresh, without this test's rule

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import flops as flop_count
+from .errors import TraceError
 from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -166,7 +167,10 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, model: nn.Module, known: tuple = (), masked: Optional[Mapping[int, tuple]] = None,
                  apply_mask: Optional[Callable[[torch.Tensor], None]] = None):
         super().__init__()
-        self._masked: dict[int, tuple] = dict(masked or {})
+        self._masked: dict[int, tuple] = {key: (t, pattern, None, None) for key, (t, pattern) in (masked or {}).items()}
+        """``id(tensor) -> (tensor, pattern, base, rebuild)``: the lazily masked weights, and views of them
+        made in claimed modules (``base``: the weight they view; ``rebuild``: the same view of another
+        tensor laid out like it)."""
         self._apply_mask = apply_mask
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.graph = Graph()
@@ -229,9 +233,8 @@ class _Recorder(TorchDispatchMode):
         if known is not None and known[0] is tensor:
             _, name, module, attr = known
             value = self.graph.new_value(tensor, Origin.PARAMETER, tensor=tensor, owner=(module, attr), name=name)
-            lazily = self._masked.get(id(tensor))
-            if lazily is not None and lazily[0] is tensor:
-                value.mask = lazily[1]
+            if self._lazily_masked(tensor):
+                value.mask = self._masked[id(tensor)][1]
             self.graph.parameters[name] = value
             return self._remember(tensor, value)
         hidden = self._hidden.get(id(tensor))
@@ -267,6 +270,8 @@ class _Recorder(TorchDispatchMode):
             facts = _FACTS[func] = _OperatorFacts.of(func)
         run_args, run_kwargs = args, kwargs
         if self._masked and (self._reads_masked(args) or (kwargs and self._reads_masked(kwargs.values()))):
+            if self.suppress and facts.view and not facts.writes and self._lazily_masked(args[0]):
+                return self._masked_view(func, args, kwargs)
             run_args, run_kwargs = self._masked_operands(facts, args, kwargs)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
@@ -311,6 +316,11 @@ class _Recorder(TorchDispatchMode):
         if facts.writes:
             for tensor in _written_tensors(facts, args, kwargs):
                 if self._lazily_masked(tensor):
+                    if self._masked[id(tensor)][2] is not None:
+                        raise TraceError(
+                            f"{func} writes in place into a view of a masked weight, inside a module a rule claims. "
+                            "speedup cannot follow that; mask the weight in the model before calling speedup."
+                        )
                     del self._masked[id(tensor)]
                     self._apply_mask(tensor)
         # An operator that returns no view of its arguments is done with the copies when it returns:
@@ -320,12 +330,45 @@ class _Recorder(TorchDispatchMode):
         return (tuple(self._masked_operand(a, slots) for a in args),
                 {k: self._masked_operand(v, slots) for k, v in kwargs.items()} if kwargs else kwargs)
 
+    def _masked_view(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A view operator on a lazily masked weight inside a claimed module (``aten.t`` in every
+        ``nn.Linear``): the view of the weight itself, noted as lazily masked.
+
+        The operator reading it next gets the weight masked in scratch memory, viewed the same way: a
+        masked copy of the view made here could not go in scratch memory (the view lives on), and a
+        large layer's weight in fresh memory on every call costs page faults. What the module returns
+        is masked on its way out (:meth:`exit_module`).
+        """
+        tensor = args[0]
+        _, pattern, base, rebuild = self._masked[id(tensor)]
+        out = func(*args, **kwargs)
+        views = _tensors(out)
+        for i, view in enumerate(views):
+            self._masked[id(view)] = (view, pattern, base if base is not None else tensor,
+                                      _ViewOf(func, args[1:], kwargs, i if len(views) > 1 else None, rebuild))
+            self._hidden[id(view)] = weakref.ref(view)
+        return out
+
+    def _with_views_masked(self, output: Any) -> Any:
+        """A claimed module's output with every lazily masked view in it replaced by its masked values."""
+        if isinstance(output, torch.Tensor):
+            if self._lazily_masked(output) and self._masked[id(output)][2] is not None:
+                return self._masked_operand(output, None)
+            return output
+        if isinstance(output, (tuple, list)):
+            return type(output)(self._with_views_masked(o) for o in output)
+        if isinstance(output, dict):
+            return {key: self._with_views_masked(value) for key, value in output.items()}
+        return output
+
     def _masked_operand(self, arg: Any, slots: Optional[Iterator[int]]) -> Any:
         if isinstance(arg, torch.Tensor):
             if not self._lazily_masked(arg):
                 return arg
-            data = arg.detach()
-            return self._masked[id(arg)][1].apply(data, None if slots is None else self._scratch(next(slots), data))
+            _, pattern, base, rebuild = self._masked[id(arg)]
+            data = (base if base is not None else arg).detach()
+            masked = pattern.apply(data, None if slots is None else self._scratch(next(slots), data))
+            return masked if rebuild is None else rebuild(masked)
         if isinstance(arg, (tuple, list)) and any(isinstance(a, torch.Tensor) for a in arg):
             return type(arg)(self._masked_operand(a, slots) for a in arg)
         return arg
@@ -352,7 +395,7 @@ class _Recorder(TorchDispatchMode):
         key = (slot, like.dtype, like.device)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < like.numel():
-            largest = max((t.numel() for t, _ in self._masked.values() if t.dtype == like.dtype), default=0)
+            largest = max((t.numel() for t, _, _, _ in self._masked.values() if t.dtype == like.dtype), default=0)
             size = max(like.numel(), largest if slot == 0 else 0)
             buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buffer.as_strided(like.shape, like.stride())
@@ -419,10 +462,14 @@ class _Recorder(TorchDispatchMode):
             return [(a, t) for a, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None]
         return [(a, t) for a, t in list(module.named_parameters()) + list(module.named_buffers()) if t is not None]
 
-    def exit_module(self, module: nn.Module, output: Any) -> None:
+    def exit_module(self, module: nn.Module, output: Any) -> Any:
+        """Records the call of a claimed module; returns its output where that must change (a view of
+        a masked weight it returns, masked), else None."""
         self.suppress -= 1
         if self.suppress:
-            return
+            return None
+        replaced = self._with_views_masked(output) if self._masked else output
+        output = replaced
         inputs, args, kwargs = self._pending.pop()
         name = self._names.get(id(module), "")
         params = {attr: self.value_of(tensor) for attr, tensor in self._tensors_of(module)}
@@ -433,6 +480,7 @@ class _Recorder(TorchDispatchMode):
         for tensor in iter_tensors(output):
             self._hidden.pop(id(tensor), None)
             node.outputs.append(self._record_output(tensor, origin, node))
+        return replaced
 
 
 def _claim_modules(model: nn.Module, modules: list, recorder: _Recorder, claims: Callable[[nn.Module], bool]) -> list:
@@ -522,6 +570,23 @@ def _written_tensors(facts: _OperatorFacts, args: tuple, kwargs: dict) -> list[t
         if isinstance(tensor, torch.Tensor):
             written.append(tensor)
     return written
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViewOf:
+    """The view a view operator made of a weight (``output``-th result, or the only one), remade of
+    another tensor laid out like the weight (its masked copy); ``inner`` is the view it was made of."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    output: Optional[int]
+    inner: Optional["_ViewOf"]
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        source = self.inner(tensor) if self.inner is not None else tensor
+        out = self.func(source, *self.args, **self.kwargs)
+        return out if self.output is None else out[self.output]
 
 
 def _dense(tensor: torch.Tensor) -> bool:
