@@ -114,10 +114,10 @@ class TensorValue:
             cached = self.__dict__["_host"] = data.detach().cpu()
         return cached
 
-    def mask_in_place(self, apply: Callable[[torch.Tensor, Any], None]) -> None:
-        """Masks the model's own tensor (``apply(tensor, mask)``), which then holds :attr:`data`."""
+    def mask_in_place(self, apply: Callable[[torch.Tensor], None]) -> None:
+        """Masks the model's own tensor with ``apply(tensor)``, after which it holds :attr:`data`."""
         if self.mask is not None:
-            apply(self.tensor, self.mask)
+            apply(self.tensor)
             self.mask = None
             self.__dict__.pop("_masked", None)
             self.__dict__.pop("_host", None)

@@ -58,7 +58,7 @@ class LazyMasks:
             rule = module_rule(calls[0].module)
             if rule is not None and not rule.lazy_masks:
                 for value in calls[0].params.values():
-                    value.mask_in_place(lambda tensor, mask: self.mask_for_good(tensor))
+                    value.mask_in_place(self.mask_for_good)
 
     def mask_what_remains(self, model: nn.Module) -> None:
         """Masks in the model the weights it still holds once rebuilt (those the replacement did not

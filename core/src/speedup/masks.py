@@ -14,6 +14,7 @@ A mask holds 0 (pruned) and 1 (kept), as bool or numbers, and broadcasts to its 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -188,7 +189,7 @@ def _tensor_mask(module: str, target: str, mask: torch.Tensor, batch_dim: int) -
     return TensorMask(module, kind, parsed, mask, batch_dim)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class MaskPattern:
     """Where a parameter's mask keeps entries, found in one pass when the masks are loaded.
 
@@ -203,14 +204,22 @@ class MaskPattern:
     """The one dimension the mask varies along (``None``: it varies along several)."""
     line: Optional[torch.Tensor]
     """With ``dim``: the 1-D mask along it."""
-    pair: Optional[torch.Tensor]
-    """For two or more dimensions: ``(shape[0], shape[1])``, whether any entry of the slice at
-    ``[i, j]`` is kept (the kernel taps of a convolution, the mask itself for a linear weight)."""
+    given_pair: Optional[torch.Tensor]
+    """:attr:`pair` where reading the mask found it; None where it follows from ``leading``."""
     separable: bool
     """The mask keeps exactly the rows of ``kept(0)`` times the columns of ``kept(1)``, every entry
     of the trailing dimensions (so ``pair`` is their outer product)."""
     leading: tuple = ()
     """``kept(0)`` and, for two or more dimensions, ``kept(1)``."""
+
+    @functools.cached_property
+    def pair(self) -> Optional[torch.Tensor]:
+        """For two or more dimensions: ``(shape[0], shape[1])``, whether any entry of the slice at
+        ``[i, j]`` is kept (the kernel taps of a convolution, the mask itself for a linear weight).
+        Made on first use for a mask varying along one dimension (few rules ask)."""
+        if self.given_pair is not None or len(self.leading) < 2:
+            return self.given_pair
+        return self.leading[0][:, None] & self.leading[1][None, :]
 
     def kept(self, dim: int) -> torch.Tensor:
         """Boolean per slice along ``dim``: the mask keeps some entry of it."""
@@ -246,7 +255,7 @@ class MaskPattern:
         if self.mask.device.type == "cpu":
             return self
         move = lambda t: None if t is None else t.cpu()  # noqa: E731
-        return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.pair), self.separable,
+        return MaskPattern(self.mask.cpu(), self.dim, move(self.line), move(self.given_pair), self.separable,
                            tuple(t.cpu() for t in self.leading))
 
 
@@ -273,8 +282,7 @@ def mask_pattern(mask: torch.Tensor) -> MaskPattern:
         if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
             line = _line(mask, dim)
             leading = tuple(line if d == dim else _filled_like(line, mask.shape[d]) for d in range(min(mask.dim(), 2)))
-            pair = leading[0][:, None] & leading[1][None, :] if mask.dim() >= 2 else None
-            return MaskPattern(mask, dim, line, pair, dim < 2 or bool(line.all()), leading)
+            return MaskPattern(mask, dim, line, None, dim < 2 or bool(line.all()), leading)
     if mask.dim() < 2:  # a 0-D mask
         return MaskPattern(mask, None, None, None, False)
     grid = mask.view(torch.uint8).reshape(mask.shape[0], mask.shape[1], -1)
