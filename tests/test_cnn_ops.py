@@ -288,3 +288,34 @@ def test_a_buffer_passed_to_a_child_module_is_sliced_on_its_owner():
     model = Table()
     masks = {"embed": {"weight": torch.tensor([1, 0, 1, 1], dtype=torch.bool).expand(8, 4)}}
     check_speedup(model, masks, torch.randn(2, 8), torch.randn(5, 8), shrunk=["embed.weight", "coords"])
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm with a forward of its own calling ``F.batch_norm`` (timm's ``BatchNormAct2d``)."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return F.silu(x)
+
+
+class BatchStatistics(nn.Module):
+    """``F.batch_norm`` on the batch's own statistics (training=True, no running statistics)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.bias = nn.Parameter(torch.rand(c) - 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("norm", ["running statistics", "batch statistics"])
+def test_functional_batch_norm_loses_channels_with_its_vectors(norm):
+    second = BatchNormAct(8) if norm == "running statistics" else BatchStatistics(8)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), second, nn.Conv2d(8, 4, 3, padding=1)))
+    masks = output_channel_masks(model, ["0"])
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 7, 5),
+                  shrunk=["0.weight", "1.weight", "1.bias", "2.weight"])
+    if norm == "running statistics":
+        assert model[1].running_mean.shape == (4,) and model[1].num_features == 4

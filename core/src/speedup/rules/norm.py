@@ -15,11 +15,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import Node
+from ..graph import Node, TensorValue
 from ..modules import ConstantAwareLayerNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
-from ..rule import DimConst, ModuleRule
+from ..rule import DimConst, ModuleRule, OpRule, bind
 from .toolkit import clone_module, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -255,6 +255,67 @@ class GroupNormRule(ModuleRule):
         return new
 
 
+class BatchNormOpRule(OpRule):
+    """``F.batch_norm`` called directly (``aten.native_batch_norm`` and its eval-mode twin): what a
+    BatchNorm subclass with a ``forward`` of its own runs, as timm's ``BatchNormAct2d`` does.
+
+    Channels (dimension 1) are independent whatever the mode; the affine parameters and running
+    statistics the call reads are sliced with them. Constant channels stay constant in eval mode
+    (its affine map); on the batch's statistics, a zero channel or one whose scale is zero is its
+    shift (another constant would be normalised with round-off).
+    A call that updates running statistics in place keeps every channel.
+    """
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        x, out = args["input"], node.outputs[0]
+        if _updates_statistics(args):
+            return  # every dimension keeps its size
+        for d in range(x.ndim):
+            ctx.link(x, d, out, d)
+        for name in _CHANNEL_PARAMS:
+            if isinstance(args.get(name), TensorValue) and args[name].ndim == 1:
+                ctx.link(args[name], 0, out, 1)
+        for saved in node.outputs[1:]:  # the batch statistics, saved in training mode
+            if saved.ndim == 1 and saved.shape[0] == x.shape[1]:
+                ctx.link(saved, 0, out, 1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        if _updates_statistics(args):
+            return
+        x, out = args["input"], node.outputs[0]
+        data = {name: args[name].host() if isinstance(args.get(name), TensorValue) else None for name in _CHANNEL_PARAMS}
+        channels = x.shape[1]
+        weight = data["weight"].to(torch.float64) if data["weight"] is not None else torch.ones(channels, dtype=torch.float64)
+        bias = data["bias"].to(torch.float64) if data["bias"] is not None else torch.zeros(channels, dtype=torch.float64)
+        mask, value = weight == 0, bias.clone()
+        consts = ctx.const(x, 1)
+        if consts is not None and not args.get("training", False) and data["running_var"] is not None:
+            scale = (data["running_var"].to(torch.float64) + args["eps"]).rsqrt() * weight
+            normalized = (consts.value - data["running_mean"].to(torch.float64)) * scale + bias
+            value = torch.where(consts.mask & ~mask, normalized, value)
+            mask = mask | consts.mask
+        elif consts is not None:
+            # On the batch's statistics a zero channel has mean and variance exactly 0: its shift.
+            mask = mask | consts.zero
+        if bool(mask.any()):
+            ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        x, out = args["input"], node.outputs[0]
+        if _updates_statistics(args):
+            ctx.demand_all(x)
+        elif ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim)})
+
+
+def _updates_statistics(args: dict) -> bool:
+    """Whether a batch-norm call writes its running statistics (training mode with statistics)."""
+    return bool(args.get("training", False)) and isinstance(args.get("running_mean"), TensorValue)
+
+
 def _with_sliced_affine(module: nn.Module, plan: ModulePlan) -> nn.Module:
     new = clone_module(module)
     for name in ("weight", "bias"):
@@ -272,3 +333,16 @@ def register(registry) -> None:
     if hasattr(nn, "RMSNorm"):
         registry.add_module(nn.RMSNorm, RMSNormRule())
     registry.add_module(nn.GroupNorm, GroupNormRule())
+    registry.add_op("aten.native_batch_norm", BatchNormOpRule())
+    registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
+    registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())
+    # A subclass traced through (its own forward) keeps num_features in step with its vectors.
+    registry.add_sizes(nn.modules.batchnorm._NormBase, _channel_count)
+
+
+def _channel_count(module: nn.Module) -> dict[str, int]:
+    for name in _CHANNEL_PARAMS:
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+            return {"num_features": tensor.shape[0]}
+    return {}
