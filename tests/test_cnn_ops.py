@@ -319,3 +319,36 @@ def test_functional_batch_norm_loses_channels_with_its_vectors(norm):
                   shrunk=["0.weight", "1.weight", "1.bias", "2.weight"])
     if norm == "running statistics":
         assert model[1].running_mean.shape == (4,) and model[1].num_features == 4
+
+
+class ShiftedWithTable(nn.Module):
+    """A cyclic shift of the feature map (Swin's) and a table of per-channel biases read at literal
+    positions (a relative position bias table indexed by a buffer); optionally a roll of the channels."""
+
+    def __init__(self, roll_channels: bool, c=8):
+        super().__init__()
+        self.roll_channels = roll_channels
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(5, c))
+        self.register_buffer("positions", torch.tensor([0, 3, 1, 4, 2, -1]))
+        self.b = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), shifts=(1, -2), dims=(2, 3))
+        y = y + self.table[self.positions].t().reshape(1, -1, 2, 3).mean((2, 3), keepdim=True)
+        return self.b(torch.roll(y, 1, 1) if self.roll_channels else y)
+
+
+def test_roll_and_table_lookups_pass_channels_through():
+    model = ShiftedWithTable(roll_channels=False)
+    masks = output_channel_masks(model, ["a"])
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 7), torch.randn(3, 3, 5, 9),
+                           shrunk=["a.weight", "table", "b.weight"])
+    assert not report.barriers
+
+
+def test_channels_rolled_by_a_literal_amount_keep_their_size():
+    model = ShiftedWithTable(roll_channels=True)
+    masks = output_channel_masks(model, ["a"])
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 7), torch.randn(3, 3, 5, 9))
+    assert model.a.weight.shape[0] == 8 and model.b.weight.shape[1] == 8 and not report.barriers

@@ -143,6 +143,85 @@ class Flip(MapRule):
                 for d in range(x.ndim)]
 
 
+class Roll(MapRule):
+    """``roll(x, shifts, dims)``: a cyclic shift by literal amounts, which would wrap elsewhere in a
+    shorter dimension, so rolled dimensions keep their size; the others pass through. Rolling the
+    flattened tensor (no ``dims``) keeps everything."""
+
+    def _rolled(self, node: Node) -> dict[int, int]:
+        args = bind(node)
+        x, shifts, dims = args["self"], list(args["shifts"]), list(args["dims"])
+        rolled: dict[int, int] = {}
+        for d, shift in zip(dims, shifts):
+            rolled[d % x.ndim] = rolled.get(d % x.ndim, 0) + shift
+        return rolled
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        rolled = self._rolled(node)
+        if not rolled:
+            return []
+        return [DimMap(x, d, out, d, (torch.arange(x.shape[d]) - rolled[d]) % max(x.shape[d], 1) if d in rolled else None)
+                for d in range(x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        super().couple(node, ctx)
+        for d in self._rolled(node):
+            ctx.pin(node.args[0], d)
+
+
+class Index(OpRule):
+    """``x[index]`` (``aten.index.Tensor``) with one integer index tensor, known before the call (a
+    buffer of positions, as a relative position bias table is read): the indexed dimension gives
+    way to the index's, whose entries are the literal positions it names (kept, like
+    ``index_select``'s); the dimensions before and after pass through. Boolean or several
+    index tensors keep everything."""
+
+    def _layout(self, node: Node):
+        x, indices = node.args[0], list(node.args[1])
+        present = [(p, i) for p, i in enumerate(indices) if i is not None]
+        if len(present) != 1:
+            return None
+        position, index = present[0]
+        if not isinstance(index, TensorValue) or index.data is None or index.data.dtype not in (torch.long, torch.int):
+            return None
+        return x, node.outputs[0], position, index
+
+    def _passing(self, layout) -> list[tuple[int, int]]:
+        """(input dimension, output dimension) of the dimensions the indexing leaves alone."""
+        x, out, position, index = layout
+        before = [(d, d) for d in range(position)]
+        return before + [(d, d - 1 + index.ndim) for d in range(position + 1, x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        layout = self._layout(node)
+        if layout is None:
+            return  # every dimension keeps its size
+        x, out, position, index = layout
+        for d, od in self._passing(layout):
+            ctx.link(x, d, out, od)
+        positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
+        if positions.numel():
+            _pin_prefix(ctx, x, position, int(positions.max()) + 1)
+        else:
+            ctx.pin(x, position)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        layout = self._layout(node)
+        if layout is not None:
+            for d, od in self._passing(layout):
+                ctx.set_const(layout[1], od, ctx.const(layout[0], d))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        layout, out = self._layout(node), node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        if layout is None:
+            ctx.demand_all(node.args[0])
+        else:
+            ctx.demand(layout[0], {d: ctx.demanded(out, od) for d, od in self._passing(layout)})
+
+
 class Cat(OpRule):
     """``cat(tensors, dim)``: the output dimension is the inputs' dimensions one after another."""
 
@@ -355,6 +434,8 @@ def register(registry) -> None:
     registry.add_op("aten.select.int", Select())
     registry.add_op("aten.index_select", IndexSelect())
     registry.add_op("aten.flip", Flip())
+    registry.add_op("aten.roll", Roll())
+    registry.add_op("aten.index.Tensor", Index())
     registry.add_op("aten.cat", Cat())
     registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split"], Split())
     registry.add_op("aten.unbind", Unbind())
