@@ -406,3 +406,29 @@ def test_constant_inputs_of_attention_without_bias_become_a_bias():
     model = Block()
     masks = {"inp": {"weight": rows(keep_mask(E), (E, 8))}}
     check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 7, 8), shrunk=["inp.weight"])
+
+
+class WidthFromInput(nn.Module):
+    """XCiT's cross-covariance attention: the head size comes from the input's width (``c // heads``),
+    while the projection it reshapes is free to keep its size."""
+
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(c, 2 * c)
+        self.proj = nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        b, c = x.shape
+        y = self.qkv(x).reshape(b, 2, self.heads, c // self.heads)
+        return x + self.proj(torch.relu(y).reshape(b, -1))
+
+
+def test_a_size_taken_from_another_tensor_keeps_the_module_around_it_whole():
+    model = nn.Sequential(nn.Linear(4, 8), WidthFromInput(), nn.Linear(8, 3))
+    stream = torch.tensor([True, False] * 4)
+    masks = {"0": {"weight": rows(stream, (8, 4)), "bias": stream},
+             "1.proj": {"weight": rows(stream, (8, 16)), "bias": stream}}
+    report = check_speedup(model, masks, torch.randn(2, 4), torch.randn(5, 4))
+    assert model[1].qkv.in_features == 8
+    assert any("everything in '1' kept" in line for line in report.kept_for_verification)

@@ -205,17 +205,23 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             report.max_abs_diff = check.max_abs_diff
             break
         node, reason = check.node, check.reason
-        if node is None or node.index in pinned:
-            raise VerificationError(
-                f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
-                "unchanged. Please report this with the model's code."
-            )
-        dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
-        if dims is None:
-            pinned.add(node.index)  # the whole call; also where keeping some dimensions was not enough
+        if node is None:
+            raise _unverifiable(reason)
+        if node.index in pinned:
+            # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
+            # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole.
+            scope = _enclosing_unpinned_scope(graph, node, pinned)
+            if scope is None:
+                raise _unverifiable(reason)
+            pinned.update(n.index for n in graph.nodes if _within(n.scope, scope))
+            reason += f" (everything in '{scope or '<model>'}' kept)"
         else:
-            pinned_dims[node.index] = dims
-            reason += f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
+            dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
+            if dims is None:
+                pinned.add(node.index)  # the whole call; also where keeping some dimensions was not enough
+            else:
+                pinned_dims[node.index] = dims
+                reason += f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
         report.kept_for_verification.append(f"{node.describe()}: {reason}")
         tx.rollback(savepoint)
     else:
@@ -254,6 +260,25 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
+
+
+def _unverifiable(reason: str) -> VerificationError:
+    return VerificationError(
+        f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
+        "unchanged. Please report this with the model's code."
+    )
+
+
+def _enclosing_unpinned_scope(graph: Graph, node: Node, pinned: set[int]) -> Optional[str]:
+    """The innermost module around ``node`` (itself included) whose calls are not all pinned yet."""
+    for scope in reversed(_module_and_parents(node.scope)):
+        if any(n.index not in pinned for n in graph.nodes if _within(n.scope, scope)):
+            return scope
+    return None
+
+
+def _within(scope: str, outer: str) -> bool:
+    return not outer or scope == outer or scope.startswith(outer + ".")
 
 
 def _module_and_parents(module: str) -> list[str]:
