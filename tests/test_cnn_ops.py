@@ -352,3 +352,28 @@ def test_channels_rolled_by_a_literal_amount_keep_their_size():
     masks = output_channel_masks(model, ["a"])
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 7), torch.randn(3, 3, 5, 9))
     assert model.a.weight.shape[0] == 8 and model.b.weight.shape[1] == 8 and not report.barriers
+
+
+class LiteralSplit(nn.Module):
+    """Res2Net's block: channels split into parts of a literal width, which a smaller tensor breaks."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 1)
+        self.b = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+
+    def forward(self, x):
+        first, second = torch.split(self.a(x), 4, 1)
+        return torch.cat([first, self.b(second)], 1)
+
+
+def test_a_literal_split_kept_after_verification_is_kept_in_every_block_at_once():
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 1), LiteralSplit(), LiteralSplit(), LiteralSplit(),
+                                          nn.Conv2d(8, 2, 1)))
+    same_position_in_both_parts = torch.tensor([True, False, True, True] * 2)
+    masks = {f"{i}.a": {"weight": rows(same_position_in_both_parts, (8, 8, 1, 1)), "bias": same_position_in_both_parts}
+             for i in (1, 2, 3)}
+    masks["0"] = {"weight": rows(keep_mask(8), (8, 3, 1, 1))}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["0.weight", "1.a.weight"])
+    assert len(report.kept_for_verification) == 1  # one more attempt, not one per block
+    assert [model[i].a.out_channels for i in (1, 2, 3)] == [8, 8, 8]

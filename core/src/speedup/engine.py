@@ -217,10 +217,14 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             reason += f" (everything in '{scope or '<model>'}' kept)"
         else:
             dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
-            if dims is None:
-                pinned.add(node.index)  # the whole call; also where keeping some dimensions was not enough
-            else:
-                pinned_dims[node.index] = dims
+            # The same line of code makes the same call in every block of a network (a literal
+            # ``split(26)`` in each of Res2Net's): what one call needed, every such call gets at once.
+            for call in [node] + _same_calls(graph, node, pinned):
+                if dims is None or max(dims) >= call.outputs[0].ndim:
+                    pinned.add(call.index)  # the whole call; also where keeping some dimensions was not enough
+                else:
+                    pinned_dims[call.index] = dims
+            if dims is not None:
                 reason += f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
         report.kept_for_verification.append(f"{node.describe()}: {reason}")
         tx.rollback(savepoint)
@@ -267,6 +271,14 @@ def _unverifiable(reason: str) -> VerificationError:
         f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
         "unchanged. Please report this with the model's code."
     )
+
+
+def _same_calls(graph: Graph, node: Node, pinned: set[int]) -> list[Node]:
+    """Other calls of the same operator made by the same line of code, not pinned yet."""
+    if node.kind is not NodeKind.OP or node.location is None:
+        return []
+    return [n for n in graph.nodes if n is not node and n.location == node.location and n.target is node.target
+            and n.kind is NodeKind.OP and n.index not in pinned and n.outputs]
 
 
 def _enclosing_unpinned_scope(graph: Graph, node: Node, pinned: set[int]) -> Optional[str]:
