@@ -113,3 +113,38 @@ def test_model_in_train_mode_is_traced_in_eval_mode_and_left_in_train_mode():
     speedup.shrink(model, masks, torch.randn(2, 8))
     assert model.training and all(m.training for m in model.modules())
     assert model[0].out_features < 16
+
+
+class CachedInEval(nn.Module):
+    """Caches, in eval mode, a tensor derived from its parameters and drops it when its mode is set,
+    as timm's TinyViT and LeViT keep their attention biases."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.a = nn.Linear(4, c)
+        self.table = nn.Parameter(torch.randn(c))
+        self.b = nn.Linear(c, 3)
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training or "bias" not in self.cache:
+            bias = self.table * 2
+            if not self.training:
+                self.cache["bias"] = bias
+        else:
+            bias = self.cache["bias"]
+        return self.b(torch.relu(self.a(x) + bias))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_tensor_cached_from_full_size_parameters_is_dropped(verify):
+    model = CachedInEval().eval()
+    model(torch.randn(2, 4))  # the user ran it: the cache is full
+    masks = output_channel_masks(model, ["a"])
+    check_speedup(model, masks, torch.randn(2, 4), torch.randn(5, 4), shrunk=["a.weight", "table", "b.weight"],
+                  verify=verify)

@@ -162,6 +162,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
+    mode_aware = [m for m in model.modules() if type(m).train is not nn.Module.train]
+    tx.on_rollback(lambda: _reset_mode_caches(mode_aware))  # first in, so undone last: on the restored model
     tx.set_training(model, False)
     lazy = LazyMasks(model, masks, tx, (lambda module: rules.custom_for(module) is not None) if rules.custom else None)
     for name in masks.parameters:
@@ -196,6 +198,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
         lazy.mask_what_remains(model)
+        _reset_mode_caches(mode_aware)
         clock.lap("replace")
         if not verify:
             break
@@ -264,6 +267,21 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
+
+
+def _reset_mode_caches(modules: list[nn.Module]) -> None:
+    """Sets the mode again on modules whose class overrides ``train``, keeping every flag as it is.
+
+    Such modules may cache tensors derived from their parameters while in eval mode (timm's TinyViT
+    and LeViT keep their attention biases, gathered from a table) and drop them when the mode is
+    set. The recording fills the cache from the full-size parameters: it must be dropped once they
+    are sliced (or restored), or the model would go on reading it.
+    """
+    for module in modules:
+        flags = [(m, m.training) for m in module.modules()]
+        module.train(module.training)
+        for m, flag in flags:
+            m.training = flag
 
 
 def _unverifiable(reason: str) -> VerificationError:
@@ -360,6 +378,7 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
     new_modules = {id(new) for _, new in replaced.pairs}
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     original = recorded.graph.nodes
+    _reset_mode_caches([m for m in model.modules() if type(m).train is not nn.Module.train])  # filled by the run
     try:
         again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
     except TracingFailed as failure:

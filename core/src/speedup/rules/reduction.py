@@ -90,7 +90,8 @@ class Reduction(OpRule):
 
 
 class Softmax(OpRule):
-    """``softmax`` / ``log_softmax`` over one dimension; every other dimension passes through."""
+    """``softmax`` / ``log_softmax`` (and ``_safe_softmax``, which scaled dot-product attention uses
+    with a mask) over one dimension; every other dimension passes through."""
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = node.args[0], node.outputs[0]
@@ -108,7 +109,10 @@ class Softmax(OpRule):
             if d != dim:
                 consts: Optional[DimConst] = ctx.const(x, d)
                 if consts is not None:
-                    ctx.set_const(out, d, DimConst.where(consts.mask, torch.full_like(consts.value, uniform)))
+                    value = torch.full_like(consts.value, uniform)
+                    if node.target._opname == "_safe_softmax":  # a slice of -inf only is zeros
+                        value = torch.where(consts.value == -math.inf, 0.0, value)
+                    ctx.set_const(out, d, DimConst.where(consts.mask, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, out = node.args[0], node.outputs[0]
@@ -124,4 +128,5 @@ def register(registry) -> None:
          "aten.any", "aten.all"],
         Reduction(),
     )
-    registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int"], Softmax())
+    registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int",
+                      "aten._safe_softmax"], Softmax())
