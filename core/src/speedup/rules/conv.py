@@ -296,8 +296,12 @@ class ConvolutionOpRule(OpRule):
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         spec = self._spec(node)
-        if spec.weight.data is not None and (spec.bias is None or spec.bias.data is not None):
+        if spec.bias is not None and spec.bias.data is None:
+            return
+        if spec.weight.data is not None:
             forward_conv(spec, ctx)
+        elif not spec.transposed:
+            _forward_zero_filters(spec, ctx)
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         spec = self._spec(node)
@@ -309,8 +313,31 @@ class ConvolutionOpRule(OpRule):
         backward_conv(spec, ctx, zero)
 
 
+def _forward_zero_filters(spec: _Spec, ctx: Analysis) -> None:
+    """A weight computed during the call (standardised, as timm's ``StdConv2d`` does): an output
+    channel whose filter is known to be zero is its bias."""
+    consts = ctx.const(spec.weight, 0)
+    if consts is None or not bool(consts.zero.any()):
+        return
+    value = spec.bias.host().to(torch.float64) if spec.bias is not None else torch.zeros(consts.mask.numel(), dtype=torch.float64)
+    ctx.set_const(spec.out, spec.cdim, DimConst.where(consts.zero, value))
+
+
 def register(registry) -> None:
     rule = ConvModuleRule()
     for module_type in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         registry.add_module(module_type, rule)
     registry.add_op("aten.convolution", ConvolutionOpRule())
+    # A subclass traced through (its own forward, as timm's weight-standardised convolutions) keeps
+    # its channel counts in step with its weight.
+    registry.add_sizes(nn.modules.conv._ConvNd, _conv_sizes)
+
+
+def _conv_sizes(module: nn.Module) -> dict[str, int]:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 3:
+        return {}
+    rows, columns = weight.shape[0], weight.shape[1] * module.groups
+    if module.transposed:
+        return {"in_channels": rows, "out_channels": columns}
+    return {"in_channels": columns, "out_channels": rows}

@@ -103,3 +103,11 @@ class LinearRule(ModuleRule):
 
 def register(registry) -> None:
     registry.add_module(nn.Linear, LinearRule())
+    registry.add_sizes(nn.Linear, _linear_sizes)  # a subclass traced through keeps its sizes in step
+
+
+def _linear_sizes(module: nn.Module) -> dict[str, int]:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return {}
+    return {"in_features": weight.shape[1], "out_features": weight.shape[0]}

@@ -35,6 +35,8 @@ class ChannelNormRule(ModuleRule):
         x, out = first_input(node), node.outputs[0]
         for d in range(x.ndim):
             ctx.link(x, d, out, d)
+            if d in _statistics_dims(node.module, x.ndim):
+                ctx.pin(x, d)  # every entry counts in the statistics
         for name in _CHANNEL_PARAMS:
             if name in node.params and node.params[name].ndim == 1:
                 ctx.link(node.params[name], 0, out, 1)
@@ -68,6 +70,15 @@ class ChannelNormRule(ModuleRule):
                 setattr(new, name, plan.param(name))
         new.num_features = plan.count(plan.output(), 1)
         return new
+
+
+def _statistics_dims(module: nn.Module, ndim: int) -> list[int]:
+    """The dimensions a per-channel norm computes its statistics over (none with running statistics
+    in eval mode): each sample's positions for InstanceNorm, the whole batch's for BatchNorm."""
+    if not module.training and getattr(module, "running_mean", None) is not None:
+        return []
+    first = 2 if isinstance(module, nn.modules.instancenorm._InstanceNorm) else 0
+    return [d for d in range(first, ndim) if d != 1]
 
 
 def _normalized_constants(ctx: Analysis, node: Node, ndim: int, consts: DimConst) -> torch.Tensor:
@@ -259,7 +270,8 @@ class BatchNormOpRule(OpRule):
     """``F.batch_norm`` called directly (``aten.native_batch_norm`` and its eval-mode twin): what a
     BatchNorm subclass with a ``forward`` of its own runs, as timm's ``BatchNormAct2d`` does.
 
-    Channels (dimension 1) are independent whatever the mode; the affine parameters and running
+    Channels (dimension 1) are independent whatever the mode (on the batch's statistics, every entry
+    of the other dimensions counts: they keep their size); the affine parameters and running
     statistics the call reads are sliced with them. Constant channels stay constant in eval mode
     (its affine map); on the batch's statistics, a zero channel or one whose scale is zero is its
     shift (another constant would be normalised with round-off).
@@ -273,6 +285,8 @@ class BatchNormOpRule(OpRule):
             return  # every dimension keeps its size
         for d in range(x.ndim):
             ctx.link(x, d, out, d)
+            if args.get("training", False) and d != 1:
+                ctx.pin(x, d)  # every entry counts in the batch's statistics
         for name in _CHANNEL_PARAMS:
             if isinstance(args.get(name), TensorValue) and args[name].ndim == 1:
                 ctx.link(args[name], 0, out, 1)
@@ -285,20 +299,25 @@ class BatchNormOpRule(OpRule):
         if _updates_statistics(args):
             return
         x, out = args["input"], node.outputs[0]
-        data = {name: args[name].host() if isinstance(args.get(name), TensorValue) else None for name in _CHANNEL_PARAMS}
         channels = x.shape[1]
-        weight = data["weight"].to(torch.float64) if data["weight"] is not None else torch.ones(channels, dtype=torch.float64)
-        bias = data["bias"].to(torch.float64) if data["bias"] is not None else torch.zeros(channels, dtype=torch.float64)
-        mask, value = weight == 0, bias.clone()
+        absent = {"weight": torch.ones(channels, dtype=torch.float64), "bias": torch.zeros(channels, dtype=torch.float64)}
+        data = {name: _vector(args.get(name), absent.get(name)) for name in _CHANNEL_PARAMS}
+        weight, bias = data["weight"], data["bias"]
+        if bias is None:
+            return  # a shift computed during the call: no channel is known
+        mask, value = torch.zeros(channels, dtype=torch.bool), bias
+        if weight is not None:
+            mask = weight == 0  # a channel whose scale is zero is its shift
         consts = ctx.const(x, 1)
-        if consts is not None and not args.get("training", False) and data["running_var"] is not None:
-            scale = (data["running_var"].to(torch.float64) + args["eps"]).rsqrt() * weight
-            normalized = (consts.value - data["running_mean"].to(torch.float64)) * scale + bias
-            value = torch.where(consts.mask & ~mask, normalized, value)
-            mask = mask | consts.mask
-        elif consts is not None:
+        if consts is None:
+            pass
+        elif args.get("training", False):
             # On the batch's statistics a zero channel has mean and variance exactly 0: its shift.
             mask = mask | consts.zero
+        elif weight is not None and data["running_var"] is not None and data["running_mean"] is not None:
+            scale = (data["running_var"] + args["eps"]).rsqrt() * weight
+            value = torch.where(consts.mask & ~mask, (consts.value - data["running_mean"]) * scale + bias, value)
+            mask = mask | consts.mask
         if bool(mask.any()):
             ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
 
@@ -308,7 +327,17 @@ class BatchNormOpRule(OpRule):
         if _updates_statistics(args):
             ctx.demand_all(x)
         elif ctx.is_demanded(out):
-            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim)})
+            batch_statistics = args.get("training", False)
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d == 1 or not batch_statistics})
+
+
+def _vector(arg, absent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A batch-norm argument's values in float64; ``absent`` where the call has none (no affine), None
+    where it is computed during the call (unknown)."""
+    if isinstance(arg, TensorValue):
+        data = arg.host()
+        return None if data is None else data.reshape(-1).to(torch.float64)
+    return absent
 
 
 def _updates_statistics(args: dict) -> bool:
