@@ -399,3 +399,50 @@ def test_standardized_filters_go_but_their_inputs_stay():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), StandardizedConv(8, 4, 3, padding=1))
     check_speedup(model, output_channel_masks(model, ["0"]), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7))
     assert model[2].weight.shape == (4, 8, 3, 3)
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """timm's ``LayerNorm2d``: ``F.layer_norm`` over the channels, in a forward of its own."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class WrittenOutLayerNorm(nn.Module):
+    """Hugging Face's ``ConvNextLayerNorm`` for channels first: the statistics written out."""
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt((x - mean).pow(2).mean(1, keepdim=True) + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class RootMeanSquare(WrittenOutLayerNorm):
+    """Has a LayerNorm's parameters but computes something else: not recognised, traced through."""
+
+    def forward(self, x):
+        return self.weight[:, None, None] * x / torch.sqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+
+
+@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, WrittenOutLayerNorm, RootMeanSquare])
+def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.Conv2d(8, 4, 1)))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    masks = output_channel_masks(model, ["0"])
+    masks["1"] = {"weight": masks["0"]["bias"], "bias": masks["0"]["bias"]}  # the channel goes everywhere
+    recognised = norm is not RootMeanSquare
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
+                           shrunk=["0.weight", "1.weight", "2.weight"] if recognised else [])
+    if recognised:
+        assert model[1].weight.shape == (4,) and not report.barriers
+    else:
+        assert model[2].weight.shape == (4, 8, 1, 1)

@@ -30,6 +30,7 @@ def _plugins(verbose: bool, strict: bool) -> int:
             summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
             summary += f", {len(info.sizes)} size attributes" if info.sizes else ""
             summary += f", {len(info.states)} state types" if info.states else ""
+            summary += f", {len(info.recognisers)} module recognisers" if info.recognisers else ""
             print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
             if verbose:
                 for name in info.modules:
@@ -40,6 +41,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
                     print(f"    sizes  {name}")
                 for name in info.states:
                     print(f"    state  {name}")
+                for name in info.recognisers:
+                    print(f"    recognises with {name}")
                 for name in info.pruning:
                     print(f"    prune  {name}")
         failed |= not info.ok

@@ -57,11 +57,18 @@ class _Rules:
 
     def __post_init__(self) -> None:
         self.registry = loaded_plugins().registry
+        self._recognised: dict[int, Optional[ModuleRule]] = {}
 
     def module_rule(self, module: nn.Module) -> Optional[ModuleRule]:
         if self.registry.has_conflict(module) and self.custom_for(module) is not None:
             return None  # the user's function settles the conflict: the module is traced through
-        return self.registry.module_rule(module)
+        rule = self.registry.module_rule(module)
+        if rule is not None or not self.registry.recognisers or self.custom_for(module) is not None:
+            return rule
+        key = id(module)  # the model holds its modules for the whole call
+        if key not in self._recognised:
+            self._recognised[key] = self.registry.recognised_rule(module)
+        return self._recognised[key]
 
     def custom_for(self, module: nn.Module) -> Optional[CustomReplace]:
         kind = type(module)

@@ -145,6 +145,13 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         return out
 
 
+class ConstantAwareChannelsFirstLayerNorm(ConstantAwareLayerNorm):
+    """:class:`ConstantAwareLayerNorm` over dimension 1 (channels first, ``(N, C, ...)``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+
+
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
     class ConstantAwareRMSNorm(_RemovedConstants, nn.RMSNorm):

@@ -43,7 +43,9 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
         ``forward`` reads a stored size (``self.hidden_dim``): ``fn(module)`` returns the attributes
         to set once its parts have shrunk (``{"hidden_dim": module.conv_proj.out_channels}``). Call
         ``registry.add_state(type)`` for a type of object a model returns only to be given back to
-        it (a key/value cache): its tensors then follow the model's new sizes.
+        it (a key/value cache): its tensors then follow the model's new sizes. Call
+        ``registry.add_recogniser(fn)`` to claim modules by what they compute rather than by type:
+        for a module no type claims, ``fn(module)`` returns the rule for it or ``None``.
     :return: nothing; the registrations are the result.
 
     A plugin's registration replaces core's built-in rule for the same target. Two installed plugins

@@ -46,6 +46,8 @@ class RuleRegistry:
     """Size-attribute functions by the module type's qualified name (see :meth:`add_sizes`)."""
     states: dict[str, _Entry] = field(default_factory=dict)
     """Types of model state found in outputs, by qualified name (see :meth:`add_state`)."""
+    recognisers: dict[str, _Entry] = field(default_factory=dict)
+    """Functions that claim a module by what it computes, by qualified name (see :meth:`add_recogniser`)."""
     conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
@@ -105,6 +107,29 @@ class RuleRegistry:
         if known is None:
             known = self._state_types[cls] = any(qualified_name(base) in self.states for base in cls.__mro__)
         return known
+
+    def add_recogniser(self, recognise: Callable[[nn.Module], Optional[ModuleRule]]) -> None:
+        """Claims modules by what they compute rather than by their type.
+
+        For a module that no registered type claims (a subclass overriding ``forward`` included),
+        ``recognise(module)`` returns the rule for that very module, or ``None`` to leave it traced
+        through. It may run the module on small probe inputs: core recognises layer norms written
+        by hand (timm's ``LayerNorm2d``, Hugging Face's ``ConvNextLayerNorm``) that way. It is asked
+        once per module and call, latest registered first (plugins before core); it must only
+        recognise what it has checked, as a wrong rule gives a model the verification rejects.
+        """
+        if not callable(recognise):
+            raise TypeError(f"a recogniser must be a function of the module, got {recognise!r}")
+        key = f"{getattr(recognise, '__module__', '')}.{getattr(recognise, '__qualname__', repr(recognise))}"
+        self._put(self.recognisers, key, recognise, key)
+
+    def recognised_rule(self, module: nn.Module) -> Optional[ModuleRule]:
+        """The rule a recogniser finds for ``module`` (checked by the caller only when no type claims it)."""
+        for entry in reversed(list(self.recognisers.values())):
+            rule = entry.rule(module)
+            if rule is not None:
+                return rule
+        return None
 
     def add_op(self, op: OpKey, rule: OpRule) -> None:
         """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""

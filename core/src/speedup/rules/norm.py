@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import ConstantAwareLayerNorm
+from ..modules import ConstantAwareChannelsFirstLayerNorm, ConstantAwareLayerNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
@@ -208,6 +209,66 @@ class RMSNormRule(LayerNormRule):
         return ConstantAwareRMSNorm.convert(new, full_size, values)
 
 
+class RecognisedLayerNormRule(LayerNormRule):
+    """A module found to compute a LayerNorm over dimension ``dim`` (1 or -1) by
+    :func:`recognise_layer_norm`. It keeps its own ``forward`` on fewer entries; where removed
+    entries held constants it becomes an ``nn.LayerNorm`` counting them (over dimension 1:
+    :class:`ConstantAwareChannelsFirstLayerNorm`)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def normalized_dim(self, node: Node) -> Optional[int]:
+        return self.dim
+
+    def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
+        new.elementwise_affine = new.weight is not None  # what nn.LayerNorm's methods read
+        new.eps = float(new.eps)
+        kind = ConstantAwareLayerNorm if self.dim == -1 else ConstantAwareChannelsFirstLayerNorm
+        return kind.convert(new, full_size, values)
+
+
+_RECOGNISED = {1: RecognisedLayerNormRule(1), -1: RecognisedLayerNormRule(-1)}
+
+
+def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
+    """A LayerNorm over one dimension written without being a type the rules claim: timm's
+    ``LayerNorm`` and ``LayerNorm2d`` (``F.layer_norm`` in a ``forward`` of their own), Hugging Face's
+    ``ConvNextLayerNorm`` (the statistics written out, channels first or last).
+
+    Candidates hold a vector ``weight``, an optional ``bias`` like it, a float ``eps`` and nothing
+    else; each is run on a probe laid out channels first and one laid out channels last, and claimed
+    for the layout whose result is ``F.layer_norm``'s.
+    """
+    weight, bias, eps = getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "eps", None)
+    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
+        return None
+    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if any(t is not weight and t is not bias for t in held) or not weight.is_floating_point():
+        return None
+    for dim, rule in _RECOGNISED.items():
+        if _computes_layer_norm(module, dim):
+            return rule
+    return None
+
+
+def _computes_layer_norm(module: nn.Module, dim: int) -> bool:
+    channels = module.weight.numel()
+    shape = (2, channels, 3, 5) if dim == 1 else (2, 3, channels)
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
+    with torch.no_grad():
+        expected = F.layer_norm(probe.movedim(dim, -1), (channels,), module.weight, module.bias, module.eps)
+        try:
+            result = type(module).forward(module, probe)
+        except Exception:  # noqa: BLE001 - it does not take this layout
+            return False
+    tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
+    return (isinstance(result, torch.Tensor) and result.shape == probe.shape
+            and bool(torch.allclose(result, expected.movedim(-1, dim), rtol=tolerance, atol=tolerance)))
+
+
 class GroupNormRule(ModuleRule):
     """``GroupNorm``: statistics per group of channels, so only whole groups may go."""
 
@@ -362,6 +423,7 @@ def register(registry) -> None:
     if hasattr(nn, "RMSNorm"):
         registry.add_module(nn.RMSNorm, RMSNormRule())
     registry.add_module(nn.GroupNorm, GroupNormRule())
+    registry.add_recogniser(recognise_layer_norm)
     registry.add_op("aten.native_batch_norm", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())
