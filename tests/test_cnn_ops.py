@@ -44,10 +44,15 @@ def test_residual_channels_masked_in_one_branch_only_stay_and_keep_their_values(
     check_speedup(model, masks, torch.randn(2, 3, 12, 12), torch.randn(3, 3, 12, 12), shrunk=["a.0.weight"])
 
 
-def test_batchnorm_shift_of_removed_channel_is_folded_into_next_conv_with_zero_padding():
+class DepthwiseLike(nn.Conv2d):
+    """A Conv2d subclass keeping Conv2d's forward (Hugging Face's ``EfficientNetDepthwiseConv2d``)."""
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d, DepthwiseLike])
+def test_batchnorm_shift_of_removed_channel_is_folded_into_next_conv_with_zero_padding(conv):
     # conv1's masked channels become BatchNorm shifts (constants); conv2 pads with zeros, so their
     # contribution differs near the borders: the exact fold is a per-position map.
-    model = randomize_norms(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 6, 3, padding=1)))
+    model = randomize_norms(nn.Sequential(conv_bn(3, 8), conv(8, 6, 3, padding=1)))
     masks = output_channel_masks(model, ["0.0"])
     check_speedup(model, masks, torch.randn(2, 3, 10, 10), torch.randn(4, 3, 7, 13), shrunk=["0.0.weight", "1.weight"])
     assert isinstance(model[1], FoldedConv2d)

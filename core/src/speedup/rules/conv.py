@@ -215,7 +215,7 @@ class ConvModuleRule(ModuleRule):
     def backward(self, node: Node, ctx: Analysis) -> None:
         spec = _module_spec(node)
         fold = foldable(ctx, node, spec.x, spec.cdim)
-        if not spec.uniform_fold and type(node.module) not in _FOLDED:
+        if not spec.uniform_fold and _folded_kind(node.module) is None:
             # Only the plain convolutions have an exact border-aware fold; elsewhere fold zeros only.
             consts = ctx.const(spec.x, spec.cdim)
             fold &= consts.zero if consts is not None else fold
@@ -238,6 +238,8 @@ class ConvModuleRule(ModuleRule):
         if not bool((values != 0).any()):
             return new
         kernel = contribution_kernel(spec, plan, kept_out)
+        if not bool(kernel.any()):
+            return new  # the constants met only removed outputs
         if spec.uniform_fold:
             # No zero padding: every output position sees every tap, so the contribution is the sum.
             new.bias = added_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
@@ -274,8 +276,14 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
 _FOLDED = {nn.Conv1d: FoldedConv1d, nn.Conv2d: FoldedConv2d, nn.Conv3d: FoldedConv3d}
 
 
+def _folded_kind(conv: nn.Module) -> Optional[type]:
+    """The folded form of a convolution, that of its torch base for a subclass keeping the base's
+    ``forward`` (Hugging Face's ``EfficientNetDepthwiseConv2d``); None for transposed ones."""
+    return next((_FOLDED[base] for base in type(conv).__mro__ if base in _FOLDED), None)
+
+
 def _fold_borders(conv: nn.Module, kernel: torch.Tensor, spatial: tuple) -> nn.Module:
-    conv.__class__ = _FOLDED[type(conv)]
+    conv.__class__ = _folded_kind(conv)
     conv.register_buffer("constant_kernel", kernel.to(device=conv.weight.device, dtype=conv.weight.dtype))
     # Computed once per input size; prime it for the recorded size so the first call costs nothing extra.
     conv._constant_map(torch.empty((1, conv.in_channels) + tuple(spatial), dtype=conv.weight.dtype,
