@@ -214,29 +214,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         if check.ok:
             report.max_abs_diff = check.max_abs_diff
             break
-        node, reason = check.node, check.reason
-        if node is None:
-            raise _unverifiable(reason)
-        if node.index in pinned:
-            # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
-            # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole.
-            scope = _enclosing_unpinned_scope(graph, node, pinned)
-            if scope is None:
-                raise _unverifiable(reason)
-            pinned.update(n.index for n in graph.nodes if _within(n.scope, scope))
-            reason += f" (everything in '{scope or '<model>'}' kept)"
-        else:
-            dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
-            # The same line of code makes the same call in every block of a network (a literal
-            # ``split(26)`` in each of Res2Net's): what one call needed, every such call gets at once.
-            for call in [node] + _same_calls(graph, node, pinned):
-                if dims is None or max(dims) >= call.outputs[0].ndim:
-                    pinned.add(call.index)  # the whole call; also where keeping some dimensions was not enough
-                else:
-                    pinned_dims[call.index] = dims
-            if dims is not None:
-                reason += f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
-        report.kept_for_verification.append(f"{node.describe()}: {reason}")
+        reason = _keep_more(graph, check, pinned, pinned_dims)
+        report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
         tx.rollback(savepoint)
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
@@ -289,6 +268,34 @@ def _reset_mode_caches(modules: list[nn.Module]) -> None:
         module.train(module.training)
         for m, flag in flags:
             m.training = flag
+
+
+def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dict[int, set[int]]) -> str:
+    """Keeps more of the model whole after a failed verification, blaming ``check.node``: some of its
+    dimensions (its rule says which), else the whole call, else the module around it; returns the
+    reason, saying what was kept. Raises when nothing more can be kept."""
+    node, reason = check.node, check.reason
+    if node is None:
+        raise _unverifiable(reason)
+    if node.index in pinned:
+        # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
+        # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole.
+        scope = _enclosing_unpinned_scope(graph, node, pinned)
+        if scope is None:
+            raise _unverifiable(reason)
+        pinned.update(n.index for n in graph.nodes if _within(n.scope, scope))
+        return reason + f" (everything in '{scope or '<model>'}' kept)"
+    dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
+    # The same line of code makes the same call in every block of a network (a literal ``split(26)``
+    # in each of Res2Net's): what one call needed, every such call gets at once.
+    for call in [node] + _same_calls(graph, node, pinned):
+        if dims is None or max(dims) >= call.outputs[0].ndim:
+            pinned.add(call.index)  # the whole call; also where keeping some dimensions was not enough
+        else:
+            pinned_dims[call.index] = dims
+    if dims is None:
+        return reason
+    return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
 
 
 def _unverifiable(reason: str) -> VerificationError:
