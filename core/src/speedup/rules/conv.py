@@ -21,7 +21,7 @@ from torch import nn
 from ..graph import Node, TensorValue
 from ..boolean import any_along
 from ..propagation import Analysis
-from ..replacement import ModulePlan
+from ..replacement import ModulePlan, masked_entries
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
@@ -54,6 +54,18 @@ class _Spec:
     def local_weight(self) -> torch.Tensor:
         """``(out_channels, in_per_group, *kernel)`` view of the weight, for either kind."""
         return self.local(self.weight.host())
+
+    def selected_weight(self, rows: Optional[torch.Tensor], columns: Optional[torch.Tensor]) -> torch.Tensor:
+        """``local_weight()[rows][:, columns]`` (None: all), on the CPU, reading and masking only those
+        entries of a weight laid out plainly (a masked copy of a large weight costs a pass over it)."""
+        if self.transposed and self.groups > 1:
+            weight = self.local_weight()
+            weight = weight if rows is None else weight.index_select(0, rows)
+            return weight if columns is None else weight.index_select(1, columns)
+        kept: list = [None] * self.weight.ndim
+        kept[self.out_dim], kept[self.in_dim] = rows, columns
+        weight = masked_entries(self.weight, kept).cpu()
+        return weight.transpose(0, 1) if self.transposed else weight
 
     def local(self, w: torch.Tensor) -> torch.Tensor:
         """Any tensor laid out like the weight (``(w0, w1, ...)``), as ``(out_channels, in_per_group, ...)``."""
@@ -175,7 +187,7 @@ def _add_uniform_fold(spec: _Spec, consts: DimConst, rows: torch.Tensor, value: 
     """
     if not rows.numel():
         return value
-    sums = spec.local_weight().index_select(0, rows).flatten(2).sum(2).to(torch.float64)
+    sums = spec.selected_weight(rows, None).flatten(2).sum(2).to(torch.float64)
     inputs = (rows // spec.out_per_group)[:, None] * spec.in_per_group + torch.arange(spec.in_per_group)
     folded = torch.where(consts.nonzero_const, consts.value, 0.0)[inputs]
     value = value.clone()
@@ -256,9 +268,7 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     if spec.groups == 1:  # one constant per input channel: a matrix-vector product
         used = values != 0
         columns, constants = removed[used], values[used]
-        weight = spec.local_weight().index_select(1, columns)
-        if kept_out is not None:
-            weight = weight.index_select(0, kept_out)
+        weight = spec.selected_weight(kept_out, columns)
         return torch.matmul(weight.movedim(1, -1), constants.to(weight.dtype)).unsqueeze(1).to(torch.float64)
     v = torch.zeros(spec.x.shape[spec.cdim], dtype=torch.float64)
     v[removed] = values
@@ -268,7 +278,7 @@ def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor
     reads = (outputs // spec.out_per_group)[:, None] * spec.in_per_group + torch.arange(spec.in_per_group)
     per_tap = v[reads]  # (kept outputs, in_per_group): the constant each weight column meets
     columns = (per_tap != 0).any(0).nonzero().reshape(-1)
-    weight = spec.local_weight().index_select(1, columns).index_select(0, outputs)
+    weight = spec.selected_weight(outputs, columns)
     constants = per_tap[:, columns].reshape(outputs.numel(), columns.numel(), *([1] * (weight.dim() - 2)))
     return (weight.to(torch.float64) * constants).sum(1, keepdim=True)
 

@@ -95,10 +95,10 @@ class LinearRule(ModuleRule):
         used = values != 0
         if not bool(used.any()):
             return bias
-        full = self.as_out_in(plan.masked("weight"))
-        kept_out = plan.kept(plan.output(), -1)
-        rows = full if kept_out is None else full[kept_out]
-        return added_to_bias(bias, rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device), module.weight)
+        kept = [None, None]
+        kept[self.weight_out], kept[self.weight_in] = plan.kept(plan.output(), -1), removed[used]
+        columns = self.as_out_in(plan.masked("weight", kept))  # only the entries read: masked as selected
+        return added_to_bias(bias, columns.to(torch.float64) @ values[used].to(columns.device), module.weight)
 
 
 def register(registry) -> None:
