@@ -30,7 +30,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
             summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
             summary += f", {len(info.sizes)} size attributes" if info.sizes else ""
             summary += f", {len(info.states)} state types" if info.states else ""
-            summary += f", {len(info.recognisers)} module recognisers" if info.recognisers else ""
+            count = len(info.recognisers)
+            summary += f", {count} module recogniser{'s' if count != 1 else ''}" if count else ""
             print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
             if verbose:
                 for name in info.modules:
