@@ -451,3 +451,31 @@ def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
         assert model[1].weight.shape == (4,) and not report.barriers
     else:
         assert model[2].weight.shape == (4, 8, 1, 1)
+
+
+class FunctionalWindows(nn.Module):
+    """Code of its own: ``F.unfold`` (im2col) patches, ``F.layer_norm`` over the width and
+    ``Tensor.unfold`` windows, as HaloNet and VOLO write them."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Linear(c * 9, 5)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        y = self.a(x)
+        patches = self.b(F.unfold(y, 3, padding=1).transpose(1, 2)).mean(1)  # rows c * 9 .. c * 9 + 8
+        rows = F.layer_norm(y, (y.shape[-1],)).mean((2, 3))
+        windows = y.unfold(3, 2, 2).mean((2, 3, 4))  # (N, c, H, W // 2, 2)
+        return patches + self.head(rows + windows)
+
+
+def test_functional_windows_and_layer_norm_pass_channels():
+    model = FunctionalWindows()
+    masks = output_channel_masks(model, ["a"])
+    keep = masks["a"]["bias"]
+    masks["head"] = {"weight": keep.expand(5, 8)}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 8),
+                           shrunk=["a.weight", "b.weight", "head.weight"])
+    assert model.b.in_features == 4 * 9 and not report.barriers

@@ -170,6 +170,52 @@ class Roll(MapRule):
             ctx.pin(node.args[0], d)
 
 
+class Unfold(OpRule):
+    """``x.unfold(dim, size, step)``: sliding windows along ``dim`` (a literal size and step), which
+    keeps its entries; the other dimensions pass through."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
+        for d in range(x.ndim):
+            if d == dim:
+                ctx.pin(x, d)
+            else:
+                ctx.link(x, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
+        for d in range(x.ndim):
+            if d != dim:
+                ctx.set_const(out, d, ctx.const(x, d))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
+        if ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d != dim})
+
+
+class Im2col(MapRule):
+    """``F.unfold`` (``aten.im2col``): channel ``c`` becomes the rows ``c * k .. c * k + k - 1`` of the
+    output (``k`` kernel taps), so a removed channel removes its rows; the positions keep their size."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        cdim = x.ndim - 3
+        taps = out.shape[cdim] // max(x.shape[cdim], 1)
+        maps = [DimMap(x, cdim, out, cdim, torch.arange(out.shape[cdim]) // taps)]
+        return ([DimMap(x, 0, out, 0)] if cdim == 1 else []) + maps
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        padded = any(p != 0 for p in bind(node)["padding"])
+        for m in self.maps(node):
+            consts = ctx.const(m.x, m.idim)
+            if consts is not None and padded:  # a constant channel meets the zero padding: only zeros stay
+                consts = DimConst.where(consts.zero, torch.zeros_like(consts.value)) if bool(consts.zero.any()) else None
+            if consts is not None and m.index is not None:
+                consts = consts.index(m.index)
+            ctx.set_const(m.out, m.odim, consts)
+
+
 class Index(OpRule):
     """``x[index]`` (``aten.index.Tensor``) with one integer index tensor, known before the call (a
     buffer of positions, as a relative position bias table is read): the indexed dimension gives
@@ -435,6 +481,8 @@ def register(registry) -> None:
     registry.add_op("aten.index_select", IndexSelect())
     registry.add_op("aten.flip", Flip())
     registry.add_op("aten.roll", Roll())
+    registry.add_op("aten.unfold", Unfold())
+    registry.add_op("aten.im2col", Im2col())
     registry.add_op("aten.index.Tensor", Index())
     registry.add_op("aten.cat", Cat())
     registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split"], Split())

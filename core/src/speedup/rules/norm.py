@@ -392,6 +392,34 @@ class BatchNormOpRule(OpRule):
             ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d == 1 or not batch_statistics})
 
 
+class LayerNormOpRule(OpRule):
+    """``F.layer_norm`` called in a module's own code (``aten.native_layer_norm``): the normalised
+    dimensions keep their size (the call would normalise fewer entries: only a module can count removed
+    ones, see :class:`LayerNormRule` and :func:`recognise_layer_norm`); the others pass through. No
+    constant passes: a constant row normalises to the bias."""
+
+    def _normalized(self, node: Node) -> int:
+        return len(bind(node)["normalized_shape"])
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        x, out = args["input"], node.outputs[0]
+        first = x.ndim - self._normalized(node)
+        for d in range(x.ndim):
+            ctx.link(x, d, out, d)
+            if d >= first:
+                ctx.pin(x, d)
+        for saved in node.outputs[1:]:  # mean and rstd: the leading dimensions, ones after
+            for d in range(min(first, saved.ndim)):
+                if saved.shape[d] == x.shape[d]:
+                    ctx.link(saved, d, out, d)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = bind(node)["input"], node.outputs[0]
+        if ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim - self._normalized(node))})
+
+
 def _vector(arg, absent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A batch-norm argument's values in float64; ``absent`` where the call has none (no affine), None
     where it is computed during the call (unknown)."""
@@ -427,6 +455,7 @@ def register(registry) -> None:
     registry.add_op("aten.native_batch_norm", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())
+    registry.add_op("aten.native_layer_norm", LayerNormOpRule())
     # A subclass traced through (its own forward) keeps num_features in step with its vectors.
     registry.add_sizes(nn.modules.batchnorm._NormBase, _channel_count)
 
