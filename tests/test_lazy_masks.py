@@ -7,6 +7,7 @@ give the masked model's values.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,42 @@ def test_a_view_of_a_masked_weight_leaving_a_claimed_module_holds_the_masked_val
         check_speedup(model, {"inner": {"weight": scattered}}, torch.randn(2, 6), torch.randn(4, 6))
     finally:
         manager.reset()  # the next use loads the plugins afresh, without this test's rule
+
+
+class FailsAfterLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.shape[0] == 1:
+            raise ValueError("a batch of one is refused")
+        return y
+
+
+def test_linear_layers_compute_their_masked_output_from_masked_activations(monkeypatch):
+    """``linear(x * kept_columns, W) * kept_rows``: no masked copy of a weight losing rows times columns."""
+    from speedup.rules.linear import LinearRule
+
+    made = {}
+    original = LinearRule.masked_forward
+
+    def spy(self, module, masks):
+        made[id(module)] = original(self, module, masks)
+        return made[id(module)]
+
+    monkeypatch.setattr(LinearRule, "masked_forward", spy)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+    out_kept, in_kept = keep_mask(8), keep_mask(6)
+    masks = {"0": {"weight": out_kept[:, None] & in_kept[None, :]},  # rows times columns: activations masked
+             "2": {"weight": torch.rand(4, 8) > 0.5}}                 # scattered: the weight is masked
+    first, second = model[0], model[2]
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6), shrunk=["0.weight", "2.weight"])
+    assert made[id(first)] is not None and made[id(second)] is None
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+    failing = FailsAfterLinear()
+    with pytest.raises(speedup.TraceError):
+        speedup.shrink(failing, {"fc": {"weight": out_kept[:, None] & in_kept[None, :]}}, torch.randn(1, 6))
+    assert "forward" not in failing.fc.__dict__  # its own forward again

@@ -47,6 +47,22 @@ class LazyMasks:
         """``id(tensor) -> (tensor, pattern)``, as :func:`speedup.tracer.trace` takes them."""
         self._masked_for_good: set[int] = set()
 
+    def masked_forwards(self, model: nn.Module, module_rule: Callable) -> dict[int, Callable]:
+        """``id(module) -> fn`` for the modules whose rules compute their masked output from their
+        unmasked weights (:meth:`~speedup.rule.ModuleRule.masked_forward`), for the recording."""
+        forwards: dict[int, Callable] = {}
+        if not self.by_id:
+            return forwards
+        for module in model.modules():
+            masks = {attr: self.by_id[id(t)][1] for attr, t in module._parameters.items()
+                     if t is not None and id(t) in self.by_id}
+            rule = module_rule(module) if masks else None
+            if rule is not None and rule.lazy_masks:
+                fn = rule.masked_forward(module, masks)
+                if fn is not None:
+                    forwards[id(module)] = fn
+        return forwards
+
     def mask_for_good(self, tensor: torch.Tensor) -> None:
         """Masks one of the weights in the model (undoably): something reads it there."""
         self._masked_for_good.add(id(tensor))

@@ -25,7 +25,7 @@ every input needed), which is never wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -93,6 +93,18 @@ class ModuleRule(Rule):
     own values in the model while it is sped up (operators read masked copies while it is traced),
     which spares a masked copy of each in fresh memory: half the call on a BERT-base encoder. Left
     off, the module holds its masked values throughout, as a rule written against the module expects."""
+
+    def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., Any]]:
+        """Optional, with :attr:`lazy_masks`: a function computing the masked module's output from the
+        module's own (unmasked) weights, for ``masks`` (parameter name -> :class:`~speedup.masks.MaskPattern`
+        of each lazily masked parameter), or ``None`` to let the recording mask the weights.
+
+        The recording then calls ``fn(*args, **kwargs)`` instead of the module's ``forward``. Masking
+        activations costs a pass over them instead of one over the weights: ``linear(x * kept_columns,
+        W) * kept_rows`` for a weight losing rows and columns. The result must equal the masked
+        module's within round-off (the verification compares with it).
+        """
+        return None
 
     def replace(self, module: nn.Module, plan: "ModulePlan") -> nn.Module:
         """Returns the smaller module (``module`` itself when nothing of it changed).

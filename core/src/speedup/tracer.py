@@ -63,6 +63,7 @@ def trace(
     is_state: Optional[Callable[[Any], bool]] = None,
     masked: Optional[Mapping[int, tuple[torch.Tensor, Any]]] = None,
     apply_mask: Optional[Callable[[torch.Tensor], None]] = None,
+    masked_forwards: Optional[Mapping[int, Callable[..., Any]]] = None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -79,11 +80,15 @@ def trace(
     so the model computes what the masked model does without a masked copy of every weight held at
     once (nor the model's own values overwritten). Their values get the pattern as ``mask``. An
     operator that writes one in place calls ``apply_mask(tensor)`` first, which must mask the
-    tensor itself.
+    tensor itself. ``masked_forwards`` (``id(module) -> fn``) are claimed modules that compute
+    their masked output themselves from their unmasked weights (see
+    :meth:`~speedup.rule.ModuleRule.masked_forward`): ``fn`` runs instead of their ``forward``, and
+    their weights are not masked for them.
     """
     recorder = _Recorder(model, known, masked, apply_mask)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _claim_modules(model, modules, recorder, claims)
+    handles += _masked_forwards(modules, recorder, masked_forwards or {})
     handles += _observe_modules(model, modules, recorder, claims, observe)
     fastpath = _disable_fused_attention()
     try:
@@ -196,6 +201,9 @@ class _Recorder(TorchDispatchMode):
         self.suppress = 0
         self.failed_call: Optional[Node] = None
         self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
+        self.self_masking: dict[int, list[torch.Tensor]] = {}
+        """Claimed modules computing their masked output themselves, with their own parameters."""
+        self._set_aside: list[dict[int, tuple]] = []
 
     # -- values ---------------------------------------------------------------------------
 
@@ -455,6 +463,9 @@ class _Recorder(TorchDispatchMode):
             call_args = tuple(self._substitute(a, inputs) for a in args)
             call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
             self._pending.append((inputs, call_args, call_kwargs))
+            own = self.self_masking.get(id(module))
+            # A module masking its own output reads its weights as they are (set aside until it returns).
+            self._set_aside.append({id(t): self._masked.pop(id(t)) for t in own or () if self._lazily_masked(t)})
         self.suppress += 1
 
     def _tensors_of(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -468,6 +479,7 @@ class _Recorder(TorchDispatchMode):
         self.suppress -= 1
         if self.suppress:
             return None
+        self._masked.update(self._set_aside.pop())
         replaced = self._with_views_masked(output) if self._masked else output
         output = replaced
         inputs, args, kwargs = self._pending.pop()
@@ -494,6 +506,31 @@ def _claim_modules(model: nn.Module, modules: list, recorder: _Recorder, claims:
         handles.append(module.register_forward_hook(
             lambda m, args, output: recorder.exit_module(m, output), always_call=True, prepend=True))
     return handles
+
+
+def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int, Callable[..., Any]]) -> list:
+    """Runs each module's own masked forward instead of its ``forward``, with its weights left
+    unmasked for it; returns handles that undo this."""
+    handles = []
+    for module in modules:
+        fn = forwards.get(id(module))
+        if fn is None or "forward" in module.__dict__:
+            continue
+        own = [t for t in module._parameters.values() if t is not None]
+        module.forward = fn
+        recorder.self_masking[id(module)] = own
+        handles.append(_Undo(lambda module=module: module.__dict__.pop("forward", None)))
+    return handles
+
+
+@dataclasses.dataclass
+class _Undo:
+    """A handle whose ``remove()`` undoes a change, like a hook's."""
+
+    undo: Callable[[], Any]
+
+    def remove(self) -> None:
+        self.undo()
 
 
 def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claims, observe) -> list:

@@ -10,7 +10,10 @@ storing the weight transposed (GPT-2's ``Conv1D``) reuse it by subclassing.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node
@@ -77,6 +80,20 @@ class LinearRule(ModuleRule):
         masks = {d: ctx.demanded(out, d) for d in range(x.ndim - 1)}
         masks[x.ndim - 1] = read & ~foldable(ctx, node, x, -1)
         ctx.demand(x, masks)
+
+    def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., torch.Tensor]]:
+        """``linear(x * kept_columns, W) * kept_rows + b`` for a weight losing rows times columns: the
+        masked layer's output without a masked copy of its weight (the bias is masked in the model)."""
+        pattern = masks.get("weight")
+        if set(masks) != {"weight"} or not pattern.separable or type(module).forward is not nn.Linear.forward:
+            return None
+        rows, columns = pattern.kept(0), pattern.kept(1)
+
+        def forward(input: torch.Tensor) -> torch.Tensor:
+            out = F.linear(input * columns.to(input), module.weight) * rows.to(input)
+            return out if module.bias is None else out + module.bias
+
+        return forward
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         new = clone_module(module)
