@@ -479,3 +479,20 @@ def test_functional_windows_and_layer_norm_pass_channels():
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 8),
                            shrunk=["a.weight", "b.weight", "head.weight"])
     assert model.b.in_features == 4 * 9 and not report.barriers
+
+
+def test_a_call_its_rule_cannot_describe_reads_all_its_input():
+    """``roll`` of the flattened tensor: no dimension maps, so every input entry is needed (the
+    layers before it keep everything they feed it)."""
+
+    class FlatRoll(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(torch.relu(self.p(x))), 1))
+
+    model = FlatRoll()
+    check_speedup(model, {"b": {"weight": torch.ones(3, 6, dtype=torch.bool)}}, torch.randn(2, 4), torch.randn(5, 4))
+    assert model.a.weight.shape == (6, 5)

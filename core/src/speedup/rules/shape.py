@@ -34,7 +34,11 @@ class MapRule(OpRule):
         forward_maps(ctx, self.maps(node))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
-        backward_maps(ctx, self.maps(node))
+        maps = self.maps(node)
+        if maps:
+            backward_maps(ctx, maps)
+        elif any(ctx.is_demanded(out) for out in node.outputs):
+            ctx.demand_all(node.args[0])  # no map describes this call: it reads everything
 
 
 class Identity(MapRule):
