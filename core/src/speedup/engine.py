@@ -169,7 +169,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
-    mode_aware = [m for m in model.modules() if type(m).train is not nn.Module.train]
+    mode_aware = _mode_aware(model)
     tx.on_rollback(lambda: _reset_mode_caches(mode_aware))  # first in, so undone last: on the restored model
     tx.set_training(model, False)
     lazy = LazyMasks(model, masks, tx, (lambda module: rules.custom_for(module) is not None) if rules.custom else None)
@@ -253,6 +253,11 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
+
+
+def _mode_aware(model: nn.Module) -> list[nn.Module]:
+    """The modules whose class overrides ``train`` (see :func:`_reset_mode_caches`)."""
+    return [m for m in model.modules() if type(m).train is not nn.Module.train]
 
 
 def _reset_mode_caches(modules: list[nn.Module]) -> None:
@@ -392,7 +397,7 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
     new_modules = {id(new) for _, new in replaced.pairs}
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     original = recorded.graph.nodes
-    _reset_mode_caches([m for m in model.modules() if type(m).train is not nn.Module.train])  # filled by the run
+    _reset_mode_caches(_mode_aware(model))  # filled by the run
     try:
         again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
     except TracingFailed as failure:

@@ -280,7 +280,7 @@ class _Recorder(TorchDispatchMode):
         if self._masked and (self._reads_masked(args) or (kwargs and self._reads_masked(kwargs.values()))):
             if self.suppress and facts.view and not facts.writes and self._lazily_masked(args[0]):
                 return self._masked_view(func, args, kwargs)
-            run_args, run_kwargs = self._masked_operands(facts, args, kwargs)
+            run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
             if facts.counted:
@@ -318,7 +318,7 @@ class _Recorder(TorchDispatchMode):
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
 
-    def _masked_operands(self, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _masked_operands(self, func: Any, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments an operator runs on: every lazily masked parameter replaced by a masked copy.
         A parameter it writes in place is masked for good first (the write must land in it)."""
         if facts.writes:

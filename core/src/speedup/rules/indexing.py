@@ -19,6 +19,7 @@ sped-up model catches that and keeps the dimension instead.
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import torch
 
@@ -170,28 +171,14 @@ class Roll(MapRule):
             ctx.pin(node.args[0], d)
 
 
-class Unfold(OpRule):
+class Unfold(MapRule):
     """``x.unfold(dim, size, step)``: sliding windows along ``dim`` (a literal size and step), which
     keeps its entries; the other dimensions pass through."""
 
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
-        for d in range(x.ndim):
-            if d == dim:
-                ctx.pin(x, d)
-            else:
-                ctx.link(x, d, out, d)
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
-        for d in range(x.ndim):
-            if d != dim:
-                ctx.set_const(out, d, ctx.const(x, d))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        x, dim, out = node.args[0], node.args[1] % max(node.args[0].ndim, 1), node.outputs[0]
-        if ctx.is_demanded(out):
-            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d != dim})
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        dim = node.args[1] % max(x.ndim, 1)
+        return [DimMap(x, d, out, d) for d in range(x.ndim) if d != dim]
 
 
 class Im2col(MapRule):
@@ -216,56 +203,38 @@ class Im2col(MapRule):
             ctx.set_const(m.out, m.odim, consts)
 
 
-class Index(OpRule):
+class Index(MapRule):
     """``x[index]`` (``aten.index.Tensor``) with one integer index tensor, known before the call (a
     buffer of positions, as a relative position bias table is read): the indexed dimension gives
     way to the index's, whose entries are the literal positions it names (kept, like
     ``index_select``'s); the dimensions before and after pass through. Boolean or several
     index tensors keep everything."""
 
-    def _layout(self, node: Node):
-        x, indices = node.args[0], list(node.args[1])
-        present = [(p, i) for p, i in enumerate(indices) if i is not None]
+    def _indexed(self, node: Node) -> Optional[tuple[int, TensorValue]]:
+        """(position, index) of the one integer index tensor, known before the call; else None."""
+        present = [(p, i) for p, i in enumerate(node.args[1]) if i is not None]
         if len(present) != 1:
             return None
         position, index = present[0]
         if not isinstance(index, TensorValue) or index.data is None or index.data.dtype not in (torch.long, torch.int):
             return None
-        return x, node.outputs[0], position, index
+        return position, index
 
-    def _passing(self, layout) -> list[tuple[int, int]]:
-        """(input dimension, output dimension) of the dimensions the indexing leaves alone."""
-        x, out, position, index = layout
-        before = [(d, d) for d in range(position)]
-        return before + [(d, d - 1 + index.ndim) for d in range(position + 1, x.ndim)]
+    def maps(self, node: Node) -> list[DimMap]:
+        indexed = self._indexed(node)
+        if indexed is None:
+            return []
+        (position, index), x, out = indexed, node.args[0], node.outputs[0]
+        return [DimMap(x, d, out, d if d < position else d - 1 + index.ndim) for d in range(x.ndim) if d != position]
 
     def couple(self, node: Node, ctx: Analysis) -> None:
-        layout = self._layout(node)
-        if layout is None:
-            return  # every dimension keeps its size
-        x, out, position, index = layout
-        for d, od in self._passing(layout):
-            ctx.link(x, d, out, od)
-        positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
-        if positions.numel():
-            _pin_prefix(ctx, x, position, int(positions.max()) + 1)
-        else:
-            ctx.pin(x, position)
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        layout = self._layout(node)
-        if layout is not None:
-            for d, od in self._passing(layout):
-                ctx.set_const(layout[1], od, ctx.const(layout[0], d))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        layout, out = self._layout(node), node.outputs[0]
-        if not ctx.is_demanded(out):
-            return
-        if layout is None:
-            ctx.demand_all(node.args[0])
-        else:
-            ctx.demand(layout[0], {d: ctx.demanded(out, od) for d, od in self._passing(layout)})
+        super().couple(node, ctx)
+        indexed = self._indexed(node)
+        if indexed is not None:
+            (position, index), x = indexed, node.args[0]
+            positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
+            if positions.numel():
+                _pin_prefix(ctx, x, position, int(positions.max()) + 1)
 
 
 class Cat(OpRule):

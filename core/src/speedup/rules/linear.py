@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import Node
+from ..graph import Node, TensorValue
 from ..propagation import Analysis
-from ..replacement import ModulePlan
+from ..replacement import ModulePlan, masked_entries
 from ..rule import DimConst, ModuleRule
-from ..slicing import gather_kept
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
@@ -66,9 +65,9 @@ class LinearRule(ModuleRule):
             rows = (~reads_variable & nonzero.rows).nonzero().reshape(-1)  # constant rows that read constants
             if rows.numel():
                 used = consts.nonzero_const.nonzero().reshape(-1)
-                weight = self.as_out_in(node.params["weight"].host())  # read only here: a masked copy at most
+                weight = self._out_in_entries(node.params["weight"], rows, used).cpu()
                 value = value.clone()
-                value[rows] += gather_kept(weight, [rows, used]).to(torch.float64) @ consts.value[used]
+                value[rows] += weight.to(torch.float64) @ consts.value[used]
         ctx.set_const(out, -1, DimConst.where(~reads_variable, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
@@ -112,10 +111,15 @@ class LinearRule(ModuleRule):
         used = values != 0
         if not bool(used.any()):
             return bias
-        kept = [None, None]
-        kept[self.weight_out], kept[self.weight_in] = plan.kept(plan.output(), -1), removed[used]
-        columns = self.as_out_in(plan.masked("weight", kept))  # only the entries read: masked as selected
+        columns = self._out_in_entries(plan.param_value("weight"), plan.kept(plan.output(), -1), removed[used])
         return added_to_bias(bias, columns.to(torch.float64) @ values[used].to(columns.device), module.weight)
+
+    def _out_in_entries(self, weight: TensorValue, rows: Optional[torch.Tensor], columns: torch.Tensor) -> torch.Tensor:
+        """``W[rows][:, columns]`` as ``(out, in)``, the masked model's values, on the weight's device:
+        reads and masks only those entries (a masked copy of a large weight costs a pass over it)."""
+        kept: list = [None, None]
+        kept[self.weight_out], kept[self.weight_in] = rows, columns
+        return self.as_out_in(masked_entries(weight, kept))
 
 
 def register(registry) -> None:

@@ -34,9 +34,10 @@ class ChannelNormRule(ModuleRule):
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
+        statistics = _statistics_dims(node.module, x.ndim)
         for d in range(x.ndim):
             ctx.link(x, d, out, d)
-            if d in _statistics_dims(node.module, x.ndim):
+            if d in statistics:
                 ctx.pin(x, d)  # every entry counts in the statistics
         for name in _CHANNEL_PARAMS:
             if name in node.params and node.params[name].ndim == 1:
@@ -117,9 +118,15 @@ def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tens
     ones, zeros = torch.ones(max(sizes)), torch.zeros(max(sizes))
     weight = joined([m.weight if m.weight is not None else ones[:n] for m, n in zip(norms, sizes)])
     bias = joined([m.bias if m.bias is not None else zeros[:n] for m, n in zip(norms, sizes)])
-    scale = (variance + eps).rsqrt_().mul_(weight)
-    shift = torch.addcmul(bias, mean, scale, value=-1)
+    scale, shift = _affine(variance, mean, weight, bias, eps)
     return {id(m): pair for m, pair in zip(norms, zip(scale.split(sizes), shift.split(sizes)))}
+
+
+def _affine(variance: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of batch normalisation with these statistics: ``y = x * scale + shift``."""
+    scale = (variance + eps).rsqrt() * weight
+    return scale, torch.addcmul(bias, mean, scale, value=-1)
 
 
 def _run_on_constants(module: nn.Module, ndim: int, consts: DimConst) -> torch.Tensor:
@@ -370,14 +377,12 @@ class BatchNormOpRule(OpRule):
         if weight is not None:
             mask = weight == 0  # a channel whose scale is zero is its shift
         consts = ctx.const(x, 1)
-        if consts is None:
-            pass
-        elif args.get("training", False):
+        if consts is not None and args.get("training", False):
             # On the batch's statistics a zero channel has mean and variance exactly 0: its shift.
             mask = mask | consts.zero
-        elif weight is not None and data["running_var"] is not None and data["running_mean"] is not None:
-            scale = (data["running_var"] + args["eps"]).rsqrt() * weight
-            value = torch.where(consts.mask & ~mask, (consts.value - data["running_mean"]) * scale + bias, value)
+        elif consts is not None and weight is not None and data["running_var"] is not None and data["running_mean"] is not None:
+            scale, shift = _affine(data["running_var"], data["running_mean"], weight, bias, args["eps"])
+            value = torch.where(consts.mask & ~mask, consts.value * scale + shift, value)
             mask = mask | consts.mask
         if bool(mask.any()):
             ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
@@ -398,13 +403,13 @@ class LayerNormOpRule(OpRule):
     ones, see :class:`LayerNormRule` and :func:`recognise_layer_norm`); the others pass through. No
     constant passes: a constant row normalises to the bias."""
 
-    def _normalized(self, node: Node) -> int:
-        return len(bind(node)["normalized_shape"])
+    def _layout(self, node: Node) -> tuple[TensorValue, int]:
+        """The input, and its first normalised dimension."""
+        args = bind(node)
+        return args["input"], args["input"].ndim - len(args["normalized_shape"])
 
     def couple(self, node: Node, ctx: Analysis) -> None:
-        args = bind(node)
-        x, out = args["input"], node.outputs[0]
-        first = x.ndim - self._normalized(node)
+        (x, first), out = self._layout(node), node.outputs[0]
         for d in range(x.ndim):
             ctx.link(x, d, out, d)
             if d >= first:
@@ -415,9 +420,9 @@ class LayerNormOpRule(OpRule):
                     ctx.link(saved, d, out, d)
 
     def backward(self, node: Node, ctx: Analysis) -> None:
-        x, out = bind(node)["input"], node.outputs[0]
+        (x, first), out = self._layout(node), node.outputs[0]
         if ctx.is_demanded(out):
-            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim - self._normalized(node))})
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(first)})
 
 
 def _vector(arg, absent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -136,10 +136,9 @@ def _qkv_projection(module: nn.Module, plan: ModulePlan) -> nn.Linear:
     used = values != 0
     extra = None
     if bool(used.any()):
-        full = plan.masked("to_qkv.weight")
-        kept_rows = plan.kept_param("to_qkv.weight", 0)
-        rows = full if kept_rows is None else full[kept_rows]
-        extra = rows[:, removed[used]].to(torch.float64) @ values[used].to(full.device)
+        # Only the kept rows' weights of the constant inputs, masked as they are read.
+        columns = plan.masked("to_qkv.weight", [plan.kept_param("to_qkv.weight", 0), removed[used]])
+        extra = columns.to(torch.float64) @ values[used].to(columns.device)
     return _linear(module.to_qkv, plan.param("to_qkv.weight"), plan.param("to_qkv.bias"), extra)
 
 
