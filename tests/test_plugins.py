@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import speedup
+from speedup.modules import ChannelGather
 from speedup.plugins import manager
 from speedup.plugins.registry import CORE_DISTRIBUTION, Provider, RuleRegistry
 from speedup.rule import ModuleRule
@@ -820,3 +821,48 @@ def test_unclaimed_subclass_overriding_forward_is_shrunk_through_its_operators()
     # Not one node rebuilt by LinearRule: its parameters were sliced where its operators read them.
     assert "0" not in report.modules
     assert {"0.weight", "0.bias"} <= set(report.parameters)
+
+
+class Interleave(nn.Module):
+    """Interleaves the two halves of its input's channels, at fixed places: ``chunk`` then ``stack``."""
+
+    def forward(self, x):
+        first, second = x.chunk(2, dim=1)
+        return torch.stack((first, second), dim=2).flatten(1, 2)
+
+
+class Interleaved(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mix, self.b = nn.Conv2d(3, 8, 1), Interleave(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.mix(self.a(x)))
+
+
+def test_an_equivalent_form_loses_what_the_module_code_cannot(monkeypatch):
+    """Channels 0, 1, 2 and 5 of ``a`` go: the halves would keep different counts, which ``chunk`` cannot
+    do, so the module's own code keeps them all; as a gather, the form renumbers its index instead."""
+    keep = torch.tensor([False, False, False, True, True, False, True, True])
+    masks = {"a": {"weight": rows(keep, (8, 3, 1, 1)), "bias": keep}}
+    model = Interleaved()
+    check_speedup(model, masks, torch.randn(1, 3, 4, 4), torch.randn(2, 3, 5, 5))
+    assert model.a.out_channels == 8
+
+    order = torch.stack((torch.arange(4), torch.arange(4, 8)), dim=1).reshape(-1)
+    plugin = types.ModuleType("interleave_form_plugin")
+    plugin.speedup_register_rules = speedup.hookimpl(
+        lambda registry: registry.add_rewrite(Interleave, lambda module: ChannelGather(order)))
+    monkeypatch.setattr(manager, "_loaded", manager.load_plugins(extra=[plugin]))
+    assert manager.loaded_plugins().plugins[-1].rewrites == [f"{Interleave.__module__}.{Interleave.__qualname__}"]
+    model = Interleaved()
+    report = check_speedup(model, masks, torch.randn(1, 3, 4, 4), torch.randn(2, 3, 5, 5), shrunk=["a.weight", "b.weight"])
+    assert model.a.out_channels == 4 and model.b.in_channels == 4
+    assert isinstance(model.mix, ChannelGather) and report.forms == {"mix": ("Interleave", "ChannelGather")}
+    # Interleaved, the kept channels 3, 4, 6, 7 of ``a`` come in the order 4, 6, 3, 7: positions 1, 2, 0, 3.
+    assert model.mix.index.tolist() == [1, 2, 0, 3]
+
+
+def test_registry_rejects_a_rewrite_that_is_not_a_function():
+    with pytest.raises(TypeError, match="must be a function"):
+        RuleRegistry().add_rewrite(Interleave, "not a function")

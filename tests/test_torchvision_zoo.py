@@ -28,7 +28,7 @@ MODELS = {
     "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), 64, 0.4),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 64, 0.35),
     "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), 64, 0.35),
-    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 64, 0.7),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 64, 0.45),
     "convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 64, 0.3),
     "googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=True), 64, 0.35),
     "lraspp_mobilenet_v3_large": (lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(

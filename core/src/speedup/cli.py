@@ -32,6 +32,7 @@ def _plugins(verbose: bool, strict: bool) -> int:
             summary += f", {len(info.states)} state types" if info.states else ""
             count = len(info.recognisers)
             summary += f", {count} module recogniser{'s' if count != 1 else ''}" if count else ""
+            summary += f", {len(info.rewrites)} equivalent forms" if info.rewrites else ""
             print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
             if verbose:
                 for name in info.modules:
@@ -44,6 +45,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
                     print(f"    state  {name}")
                 for name in info.recognisers:
                     print(f"    recognises with {name}")
+                for name in info.rewrites:
+                    print(f"    rewrites {name}")
                 for name in info.pruning:
                     print(f"    prune  {name}")
         failed |= not info.ok

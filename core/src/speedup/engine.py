@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import tensor_masks
+from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind
@@ -169,6 +170,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
+    forms = put_equivalent_forms(model, rules.registry, tx)
+    flags.update({id(part): f.module.training for f in forms for part in f.own_parts})
     mode_aware = _mode_aware(model)
     tx.on_rollback(lambda: _reset_mode_caches(mode_aware))  # first in, so undone last: on the restored model
     tx.set_training(model, False)
@@ -220,8 +223,10 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
     tensor_masks.drop_all_ones(holders, tx)
+    forms = put_back_unchanged(forms, {id(old) for old, new in replaced.pairs if new is not old}, tx)
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
+    report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms}
     report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced)
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .atoms import UNIT, AtomSolution
 from .engine import _Rules, split_inputs
+from .equivalent_forms import put_equivalent_forms
 from .graph import TensorValue
 from .propagation import Analysis
 from .rule import OpRule
@@ -97,6 +98,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     tx = Transaction()
     tx.set_training(model, False)
     try:
+        put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
         graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state).graph
     finally:
         tx.rollback()

@@ -8,6 +8,9 @@ because removing channels that hold constants changes something the torch module
 * :class:`ConstantAwareLayerNorm` / :class:`ConstantAwareRMSNorm`: normalisation statistics were
   taken over the full hidden size, including channels that were removed because they held
   constants; the statistics still count them.
+* :class:`ChannelGather`: entries picked by an index tensor, which a rule renumbers when entries go,
+  where code picks them at fixed places (a channel split, a channel shuffle) that would not adapt;
+  plugins' equivalent forms of such modules are built from it (see ``RuleRegistry.add_rewrite``).
 
 They are importable by name, so a pickled sped-up model loads wherever speedup is installed.
 """
@@ -162,6 +165,25 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
             square = (input.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)) / self.full_size
             out = input * torch.rsqrt(square + eps)
             return out * self.weight if self.weight is not None else out
+
+
+class ChannelGather(nn.Module):
+    """``x.index_select(dim, index)``: entry ``j`` of the output is entry ``index[j]`` of the input.
+
+    A channel split and shuffle written as one gather loses any channels, where ``chunk`` and
+    ``view``/``transpose`` need the same number in every part; the speedup renumbers ``index``.
+    """
+
+    def __init__(self, index: torch.Tensor, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", index.to(torch.long).reshape(-1).clone())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input.index_select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, entries={self.index.numel()}"
 
 
 class PrunedMultiheadAttention(nn.Module):

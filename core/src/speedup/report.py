@@ -29,6 +29,9 @@ class ShrinkReport:
     """Parameters read directly by operators that were sliced: name -> (shape before, shape after)."""
     attributes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """Size attributes that plugins keep in step: ``"module.attribute"`` -> (before, after)."""
+    forms: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Modules left in the equivalent form a plugin gives their type, which lost more than they
+    could have: name -> (type, type of the form); see ``RuleRegistry.add_rewrite``."""
     params_before: int = 0
     params_after: int = 0
     flops_before: int = 0

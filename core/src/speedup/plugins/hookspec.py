@@ -45,7 +45,11 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
         ``registry.add_state(type)`` for a type of object a model returns only to be given back to
         it (a key/value cache): its tensors then follow the model's new sizes. Call
         ``registry.add_recogniser(fn)`` to claim modules by what they compute rather than by type:
-        for a module no type claims, ``fn(module)`` returns the rule for it or ``None``.
+        for a module no type claims, ``fn(module)`` returns the rule for it or ``None``. Call
+        ``registry.add_rewrite(module_type, fn)`` where a type's code cuts channels at fixed places
+        (ShuffleNet's ``chunk`` and channel shuffle): ``fn(module)`` returns an equivalent module
+        whose fixed places are index tensors a rule renumbers, used in the model's place while it
+        is sped up and kept where something inside it shrank.
     :return: nothing; the registrations are the result.
 
     A plugin's registration replaces core's built-in rule for the same target. Two installed plugins

@@ -45,6 +45,7 @@ class PluginInfo:
     sizes: list[str] = field(default_factory=list)
     states: list[str] = field(default_factory=list)
     recognisers: list[str] = field(default_factory=list)
+    rewrites: list[str] = field(default_factory=list)
     pruning: list[str] = field(default_factory=list)
     """Pruning pieces: ``"metric l1"``, ``"channels torch.nn.modules.conv.Conv2d"``..."""
 
@@ -123,7 +124,7 @@ def strict_from_environment() -> bool:
 
 def _register(manager: pluggy.PluginManager, registry: RuleRegistry, pruning: PruningRegistry, module: ModuleType,
               info: PluginInfo) -> PluginInfo:
-    tables = [(registry, name) for name in ("modules", "ops", "sizes", "states", "recognisers")]
+    tables = [(registry, name) for name in ("modules", "ops", "sizes", "states", "recognisers", "rewrites")]
     tables += [(pruning, name) for name in PruningRegistry.TABLES]
     before = {(id(owner), name): dict(getattr(owner, name)) for owner, name in tables}
     try:

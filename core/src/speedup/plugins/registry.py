@@ -48,6 +48,8 @@ class RuleRegistry:
     """Types of model state found in outputs, by qualified name (see :meth:`add_state`)."""
     recognisers: dict[str, _Entry] = field(default_factory=dict)
     """Functions that claim a module by what it computes, by qualified name (see :meth:`add_recogniser`)."""
+    rewrites: dict[str, _Entry] = field(default_factory=dict)
+    """Equivalent forms of module types, by the type's qualified name (see :meth:`add_rewrite`)."""
     conflicts: dict[Any, tuple[Provider, Provider]] = field(default_factory=dict)
     """Targets claimed by two installed plugins; using one is an error unless the call overrides it."""
     provider: Provider = Provider(CORE_DISTRIBUTION, "")
@@ -130,6 +132,35 @@ class RuleRegistry:
             if rule is not None:
                 return rule
         return None
+
+    def add_rewrite(self, module_type: Union[type, str], rewrite: Callable[[nn.Module], Optional[nn.Module]]) -> None:
+        """Gives ``module_type`` (exactly, not its subclasses) an equivalent form that loses more.
+
+        Some code cannot lose entries and still run as written: ShuffleNet's ``x.chunk(2)`` and its
+        channel shuffle cut and interleave at fixed places, so a block would have to keep as many
+        channels in each half, and the shuffle ties the halves of every block after it.
+        ``rewrite(module)`` returns a module computing the very same function for every input (the
+        same submodules, with those fixed places as index tensors a rule can renumber, such as
+        :class:`~speedup.modules.ChannelGather`), or ``None`` to keep the module as it is. Before a
+        model is recorded, each module of the type is put in the model in that form; the form stays
+        where the speedup changed something inside it, and the module is put back wherever it did
+        not. Since the recording runs the form, the verification cannot tell a wrong form from the
+        module: check the form against the module (on probe inputs) before returning it.
+        """
+        key = module_key(module_type, "add_rewrite")
+        if not callable(rewrite):
+            raise TypeError(f"the rewrite of {key} must be a function of the module, got {rewrite!r}")
+        self._put(self.rewrites, key, rewrite, key)
+
+    def rewritten(self, module: nn.Module) -> Optional[nn.Module]:
+        """The equivalent form registered for ``module``'s exact type, or ``None``."""
+        if not self.rewrites:
+            return None
+        key = qualified_name(type(module))
+        if key in self.conflicts and key in self.rewrites:
+            raise PluginConflictError(self.conflict_message(key))
+        entry = self.rewrites.get(key)
+        return entry.rule(module) if entry is not None else None
 
     def add_op(self, op: OpKey, rule: OpRule) -> None:
         """Claims an ATen operator: ``"aten.add.Tensor"``, ``"aten.add"`` or the torch object."""

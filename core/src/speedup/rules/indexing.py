@@ -22,11 +22,15 @@ import sys
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
-from ..rule import DimConst, OpRule, bind
-from ._maps import DimMap, couple_maps, forward_maps
+from ..modules import ChannelGather
+from ..replacement import ModulePlan
+from ..rule import DimConst, ModuleRule, OpRule, bind
+from ._maps import DimMap, backward_maps, couple_maps, forward_maps
+from .toolkit import first_input
 from .shape import MapRule
 
 
@@ -134,6 +138,41 @@ class IndexSelect(_IndexingRule):
         x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
         ctx.pin(x, dim) if index.data is None or index.data.numel() == 0 else _pin_prefix(
             ctx, x, dim, int(index.host().max()) + 1)
+
+
+class ChannelGatherRule(ModuleRule):
+    """:class:`~speedup.modules.ChannelGather`: output entry ``j`` is input entry ``index[j]``, and
+    the index is renumbered for the entries that stay, so any entry may go (with those it feeds)."""
+
+    lazy_masks = True  # no parameters; the index is read through the node's values
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = first_input(node), node.outputs[0]
+        dim = node.module.dim % x.ndim
+        index = node.params["index"].host().long()
+        return [DimMap(x, d, out, d, index if d == dim else None) for d in range(x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        couple_maps(ctx, self.maps(node))
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        forward_maps(ctx, self.maps(node))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        backward_maps(ctx, self.maps(node))
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        x, dim = plan.input(), module.dim % plan.input().ndim
+        index = module.index.cpu()
+        kept_out, kept_in = plan.kept(plan.output(), dim), plan.kept(x, dim)
+        picked = index if kept_out is None else index[kept_out.cpu()]
+        if kept_in is not None:
+            position = torch.full((x.shape[dim],), -1, dtype=torch.long)
+            position[kept_in.cpu()] = torch.arange(kept_in.numel())
+            picked = position[picked]
+            if bool((picked < 0).any()):
+                raise AssertionError(f"{plan.name}: a kept output entry reads a removed input entry")
+        return ChannelGather(picked.to(module.index.device), module.dim)
 
 
 class Flip(MapRule):
@@ -448,6 +487,7 @@ def register(registry) -> None:
     registry.add_op("aten.slice.Tensor", Slice())
     registry.add_op("aten.select.int", Select())
     registry.add_op("aten.index_select", IndexSelect())
+    registry.add_module(ChannelGather, ChannelGatherRule())
     registry.add_op("aten.flip", Flip())
     registry.add_op("aten.roll", Roll())
     registry.add_op("aten.unfold", Unfold())

@@ -3,8 +3,9 @@
 Types are registered by qualified name, so loading the plugin does not import torchvision; a rule
 applies when a model contains such a module. What torchvision models run beyond plain torch
 modules and operators: ``FrozenBatchNorm2d``, ConvNeXt's ``LayerNorm2d``, Swin's and MaxViT's
-attention, and the hidden size ViT keeps in an attribute. Everything else they use (``Permute``,
-``StochasticDepth``, ``SqueezeExcitation``, channel shuffles, window partitions) is recorded as
+attention, the hidden size ViT keeps in an attribute, and ShuffleNetV2's block in an equivalent
+form whose channel split and shuffle are gathers (so any channel can go). Everything else they
+use (``Permute``, ``StochasticDepth``, ``SqueezeExcitation``, window partitions) is recorded as
 the torch operators it calls, which core's rules follow.
 """
 
@@ -15,7 +16,7 @@ from speedup.plugins.pruning_registry import ChannelLayout, PruningRegistry
 from speedup.plugins.registry import RuleRegistry
 from speedup.rules.norm import ChannelNormRule
 
-from . import convnext, maxvit, swin, vision_transformer
+from . import convnext, maxvit, shufflenet, swin, vision_transformer
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ def speedup_register_rules(registry: RuleRegistry) -> None:
     registry.add_module("torchvision.ops.misc.FrozenBatchNorm2d", ChannelNormRule())
     convnext.register(registry)
     maxvit.register(registry)
+    shufflenet.register(registry)
     swin.register(registry)
     vision_transformer.register(registry)
 

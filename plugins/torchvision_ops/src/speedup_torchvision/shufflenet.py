@@ -1,0 +1,88 @@
+"""ShuffleNetV2's block in an equivalent form whose channel split and shuffle are gathers.
+
+The block splits its input in two halves with ``x.chunk(2)``, passes one half through, runs the
+other through ``branch2``, and interleaves the two with ``channel_shuffle(out, 2)``
+(``view``/``transpose``/``view``). Run on fewer channels, that code still cuts at the middle and
+interleaves one by one: each half must keep as many channels, and the shuffle pairs every passed
+channel with a branch channel, block after block, so at most half of the stream could go. As
+gathers, ``order(cat(x, branch2(second_half(x))))``, the same channels go anywhere: the speedup
+renumbers the gathers' indices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from speedup.modules import ChannelGather
+from speedup.plugins.registry import RuleRegistry
+
+BLOCK = "torchvision.models.shufflenetv2.InvertedResidual"
+
+
+class GatheredInvertedResidual(nn.Module):
+    """``InvertedResidual`` computing the same: ``order`` picks the shuffled output from the
+    concatenation of the input (stride 1; ``branch_input`` picks ``branch2``'s half of it) or of
+    ``branch1``'s output (stride 2) with ``branch2``'s output."""
+
+    def __init__(self, stride: int, branch1: nn.Module, branch2: nn.Module, branch_input: Optional[ChannelGather],
+                 order: ChannelGather):
+        super().__init__()
+        self.stride = stride
+        self.branch1, self.branch2 = branch1, branch2
+        self.branch_input, self.order = branch_input, order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch_input is not None:
+            out = torch.cat((x, self.branch2(self.branch_input(x))), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return self.order(out)
+
+
+def gathered_inverted_residual(block: nn.Module) -> Optional[GatheredInvertedResidual]:
+    """The gathered form of a torchvision ``InvertedResidual``, checked against the block on a probe;
+    ``None`` for a block built differently from torchvision's."""
+    from torchvision.models.shufflenetv2 import channel_shuffle
+
+    first = block.branch2[0] if isinstance(block.branch2, nn.Sequential) and len(block.branch2) else None
+    if not isinstance(first, nn.Conv2d):
+        return None
+    half = first.out_channels  # each of the two parts the output is shuffled from
+    if block.stride == 1:
+        inputs = 2 * first.in_channels
+        branch_input = ChannelGather(torch.arange(inputs - first.in_channels, inputs))
+        part_start = torch.tensor([0, inputs])  # the passed half of x, then branch2's output
+    else:
+        inputs = first.in_channels
+        branch_input = None
+        part_start = torch.tensor([0, half])
+    shuffled = channel_shuffle(torch.arange(2 * half).view(1, 2 * half, 1, 1), 2).reshape(-1)
+    order = ChannelGather(part_start[shuffled // half] + shuffled % half)
+    form = GatheredInvertedResidual(block.stride, block.branch1, block.branch2, branch_input, order)
+    return form if _computes_the_same(block, form, inputs) else None
+
+
+def _computes_the_same(block: nn.Module, form: nn.Module, channels: int) -> bool:
+    """Both run in eval mode on one probe (a block in train mode would update its statistics)."""
+    modes = [(m, m.training) for m in (*block.modules(), *form.modules())]
+    parameter = next(block.parameters(), None)
+    like = {"dtype": parameter.dtype, "device": parameter.device} if parameter is not None else {}
+    probe = torch.randn(2, channels, 6, 6, generator=torch.Generator().manual_seed(0)).to(**like)
+    try:
+        block.eval()
+        form.eval()
+        with torch.no_grad():
+            expected, actual = block(probe.clone()), form(probe.clone())
+    except Exception:  # noqa: BLE001 - a block this form does not describe stays as it is
+        return False
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return expected.shape == actual.shape and torch.allclose(expected, actual, rtol=1e-5, atol=1e-6)
+
+
+def register(registry: RuleRegistry) -> None:
+    registry.add_rewrite(BLOCK, gathered_inverted_residual)
