@@ -32,7 +32,8 @@ def _plugins(verbose: bool, strict: bool) -> int:
             summary += f", {len(info.states)} state types" if info.states else ""
             count = len(info.recognisers)
             summary += f", {count} module recogniser{'s' if count != 1 else ''}" if count else ""
-            summary += f", {len(info.rewrites)} equivalent forms" if info.rewrites else ""
+            count = len(info.rewrites)
+            summary += f", {count} equivalent form{'s' if count != 1 else ''}" if count else ""
             print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
             if verbose:
                 for name in info.modules:

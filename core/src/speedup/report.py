@@ -104,6 +104,8 @@ class ShrinkReport:
             rows.append(f"{name:40s} {'(parameter)':24s} {tuple(a)}->{tuple(b)}")
         for name, (a, b) in self.attributes.items():
             rows.append(f"{name:40s} {'(attribute)':24s} {a!r}->{b!r}")
+        for name, (kind, form) in self.forms.items():
+            rows.append(f"{name:40s} {'(equivalent form)':24s} {kind} -> {form}")
         return "\n".join(rows)
 
     def __str__(self) -> str:
