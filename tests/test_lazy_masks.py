@@ -157,3 +157,53 @@ def test_linear_layers_compute_their_masked_output_from_masked_activations(monke
     with pytest.raises(speedup.TraceError):
         speedup.shrink(failing, {"fc": {"weight": out_kept[:, None] & in_kept[None, :]}}, torch.randn(1, 6))
     assert "forward" not in failing.fc.__dict__  # its own forward again
+
+
+def test_attention_computes_its_masked_output_from_masked_activations(monkeypatch):
+    """Whole heads of ``in_proj_weight`` and columns of ``out_proj``: no masked copy of either."""
+    from speedup.rules.attention import MultiheadAttentionRule
+
+    made = {}
+    original = MultiheadAttentionRule.masked_forward
+
+    def spy(self, module, masks):
+        made[id(module)] = (sorted(masks), original(self, module, masks))
+        return made[id(module)][1]
+
+    monkeypatch.setattr(MultiheadAttentionRule, "masked_forward", spy)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    heads = torch.tensor([True, False, True, True]).repeat_interleave(4)
+    masks = {"self_attn": {"in_proj_weight": heads.repeat(3)[:, None].expand(48, 16), "in_proj_bias": heads.repeat(3)},
+             "self_attn.out_proj": {"weight": heads[None, :].expand(16, 16)}}
+    attention = layer.self_attn
+    check_speedup(layer, masks, torch.randn(2, 5, 16), torch.randn(3, 7, 16), shrunk=["self_attn.out_proj.weight"])
+    names, forward = made[id(attention)]
+    assert forward is not None and "out_proj.weight" in names and "in_proj_weight" in names
+    # The masked forward ran in the module's place and is gone: no attribute, no submodule.
+    assert "forward" not in attention.__dict__ and "forward" not in attention._modules
+
+
+class Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(20, 8, padding_idx=0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.embed(ids)))
+
+
+def test_embeddings_compute_their_masked_lookup_from_masked_activations(monkeypatch):
+    """Columns (features) and rows (tokens) masked: the lookup is masked, not a copy of the table."""
+    from speedup.rules.embedding import EmbeddingRule
+
+    made = {}
+    original = EmbeddingRule.masked_forward
+    monkeypatch.setattr(EmbeddingRule, "masked_forward",
+                        lambda self, module, masks: made.setdefault(id(module), original(self, module, masks)))
+    model = Lookup()
+    tokens, features = keep_mask(20, 0.7), keep_mask(8)
+    masks = {"embed": {"weight": tokens[:, None] & features[None, :]}}
+    ids, embed = torch.arange(20).reshape(4, 5), model.embed
+    check_speedup(model, masks, ids, ids.flip(0)[:, :3], shrunk=["embed.weight", "head.weight"])
+    assert made[id(embed)] is not None
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -54,8 +54,7 @@ class LazyMasks:
         if not self.by_id:
             return forwards
         for module in model.modules():
-            masks = {attr: self.by_id[id(t)][1] for attr, t in module._parameters.items()
-                     if t is not None and id(t) in self.by_id}
+            masks = {name: self.by_id[id(t)][1] for name, t in module.named_parameters() if id(t) in self.by_id}
             rule = module_rule(module) if masks else None
             if rule is not None and rule.lazy_masks:
                 fn = rule.masked_forward(module, masks)

@@ -96,8 +96,9 @@ class ModuleRule(Rule):
 
     def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., Any]]:
         """Optional, with :attr:`lazy_masks`: a function computing the masked module's output from the
-        module's own (unmasked) weights, for ``masks`` (parameter name -> :class:`~speedup.masks.MaskPattern`
-        of each lazily masked parameter), or ``None`` to let the recording mask the weights.
+        module's own (unmasked) weights, for ``masks`` (parameter name as ``module.named_parameters()``
+        gives it, its submodules' included -> :class:`~speedup.masks.MaskPattern` of each lazily masked
+        parameter), or ``None`` to let the recording mask the weights.
 
         The recording then calls ``fn(*args, **kwargs)`` instead of the module's ``forward``. Masking
         activations costs a pass over them instead of one over the weights: ``linear(x * kept_columns,

@@ -516,8 +516,8 @@ def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int
         fn = forwards.get(id(module))
         if fn is None or "forward" in module.__dict__:
             continue
-        own = [t for t in module._parameters.values() if t is not None]
-        module.forward = fn
+        own = list(module.parameters())  # its submodules' too: its masked forward reads them
+        module.__dict__["forward"] = fn  # never a submodule, even where fn is a module
         recorder.self_masking[id(module)] = own
         handles.append(_Undo(lambda module=module: module.__dict__.pop("forward", None)))
     return handles
