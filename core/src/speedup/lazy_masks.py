@@ -54,12 +54,15 @@ class LazyMasks:
         if not self.by_id:
             return forwards
         for module in model.modules():
+            if not module._modules and not any(id(t) in self.by_id for t in module._parameters.values()):
+                continue  # a leaf holding no masked weight: the usual case, decided without looking up a rule
+            rule = module_rule(module)
+            if rule is None or not rule.lazy_masks:
+                continue
             masks = {name: self.by_id[id(t)][1] for name, t in module.named_parameters() if id(t) in self.by_id}
-            rule = module_rule(module) if masks else None
-            if rule is not None and rule.lazy_masks:
-                fn = rule.masked_forward(module, masks)
-                if fn is not None:
-                    forwards[id(module)] = fn
+            fn = rule.masked_forward(module, masks) if masks else None
+            if fn is not None:
+                forwards[id(module)] = fn
         return forwards
 
     def mask_for_good(self, tensor: torch.Tensor) -> None:
