@@ -104,3 +104,17 @@ def test_a_block_built_differently_keeps_its_code():
     block = shufflenetv2.InvertedResidual(16, 16, 1)
     block.branch2 = nn.Sequential(nn.Identity(), *list(block.branch2))
     assert gathered_inverted_residual(block) is None
+
+
+def test_a_block_the_user_replaces_is_given_to_their_function_as_it_is():
+    model = tiny_shufflenet()
+    seen = []
+
+    def keep(block, masks):
+        seen.append(type(block))
+        return block
+
+    masks = output_channel_masks(model, ["conv1.0"])  # the stem: the first block's inputs change
+    speedup.shrink(model, masks, torch.randn(1, 3, 32, 32), customized_replace_func={"InvertedResidual": keep})
+    assert seen and all(kind is shufflenetv2.InvertedResidual for kind in seen)
+    assert all(type(b) is shufflenetv2.InvertedResidual for b in blocks(model))

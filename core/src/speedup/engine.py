@@ -170,7 +170,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
-    forms = put_equivalent_forms(model, rules.registry, tx)
+    forms = put_equivalent_forms(model, rules.registry, tx, lambda module: rules.custom_for(module) is not None)
     flags.update({id(part): f.module.training for f in forms for part in f.own_parts})
     mode_aware = _mode_aware(model)
     tx.on_rollback(lambda: _reset_mode_caches(mode_aware))  # first in, so undone last: on the restored model

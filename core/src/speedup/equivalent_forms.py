@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -28,8 +29,10 @@ class Form:
     """The form and its submodules that the module did not have (its gathers), as first put in."""
 
 
-def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transaction) -> list[Form]:
-    """Puts each module that has a registered form in the model in that form (outermost first)."""
+def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transaction,
+                         as_it_is: Callable[[nn.Module], bool] = lambda module: False) -> list[Form]:
+    """Puts each module that has a registered form in the model in that form (outermost first),
+    but those ``as_it_is`` names (the user replaces them with their own function)."""
     if not registry.rewrites:
         return []
     forms: list[Form] = []
@@ -38,7 +41,7 @@ def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transacti
         if id(module) in seen or any(name.startswith(f"{f.name}.") for f in forms):
             continue
         seen.add(id(module))
-        form = registry.rewritten(module)
+        form = None if as_it_is(module) else registry.rewritten(module)
         if form is None or form is module:
             continue
         found = Form(name, module, form, _places_of(model, module), _own_parts(module, form))
