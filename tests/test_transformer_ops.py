@@ -432,3 +432,99 @@ def test_a_size_taken_from_another_tensor_keeps_the_module_around_it_whole():
     report = check_speedup(model, masks, torch.randn(2, 4), torch.randn(5, 4))
     assert model[1].qkv.in_features == 8
     assert any("everything in '1' kept" in line for line in report.kept_for_verification)
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """What every Hugging Face family copies under its own name: the mean square in float32."""
+
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.variance_epsilon)).to(x.dtype)
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's: scaled by ``1 + weight``, the epsilon in ``eps``."""
+
+    def __init__(self, width, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) - 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+class CenteredNorm(HandWrittenRMSNorm):
+    """Subtracts the mean first: a layer norm without shift, not an RMS norm."""
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class Stream(nn.Module):
+    """A residual stream of width 16 read through a norm: its masked channels can go everywhere only
+    where the norm is known to count them in its statistics."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.embed, self.norm, self.up, self.down, self.head = (nn.Linear(6, 16), norm(16), nn.Linear(16, 32),
+                                                               nn.Linear(32, 16), nn.Linear(16, 3))
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.down(torch.relu(self.up(self.norm(h))))
+        return self.head(self.norm(h))
+
+
+@pytest.mark.parametrize("norm", [HandWrittenRMSNorm, OffsetRMSNorm, CenteredNorm])
+def test_rms_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
+    model = Stream(norm)
+    keep = keep_mask(16)
+    masks = {"embed": {"weight": rows(keep, (16, 6)), "bias": keep}, "down": {"weight": rows(keep, (16, 32)), "bias": keep}}
+    recognised = norm is not CenteredNorm
+    check_speedup(model, masks, torch.randn(4, 6), torch.randn(7, 6),
+                  shrunk=["embed.weight", "down.weight", "head.weight", "norm.weight"] if recognised else [])
+    assert type(model.norm) is norm  # the model's own class, its weight and epsilon rescaled
+    assert model.embed.out_features == (8 if recognised else 16)
+
+
+class GroupedExperts(nn.Module):
+    """A mixture of experts as transformers runs it: tokens sorted by expert (a computed index), one
+    ``_grouped_mm`` per projection over every expert's weight, and the routing undone."""
+
+    def __init__(self, width=8, inner=16, experts=3):
+        super().__init__()
+        self.router = nn.Linear(width, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, inner, width) / width**0.5)
+        self.down = nn.Parameter(torch.randn(experts, width, inner) / inner**0.5)
+
+    def forward(self, x):
+        expert = self.router(x).argmax(-1)
+        order = torch.argsort(expert)
+        offsets = torch.cumsum(torch.bincount(expert, minlength=self.up.shape[0]), 0).to(torch.int32)
+        hidden = torch.relu(torch._grouped_mm(x[order], self.up.transpose(-2, -1), offs=offsets))
+        out = torch._grouped_mm(hidden, self.down.transpose(-2, -1), offs=offsets)
+        return x + out[torch.argsort(order)]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+def test_experts_in_a_grouped_matrix_product_lose_their_masked_channels():
+    model = nn.Sequential(GroupedExperts())
+    keep = keep_mask(16)
+    masks = {"0": {"up": keep[None, :, None].expand(3, 16, 8)}}
+    report = check_speedup(model, masks, torch.randn(10, 8), torch.randn(13, 8), shrunk=["0.up", "0.down"])
+    assert model[0].up.shape == (3, 8, 8) and model[0].down.shape == (3, 8, 8)
+    assert not report.barriers and not report.kept_for_verification
+
+    # The CPU kernel wants strides of whole 16-byte units: 6 of 12 kept would not run, and stay.
+    model = nn.Sequential(GroupedExperts(inner=12))
+    keep = keep_mask(12)
+    report = check_speedup(model, {"0": {"up": keep[None, :, None].expand(3, 12, 8)}}, torch.randn(10, 8),
+                           torch.randn(13, 8))
+    assert model[0].up.shape == (3, 12, 8) and report.kept_for_verification

@@ -72,6 +72,62 @@ class MatMul(OpRule):
             ctx.demand(bias, {d: ctx.demanded(out, d + offset) for d in range(bias.ndim) if bias.shape[d] == out.shape[d + offset]})
 
 
+class GroupedMatMul(OpRule):
+    """``_grouped_mm(a, b, offs)``: rows of ``a`` (S, K) in groups (``offs``), each times its own matrix of
+    ``b`` (G, K, N): a mixture of experts' projection. ``K`` is contracted and ``N`` follows ``b``'s
+    columns, as in ``mm``; the groups stay (the routing numbers them). With a batch of matrices on
+    both sides (no ``offs``) it is ``bmm``. Other layouts (groups along ``K``) keep every entry."""
+
+    def _operands(self, node: Node):
+        a = bind(node)
+        return a["self"], a["mat2"], a.get("bias"), node.outputs[0]
+
+    def _understood(self, x: TensorValue, w: TensorValue) -> bool:
+        return w.ndim == 3 and x.ndim in (2, 3)
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, w, bias, out = self._operands(node)
+        if not self._understood(x, w):
+            for value in (x, w, out):
+                for d in range(value.ndim):
+                    ctx.pin(value, d)
+            return
+        if x.ndim == 3:
+            ctx.link(x, 0, out, 0)
+            ctx.link(w, 0, out, 0)
+        else:
+            ctx.pin(w, 0)
+        ctx.link(x, -2, out, -2)
+        ctx.link(x, -1, w, -2)
+        ctx.link(w, -1, out, -1)
+        if isinstance(bias, TensorValue):
+            ctx.link(bias, -1, out, -1)
+            for d in range(bias.ndim - 1):
+                ctx.pin(bias, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, w, bias, out = self._operands(node)
+        if not self._understood(x, w) or isinstance(bias, TensorValue):
+            return
+        for d, zero in ((out.ndim - 2, _zero(ctx, x, -2)), (out.ndim - 1, _zero(ctx, w, -1))):
+            ctx.set_const(out, d, DimConst.where(zero, torch.zeros(out.shape[d], dtype=torch.float64)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, w, bias, out = self._operands(node)
+        if not ctx.is_demanded(out):
+            return
+        if not self._understood(x, w):
+            for value in (x, w) + ((bias,) if isinstance(bias, TensorValue) else ()):
+                ctx.demand_all(value)
+            return
+        contracted = ~(_zero(ctx, x, -1) | _zero(ctx, w, -2))
+        batch = {0: ctx.demanded(out, 0)} if x.ndim == 3 else {}
+        ctx.demand(x, {**batch, x.ndim - 2: ctx.demanded(out, -2), x.ndim - 1: contracted})
+        ctx.demand(w, {**batch, 1: contracted, 2: ctx.demanded(out, -1)})
+        if isinstance(bias, TensorValue):
+            ctx.demand(bias, {bias.ndim - 1: ctx.demanded(out, -1)})
+
+
 def _broadcast_const(ctx: Analysis, x: TensorValue, out: TensorValue, d: int) -> Optional[DimConst]:
     xd = d - (out.ndim - x.ndim)
     if xd >= 0 and x.shape[xd] == out.shape[d]:
@@ -179,6 +235,7 @@ def _mask_demand(ctx: Analysis, q: TensorValue, k: TensorValue, out: TensorValue
 
 def register(registry) -> None:
     registry.add_ops(["aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"], MatMul())
+    registry.add_op("aten._grouped_mm", GroupedMatMul())
     registry.add_ops(
         ["aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention",
          "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_attention_math",

@@ -243,19 +243,20 @@ class Im2col(MapRule):
 
 
 class Index(MapRule):
-    """``x[index]`` (``aten.index.Tensor``) with one integer index tensor, known before the call (a
-    buffer of positions, as a relative position bias table is read): the indexed dimension gives
-    way to the index's, whose entries are the literal positions it names (kept, like
-    ``index_select``'s); the dimensions before and after pass through. Boolean or several
-    index tensors keep everything."""
+    """``x[index]`` (``aten.index.Tensor``) with one integer index tensor: the indexed dimension gives
+    way to the index's, and the dimensions before and after pass through. An index known before the
+    call (a buffer of positions, as a relative position bias table is read) names literal positions,
+    kept like ``index_select``'s; one computed during the call (tokens sorted by expert in a mixture
+    of experts) may name any, so the indexed dimension keeps every entry. Boolean or several index
+    tensors keep everything."""
 
     def _indexed(self, node: Node) -> Optional[tuple[int, TensorValue]]:
-        """(position, index) of the one integer index tensor, known before the call; else None."""
+        """(position, index) of the one integer index tensor; else None."""
         present = [(p, i) for p, i in enumerate(node.args[1]) if i is not None]
         if len(present) != 1:
             return None
         position, index = present[0]
-        if not isinstance(index, TensorValue) or index.data is None or index.data.dtype not in (torch.long, torch.int):
+        if not isinstance(index, TensorValue) or index.dtype not in (torch.long, torch.int):
             return None
         return position, index
 
@@ -269,11 +270,15 @@ class Index(MapRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
         indexed = self._indexed(node)
-        if indexed is not None:
-            (position, index), x = indexed, node.args[0]
-            positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
-            if positions.numel():
-                _pin_prefix(ctx, x, position, int(positions.max()) + 1)
+        if indexed is None:
+            return
+        (position, index), x = indexed, node.args[0]
+        if index.data is None:
+            ctx.pin(x, position)
+            return
+        positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
+        if positions.numel():
+            _pin_prefix(ctx, x, position, int(positions.max()) + 1)
 
 
 class Cat(OpRule):

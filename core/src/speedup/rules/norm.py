@@ -10,6 +10,8 @@ whole groups only.
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -209,7 +211,24 @@ class LayerNormRule(ModuleRule):
         return ConstantAwareLayerNorm.convert(new, full_size, values)
 
 
+def _rms_norm_zeros(node: Node, ctx: Analysis, scale: Optional[torch.Tensor]) -> None:
+    """An RMS norm's zero outputs: where its input is zero (there is no mean to subtract) or its scale is."""
+    x, out = first_input(node), node.outputs[0]
+    consts = ctx.const(x, -1)
+    zero = consts.zero if consts is not None else torch.zeros(x.shape[-1], dtype=torch.bool)
+    if scale is not None:
+        zero = zero | (scale == 0)
+    if bool(zero.any()):
+        ctx.set_const(out, -1, DimConst.where(zero, torch.zeros(zero.numel(), dtype=torch.float64)))
+
+
 class RMSNormRule(LayerNormRule):
+    """``nn.RMSNorm`` over the last dimension."""
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        if self.normalized_dim(node) is not None:
+            _rms_norm_zeros(node, ctx, param_data(node, "weight"))
+
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
         from ..modules import ConstantAwareRMSNorm
 
@@ -236,6 +255,95 @@ class RecognisedLayerNormRule(LayerNormRule):
 
 
 _RECOGNISED = {1: RecognisedLayerNormRule(1), -1: RecognisedLayerNormRule(-1)}
+
+
+class ScaledRMSNormRule(LayerNormRule):
+    """An RMS norm written in Python: ``(offset + weight) * x * rsqrt(mean(x^2, -1) + eps)``, its epsilon
+    in the attribute ``eps_attribute`` (Llama's ``LlamaRMSNorm``: offset 0, ``variance_epsilon``;
+    Gemma's: offset 1, ``eps``).
+
+    A hidden entry may go where it holds a constant, which must still count in the mean square. The
+    replacement stays an instance of the module's own class, so a saved model needs no new code: with
+    ``N`` entries before, ``n`` kept and ``s`` the sum of squares of the removed constants,
+    ``g * x * rsqrt((sum x^2 + s) / N + eps) == (g * sqrt(N / n)) * x * rsqrt(sum x^2 / n + (eps * N + s) / n)``,
+    so the scale ``g = offset + weight`` grows by ``sqrt(N / n)`` and the epsilon becomes ``(eps * N + s) / n``.
+    """
+
+    subclasses = False
+
+    def __init__(self, offset: float = 0.0, eps_attribute: str = "variance_epsilon"):
+        self.offset, self.eps_attribute = offset, eps_attribute
+
+    def normalized_dim(self, node: Node) -> Optional[int]:
+        return -1
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        weight = param_data(node, "weight")
+        _rms_norm_zeros(node, ctx, weight.to(torch.float64) + self.offset if weight is not None else None)
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        weight = plan.param("weight")
+        full, kept = plan.input().shape[-1], plan.count(plan.input(), -1)
+        _, removed_values = plan.removed_input_constants(-1)
+        if kept == full or kept == 0:
+            new.weight = weight
+            return new
+        scaled = (weight.detach() + self.offset) * math.sqrt(full / kept) - self.offset
+        new.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
+        eps = getattr(module, self.eps_attribute)
+        setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
+        return new
+
+
+_EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
+
+
+def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
+    """An RMS norm written in Python under a name no plugin lists: every Hugging Face model family
+    copies ``LlamaRMSNorm`` as its own class (``MixtralRMSNorm``, ``Qwen3RMSNorm``...), Gemma's scales by
+    ``1 + weight``.
+
+    Candidates hold one vector ``weight`` and nothing else, and a float epsilon attribute. A copy
+    holding a random weight and a large epsilon (so that the forward must read both) is run on a
+    probe; it is claimed where the result is ``(offset + weight) * x * rsqrt(mean(x^2) + eps)`` for an
+    offset of 0 or 1. The module itself is not touched.
+    """
+    weight = getattr(module, "weight", None)
+    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
+        return None
+    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if any(t is not weight for t in held):
+        return None
+    for attribute in _EPS_ATTRIBUTES:
+        if isinstance(module.__dict__.get(attribute), float):
+            offset = _rms_norm_offset(module, attribute)
+            if offset is not None:
+                return ScaledRMSNormRule(offset, attribute)
+    return None
+
+
+def _rms_norm_offset(module: nn.Module, eps_attribute: str) -> Optional[float]:
+    """0 or 1 where ``module`` computes ``(offset + weight) * x * rsqrt(mean(x^2) + eps)``, else None."""
+    channels = module.weight.numel()
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(2, 3, channels, generator=generator) * 0.1).to(module.weight.device)
+    weight = torch.rand(channels, generator=generator).add_(0.5).to(module.weight.device)
+    copy_ = clone_module(module)
+    copy_.weight = nn.Parameter(weight, requires_grad=False)
+    setattr(copy_, eps_attribute, 0.5)
+    try:
+        with torch.no_grad():
+            result = type(module).forward(copy_, probe)
+    except Exception:  # noqa: BLE001 - not a norm over the last dimension (or not runnable here: meta tensors)
+        return None
+    if not isinstance(result, torch.Tensor) or result.shape != probe.shape:
+        return None
+    normalized = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + 0.5)
+    for offset in (0.0, 1.0):
+        if bool(torch.allclose(result.float(), (offset + weight) * normalized, rtol=1e-4, atol=1e-5)):
+            return offset
+    return None
 
 
 def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
@@ -457,6 +565,7 @@ def register(registry) -> None:
         registry.add_module(nn.RMSNorm, RMSNormRule())
     registry.add_module(nn.GroupNorm, GroupNormRule())
     registry.add_recogniser(recognise_layer_norm)
+    registry.add_recogniser(recognise_rms_norm)
     registry.add_op("aten.native_batch_norm", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())

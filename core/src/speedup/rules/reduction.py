@@ -36,7 +36,7 @@ _IGNORES_ZEROS = {"sum", "nansum", "linalg_vector_norm"}
 
 
 class Reduction(OpRule):
-    """``sum``, ``mean``, ``amax``, ``var``... over some dimensions, with or without ``keepdim``."""
+    """``sum``, ``mean``, ``amax``, ``var``, ``argmax``... over some dimensions, with or without ``keepdim``."""
 
     def _layout(self, node: Node) -> tuple[TensorValue, list[int], dict[int, int]]:
         x = node.args[0]
@@ -125,7 +125,7 @@ def register(registry) -> None:
     registry.add_ops(
         ["aten.sum", "aten.nansum", "aten.mean", "aten.nanmean", "aten.amax", "aten.amin", "aten.max.dim",
          "aten.min.dim", "aten.var", "aten.std", "aten.prod", "aten.logsumexp", "aten.linalg_vector_norm",
-         "aten.any", "aten.all"],
+         "aten.any", "aten.all", "aten.argmax", "aten.argmin"],
         Reduction(),
     )
     registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int",

@@ -17,8 +17,9 @@ from .attention import ATTENTION
 from .embeddings import EMBEDDINGS
 from .feed_forward import FEED_FORWARD
 from .layer_kinds import LayerKinds
+from .moe import ROUTERS
 
-KINDS = LayerKinds(*ATTENTION, *FEED_FORWARD, *EMBEDDINGS)
+KINDS = LayerKinds(*ATTENTION, *FEED_FORWARD, *EMBEDDINGS, *ROUTERS)
 
 
 def agreed_config_fields(model: nn.Module) -> dict[str, Any]:
