@@ -71,12 +71,13 @@ def config_kwargs(**extra) -> dict:
     return dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
-def llama_like(config_class, model_class) -> Family:
-    """Llama, Mistral and Qwen2 share one layout: grouped-query attention and a gated MLP."""
+def llama_like(config_class, model_class, **extra) -> Family:
+    """Llama, Mistral, Qwen2/3 and Gemma share one layout: grouped-query attention and a gated MLP (their
+    RMS norms differ: Qwen3's and Gemma's are not listed by the plugin, but recognised)."""
     return Family(
         lambda: model_class(config_class(**config_kwargs(
             num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-            intermediate_size=FFN))),
+            intermediate_size=FFN, **extra))),
         standard_attention("model.layers.{}.self_attn", kv_heads=KV_HEADS),
         [[f"{p}.gate_proj", f"{p}.up_proj"] for p in layers("model.layers.{}.mlp")],
         "model.embed_tokens.weight",
@@ -156,6 +157,8 @@ FAMILIES: dict[str, Family] = {
     "llama": llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": llama_like(transformers.MistralConfig, transformers.MistralForCausalLM),
     "qwen2": llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": llama_like(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=HEAD_DIM),
+    "gemma": llama_like(transformers.GemmaConfig, transformers.GemmaForCausalLM, head_dim=HEAD_DIM),
     "opt": Family(
         lambda: transformers.OPTForCausalLM(transformers.OPTConfig(**config_kwargs(
             num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_dim=FFN,
@@ -332,3 +335,21 @@ def test_loading_a_directory_without_structure_says_what_to_do(tmp_path):
     FAMILIES["gpt2"].build().save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="from_pretrained"):
         speedup_transformers.from_pretrained(tmp_path)
+
+
+# -- mixtures of experts ----------------------------------------------------------------------------
+
+def test_a_mixture_of_experts_loses_hidden_and_expert_channels():
+    """Mixtral: experts held as 3-D parameters and run by grouped matrix products, tokens sorted by
+    expert, a router reshaping with its stored hidden size; everything consistent masks offer goes."""
+    config = transformers.MixtralConfig(**config_kwargs(
+        num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        intermediate_size=FFN, num_local_experts=4, num_experts_per_tok=2, head_dim=HEAD_DIM))
+    model = transformers.MixtralForCausalLM(config).eval()
+    dummy = {"input_ids": torch.randint(3, VOCAB, (2, 7))}
+    report = check_speedup(model, speedup.groups.consistent_masks(model, dummy), dummy,
+                           {"input_ids": torch.randint(3, VOCAB, (3, 10))}, max_param_ratio=0.3,
+                           shrunk=["model.embed_tokens.weight", "model.layers.0.mlp.experts.gate_up_proj"])
+    assert not report.barriers and not report.kept_for_verification
+    router = model.model.layers[1].mlp.gate
+    assert router.hidden_dim == router.weight.shape[1] == model.config.hidden_size < HIDDEN

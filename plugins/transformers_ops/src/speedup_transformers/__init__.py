@@ -18,7 +18,7 @@ from speedup.plugins.pruning_registry import ChannelLayout, PruningRegistry
 from speedup.plugins.registry import RuleRegistry
 
 from . import rms_norm
-from .config_sizes import KINDS, agreed_config_fields
+from .config_sizes import KINDS, agreed_config_fields, recognised_size_attributes
 from .conv1d import Conv1DRule
 from .persistence import from_pretrained, save_pretrained
 
@@ -35,6 +35,9 @@ def speedup_register_rules(registry: RuleRegistry) -> None:
         if kind.attributes is not None:
             for name in kind.classes:
                 registry.add_sizes(name, kind.size_attributes)
+    # Layers of families not listed, laid out as a listed kind (every copy of Llama's attention):
+    # the nearest registered base of such a class is torch's Module itself.
+    registry.add_sizes("torch.nn.modules.module.Module", recognised_size_attributes)
     registry.add_sizes("transformers.modeling_utils.PreTrainedModel", agreed_config_fields)
     # A key/value cache is returned only to be passed back in: it holds the heads that remain.
     registry.add_state("transformers.cache_utils.Cache")

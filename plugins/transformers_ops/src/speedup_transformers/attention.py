@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import nn
 
-from .layer_kinds import LayerKind, output_width
+from .layer_kinds import LayerKind, laid_out_as, output_width
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ ATTENTION = (
         _projections("q_proj", "k_proj", "o_proj", "head_dim"),
         lambda s: {"num_key_value_groups": s.groups},
         {**HEADS_AND_HIDDEN, "num_key_value_heads": "kv_heads", "head_dim": "head_dim"},
+        # Qwen3, Gemma, Mixtral, Granite, OLMo... copy Llama's attention under their own names.
+        laid_out_as(("q_proj", "k_proj", "v_proj", "o_proj"), ("head_dim", "num_key_value_groups")),
     ),
     LayerKind(
         ("transformers.models.gpt2.modeling_gpt2.GPT2Attention",),

@@ -33,6 +33,12 @@ def agreed_config_fields(model: nn.Module) -> dict[str, Any]:
     return {f"config.{name}": values.pop() for name, values in seen.items() if len(values) == 1}
 
 
+def recognised_size_attributes(module: nn.Module) -> dict[str, Any]:
+    """The size attributes of a transformers layer of an unlisted class laid out as a listed kind."""
+    kind = KINDS.recognised(module)
+    return kind.size_attributes(module) if kind is not None and kind.attributes is not None else {}
+
+
 def _layers_of(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` and its parts, without the parts of another model it holds.
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from .layer_kinds import LayerKind, output_width
+from .layer_kinds import LayerKind, laid_out_as, output_width
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ FEED_FORWARD = (
         _projections("up_proj", "down_proj"),
         lambda s: {"intermediate_size": s.intermediate, "hidden_size": s.hidden},
         _intermediate("intermediate_size"),
+        laid_out_as(("gate_proj", "up_proj", "down_proj"), ("intermediate_size", "hidden_size")),
     ),
     LayerKind(("transformers.models.gpt2.modeling_gpt2.GPT2MLP",), _projections("c_fc", "c_proj"),
               config=_intermediate("n_inner")),

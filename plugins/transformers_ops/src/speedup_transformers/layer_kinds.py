@@ -33,6 +33,9 @@ class LayerKind(Generic[Sizes]):
     """Attributes of the layer repeating its sizes (dotted for a part's attribute: ``"self.num_heads"``)."""
     config: Mapping[str, str] = field(default_factory=dict)
     """Config field -> the name of the size it repeats (``{"num_attention_heads": "heads"}``)."""
+    recognise: Optional[Callable[[nn.Module], bool]] = None
+    """For the classes not listed: whether a transformers module is laid out as this kind (the parts
+    and attributes every family that copies the kind keeps under the same names)."""
 
     def size_attributes(self, layer: nn.Module) -> dict[str, Any]:
         return self.attributes(self.measure(layer)) if self.attributes is not None else {}
@@ -50,12 +53,30 @@ class LayerKinds:
         self._by_name = {name: kind for kind in kinds for name in kind.classes}
 
     def of(self, module: nn.Module) -> Optional[LayerKind]:
-        """The kind of ``module``'s class or of its nearest described base class."""
+        """The kind of ``module``'s class or of its nearest described base class; else, for a module of
+        transformers, the kind it is laid out as."""
         for base in type(module).__mro__:
             kind = self._by_name.get(f"{base.__module__}.{base.__qualname__}")
             if kind is not None:
                 return kind
-        return None
+        return self.recognised(module)
+
+    def recognised(self, module: nn.Module) -> Optional[LayerKind]:
+        """The kind a transformers module of an unlisted class is laid out as, if any."""
+        if not type(module).__module__.startswith("transformers."):
+            return None
+        return next((kind for kind in self.kinds if kind.recognise is not None and kind.recognise(module)), None)
+
+
+def laid_out_as(parts: tuple[str, ...], sizes: tuple[str, ...]) -> Callable[[nn.Module], bool]:
+    """A module holding these submodules (each with an output width) and these integer attributes."""
+
+    def recognise(module: nn.Module) -> bool:
+        held = module._modules
+        return (all(name in held and hasattr(held[name], "out_features") for name in parts)
+                and all(isinstance(module.__dict__.get(name), int) for name in sizes))
+
+    return recognise
 
 
 def output_width(layer: nn.Module) -> int:
