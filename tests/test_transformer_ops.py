@@ -528,3 +528,14 @@ def test_experts_in_a_grouped_matrix_product_lose_their_masked_channels():
     report = check_speedup(model, {"0": {"up": keep[None, :, None].expand(3, 12, 8)}}, torch.randn(10, 8),
                            torch.randn(13, 8))
     assert model[0].up.shape == (3, 12, 8) and report.kept_for_verification
+
+
+def test_a_layer_norm_without_shift_written_out_counts_the_channels_it_loses():
+    """Cohere's ``CohereLayerNorm``: the mean subtracted by hand, ``variance_epsilon``, no ``bias`` at all.
+    Where its scale is masked with the stream, the channels go, and still count in its statistics."""
+    model = Stream(CenteredNorm)
+    keep = keep_mask(16)
+    masks = {"embed": {"weight": rows(keep, (16, 6)), "bias": keep}, "down": {"weight": rows(keep, (16, 32)), "bias": keep},
+             "norm": {"weight": keep}}
+    check_speedup(model, masks, torch.randn(4, 6), torch.randn(7, 6), shrunk=["embed.weight", "norm.weight", "head.weight"])
+    assert isinstance(model.norm, ConstantAwareLayerNorm) and model.norm.bias is None

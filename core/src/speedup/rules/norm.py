@@ -237,24 +237,66 @@ class RMSNormRule(LayerNormRule):
 
 class RecognisedLayerNormRule(LayerNormRule):
     """A module found to compute a LayerNorm over dimension ``dim`` (1 or -1) by
-    :func:`recognise_layer_norm`. It keeps its own ``forward`` on fewer entries; where removed
-    entries held constants it becomes an ``nn.LayerNorm`` counting them (over dimension 1:
-    :class:`ConstantAwareChannelsFirstLayerNorm`)."""
+    :func:`recognise_layer_norm`, its epsilon in the attribute ``eps_attribute``. It keeps its own
+    ``forward`` on fewer entries; where removed entries held constants it becomes an ``nn.LayerNorm``
+    counting them (over dimension 1: :class:`ConstantAwareChannelsFirstLayerNorm`)."""
 
-    def __init__(self, dim: int):
-        self.dim = dim
+    def __init__(self, dim: int, eps_attribute: str = "eps"):
+        self.dim, self.eps_attribute = dim, eps_attribute
 
     def normalized_dim(self, node: Node) -> Optional[int]:
         return self.dim
 
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
         new.elementwise_affine = new.weight is not None  # what nn.LayerNorm's methods read
-        new.eps = float(new.eps)
+        new.eps = float(getattr(new, self.eps_attribute))
+        if not hasattr(new, "bias"):  # a norm without shift may not have the attribute at all
+            new.register_parameter("bias", None)
         kind = ConstantAwareLayerNorm if self.dim == -1 else ConstantAwareChannelsFirstLayerNorm
         return kind.convert(new, full_size, values)
 
 
-_RECOGNISED = {1: RecognisedLayerNormRule(1), -1: RecognisedLayerNormRule(-1)}
+_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+
+
+def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
+    """A LayerNorm over one dimension written without being a type the rules claim: timm's
+    ``LayerNorm`` and ``LayerNorm2d`` (``F.layer_norm`` in a ``forward`` of their own), Hugging Face's
+    ``ConvNextLayerNorm`` and Cohere's ``CohereLayerNorm`` (the statistics written out).
+
+    Candidates hold a vector ``weight``, an optional ``bias`` like it, a float epsilon (``eps``,
+    ``variance_epsilon`` or ``epsilon``) and nothing else; each is run on a probe laid out channels
+    first and one laid out channels last, and claimed for the layout whose result is ``F.layer_norm``'s.
+    """
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
+        return None
+    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if any(t is not weight and t is not bias for t in held) or not weight.is_floating_point():
+        return None
+    for attribute in _EPS_ATTRIBUTES:
+        if isinstance(module.__dict__.get(attribute), float):
+            for dim in (1, -1):
+                if _computes_layer_norm(module, dim, module.__dict__[attribute]):
+                    return RecognisedLayerNormRule(dim, attribute)
+    return None
+
+
+def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
+    channels = module.weight.numel()
+    shape = (2, channels, 3, 5) if dim == 1 else (2, 3, channels)
+    tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
+    try:
+        with torch.no_grad():
+            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
+            expected = F.layer_norm(probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps)
+            result = type(module).forward(module, probe)
+            return (isinstance(result, torch.Tensor) and result.shape == probe.shape
+                    and bool(torch.allclose(result, expected.movedim(-1, dim), rtol=tolerance, atol=tolerance)))
+    except Exception:  # noqa: BLE001 - it does not take this layout (or cannot be run here: meta tensors)
+        return False
 
 
 class ScaledRMSNormRule(LayerNormRule):
@@ -294,9 +336,6 @@ class ScaledRMSNormRule(LayerNormRule):
         eps = getattr(module, self.eps_attribute)
         setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
         return new
-
-
-_EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
 
 
 def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
@@ -344,44 +383,6 @@ def _rms_norm_offset(module: nn.Module, eps_attribute: str) -> Optional[float]:
         if bool(torch.allclose(result.float(), (offset + weight) * normalized, rtol=1e-4, atol=1e-5)):
             return offset
     return None
-
-
-def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
-    """A LayerNorm over one dimension written without being a type the rules claim: timm's
-    ``LayerNorm`` and ``LayerNorm2d`` (``F.layer_norm`` in a ``forward`` of their own), Hugging Face's
-    ``ConvNextLayerNorm`` (the statistics written out, channels first or last).
-
-    Candidates hold a vector ``weight``, an optional ``bias`` like it, a float ``eps`` and nothing
-    else; each is run on a probe laid out channels first and one laid out channels last, and claimed
-    for the layout whose result is ``F.layer_norm``'s.
-    """
-    weight, bias, eps = getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "eps", None)
-    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not isinstance(eps, float):
-        return None
-    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
-        return None
-    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
-    if any(t is not weight and t is not bias for t in held) or not weight.is_floating_point():
-        return None
-    for dim, rule in _RECOGNISED.items():
-        if _computes_layer_norm(module, dim):
-            return rule
-    return None
-
-
-def _computes_layer_norm(module: nn.Module, dim: int) -> bool:
-    channels = module.weight.numel()
-    shape = (2, channels, 3, 5) if dim == 1 else (2, 3, channels)
-    tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
-    try:
-        with torch.no_grad():
-            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
-            expected = F.layer_norm(probe.movedim(dim, -1), (channels,), module.weight, module.bias, module.eps)
-            result = type(module).forward(module, probe)
-            return (isinstance(result, torch.Tensor) and result.shape == probe.shape
-                    and bool(torch.allclose(result, expected.movedim(-1, dim), rtol=tolerance, atol=tolerance)))
-    except Exception:  # noqa: BLE001 - it does not take this layout (or cannot be run here: meta tensors)
-        return False
 
 
 class GroupNormRule(ModuleRule):

@@ -89,6 +89,16 @@ class Reduction(OpRule):
         ctx.demand(x, masks)
 
 
+class TopK(Reduction):
+    """``topk(x, k, dim)``: the ``k`` largest entries of ``dim`` (values and their positions) in place of
+    it, which reads every entry (kept whole); the other dimensions pass through."""
+
+    def _layout(self, node: Node) -> tuple[TensorValue, list[int], dict[int, int]]:
+        x = node.args[0]
+        dim = bind(node).get("dim", -1) % max(x.ndim, 1)
+        return x, [dim], {d: d for d in range(x.ndim) if d != dim}
+
+
 class Softmax(OpRule):
     """``softmax`` / ``log_softmax`` (and ``_safe_softmax``, which scaled dot-product attention uses
     with a mask) over one dimension; every other dimension passes through."""
@@ -128,5 +138,6 @@ def register(registry) -> None:
          "aten.any", "aten.all", "aten.argmax", "aten.argmin"],
         Reduction(),
     )
+    registry.add_op("aten.topk", TopK())
     registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int",
                       "aten._safe_softmax"], Softmax())
