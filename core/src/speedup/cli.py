@@ -19,6 +19,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     return _plugins(options.verbose, options.strict)
 
 
+_LISTED = (("modules", "module"), ("ops", "op    "), ("sizes", "sizes "), ("states", "state "),
+           ("recognisers", "recognises with"), ("rewrites", "rewrites"), ("pruning", "prune "))
+"""What ``speedup plugins -v`` lists for each plugin: its table, and the label of each entry."""
+
+_COUNTED = (("sizes", "size attributes", "size attributes"), ("states", "state types", "state types"),
+            ("recognisers", "module recogniser", "module recognisers"), ("rewrites", "equivalent form", "equivalent forms"),
+            ("pruning", "pruning pieces", "pruning pieces"))
+
+
+def _counts(info) -> list[str]:
+    """A plugin's summary: module types and operators, then each other table it fills."""
+    counts = [f"{len(info.modules)} module types", f"{len(info.ops)} operators"]
+    for table, one, many in _COUNTED:
+        count = len(getattr(info, table))
+        if count:
+            counts.append(f"{count} {one if count == 1 else many}")
+    return counts
+
+
 def _plugins(verbose: bool, strict: bool) -> int:
     loaded = load_plugins(strict=False)
     strict = strict or strict_from_environment()
@@ -27,29 +46,11 @@ def _plugins(verbose: bool, strict: bool) -> int:
         status = "ok" if info.ok else f"FAILED: {info.error}"
         print(f"{info.distribution} {info.version}  [{info.name} = {info.target}]  {status}")
         if info.ok:
-            summary = f"  {len(info.modules)} module types, {len(info.ops)} operators"
-            summary += f", {len(info.sizes)} size attributes" if info.sizes else ""
-            summary += f", {len(info.states)} state types" if info.states else ""
-            count = len(info.recognisers)
-            summary += f", {count} module recogniser{'s' if count != 1 else ''}" if count else ""
-            count = len(info.rewrites)
-            summary += f", {count} equivalent form{'s' if count != 1 else ''}" if count else ""
-            print(summary + (f", {len(info.pruning)} pruning pieces" if info.pruning else ""))
+            print("  " + ", ".join(_counts(info)))
             if verbose:
-                for name in info.modules:
-                    print(f"    module {name}")
-                for name in info.ops:
-                    print(f"    op     {name}")
-                for name in info.sizes:
-                    print(f"    sizes  {name}")
-                for name in info.states:
-                    print(f"    state  {name}")
-                for name in info.recognisers:
-                    print(f"    recognises with {name}")
-                for name in info.rewrites:
-                    print(f"    rewrites {name}")
-                for name in info.pruning:
-                    print(f"    prune  {name}")
+                for table, label in _LISTED:
+                    for name in getattr(info, table):
+                        print(f"    {label} {name}")
         failed |= not info.ok
     registry = loaded.registry
     for key in registry.conflicts:
