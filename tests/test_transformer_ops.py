@@ -539,3 +539,32 @@ def test_a_layer_norm_without_shift_written_out_counts_the_channels_it_loses():
              "norm": {"weight": keep}}
     check_speedup(model, masks, torch.randn(4, 6), torch.randn(7, 6), shrunk=["embed.weight", "norm.weight", "head.weight"])
     assert isinstance(model.norm, ConstantAwareLayerNorm) and model.norm.bias is None
+
+
+class ScaledEmbedding(nn.Embedding):
+    """BART's ``BartScaledWordEmbedding``: an ``nn.Embedding`` with a forward of its own, traced through."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class TiedThroughTracedModules(nn.Module):
+    """The model holds ``shared``; the encoder holds another embedding module with the same weight and
+    calls it (BART ties ``encoder.embed_tokens`` and ``decoder.embed_tokens`` to ``shared``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.encoder_embed, self.head = ScaledEmbedding(20, 8), ScaledEmbedding(20, 8), nn.Linear(8, 3)
+        self.encoder_embed.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.encoder_embed(ids)))
+
+
+def test_a_weight_tied_between_modules_traced_through_stays_one_tensor():
+    model = TiedThroughTracedModules()
+    features = keep_mask(8)
+    masks = {"shared": {"weight": features[None, :].expand(20, 8)}}
+    ids = torch.arange(20).reshape(4, 5)
+    check_speedup(model, masks, ids, ids.flip(1)[:, :3], shrunk=["shared.weight", "head.weight"])
+    assert model.encoder_embed.weight is model.shared.weight and model.shared.weight.shape == (20, 4)

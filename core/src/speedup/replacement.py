@@ -268,13 +268,20 @@ def replace(
         report.modules[name] = shapes[id(boundary.module)] = (type(boundary.module).__name__, {})
     _retie(model, places, shapes, tx, report)
     rebuilt = {id(m) for old, _ in report.pairs for m in old.modules()}
+    holders: Optional[dict[int, list[tuple[nn.Module, str]]]] = None
     for value in graph.parameters.values():
         if all(k is None for k in value.kept) or value.owner is None:
             continue
         owner, attr = value.owner
         if id(owner) in rebuilt or all(_holds(node, value) for node in value.consumers):
             continue  # the rebuilt module took its sliced copy
-        tx.set_attr(owner, attr, slicer.slice(value))
+        holders = _tensor_holders(model) if holders is None else holders
+        sliced = slicer.slice(value)
+        # Every module holding it gets the sliced one: a tied weight (BART's shared embedding, held by
+        # the encoder's and the decoder's embedding too) stays one tensor.
+        for holder, name in holders.get(id(value.tensor), [(owner, attr)]):
+            if id(holder) not in rebuilt:
+                tx.set_attr(holder, name, sliced)
         report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
     if report.modules or report.parameters:
         _update_sizes(model, sizes_of, tx, report)
@@ -364,6 +371,17 @@ def _param_shapes(node: Node, new: nn.Module) -> dict[str, tuple[tuple, tuple]]:
         if after != value.shape:
             shapes[name] = (value.shape, after)
     return shapes
+
+
+def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """``id(tensor) -> [(module, attribute)]`` for every parameter and buffer of every module."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in {id(m): m for m in model.modules()}.values():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    holders.setdefault(id(tensor), []).append((module, name))
+    return holders
 
 
 def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

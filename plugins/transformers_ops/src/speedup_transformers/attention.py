@@ -90,6 +90,15 @@ ATTENTION = (
         HEADS_AND_HIDDEN,
     ),
     LayerKind(
+        # BART's attention as XGLM, M2M100, Whisper... copy it: no class listed, recognised by its layout.
+        # Where its forward reads embed_dim, it is the width of the heads together (XGLM reshapes with it).
+        (),
+        _projections("q_proj", "k_proj", "out_proj", "head_dim"),
+        lambda s: {"num_heads": s.heads, "embed_dim": s.width},
+        HEADS_AND_HIDDEN,
+        laid_out_as(("q_proj", "k_proj", "v_proj", "out_proj"), ("num_heads", "head_dim", "embed_dim")),
+    ),
+    LayerKind(
         ("transformers.models.distilbert.modeling_distilbert.DistilBertSelfAttention",),
         _projections("q_lin", "k_lin", "out_lin", "attention_head_size"),
         lambda s: {"n_heads": s.heads, "dim": s.width},
