@@ -38,8 +38,8 @@ def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transacti
     forms: list[Form] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if id(module) in seen or any(name.startswith(f"{f.name}.") for f in forms):
-            continue
+        if module is model or id(module) in seen or any(name.startswith(f"{f.name}.") for f in forms):
+            continue  # the model itself has no parent to hold its form
         seen.add(id(module))
         form = None if as_it_is(module) else registry.rewritten(module)
         if form is None or form is module:
