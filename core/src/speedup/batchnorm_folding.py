@@ -24,7 +24,7 @@ from .engine import _compare, _trace_error, split_inputs
 from .errors import VerificationError
 from .graph import Graph, Node, NodeKind
 from .plugins.manager import loaded_plugins
-from .replacement import _places
+from .replacement import registered_places
 from .rules.toolkit import clone_module
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
@@ -47,7 +47,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str
             recorded = trace(model, args, kwargs, lambda m: isinstance(m, (_ConvNd, _BatchNorm)))
         except TracingFailed as failure:
             raise _trace_error(failure, args, kwargs) from failure.error
-        places = _places(model)
+        places = registered_places(model)
         pairs = _pairs(recorded.graph, places)
         for conv, norm in pairs:
             _fold(conv.module, norm.module, places, tx)

@@ -15,6 +15,7 @@ from typing import Callable
 from torch import nn
 
 from .plugins.registry import RuleRegistry
+from .replacement import registered_places
 from .transaction import Transaction
 
 
@@ -36,6 +37,7 @@ def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transacti
     if not registry.rewrites:
         return []
     forms: list[Form] = []
+    places = registered_places(model)
     seen: set[int] = set()
     for name, module in model.named_modules():
         if module is model or id(module) in seen or any(name.startswith(f"{f.name}.") for f in forms):
@@ -44,7 +46,7 @@ def put_equivalent_forms(model: nn.Module, registry: RuleRegistry, tx: Transacti
         form = None if as_it_is(module) else registry.rewritten(module)
         if form is None or form is module:
             continue
-        found = Form(name, module, form, _places_of(model, module), _own_parts(module, form))
+        found = Form(name, module, form, places.get(id(module), []), _own_parts(module, form))
         for part in found.own_parts:  # the module's own submodules keep their flags
             part.training = module.training
         forms.append(found)
@@ -69,7 +71,3 @@ def put_back_unchanged(forms: list[Form], rebuilt: set[int], tx: Transaction) ->
 def _own_parts(module: nn.Module, form: nn.Module) -> list[nn.Module]:
     before = {id(m) for m in module.modules()}
     return [m for m in form.modules() if id(m) not in before]
-
-
-def _places_of(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items() if child is module]

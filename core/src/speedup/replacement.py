@@ -245,7 +245,7 @@ def replace(
     """Applies the kept entries recorded on ``graph``'s values to ``model``."""
     report = ReplacementReport()
     slicer = ParamSlicer()
-    places = _places(model)
+    places = registered_places(model)
     shapes: dict[int, tuple] = {}  # id(rebuilt module) -> its entry in report.modules
     for name, calls in graph.module_calls.items():
         module = calls[0].module
@@ -384,7 +384,7 @@ def _tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return holders
 
 
-def _places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+def registered_places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """Every (parent, attribute) under which each submodule is registered."""
     places: dict[int, list[tuple[nn.Module, str]]] = {}
     for parent in {id(m): m for m in model.modules()}.values():

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..graph import TensorValue
+from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst
 
@@ -73,3 +73,24 @@ def uniform_const(ctx: Analysis, x: TensorValue, n: int) -> Optional[DimConst]:
     if uniform is None:
         return None
     return DimConst(torch.ones(n, dtype=torch.bool), torch.full((n,), uniform, dtype=torch.float64))
+
+
+class DescribedByMaps:
+    """A rule (for an operator or a module) whose call is fully described by dimension maps from its
+    first input to its first output: coupling, constants and demand all follow from :meth:`maps`."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        raise NotImplementedError
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        couple_maps(ctx, self.maps(node))
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        forward_maps(ctx, self.maps(node))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        maps = self.maps(node)
+        if maps:
+            backward_maps(ctx, maps)
+        elif any(ctx.is_demanded(out) for out in node.outputs):
+            ctx.demand_all(node.args[0])  # no map describes this call: it reads everything

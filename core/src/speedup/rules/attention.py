@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
@@ -25,6 +24,7 @@ from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
 from ..slicing import gather_kept
 from .heads import Heads, feature_index
+from .linear import ActivationMaskedLinear
 from .toolkit import NonzeroPattern, added_to_bias, foldable
 
 
@@ -138,19 +138,20 @@ class MultiheadAttentionRule(ModuleRule):
             ctx.demand(x, {**batch, x.ndim - 1: read & ~foldable(ctx, node, x, -1)})
 
     def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., Any]]:
-        """The masked module's output from masked activations (see :class:`_MaskedProjection`), for
+        """The masked module's output from masked activations (see :class:`ActivationMaskedLinear`), for
         one ``in_proj_weight`` and ``out_proj`` whose masks are rows times columns: the recording then
         makes no masked copy of them (85 MB on a BERT-base encoder)."""
         if (type(module).forward is not nn.MultiheadAttention.forward or not module._qkv_same_embed_dim
                 or not set(masks) <= _PROJECTIONS or not all(p.separable for p in masks.values())):
             return None
         embed = module.embed_dim
-        projections = [_MaskedProjection.part(module.in_proj_weight, module.in_proj_bias, masks.get("in_proj_weight"),
-                                              masks.get("in_proj_bias"), slice(i * embed, (i + 1) * embed))
+        projections = [ActivationMaskedLinear.part(module.in_proj_weight, module.in_proj_bias,
+                                                   masks.get("in_proj_weight"), masks.get("in_proj_bias"),
+                                                   slice(i * embed, (i + 1) * embed))
                        for i in range(3)]
         out = module.out_proj
-        projections.append(_MaskedProjection.part(out.weight, out.bias, masks.get("out_proj.weight"),
-                                                  masks.get("out_proj.bias"), slice(None)))
+        projections.append(ActivationMaskedLinear.part(out.weight, out.bias, masks.get("out_proj.weight"),
+                                                       masks.get("out_proj.bias")))
         attention = PrunedMultiheadAttention(*projections, module.num_heads, module.head_dim, module.batch_first,
                                              module.dropout, module.bias_k, module.bias_v, module.add_zero_attn)
         attention.train(module.training)
@@ -179,34 +180,6 @@ class MultiheadAttentionRule(ModuleRule):
 
 
 _PROJECTIONS = {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"}
-
-
-class _MaskedProjection(nn.Module):
-    """``linear(x, W * M, b * m)`` computed as ``linear(x * kept_columns, W) * kept_rows + b * m`` for a
-    mask ``M`` that is rows times columns: the weight is read as it is (a view of the module's)."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows, columns, bias_kept):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-        self.rows, self.columns, self.bias_kept = rows, columns, bias_kept
-
-    @classmethod
-    def part(cls, weight, bias, weight_mask, bias_mask, rows: slice) -> "_MaskedProjection":
-        kept_rows = weight_mask.kept(0)[rows] if weight_mask is not None else None
-        columns = weight_mask.kept(1) if weight_mask is not None else None
-        bias_kept = bias_mask.kept(0)[rows] if bias_mask is not None else None
-        bias = bias.detach()[rows] if bias is not None else None
-        return cls(weight.detach()[rows], bias, kept_rows, columns, bias_kept)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.columns is not None:
-            x = x * self.columns.to(x)
-        out = F.linear(x, self.weight)
-        if self.rows is not None:
-            out = out * self.rows.to(out)
-        if self.bias is None:
-            return out
-        return out + (self.bias * self.bias_kept.to(self.bias) if self.bias_kept is not None else self.bias)
 
 
 def _projection(plan: ModulePlan, x: TensorValue, full: torch.Tensor, bias, kept_heads, layout: _Layout) -> nn.Linear:

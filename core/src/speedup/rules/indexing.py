@@ -29,7 +29,7 @@ from ..propagation import Analysis
 from ..modules import ChannelGather
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
-from ._maps import DimMap, backward_maps, couple_maps, forward_maps
+from ._maps import DescribedByMaps, DimMap, couple_maps, forward_maps
 from .toolkit import first_input
 from .shape import MapRule
 
@@ -140,7 +140,7 @@ class IndexSelect(_IndexingRule):
             ctx, x, dim, int(index.host().max()) + 1)
 
 
-class ChannelGatherRule(ModuleRule):
+class ChannelGatherRule(DescribedByMaps, ModuleRule):
     """:class:`~speedup.modules.ChannelGather`: output entry ``j`` is input entry ``index[j]``, and
     the index is renumbered for the entries that stay, so any entry may go (with those it feeds)."""
 
@@ -151,15 +151,6 @@ class ChannelGatherRule(ModuleRule):
         dim = node.module.dim % x.ndim
         index = node.params["index"].host().long()
         return [DimMap(x, d, out, d, index if d == dim else None) for d in range(x.ndim)]
-
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        couple_maps(ctx, self.maps(node))
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        forward_maps(ctx, self.maps(node))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        backward_maps(ctx, self.maps(node))
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         x, dim = plan.input(), module.dim % plan.input().ndim

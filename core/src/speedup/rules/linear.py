@@ -23,6 +23,36 @@ from ..rule import DimConst, ModuleRule
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
+class ActivationMaskedLinear(nn.Module):
+    """``linear(x, W * M, b * m)`` computed as ``linear(x * kept_columns, W) * kept_rows + b * m`` for a
+    mask ``M`` that is rows times columns: the weight is read as it is (a view of the module's), so
+    recording a masked layer makes no masked copy of it (see :meth:`~speedup.rule.ModuleRule.masked_forward`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows, columns, bias_kept):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.rows, self.columns, self.bias_kept = rows, columns, bias_kept
+
+    @classmethod
+    def part(cls, weight, bias, weight_mask, bias_mask, rows: slice = slice(None)) -> "ActivationMaskedLinear":
+        """The rows ``rows`` of a (possibly fused) projection, masked by these patterns (None: unmasked)."""
+        kept_rows = weight_mask.kept(0)[rows] if weight_mask is not None else None
+        columns = weight_mask.kept(1) if weight_mask is not None else None
+        bias_kept = bias_mask.kept(0)[rows] if bias_mask is not None else None
+        bias = bias.detach()[rows] if bias is not None else None
+        return cls(weight.detach()[rows], bias, kept_rows, columns, bias_kept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.columns is not None:
+            x = x * self.columns.to(x)
+        out = F.linear(x, self.weight)
+        if self.rows is not None:
+            out = out * self.rows.to(out)
+        if self.bias is None:
+            return out
+        return out + (self.bias * self.bias_kept.to(self.bias) if self.bias_kept is not None else self.bias)
+
+
 class LinearRule(ModuleRule):
     lazy_masks = True  # reads parameters through the node's values and the plan only
     subclasses = True
@@ -86,13 +116,7 @@ class LinearRule(ModuleRule):
         pattern = masks.get("weight")
         if set(masks) != {"weight"} or not pattern.separable or type(module).forward is not nn.Linear.forward:
             return None
-        rows, columns = pattern.kept(0), pattern.kept(1)
-
-        def forward(input: torch.Tensor) -> torch.Tensor:
-            out = F.linear(input * columns.to(input), module.weight) * rows.to(input)
-            return out if module.bias is None else out + module.bias
-
-        return forward
+        return ActivationMaskedLinear.part(module.weight, module.bias, pattern, None).forward
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         new = clone_module(module)

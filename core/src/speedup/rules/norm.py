@@ -268,20 +268,25 @@ def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
     ``variance_epsilon`` or ``epsilon``) and nothing else; each is run on a probe laid out channels
     first and one laid out channels last, and claimed for the layout whose result is ``F.layer_norm``'s.
     """
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-        return None
-    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
-        return None
-    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
-    if any(t is not weight and t is not bias for t in held) or not weight.is_floating_point():
-        return None
-    for attribute in _EPS_ATTRIBUTES:
-        if isinstance(module.__dict__.get(attribute), float):
-            for dim in (1, -1):
-                if _computes_layer_norm(module, dim, module.__dict__[attribute]):
-                    return RecognisedLayerNormRule(dim, attribute)
+    for attribute in _norm_candidate(module, shift=True):
+        for dim in (1, -1):
+            if _computes_layer_norm(module, dim, module.__dict__[attribute]):
+                return RecognisedLayerNormRule(dim, attribute)
     return None
+
+
+def _norm_candidate(module: nn.Module, shift: bool) -> list[str]:
+    """The float epsilon attributes of a module that may be a norm written by hand: a leaf holding a
+    vector ``weight``, an optional ``bias`` like it where ``shift``, and nothing else; none otherwise."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None) if shift else None
+    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
+        return []
+    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
+        return []
+    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if any(t is not weight and t is not bias for t in held):
+        return []
+    return [name for name in _EPS_ATTRIBUTES if isinstance(module.__dict__.get(name), float)]
 
 
 def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
@@ -348,17 +353,10 @@ def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
     probe; it is claimed where the result is ``(offset + weight) * x * rsqrt(mean(x^2) + eps)`` for an
     offset of 0 or 1. The module itself is not touched.
     """
-    weight = getattr(module, "weight", None)
-    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
-        return None
-    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
-    if any(t is not weight for t in held):
-        return None
-    for attribute in _EPS_ATTRIBUTES:
-        if isinstance(module.__dict__.get(attribute), float):
-            offset = _rms_norm_offset(module, attribute)
-            if offset is not None:
-                return ScaledRMSNormRule(offset, attribute)
+    for attribute in _norm_candidate(module, shift=False):
+        offset = _rms_norm_offset(module, attribute)
+        if offset is not None:
+            return ScaledRMSNormRule(offset, attribute)
     return None
 
 

@@ -18,27 +18,11 @@ import torch
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
-from ._maps import DimMap, backward_maps, couple_maps, forward_maps, uniform_const
+from ._maps import DescribedByMaps, DimMap, uniform_const
 
 
-class MapRule(OpRule):
+class MapRule(DescribedByMaps, OpRule):
     """An operator fully described by dimension maps from its first input to its first output."""
-
-    def maps(self, node: Node) -> list[DimMap]:
-        raise NotImplementedError
-
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        couple_maps(ctx, self.maps(node))
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        forward_maps(ctx, self.maps(node))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        maps = self.maps(node)
-        if maps:
-            backward_maps(ctx, maps)
-        elif any(ctx.is_demanded(out) for out in node.outputs):
-            ctx.demand_all(node.args[0])  # no map describes this call: it reads everything
 
 
 class Identity(MapRule):
