@@ -37,6 +37,7 @@ from .propagation import Analysis
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
+from .stale_sizes import SizeFix, stale_size_choices
 from .tracer import Trace, TracingFailed, iter_tensors, trace
 from .transaction import Transaction
 
@@ -200,6 +201,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()
     pinned_dims: dict[int, set[int]] = {}
+    sizes = _StaleSizes(model, graph)
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
         analysis.run(frozenset(pinned), pinned_dims)
@@ -207,6 +209,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
+        sizes.apply(tx, replaced.attributes)
         lazy.mask_what_remains(model)
         _reset_mode_caches(mode_aware)
         clock.lap("replace")
@@ -217,9 +220,11 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         if check.ok:
             report.max_abs_diff = check.max_abs_diff
             break
-        reason = _keep_more(graph, check, pinned, pinned_dims)
-        report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
         tx.rollback(savepoint)
+        check = sizes.try_for(check)
+        if check is not None:
+            reason = _keep_more(graph, check, pinned, pinned_dims)
+            report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
     tensor_masks.drop_all_ones(holders, tx)
@@ -306,6 +311,41 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     if dims is None:
         return reason
     return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
+
+
+class _StaleSizes:
+    """Stored sizes set to new values for the next attempt (see :mod:`speedup.stale_sizes`): for each
+    call that departed from the plan, one choice after another, until the call meets its plan or no
+    choice is left (the call is then kept whole)."""
+
+    def __init__(self, model: nn.Module, graph: Graph):
+        self.model, self.graph = model, graph
+        self.choices: dict[int, list[list[SizeFix]]] = {}
+        self.fixes: dict[int, list[SizeFix]] = {}
+        self.latest: Optional[Node] = None
+
+    def try_for(self, check: "_Check") -> Optional["_Check"]:
+        """``None`` where the next attempt tries a choice of stored sizes for the departure ``check``
+        found; else the check to keep more of the model for. Outputs that differ with no call
+        departing blame the latest choice."""
+        node = check.node if check.node is not None else self.latest
+        if node is None or (check.node is None and node.index not in self.fixes):
+            return check
+        if node.index not in self.choices:
+            self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
+        left = self.choices[node.index]
+        self.fixes.pop(node.index, None)
+        if not left:
+            return check if check.node is not None else _Check(False, node, check.reason)
+        self.fixes[node.index] = left.pop(0)
+        self.latest = node
+        return None
+
+    def apply(self, tx: Transaction, attributes: dict) -> None:
+        for fixes in self.fixes.values():
+            for module, attr, name, before, after in fixes:
+                tx.set_attr(module, attr, after)
+                attributes[name] = (before, after)
 
 
 def _unverifiable(reason: str) -> VerificationError:

@@ -422,20 +422,27 @@ class _Recorder(TorchDispatchMode):
         return arg
 
     def _caller(self) -> tuple[str, Optional[str]]:
-        """The innermost module running the user code that issued an operator, and that code's line."""
+        """The innermost module running the user code that issued an operator, and that code's line.
+
+        The code may be a function a module's ``forward`` calls (timm's ``conv2d_same(x, self.weight,
+        ...)``): the module is then the nearest caller that is one.
+        """
         frame = sys._getframe(2)
         skipped = _LIBRARY_CODE
+        location = None
         while frame is not None:
             code = frame.f_code
             inside = skipped.get(code)
             if inside is None:
                 inside = skipped[code] = code.co_filename.startswith((_TORCH_DIR, _OWN_DIR))
             if not inside:
+                if location is None:
+                    location = f"{code.co_filename}:{frame.f_lineno}"
                 owner = frame.f_locals.get("self") if code.co_varnames[:1] == ("self",) else None
-                scope = self._names.get(id(owner), "") if isinstance(owner, nn.Module) else ""
-                return scope, f"{code.co_filename}:{frame.f_lineno}"
+                if isinstance(owner, nn.Module):
+                    return self._names.get(id(owner), ""), location
             frame = frame.f_back
-        return "", None
+        return "", location
 
     def _record_output(self, tensor: torch.Tensor, origin: Origin, node: Node, written: bool = False,
                        base: Optional[torch.Tensor] = None) -> TensorValue:

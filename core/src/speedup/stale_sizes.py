@@ -1,0 +1,110 @@
+"""Sizes a module stored when it was built, kept in step with the dimensions that shrank.
+
+Code often keeps a size it was built with and reads it in ``forward``: timm's selective-kernel
+convolution splits its input with ``torch.split(x, self.in_channels // self.num_paths, 1)``, an
+attention layer reshapes with ``self.num_heads``. Plugins keep the sizes of the modules they know in
+step (``RuleRegistry.add_size_attributes``); a module no plugin knows keeps its stale size, and its
+call departs from the plan when the sped-up model is verified.
+
+When that happens, the module running the departing call is looked at: its integer attributes (and
+lists of them, as split sizes) that equal the full size of a dimension that shrank inside it are
+set to that dimension's new size, in every module of the same class (the same code reads them), and
+the attempt is verified again.
+Where such a size also belongs to a dimension that kept its size (``in_channels`` and
+``out_channels`` both 64, only the input losing channels), each attribute is tried on its own, then
+all together. Only a verified result is kept: when no choice makes the call meet its plan, the sizes
+go back and the engine keeps the call whole instead.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+from torch import nn
+
+from .graph import Graph, Node
+
+SizeFix = tuple[nn.Module, str, str, object, object]
+"""``(module, attribute, "module_name.attribute", value before, value after)``: an integer, or a list
+or tuple of integers."""
+
+
+_MOST_CHOICES = 6
+
+
+def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
+    """Ways to change stored sizes so that the module running ``node`` (and every module of its class)
+    may meet the planned shapes, most likely first; empty when the recording tells of none."""
+    if not node.scope:
+        return []
+    try:
+        owner = model.get_submodule(node.scope)
+    except AttributeError:
+        return []
+    scopes = _nodes_by_scope(graph)
+    # attribute -> [(module, its name, size before, size after)], and the attributes whose size is ambiguous
+    candidates: dict[str, list[tuple[nn.Module, str, int, int]]] = defaultdict(list)
+    ambiguous: set[str] = set()
+    for name, module in model.named_modules():
+        if type(module) is not type(owner):
+            continue
+        fates = _fates(scopes, name)
+        for attr, before in vars(module).items():
+            sizes = _sizes(before)
+            if sizes is None or attr.startswith("_"):
+                continue
+            after = [_new_size(fates, size) for size in sizes]
+            if any(new is None for new in after) or after == sizes:
+                continue
+            candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
+            if any(size in fates[size] for size, new in zip(sizes, after) if new != size):
+                ambiguous.add(attr)
+    sure = [attr for attr in candidates if attr not in ambiguous]
+    unsure = [attr for attr in candidates if attr in ambiguous]
+    chosen = [sure] if sure else []
+    chosen += [sure + [attr] for attr in unsure]
+    if len(unsure) > 1:
+        chosen.append(sure + unsure)
+    return [_fixes(candidates, attrs) for attrs in chosen[:_MOST_CHOICES]]
+
+
+def _sizes(attribute: object) -> Optional[list[int]]:
+    """The sizes an attribute may hold: an integer, or a list or tuple of them (split sizes)."""
+    if type(attribute) is int:
+        return [attribute]
+    if type(attribute) in (list, tuple) and attribute and all(type(a) is int for a in attribute):
+        return list(attribute)
+    return None
+
+
+def _new_size(fates: dict[int, set[int]], size: int) -> Optional[int]:
+    """The one size a full size shrank to, the size itself where it never shrank; None where it
+    shrank to several sizes."""
+    shrunk = fates.get(size, set()) - {size}
+    if len(shrunk) > 1:
+        return None
+    return next(iter(shrunk)) if shrunk else size
+
+
+def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:
+    return [(module, attr, f"{name}.{attr}" if name else attr, before, after)
+            for attr in attrs for module, name, before, after in candidates[attr]]
+
+
+def _nodes_by_scope(graph: Graph) -> dict[str, list[Node]]:
+    scopes: dict[str, list[Node]] = defaultdict(list)
+    for node in graph.nodes:
+        scopes[node.scope].append(node)
+    return scopes
+
+
+def _fates(scopes: dict[str, list[Node]], name: str) -> dict[int, set[int]]:
+    """``full size -> planned sizes`` over the dimensions of the values the module's own code reads
+    and makes."""
+    fates: dict[int, set[int]] = defaultdict(set)
+    for node in scopes.get(name, []):
+        for value in list(node.inputs) + list(node.outputs):
+            for full, now in zip(value.shape, value.planned_shape()):
+                fates[full].add(now)
+    return fates

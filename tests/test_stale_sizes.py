@@ -1,0 +1,60 @@
+"""Sizes a module stored when it was built and reads in ``forward`` follow the dimensions that shrank."""
+
+import torch
+from torch import nn
+
+from support.checks import check_speedup, rows
+
+
+class SplitInHalves(nn.Module):
+    """Splits its input in halves by a size it stored (as timm's selective-kernel convolution), or by
+    a literal size."""
+
+    def __init__(self, channels: int, literal: bool = False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.literal = channels, channels, literal
+        self.convs = nn.ModuleList(nn.Conv2d(channels // 2, channels, 3, padding=1) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = torch.split(x, 4 if self.literal else self.in_channels // 2, 1)
+        return sum(conv(half) for conv, half in zip(self.convs, halves))
+
+
+def _model(literal: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SplitInHalves(8, literal), nn.Conv2d(8, 4, 1)).eval()
+
+
+def _first_conv_keeps(kept: list[int]) -> dict:
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[kept] = True
+    return {"0": {"weight": rows(keep, (8, 3, 3, 3)), "bias": keep}}
+
+
+def _check(model: nn.Module, kept: list[int], **expected):
+    return check_speedup(model, _first_conv_keeps(kept), torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7), **expected)
+
+
+def test_a_stored_size_equal_to_a_dimension_that_shrank_is_set_to_its_new_size():
+    model = _model()
+    report = _check(model, [0, 1, 4, 5], shrunk=["0.weight", "2.convs.0.weight", "2.convs.1.weight"])
+    # out_channels was 8 as well, but the outputs kept their 8 channels: only in_channels changed
+    assert report.attributes == {"2.in_channels": (8, 4)}
+    assert model[2].in_channels == 4 and model[2].out_channels == 8
+    assert not report.kept_for_verification
+
+
+def test_halves_stay_equal_where_the_masks_make_them_unequal():
+    model = _model()
+    # three channels of the first half and one of the second: two zero channels of the second half
+    # are kept, so that halving the stored size still splits the input right
+    report = _check(model, [0, 1, 2, 4], shrunk=["0.weight"])
+    assert report.attributes == {"2.in_channels": (8, 6)}
+
+
+def test_where_no_stored_size_makes_the_call_meet_its_plan_the_sizes_go_back_and_the_call_stays_whole():
+    model = _model(literal=True)
+    report = _check(model, [0, 1, 4, 5])
+    assert (model[2].in_channels, model[2].out_channels) == (8, 8) and not report.attributes
+    assert [reason for reason in report.kept_for_verification if "split" in reason]
+    assert model[0].weight.shape[0] == 8  # the split needs all of its input
