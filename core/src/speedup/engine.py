@@ -322,24 +322,34 @@ class _StaleSizes:
         self.model, self.graph = model, graph
         self.choices: dict[int, list[list[SizeFix]]] = {}
         self.fixes: dict[int, list[SizeFix]] = {}
+        self.nodes: dict[int, Node] = {}
         self.latest: Optional[Node] = None
 
     def try_for(self, check: "_Check") -> Optional["_Check"]:
         """``None`` where the next attempt tries a choice of stored sizes for the departure ``check``
-        found; else the check to keep more of the model for. Outputs that differ with no call
-        departing blame the latest choice."""
-        node = check.node if check.node is not None else self.latest
-        if node is None or (check.node is None and node.index not in self.fixes):
+        found; else the check to keep more of the model for. A departure inside a module whose sizes
+        a choice changed blames that choice (a size read in two places may fit one only), and so do
+        outputs that differ with no call departing (the latest choice)."""
+        node = self._blamed(check.node)
+        if node is None:
             return check
         if node.index not in self.choices:
             self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
         left = self.choices[node.index]
         self.fixes.pop(node.index, None)
         if not left:
-            return check if check.node is not None else _Check(False, node, check.reason)
+            return check if node is check.node else _Check(False, node, check.reason)
         self.fixes[node.index] = left.pop(0)
-        self.latest = node
+        self.nodes[node.index] = self.latest = node
         return None
+
+    def _blamed(self, departed: Optional[Node]) -> Optional[Node]:
+        if departed is None:
+            return self.latest if self.latest is not None and self.latest.index in self.fixes else None
+        for index, fixes in self.fixes.items():
+            if index != departed.index and any(name.rpartition(".")[0] == departed.scope for _, _, name, _, _ in fixes):
+                return self.nodes[index]
+        return departed
 
     def apply(self, tx: Transaction, attributes: dict) -> None:
         for fixes in self.fixes.values():
