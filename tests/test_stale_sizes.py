@@ -58,3 +58,24 @@ def test_where_no_stored_size_makes_the_call_meet_its_plan_the_sizes_go_back_and
     assert (model[2].in_channels, model[2].out_channels) == (8, 8) and not report.attributes
     assert [reason for reason in report.kept_for_verification if "split" in reason]
     assert model[0].weight.shape[0] == 8  # the split needs all of its input
+
+
+class OneSizeReadTwice(nn.Module):
+    """Reads one stored size where one tensor shrinks and where another keeps its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.width = nn.Linear(8, 8), nn.Linear(8, 8), 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x).reshape(-1, self.width), self.k(x).reshape(-1, self.width)], -1)
+
+
+def test_a_size_that_fits_one_read_and_breaks_another_goes_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(OneSizeReadTwice(), nn.Linear(16, 3)).eval()
+    keep = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    masks = {"0.q": {"weight": rows(keep, (8, 8)), "bias": keep}}
+    report = check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 4, 8))
+    assert model[0].width == 8 and not report.attributes
+    assert [reason for reason in report.kept_for_verification if "view" in reason or "reshape" in reason]

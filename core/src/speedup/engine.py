@@ -37,7 +37,7 @@ from .propagation import Analysis
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
-from .stale_sizes import SizeFix, stale_size_choices
+from .stale_sizes import StoredSizes
 from .tracer import Trace, TracingFailed, iter_tensors, trace
 from .transaction import Transaction
 
@@ -201,7 +201,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     report = ShrinkReport(params_before=params_before, flops_before=recorded.flops)
     pinned: set[int] = set()
     pinned_dims: dict[int, set[int]] = {}
-    sizes = _StaleSizes(model, graph)
+    sizes = StoredSizes(model, graph)
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
         analysis.run(frozenset(pinned), pinned_dims)
@@ -221,8 +221,10 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             report.max_abs_diff = check.max_abs_diff
             break
         tx.rollback(savepoint)
-        check = sizes.try_for(check)
-        if check is not None:
+        tried, blamed = sizes.next_choice(check.node)
+        if not tried:
+            if blamed is not check.node:
+                check = _Check(False, blamed, f"no stored size fits every call reading it ({check.reason})")
             reason = _keep_more(graph, check, pinned, pinned_dims)
             report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
     else:
@@ -311,51 +313,6 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     if dims is None:
         return reason
     return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
-
-
-class _StaleSizes:
-    """Stored sizes set to new values for the next attempt (see :mod:`speedup.stale_sizes`): for each
-    call that departed from the plan, one choice after another, until the call meets its plan or no
-    choice is left (the call is then kept whole)."""
-
-    def __init__(self, model: nn.Module, graph: Graph):
-        self.model, self.graph = model, graph
-        self.choices: dict[int, list[list[SizeFix]]] = {}
-        self.fixes: dict[int, list[SizeFix]] = {}
-        self.nodes: dict[int, Node] = {}
-        self.latest: Optional[Node] = None
-
-    def try_for(self, check: "_Check") -> Optional["_Check"]:
-        """``None`` where the next attempt tries a choice of stored sizes for the departure ``check``
-        found; else the check to keep more of the model for. A departure inside a module whose sizes
-        a choice changed blames that choice (a size read in two places may fit one only), and so do
-        outputs that differ with no call departing (the latest choice)."""
-        node = self._blamed(check.node)
-        if node is None:
-            return check
-        if node.index not in self.choices:
-            self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
-        left = self.choices[node.index]
-        self.fixes.pop(node.index, None)
-        if not left:
-            return check if node is check.node else _Check(False, node, check.reason)
-        self.fixes[node.index] = left.pop(0)
-        self.nodes[node.index] = self.latest = node
-        return None
-
-    def _blamed(self, departed: Optional[Node]) -> Optional[Node]:
-        if departed is None:
-            return self.latest if self.latest is not None and self.latest.index in self.fixes else None
-        for index, fixes in self.fixes.items():
-            if index != departed.index and any(name.rpartition(".")[0] == departed.scope for _, _, name, _, _ in fixes):
-                return self.nodes[index]
-        return departed
-
-    def apply(self, tx: Transaction, attributes: dict) -> None:
-        for fixes in self.fixes.values():
-            for module, attr, name, before, after in fixes:
-                tx.set_attr(module, attr, after)
-                attributes[name] = (before, after)
 
 
 def _unverifiable(reason: str) -> VerificationError:

@@ -24,6 +24,7 @@ from typing import Optional
 from torch import nn
 
 from .graph import Graph, Node
+from .transaction import Transaction
 
 SizeFix = tuple[nn.Module, str, str, object, object]
 """``(module, attribute, "module_name.attribute", value before, value after)``: an integer, or a list
@@ -31,6 +32,52 @@ or tuple of integers."""
 
 
 _MOST_CHOICES = 6
+
+
+class StoredSizes:
+    """The stored sizes each attempt sets: for each call that departed from the plan, one choice
+    after another, until the call meets its plan or no choice is left."""
+
+    def __init__(self, model: nn.Module, graph: Graph):
+        self.model, self.graph = model, graph
+        self.choices: dict[int, list[list[SizeFix]]] = {}
+        self.fixes: dict[int, list[SizeFix]] = {}
+        self.nodes: dict[int, Node] = {}
+        self.latest: Optional[Node] = None
+
+    def next_choice(self, departed: Optional[Node]) -> tuple[bool, Optional[Node]]:
+        """``(tried, blamed)``: whether the next attempt tries another choice of sizes, and the call
+        blamed for the departure. A departure inside a module whose sizes a choice changed blames
+        that choice (a size read in two places may fit only one), and so do outputs that differ with
+        no call departing (``departed`` None: the latest choice). When no choice is left, the blamed
+        call is the one to keep whole."""
+        node = self._blamed(departed)
+        if node is None:
+            return False, departed
+        if node.index not in self.choices:
+            self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
+        left = self.choices[node.index]
+        self.fixes.pop(node.index, None)
+        if not left:
+            return False, node
+        self.fixes[node.index] = left.pop(0)
+        self.nodes[node.index] = self.latest = node
+        return True, node
+
+    def _blamed(self, departed: Optional[Node]) -> Optional[Node]:
+        if departed is None:
+            return self.latest if self.latest is not None and self.latest.index in self.fixes else None
+        for index, fixes in self.fixes.items():
+            if index != departed.index and any(name.rpartition(".")[0] == departed.scope for _, _, name, _, _ in fixes):
+                return self.nodes[index]
+        return departed
+
+    def apply(self, tx: Transaction, attributes: dict) -> None:
+        """Sets the sizes of every current choice (undone with the attempt), noting them in ``attributes``."""
+        for fixes in self.fixes.values():
+            for module, attr, name, before, after in fixes:
+                tx.set_attr(module, attr, after)
+                attributes[name] = (before, after)
 
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
