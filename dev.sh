@@ -19,7 +19,7 @@ setup() {
     fi
     "$PY" -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt pip setuptools wheel
     "$PY" -m pip install --quiet --disable-pip-version-check -c constraints/dev.txt \
-        torch torchvision transformers numpy pluggy pytest torch-pruning matplotlib
+        torch torchvision transformers numpy pluggy pytest torch-pruning matplotlib timm
     "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation -c constraints/dev.txt \
         -e core -e plugins/torchvision_ops -e plugins/transformers_ops
     # Dev-only: make torchvision importable against the CPU build of torch (see the module's docstring).
