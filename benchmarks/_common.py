@@ -210,6 +210,24 @@ def rows_mask(module: nn.Module, keep: Optional[int] = None) -> dict[str, torch.
     return masks
 
 
+def random_channel_masks(model: nn.Module, classifiers: Iterable[nn.Module] = (), seed: int = 0) -> dict:
+    """Masks "a" of the zoo benchmarks: every Conv2d / Linear but ``classifiers`` loses a random half
+    (floor) of its output channels, with their biases."""
+    generator = torch.Generator().manual_seed(seed)
+    skipped = {id(m) for m in classifiers}
+    masks: dict = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in skipped:
+            rows = module.weight.shape[0]
+            keep = torch.ones(rows, dtype=torch.bool)
+            keep[torch.randperm(rows, generator=generator)[: rows // 2]] = False
+            entry = {"weight": keep.reshape([rows] + [1] * (module.weight.dim() - 1)).expand(module.weight.shape)}
+            if module.bias is not None:
+                entry["bias"] = keep
+            masks[name] = entry
+    return masks
+
+
 def add_mask(masks: dict, module_name: str, target: str, mask: torch.Tensor) -> None:
     """Adds ``mask`` for ``module_name.target``, combining (AND) with a mask already there."""
     entry = masks.setdefault(module_name, {})

@@ -41,7 +41,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import RESULTS_DIR, environment, print_table, randomize_batchnorm, write_json  # noqa: E402
+from _common import RESULTS_DIR, environment, print_table, random_channel_masks, randomize_batchnorm, write_json  # noqa: E402
 
 import speedup  # noqa: E402
 from speedup.engine import closeness  # noqa: E402
@@ -62,9 +62,6 @@ efficientvit_b0 efficientvit_m0 tiny_vit_5m_224 davit_tiny focalnet_tiny_srf gcv
 hiera_tiny_224
 """.split()
 
-Masks = dict[str, dict[str, torch.Tensor]]
-
-
 def build(name: str, seed: int = 3) -> nn.Module:
     model = timm.create_model(name, pretrained=False).eval()
     randomize_batchnorm(model, seed=1)
@@ -76,23 +73,6 @@ def build(name: str, seed: int = 3) -> nn.Module:
     return model
 
 
-def random_channel_masks(model: nn.Module, seed: int = 0) -> Masks:
-    """(a): a random half of the output channels of every Conv2d / Linear but the classifier."""
-    generator = torch.Generator().manual_seed(seed)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    masks: Masks = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or module is head or module.weight.shape[0] < 2:
-            continue
-        rows = module.weight.shape[0]
-        keep = torch.ones(rows, dtype=torch.bool)
-        keep[torch.randperm(rows, generator=generator)[: rows // 2]] = False
-        masks[name] = {"weight": keep.reshape([rows] + [1] * (module.weight.dim() - 1)).expand(module.weight.shape)}
-        if module.bias is not None:
-            masks[name]["bias"] = keep
-    return masks
-
-
 def bench(name: str, kind: str) -> dict:
     row: dict = {"model": name, "masks": kind}
     try:
@@ -100,7 +80,9 @@ def bench(name: str, kind: str) -> dict:
         size = timm.data.resolve_data_config({}, model=model)["input_size"]
         generator = torch.Generator().manual_seed(5)
         dummy, fresh = torch.randn(1, *size, generator=generator), torch.randn(2, *size, generator=generator)
-        masks = random_channel_masks(model) if kind == "a" else consistent_masks(model, dummy, sparsity=0.5, seed=0)
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        heads = [head] if isinstance(head, nn.Module) else []
+        masks = random_channel_masks(model, heads) if kind == "a" else consistent_masks(model, dummy, sparsity=0.5, seed=0)
         masked = masked_copy(model, masks).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

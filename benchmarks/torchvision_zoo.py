@@ -93,6 +93,7 @@ from _common import (  # noqa: E402
     outputs,
     parameter_count,
     print_table,
+    random_channel_masks,
     randomize_batchnorm,
     use_default_threads,
     wall,
@@ -204,23 +205,6 @@ def prepare(model: nn.Module, classifiers: list[nn.Module], seed: int = 1) -> di
 # ============================================================================================
 
 Masks = dict[str, dict[str, torch.Tensor]]
-
-
-def random_channel_masks(model: nn.Module, classifiers: list[nn.Module], seed: int = 0) -> Masks:
-    """(a): every Conv2d / Linear but the classifiers loses a random half (floor) of its output channels."""
-    generator = torch.Generator().manual_seed(seed)
-    skipped = {id(m) for m in classifiers}
-    masks: Masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in skipped:
-            rows = module.weight.shape[0]
-            keep = torch.ones(rows, dtype=torch.bool)
-            keep[torch.randperm(rows, generator=generator)[: rows // 2]] = False
-            entry = {"weight": keep.reshape([rows] + [1] * (module.weight.dim() - 1)).expand(module.weight.shape)}
-            if module.bias is not None:
-                entry["bias"] = keep
-            masks[name] = entry
-    return masks
 
 
 def make_masks(kind: str, model: nn.Module, segmentation: bool, dummy: torch.Tensor) -> Masks:

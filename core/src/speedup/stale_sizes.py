@@ -3,14 +3,13 @@
 Code often keeps a size it was built with and reads it in ``forward``: timm's selective-kernel
 convolution splits its input with ``torch.split(x, self.in_channels // self.num_paths, 1)``, an
 attention layer reshapes with ``self.num_heads``. Plugins keep the sizes of the modules they know in
-step (``RuleRegistry.add_size_attributes``); a module no plugin knows keeps its stale size, and its
-call departs from the plan when the sped-up model is verified.
+step (``RuleRegistry.add_sizes``); a module no plugin knows keeps its stale size, and its call
+departs from the plan when the sped-up model is verified.
 
 When that happens, the module running the departing call is looked at: its integer attributes (and
 lists of them, as split sizes) that equal the full size of a dimension that shrank inside it are
 set to that dimension's new size, in every module of the same class (the same code reads them), and
-the attempt is verified again.
-Where such a size also belongs to a dimension that kept its size (``in_channels`` and
+the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
 ``out_channels`` both 64, only the input losing channels), each attribute is tried on its own, then
 all together. Only a verified result is kept: when no choice makes the call meet its plan, the sizes
 go back and the engine keeps the call whole instead.
@@ -27,8 +26,8 @@ from .graph import Graph, Node
 from .transaction import Transaction
 
 SizeFix = tuple[nn.Module, str, str, object, object]
-"""``(module, attribute, "module_name.attribute", value before, value after)``: an integer, or a list
-or tuple of integers."""
+"""``(module, its name, attribute, value before, value after)``; a value is an integer, or a list or
+tuple of integers."""
 
 
 _MOST_CHOICES = 6
@@ -68,16 +67,16 @@ class StoredSizes:
         if departed is None:
             return self.latest if self.latest is not None and self.latest.index in self.fixes else None
         for index, fixes in self.fixes.items():
-            if index != departed.index and any(name.rpartition(".")[0] == departed.scope for _, _, name, _, _ in fixes):
+            if index != departed.index and any(name == departed.scope for _, name, _, _, _ in fixes):
                 return self.nodes[index]
         return departed
 
     def apply(self, tx: Transaction, attributes: dict) -> None:
         """Sets the sizes of every current choice (undone with the attempt), noting them in ``attributes``."""
         for fixes in self.fixes.values():
-            for module, attr, name, before, after in fixes:
+            for module, name, attr, before, after in fixes:
                 tx.set_attr(module, attr, after)
-                attributes[name] = (before, after)
+                attributes[f"{name}.{attr}" if name else attr] = (before, after)
 
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
@@ -90,8 +89,8 @@ def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[
     except AttributeError:
         return []
     scopes = _nodes_by_scope(graph)
-    # attribute -> [(module, its name, size before, size after)], and the attributes whose size is ambiguous
-    candidates: dict[str, list[tuple[nn.Module, str, int, int]]] = defaultdict(list)
+    # attribute -> [(module, its name, value before, value after)], and the attributes whose value is ambiguous
+    candidates: dict[str, list[tuple[nn.Module, str, object, object]]] = defaultdict(list)
     ambiguous: set[str] = set()
     for name, module in model.named_modules():
         if type(module) is not type(owner):
@@ -105,7 +104,7 @@ def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[
             if any(new is None for new in after) or after == sizes:
                 continue
             candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
-            if any(size in fates[size] for size, new in zip(sizes, after) if new != size):
+            if any(size in fates.get(size, ()) for size, new in zip(sizes, after) if new != size):
                 ambiguous.add(attr)
     sure = [attr for attr in candidates if attr not in ambiguous]
     unsure = [attr for attr in candidates if attr in ambiguous]
@@ -135,8 +134,7 @@ def _new_size(fates: dict[int, set[int]], size: int) -> Optional[int]:
 
 
 def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:
-    return [(module, attr, f"{name}.{attr}" if name else attr, before, after)
-            for attr in attrs for module, name, before, after in candidates[attr]]
+    return [(module, name, attr, before, after) for attr in attrs for module, name, before, after in candidates[attr]]
 
 
 def _nodes_by_scope(graph: Graph) -> dict[str, list[Node]]:
