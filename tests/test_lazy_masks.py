@@ -207,3 +207,52 @@ def test_embeddings_compute_their_masked_lookup_from_masked_activations(monkeypa
     check_speedup(model, masks, ids, ids.flip(0)[:, :3], shrunk=["embed.weight", "head.weight"])
     assert made[id(embed)] is not None
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class Convolutions(nn.Module):
+    def __init__(self, layout: str):
+        super().__init__()
+        conv = {"1d": nn.Conv1d, "2d": nn.Conv2d, "3d": nn.Conv3d}[layout]
+        self.a = conv(4, 8, 3, padding=1)
+        self.b = conv(8, 8, 3, padding=1, padding_mode="reflect", stride=2)
+        self.c = conv(8, 6, 1, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.head(y.flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("layout, shape", [("1d", (2, 4, 12)), ("2d", (2, 4, 10, 10)), ("3d", (2, 4, 5, 6, 6)),
+                                           ("channels_last", (2, 4, 10, 10))])
+def test_convolutions_compute_their_masked_output_from_their_kept_channels(monkeypatch, layout, shape):
+    """``conv(x[:, columns], W[rows][:, columns])`` in the kept output channels, the bias (not masked,
+    so not zero) in the others; the FLOPs before are the masked model's all the same."""
+    from speedup.flops import FlopCounter
+    from speedup.rules import conv
+    from speedup.testing import masked_copy
+
+    monkeypatch.setattr(conv, "_GATHER_WORTH", 0)  # these are small: gather whatever the size
+    ran = []
+    monkeypatch.setattr(conv.KeptChannelsConv, "__call__",
+                        lambda self, x, call=conv.KeptChannelsConv.__call__: ran.append(self) or call(self, x))
+    torch.manual_seed(0)
+    model = Convolutions("2d" if layout == "channels_last" else layout).eval()
+    for module in (model.a, model.b):
+        nn.init.uniform_(module.bias, 0.5, 1.0)
+    dummy, fresh = torch.randn(shape), torch.randn(shape)
+    if layout == "channels_last":
+        model, dummy, fresh = model.to(memory_format=torch.channels_last), dummy.to(memory_format=torch.channels_last), \
+            fresh.to(memory_format=torch.channels_last)
+    kernel = (1,) * (len(shape) - 2)
+    masks = {"a": {"weight": rows(keep_mask(8), (8, 4, 3) + kernel[1:])},
+             "b": {"weight": (keep_mask(8)[:, None] & keep_mask(8)[None, :]).reshape((8, 8) + (1,) * len(kernel))
+                   .expand((8, 8, 3) + (3,) * (len(kernel) - 1))},
+             "c": {"weight": rows(keep_mask(6), (6, 8) + kernel)}}
+    counter = FlopCounter()
+    with torch.no_grad(), counter:
+        masked_copy(model, masks)(dummy)
+    original = [model.a, model.b, model.c]
+    report = check_speedup(model, masks, dummy, fresh, shrunk=["a.weight", "b.weight", "c.weight"])
+    assert [kept.module for kept in ran] == original
+    assert report.flops_before == counter.total

@@ -104,6 +104,10 @@ class ModuleRule(Rule):
         activations costs a pass over them instead of one over the weights: ``linear(x * kept_columns,
         W) * kept_rows`` for a weight losing rows and columns. The result must equal the masked
         module's within round-off (the verification compares with it).
+
+        ``fn`` may skip the multiplications by masked entries (a convolution computing only its kept
+        channels). It then has a method ``flops(output) -> int``: the FLOPs of the module's own
+        forward, given what it returned, which the recording counts instead of what ``fn`` ran.
         """
         return None
 

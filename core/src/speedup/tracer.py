@@ -203,6 +203,10 @@ class _Recorder(TorchDispatchMode):
         self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
         self.self_masking: dict[int, list[torch.Tensor]] = {}
         """Claimed modules computing their masked output themselves, with their own parameters."""
+        self.own_flops: dict[int, Callable[[Any], int]] = {}
+        """Of those, the ones whose function skips work: the FLOPs of their own forward, by output."""
+        self._recounting = 0
+        """How many modules counting their own FLOPs are running (what runs inside them is not counted)."""
         self._set_aside: list[dict[int, tuple]] = []
 
     # -- values ---------------------------------------------------------------------------
@@ -283,7 +287,7 @@ class _Recorder(TorchDispatchMode):
             run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
-            if facts.counted:
+            if facts.counted and not self._recounting:
                 self.flops += flop_count.count(func, args, kwargs, out)
             for tensor in _tensors(out):
                 self._hidden[id(tensor)] = weakref.ref(tensor)
@@ -300,7 +304,7 @@ class _Recorder(TorchDispatchMode):
         except Exception:
             self.failed_call = node
             raise
-        if facts.counted:
+        if facts.counted and not self._recounting:
             self.flops += flop_count.count(func, args, kwargs, out)
         origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs)
         self.graph.add_node(node)
@@ -465,6 +469,8 @@ class _Recorder(TorchDispatchMode):
     # -- claimed modules ------------------------------------------------------------------
 
     def enter_module(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if id(module) in self.own_flops:
+            self._recounting += 1
         if self.suppress == 0:
             inputs: list[TensorValue] = []
             call_args = tuple(self._substitute(a, inputs) for a in args)
@@ -483,6 +489,11 @@ class _Recorder(TorchDispatchMode):
     def exit_module(self, module: nn.Module, output: Any) -> Any:
         """Records the call of a claimed module; returns its output where that must change (a view of
         a masked weight it returns, masked), else None."""
+        own_flops = self.own_flops.get(id(module))
+        if own_flops is not None:
+            self._recounting -= 1
+            if not self._recounting and output is not None:  # None: it raised
+                self.flops += own_flops(output)
         self.suppress -= 1
         if self.suppress:
             return None
@@ -526,6 +537,8 @@ def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int
         own = list(module.parameters())  # its submodules' too: its masked forward reads them
         module.__dict__["forward"] = fn  # never a submodule, even where fn is a module
         recorder.self_masking[id(module)] = own
+        if hasattr(fn, "flops"):
+            recorder.own_flops[id(module)] = fn.flops
         handles.append(_Undo(lambda module=module: module.__dict__.pop("forward", None)))
     return handles
 

@@ -233,6 +233,15 @@ class ConvModuleRule(ModuleRule):
             fold &= consts.zero if consts is not None else fold
         backward_conv(spec, ctx, fold)
 
+    def masked_forward(self, module: nn.Module, masks: dict) -> Optional[KeptChannelsConv]:
+        """The masked convolution computed on the channels its weight mask keeps, for a mask that is
+        output channels times input channels of a plain, ungrouped convolution."""
+        pattern = masks.get("weight")
+        if (set(masks) != {"weight"} or not pattern.separable or module.groups != 1 or module.transposed
+                or type(module).forward not in _PLAIN_FORWARDS):
+            return None
+        return KeptChannelsConv(module, pattern)
+
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         spec = _module_spec(plan.calls[0])
         weight, bias = plan.param("weight"), plan.param("bias")
@@ -257,6 +266,63 @@ class ConvModuleRule(ModuleRule):
             new.bias = added_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
             return new
         return _fold_borders(new, kernel, spec.x.shape[spec.cdim + 1:])
+
+
+_PLAIN_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+_GATHER_WORTH = 1 << 23
+"""Multiply-accumulates a masked convolution must run at least for computing only its kept channels
+to pay: below it, gathering them costs more than the multiplications by zero it spares."""
+
+
+class KeptChannelsConv:
+    """A masked convolution's output, for the recording, computed from the kept channels only.
+
+    Where the weight mask keeps output channels ``rows`` times input channels ``columns``, the masked
+    layer is ``conv(x[:, columns], W[rows][:, columns])`` in the kept output channels and its bias in the
+    others: a quarter of the multiplications when half of each goes (the masked model multiplies the
+    rest by zeros). The module's weight is read as it is (no masked copy). A small convolution takes
+    the masked copy of its weight instead (see ``_GATHER_WORTH``).
+    """
+
+    def __init__(self, module: nn.Module, pattern) -> None:
+        self.module, self.pattern = module, pattern
+        device = module.weight.device
+        rows, columns = pattern.kept(0), pattern.kept(1)
+        self.rows = None if bool(rows.all()) else rows.nonzero().reshape(-1).to(device)
+        self.columns = None if bool(columns.all()) else columns.nonzero().reshape(-1).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module, weight = self.module, self.module.weight.detach()
+        positions = x.numel() // x.shape[1]
+        if positions * weight.numel() < _GATHER_WORTH or (self.rows is None and self.columns is None):
+            return module._conv_forward(x, self.pattern.apply(weight), module.bias)
+        bias = module.bias
+        if self.columns is not None:
+            weight, x = weight.index_select(1, self.columns), x.index_select(1, self.columns)
+        if self.rows is None:
+            return module._conv_forward(x, weight, bias)
+        weight = weight.index_select(0, self.rows)
+        kept = module._conv_forward(x, weight, bias.index_select(0, self.rows) if bias is not None else None)
+        shape = (kept.shape[0], module.out_channels) + tuple(kept.shape[2:])
+        out = torch.empty(shape, dtype=kept.dtype, device=kept.device, memory_format=_memory_format(kept))
+        if bias is None:
+            out.zero_()
+        else:
+            out.copy_(bias.detach().reshape((1, -1) + (1,) * (kept.dim() - 2)).expand(shape))
+        return out.index_copy_(1, self.rows, kept)
+
+    def flops(self, output: torch.Tensor) -> int:
+        """The FLOPs of the masked module's own forward, which returned ``output``."""
+        return 2 * output.numel() // output.shape[1] * self.module.weight.numel()
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format ``tensor`` is laid out in (a convolution's output follows its input's)."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    if channels_last is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
 
 
 def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor:
