@@ -13,6 +13,7 @@ it for each input size. Where the contribution is uniform (no zero padding) it g
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -287,30 +288,34 @@ class KeptChannelsConv:
 
     def __init__(self, module: nn.Module, pattern) -> None:
         self.module, self.pattern = module, pattern
-        device = module.weight.device
-        rows, columns = pattern.kept(0), pattern.kept(1)
-        self.rows = None if bool(rows.all()) else rows.nonzero().reshape(-1).to(device)
-        self.columns = None if bool(columns.all()) else columns.nonzero().reshape(-1).to(device)
+
+    @functools.cached_property
+    def kept_channels(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Indices of the kept output and input channels (None: all are kept)."""
+        device = self.module.weight.device
+        return tuple(None if bool(kept.all()) else kept.nonzero().reshape(-1).to(device)
+                     for kept in (self.pattern.kept(0), self.pattern.kept(1)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module, weight = self.module, self.module.weight.detach()
         positions = x.numel() // x.shape[1]
-        if positions * weight.numel() < _GATHER_WORTH or (self.rows is None and self.columns is None):
+        rows, columns = self.kept_channels if positions * weight.numel() >= _GATHER_WORTH else (None, None)
+        if rows is None and columns is None:
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)
         bias = module.bias
-        if self.columns is not None:
-            weight, x = weight.index_select(1, self.columns), x.index_select(1, self.columns)
-        if self.rows is None:
+        if columns is not None:
+            weight, x = weight.index_select(1, columns), x.index_select(1, columns)
+        if rows is None:
             return module._conv_forward(x, weight, bias)
-        weight = weight.index_select(0, self.rows)
-        kept = module._conv_forward(x, weight, bias.index_select(0, self.rows) if bias is not None else None)
+        weight = weight.index_select(0, rows)
+        kept = module._conv_forward(x, weight, bias.index_select(0, rows) if bias is not None else None)
         shape = (kept.shape[0], module.out_channels) + tuple(kept.shape[2:])
         out = torch.empty(shape, dtype=kept.dtype, device=kept.device, memory_format=_memory_format(kept))
         if bias is None:
             out.zero_()
         else:
             out.copy_(bias.detach().reshape((1, -1) + (1,) * (kept.dim() - 2)).expand(shape))
-        return out.index_copy_(1, self.rows, kept)
+        return out.index_copy_(1, rows, kept)
 
     def flops(self, output: torch.Tensor) -> int:
         """The FLOPs of the masked module's own forward, which returned ``output``."""

@@ -62,6 +62,8 @@ class Elementwise(OpRule):
             consts = ctx.const(inputs[0], d)
             if consts is None:
                 return None
+            if not bool(consts.value.any()) and _keeps_zero(node, inputs[0]):
+                return consts  # zeros stay zeros: the usual case (removed channels), without evaluating
             value = _evaluate(node, inputs, [consts], out, n)
             return DimConst.where(consts.mask & torch.isfinite(value), value)
         per_input: list[Optional[DimConst]] = []
@@ -154,6 +156,31 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
         result = result[0]
     result = result.to(torch.float64).reshape(-1)
     return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
+
+
+_KEEPS_ZERO: dict[tuple, bool] = {}
+"""Whether a one-input operator, with given other arguments and dtype, maps zero to zero."""
+
+
+def _keeps_zero(node: Node, x: TensorValue) -> bool:
+    """Whether the operator maps zero to zero (``relu``: yes; ``sigmoid``: no), found by running it
+    once on a zero for each operator, dtype and other arguments."""
+    rest = node.args[1:] + tuple(node.kwargs.items())
+    if any(isinstance(a, TensorValue) for a in _flat(rest)):
+        return False  # the same tensor twice (``mul(x, x)``): evaluated as usual
+    key = (node.target, x.dtype, rest)
+    try:
+        known = _KEEPS_ZERO.get(key)
+    except TypeError:  # an unhashable argument
+        return False
+    if known is None:
+        zero = DimConst(torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.float64))
+        known = _KEEPS_ZERO[key] = bool(_evaluate(node, [x], [zero], x, 1)[0] == 0)
+    return known
+
+
+def _flat(args) -> list:
+    return [b for a in args for b in (_flat(a) if isinstance(a, (list, tuple)) else [a])]
 
 
 def _substituted(arg, stand_ins: dict[int, torch.Tensor]):

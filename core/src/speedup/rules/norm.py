@@ -48,6 +48,16 @@ class ChannelNormRule(ModuleRule):
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
         consts = ctx.const(x, 1)
+        if _plain_batchnorm(node.module):
+            scale, shift, fixed = _batchnorm_affine(ctx, node.module)
+            if consts is None:
+                if fixed is not None:
+                    ctx.set_const(out, 1, DimConst.where(fixed & torch.isfinite(shift), shift))
+                return
+            value = torch.addcmul(shift, consts.value, scale)
+            mask = consts.mask if fixed is None else consts.mask | fixed
+            ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
+            return
         weight, bias = param_data(node, "weight"), param_data(node, "bias")
         # A channel whose scale is masked is its shift, whatever the input.
         zero_scale = weight == 0 if weight is not None and bias is not None else None
@@ -55,7 +65,7 @@ class ChannelNormRule(ModuleRule):
             if zero_scale is not None and bool(zero_scale.any()):
                 ctx.set_const(out, 1, DimConst.where(zero_scale & torch.isfinite(bias), bias))
             return
-        value = _normalized_constants(ctx, node, x.ndim, consts)
+        value = _run_on_constants(node.module, x.ndim, consts)
         mask = consts.mask
         if zero_scale is not None:
             value = torch.where(zero_scale & ~mask, bias.to(torch.float64), value)
@@ -85,23 +95,19 @@ def _statistics_dims(module: nn.Module, ndim: int) -> list[int]:
     return [d for d in range(first, ndim) if d != 1]
 
 
-def _normalized_constants(ctx: Analysis, node: Node, ndim: int, consts: DimConst) -> torch.Tensor:
-    """What the layer makes of channels holding constants: its affine map for plain BatchNorm in
-    eval mode (computed once per layer), else the layer itself run on them."""
-    module = node.module
-    if _plain_batchnorm(module):
-        affine = ctx.memo("batchnorm-affine", lambda: _batchnorm_affines(ctx.graph.module_calls.values()))
-        scale, shift = affine[id(module)]
-        return consts.value * scale + shift
-    return _run_on_constants(module, ndim, consts)
-
-
 def _plain_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None
 
 
-def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """``y = x * scale + shift`` of every BatchNorm in eval mode of the graph, in float64, by module id.
+def _batchnorm_affine(ctx: Analysis, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(scale, shift, fixed)`` of a plain BatchNorm (computed once for all of the graph's):
+    ``y = x * scale + shift``, and the channels whose scale is zero (``None`` if none), which are
+    their shift whatever the input."""
+    return ctx.memo("batchnorm-affine", lambda: _batchnorm_affines(ctx.graph.module_calls.values()))[id(module)]
+
+
+def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """:func:`_batchnorm_affine` of every BatchNorm in eval mode of the graph, in float64, by module id.
 
     Computed for all of them at once, each of their tensors concatenated: a network has hundreds of
     BatchNorms, and a dozen operations on each small vector cost more than the arithmetic.
@@ -121,7 +127,10 @@ def _batchnorm_affines(module_calls) -> dict[int, tuple[torch.Tensor, torch.Tens
     weight = joined([m.weight if m.weight is not None else ones[:n] for m, n in zip(norms, sizes)])
     bias = joined([m.bias if m.bias is not None else zeros[:n] for m, n in zip(norms, sizes)])
     scale, shift = _affine(variance, mean, weight, bias, eps)
-    return {id(m): pair for m, pair in zip(norms, zip(scale.split(sizes), shift.split(sizes)))}
+    fixed = scale == 0
+    counts = torch.segment_reduce(fixed.to(torch.float64), "sum", lengths=torch.tensor(sizes)).tolist()
+    return {id(m): (s, b, f if n else None)
+            for m, s, b, f, n in zip(norms, scale.split(sizes), shift.split(sizes), fixed.split(sizes), counts)}
 
 
 def _affine(variance: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
