@@ -281,13 +281,24 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
 
     with torch.no_grad():  # as a user's model has: run once (the first forward of a process sets up kernels)
         call(masked, dummy)
+    def forwards_beside() -> list[float]:
+        # Masked forwards on the dummy, timed right before each speedup call: the call's length in
+        # forward passes compares two things measured in the same state of the machine.
+        with torch.no_grad():
+            return [wall(lambda: call(masked, dummy))[1] for _ in range(3)]
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        forwards = forwards_beside()
         report, shrink_s = wall(lambda: speedup.shrink(model, masks, dummy))
         # The first call of a process also pays one-time costs (loading plugins, first use of
         # code paths); further calls on fresh copies show the steady cost. Both are reported.
-        repeats = [wall(lambda m=m: speedup.shrink(m, masks, dummy))[1] for m in spares]
+        repeats = []
+        for spare in spares:
+            forwards += forwards_beside()
+            repeats.append(wall(lambda m=spare: speedup.shrink(m, masks, dummy))[1])
     shrink_median_s = statistics.median([shrink_s] + repeats)
+    forward_s = statistics.median(forwards)
     del spares
     sped = model.eval()
     details: dict[str, Any] = {
@@ -334,7 +345,6 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
     tp_flops = count_flops(tp_model, dummy) if tp_model is not None else None
 
     rows = []
-    masked_latency_b1 = None
     for batch in spec.batches:
         if batch != 1 and args.no_batch8:
             continue
@@ -348,8 +358,6 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
             candidates["tp"] = tp_model
         warmup, repeats, budget = args.warmup, args.repeats if batch == 1 else args.repeats_large, args.budget
         latency = interleaved_latency(candidates, fresh, warmup=warmup, repeats=repeats, budget_s=budget)
-        if batch == 1:  # the dummy's batch: "speedup time in forward passes" divides by this
-            masked_latency_b1 = latency["masked"]["median"]
         row = {
             "model": spec.name,
             "batch": batch,
@@ -364,9 +372,10 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
             "out_scale": scale,
             "close": close,
             "shrink_s": shrink_s,
-            "shrink_fwd": shrink_s / masked_latency_b1 if masked_latency_b1 else None,
+            "forward_beside_ms": forward_s * 1e3,
+            "shrink_fwd": shrink_s / forward_s,
             "shrink_median_s": shrink_median_s,
-            "shrink_median_fwd": shrink_median_s / masked_latency_b1 if masked_latency_b1 else None,
+            "shrink_median_fwd": shrink_median_s / forward_s,
             "tp_s": tp_s if tp_model is not None else None,
             "tp_ms": latency["tp"]["median"] * 1e3 if "tp" in latency else None,
             "tp_latency_x": latency["masked"]["median"] / latency["tp"]["median"] if "tp" in latency else None,
