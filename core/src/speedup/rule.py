@@ -107,7 +107,9 @@ class ModuleRule(Rule):
 
         ``fn`` may skip the multiplications by masked entries (a convolution computing only its kept
         channels). It then has a method ``flops(output) -> int``: the FLOPs of the module's own
-        forward, given what it returned, which the recording counts instead of what ``fn`` ran.
+        forward, given what it returned, which the recording counts instead of what ``fn`` ran; and
+        ``fn`` runs unrecorded (no operator of it is seen), so it reads only its module's tensors and
+        returns new ones.
         """
         return None
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from . import flops as flop_count
 from .errors import TraceError
@@ -526,12 +526,17 @@ def _record_calls(module: nn.Module, recorder: _Recorder) -> "_Undo":
     down ``nn.Module``'s slower path, and registering them costs more: a tenth of the recording."""
     own = module.__dict__.get("forward")
     forward = module.forward
+    unrecorded = id(module) in recorder.own_flops
 
     @functools.wraps(forward)  # its signature is forward's (input masks find arguments by name)
     def recorded(*args: Any, **kwargs: Any) -> Any:
         recorder.enter_module(module, args, kwargs)
         try:
-            output = forward(*args, **kwargs)
+            if unrecorded:  # a masked forward counting its own FLOPs needs nothing of the recorder
+                with _disable_current_modes():
+                    output = forward(*args, **kwargs)
+            else:
+                output = forward(*args, **kwargs)
         except BaseException:
             recorder.exit_module(module, None)
             raise
