@@ -170,6 +170,13 @@ class ModulePlan:
         mask[kept] = False
         return mask.nonzero().reshape(-1)
 
+    def may_fold(self, dim: int, input_index: int = 0) -> bool:
+        """Whether removed entries of an input along ``dim`` may hold non-zero constants to fold
+        (False decided without listing them: the usual case). See :meth:`removed_input_constants`."""
+        value = self.input(input_index)
+        consts = value.consts[value.dim(dim)] if value.consts else None
+        return isinstance(consts, DimConst) and self.kept(value, dim) is not None and bool(consts.nonzero_const.any())
+
     def removed_input_constants(self, dim: int, input_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Removed entries of an input along ``dim`` and the constant each holds (0 where unused).
 

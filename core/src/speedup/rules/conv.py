@@ -256,8 +256,7 @@ class ConvModuleRule(ModuleRule):
         new = clone_module(module)
         new.weight, new.bias = weight, bias
         new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
-        removed, values = plan.removed_input_constants(spec.cdim)
-        if not bool((values != 0).any()):
+        if not plan.may_fold(spec.cdim):
             return new
         kernel = contribution_kernel(spec, plan, kept_out)
         if not bool(kernel.any()):

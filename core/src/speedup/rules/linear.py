@@ -131,6 +131,8 @@ class LinearRule(ModuleRule):
     def folded_bias(self, plan: ModulePlan, module: nn.Module):
         """The sliced bias plus ``W[:, c] * v_c`` for every removed constant input feature ``c``."""
         bias = plan.param("bias")
+        if not plan.may_fold(-1):
+            return bias
         removed, values = plan.removed_input_constants(-1)
         used = values != 0
         if not bool(used.any()):

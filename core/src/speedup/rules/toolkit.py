@@ -7,7 +7,6 @@ modules also have :mod:`speedup.rules.heads`.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -25,11 +24,11 @@ def clone_module(module: nn.Module) -> nn.Module:
     Keeps the module's class, hooks and every attribute (``copy.copy`` alone would share the
     tables, and setting a parameter on the copy would change the original).
     """
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new = type(module).__new__(type(module))
+    new.__dict__.update(module.__dict__)  # copy.copy's result, without its protocol nor Module.__setattr__
+    new.__dict__.update(_parameters=dict(module._parameters), _buffers=dict(module._buffers),
+                        _modules=dict(module._modules),
+                        _non_persistent_buffers_set=set(module._non_persistent_buffers_set))
     return new
 
 
