@@ -3,7 +3,7 @@
 Symbolic tracers (``torch.fx``, ``torch.jit``, ``torch.export``) fail on models with Python control
 flow on shapes or with caches in their outputs. Running the model for real under a
 ``TorchDispatchMode`` sees every ATen operator it really executes, whatever Python it is written
-in; forward hooks collapse each module that a rule claims into a single node.
+in; each module that a rule claims is collapsed into a single node (its ``forward``, wrapped).
 
 Tensor identity is tracked in a weak dictionary (keeping activations alive would cost a forward
 pass' worth of fresh allocations) together with each tensor's version counter, so that a tensor
