@@ -210,9 +210,10 @@ def test_embeddings_compute_their_masked_lookup_from_masked_activations(monkeypa
 
 
 class Convolutions(nn.Module):
-    def __init__(self, layout: str):
+    def __init__(self, spatial: int):
         super().__init__()
-        conv = {"1d": nn.Conv1d, "2d": nn.Conv2d, "3d": nn.Conv3d}[layout]
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial]
+        self.spatial = spatial
         self.a = conv(4, 8, 3, padding=1)
         self.b = conv(8, 8, 3, padding=1, padding_mode="reflect", stride=2)
         self.c = conv(8, 6, 1, bias=False)
@@ -220,11 +221,11 @@ class Convolutions(nn.Module):
 
     def forward(self, x):
         y = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
-        return self.head(y.flatten(2).mean(2))
+        return self.head(y.flatten(-self.spatial).mean(-1))
 
 
 @pytest.mark.parametrize("layout, shape", [("1d", (2, 4, 12)), ("2d", (2, 4, 10, 10)), ("3d", (2, 4, 5, 6, 6)),
-                                           ("channels_last", (2, 4, 10, 10))])
+                                           ("channels_last", (2, 4, 10, 10)), ("unbatched", (4, 10, 10))])
 def test_convolutions_compute_their_masked_output_from_their_kept_channels(monkeypatch, layout, shape):
     """``conv(x[:, columns], W[rows][:, columns])`` in the kept output channels, the bias (not masked,
     so not zero) in the others; the FLOPs before are the masked model's all the same."""
@@ -237,14 +238,15 @@ def test_convolutions_compute_their_masked_output_from_their_kept_channels(monke
     monkeypatch.setattr(conv.KeptChannelsConv, "__call__",
                         lambda self, x, call=conv.KeptChannelsConv.__call__: ran.append(self) or call(self, x))
     torch.manual_seed(0)
-    model = Convolutions("2d" if layout == "channels_last" else layout).eval()
+    spatial = {"1d": 1, "3d": 3}.get(layout, 2)
+    model = Convolutions(spatial).eval()
     for module in (model.a, model.b):
         nn.init.uniform_(module.bias, 0.5, 1.0)
     dummy, fresh = torch.randn(shape), torch.randn(shape)
     if layout == "channels_last":
         model, dummy, fresh = model.to(memory_format=torch.channels_last), dummy.to(memory_format=torch.channels_last), \
             fresh.to(memory_format=torch.channels_last)
-    kernel = (1,) * (len(shape) - 2)
+    kernel = (1,) * spatial
     masks = {"a": {"weight": rows(keep_mask(8), (8, 4, 3) + kernel[1:])},
              "b": {"weight": (keep_mask(8)[:, None] & keep_mask(8)[None, :]).reshape((8, 8) + (1,) * len(kernel))
                    .expand((8, 8, 3) + (3,) * (len(kernel) - 1))},

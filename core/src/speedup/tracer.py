@@ -207,7 +207,8 @@ class _Recorder(TorchDispatchMode):
         self.own_flops: dict[int, Callable[[Any], int]] = {}
         """Of those, the ones whose function skips work: the FLOPs of their own forward, by output."""
         self._recounting = 0
-        """How many modules counting their own FLOPs are running (what runs inside them is not counted)."""
+        """How many modules counting their own FLOPs are running (they run unrecorded; one inside
+        another adds nothing)."""
         self._set_aside: list[dict[int, tuple]] = []
 
     # -- values ---------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class _Recorder(TorchDispatchMode):
             run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
-            if facts.counted and not self._recounting:
+            if facts.counted:
                 self.flops += flop_count.count(func, args, kwargs, out)
             for tensor in _tensors(out):
                 self._hidden[id(tensor)] = weakref.ref(tensor)
@@ -305,7 +306,7 @@ class _Recorder(TorchDispatchMode):
         except Exception:
             self.failed_call = node
             raise
-        if facts.counted and not self._recounting:
+        if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
         origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs)
         self.graph.add_node(node)

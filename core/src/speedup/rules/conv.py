@@ -297,8 +297,9 @@ class KeptChannelsConv:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module, weight = self.module, self.module.weight.detach()
-        positions = x.numel() // x.shape[1]
-        rows, columns = self.kept_channels if positions * weight.numel() >= _GATHER_WORTH else (None, None)
+        batched = x.dim() == weight.dim()  # an unbatched input has no dimension 0 of samples
+        worth = batched and x.numel() // x.shape[1] * weight.numel() >= _GATHER_WORTH
+        rows, columns = self.kept_channels if worth else (None, None)
         if rows is None and columns is None:
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)
         bias = module.bias
@@ -318,7 +319,9 @@ class KeptChannelsConv:
 
     def flops(self, output: torch.Tensor) -> int:
         """The FLOPs of the masked module's own forward, which returned ``output``."""
-        return 2 * output.numel() // output.shape[1] * self.module.weight.numel()
+        weight = self.module.weight
+        channels = output.shape[output.dim() - weight.dim() + 1]  # dimension 1, or 0 for an unbatched input
+        return 2 * output.numel() // channels * weight.numel()
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
