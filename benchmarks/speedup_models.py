@@ -7,7 +7,9 @@ sized encoder built from torch modules), in one run:
   non-zero constants, which speedup has to fold), and mask 50% of its channels (see the mask
   builders below);
 * ``masked``: :func:`speedup.testing.masked_copy` of it (weights multiplied by their masks);
-* ``sped``: ``speedup.shrink`` on it, timed;
+* ``sped``: ``speedup.shrink`` on it, timed, the first call and the median of ``--shrink-repeats`` on
+  fresh copies; in forward passes (``= fwds``), divided by the median of three masked forwards on the
+  dummy timed right before each call (the same state of the machine);
 * ``tp``: Torch-Pruning's ``MetaPruner`` (L1 magnitude, 50% of channels) on an unmasked copy, timed
   (when ``torch_pruning`` imports);
 * latency of the three, CPU, ``torch.no_grad()``, median of interleaved runs, at batch 1 (and 8 for
@@ -315,8 +317,9 @@ def bench_model(spec: Spec, args: argparse.Namespace) -> tuple[list[dict], dict]
         "python_warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
         "notes": [],
     }
-    print(f"  speedup.shrink: {shrink_s:.2f} s  ({', '.join(f'{k} {v:.2f}' for k, v in report.timings.items())})",
-          flush=True)
+    print(f"  speedup.shrink: {shrink_s:.2f} s  ({', '.join(f'{k} {v:.2f}' for k, v in report.timings.items())}); "
+          f"median of {len(repeats) + 1} calls {shrink_median_s:.2f} s; masked forward beside them "
+          f"{forward_s * 1e3:.1f} ms (median of {len(forwards)})", flush=True)
     summary = report.summary().splitlines()
     shown = [line for line in summary if not line.startswith("warning: ")]
     warned = [line for line in summary if line.startswith("warning: ")]
