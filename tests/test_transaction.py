@@ -18,6 +18,9 @@ def _masks(shape: tuple) -> dict:
         "columns": cols.view(1, -1, *line[2:]).expand(shape),
         "rows and columns": (rows.view(-1, *line[1:]) & cols.view(1, -1, *line[2:])).expand(shape).contiguous(),
         "scattered": torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5,
+        # Rows times columns, but not every kernel tap: not separable, its taps read from the mask.
+        "taps": (rows.view(-1, *line[1:]) & cols.view(1, -1, *line[2:])).expand(shape).contiguous()
+        & (torch.arange(shape[-1]) != 0).expand(shape),
     }
 
 
@@ -35,7 +38,7 @@ def test_zeroing_masked_entries_is_undone_exactly(shape, kind):
 
 
 @pytest.mark.parametrize("shape", [(9, 6, 3, 3), (9, 6)])
-@pytest.mark.parametrize("kind", ["rows", "columns", "rows and columns", "scattered"])
+@pytest.mark.parametrize("kind", ["rows", "columns", "rows and columns", "scattered", "taps"])
 def test_mask_pattern_answers_what_the_mask_keeps(shape, kind):
     mask = _masks(shape)[kind]
     pattern = mask_pattern(mask)
@@ -47,4 +50,4 @@ def test_mask_pattern_answers_what_the_mask_keeps(shape, kind):
     if pattern.dim is not None:
         line = pattern.line.reshape([-1 if d == pattern.dim else 1 for d in range(len(shape))])
         assert torch.equal(mask, line.expand(shape))
-    assert (pattern.dim is None) == (kind in ("rows and columns", "scattered"))
+    assert (pattern.dim is None) == (kind in ("rows and columns", "scattered", "taps"))

@@ -275,8 +275,10 @@ def mask_pattern(mask: torch.Tensor) -> MaskPattern:
     """The :class:`MaskPattern` of a boolean mask.
 
     Broadcast (expanded) masks are recognised from their strides, without reading them. A
-    materialised mask of two or more dimensions is read once for its kernel taps (``pair``) and
-    once for its count of kept entries, which tells whether it is rows times columns.
+    materialised mask of two or more dimensions is read for its kept rows, its kept columns and its
+    count of kept entries, which tells whether it is rows times columns; only a mask that is not
+    is read again for its kernel taps (``pair``). Each reduction runs over whole rows or across
+    them, never along the small trailing kernel dimension (ten times slower for a 3x3 kernel).
     """
     for dim in range(mask.dim()):
         if all(mask.stride(d) == 0 or mask.shape[d] == 1 for d in range(mask.dim()) if d != dim):
@@ -285,11 +287,12 @@ def mask_pattern(mask: torch.Tensor) -> MaskPattern:
             return MaskPattern(mask, dim, line, None, dim < 2 or bool(line.all()), leading)
     if mask.dim() < 2:  # a 0-D mask
         return MaskPattern(mask, None, None, None, False)
-    grid = mask.view(torch.uint8).reshape(mask.shape[0], mask.shape[1], -1)
-    pair = (grid.amax(2) if grid.shape[2] > 1 else grid[:, :, 0]).view(torch.bool)
-    rows, cols = any_along(pair, 1), any_along(pair, 0)
+    grid = mask.reshape(mask.shape[0], mask.shape[1], -1)
+    rows, cols = any_along(grid.reshape(grid.shape[0], -1), 1), any_along(any_along(grid, 0), 1)
     n_rows, n_cols = int(torch.count_nonzero(rows)), int(torch.count_nonzero(cols))
     separable = int(torch.count_nonzero(grid)) == n_rows * n_cols * grid.shape[2]
+    # Rows times columns: the taps of each pair follow from them (MaskPattern.pair).
+    pair = None if separable else any_along(grid, 2)
     if separable and n_cols == cols.numel():
         return MaskPattern(mask, 0, rows, pair, True, (rows, cols))
     if separable and n_rows == rows.numel():
