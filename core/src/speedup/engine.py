@@ -187,7 +187,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
     try:
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
-                         lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule))
+                         lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule),
+                         lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False))
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")

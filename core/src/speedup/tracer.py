@@ -65,6 +65,7 @@ def trace(
     masked: Optional[Mapping[int, tuple[torch.Tensor, Any]]] = None,
     apply_mask: Optional[Callable[[torch.Tensor], None]] = None,
     masked_forwards: Optional[Mapping[int, Callable[..., Any]]] = None,
+    unrecorded: Callable[[nn.Module], bool] = lambda module: False,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -84,12 +85,14 @@ def trace(
     tensor itself. ``masked_forwards`` (``id(module) -> fn``) are claimed modules that compute
     their masked output themselves from their unmasked weights (see
     :meth:`~speedup.rule.ModuleRule.masked_forward`): ``fn`` runs instead of their ``forward``, and
-    their weights are not masked for them.
+    their weights are not masked for them. Claimed modules for which ``unrecorded(module)`` holds
+    run their ``forward`` unrecorded unless they hold a lazily masked weight (see
+    :attr:`~speedup.rule.ModuleRule.unrecorded_forward`).
     """
     recorder = _Recorder(model, known, masked, apply_mask)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _masked_forwards(modules, recorder, masked_forwards or {})
-    handles += _claim_modules(model, modules, recorder, claims)  # around the masked forwards
+    handles += _claim_modules(model, modules, recorder, claims, unrecorded)  # around the masked forwards
     handles += _observe_modules(model, modules, recorder, claims, observe)
     fastpath = _disable_fused_attention()
     try:
@@ -247,7 +250,7 @@ class _Recorder(TorchDispatchMode):
         if known is not None and known[0] is tensor:
             _, name, module, attr = known
             value = self.graph.new_value(tensor, Origin.PARAMETER, tensor=tensor, owner=(module, attr), name=name)
-            if self._lazily_masked(tensor):
+            if self.lazily_masked(tensor):
                 value.mask = self._masked[id(tensor)][1]
             self.graph.parameters[name] = value
             return self._remember(tensor, value)
@@ -284,7 +287,7 @@ class _Recorder(TorchDispatchMode):
             facts = _FACTS[func] = _OperatorFacts.of(func)
         run_args, run_kwargs = args, kwargs
         if self._masked and (self._reads_masked(args) or (kwargs and self._reads_masked(kwargs.values()))):
-            if self.suppress and facts.view and not facts.writes and self._lazily_masked(args[0]):
+            if self.suppress and facts.view and not facts.writes and self.lazily_masked(args[0]):
                 return self._masked_view(func, args, kwargs)
             run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
         if self.suppress:
@@ -329,7 +332,7 @@ class _Recorder(TorchDispatchMode):
         A parameter it writes in place is masked for good first (the write must land in it)."""
         if facts.writes:
             for tensor in _written_tensors(facts, args, kwargs):
-                if self._lazily_masked(tensor):
+                if self.lazily_masked(tensor):
                     if self._masked[id(tensor)][2] is not None:
                         raise TraceError(
                             f"{func} writes in place into a view of a masked weight, inside a module a rule claims. "
@@ -366,7 +369,7 @@ class _Recorder(TorchDispatchMode):
     def _with_views_masked(self, output: Any) -> Any:
         """A claimed module's output with every lazily masked view in it replaced by its masked values."""
         if isinstance(output, torch.Tensor):
-            if self._lazily_masked(output) and self._masked[id(output)][2] is not None:
+            if self.lazily_masked(output) and self._masked[id(output)][2] is not None:
                 return self._masked_operand(output, None)
             return output
         if isinstance(output, (tuple, list)):
@@ -377,7 +380,7 @@ class _Recorder(TorchDispatchMode):
 
     def _masked_operand(self, arg: Any, slots: Optional[Iterator[int]]) -> Any:
         if isinstance(arg, torch.Tensor):
-            if not self._lazily_masked(arg):
+            if not self.lazily_masked(arg):
                 return arg
             _, pattern, base, rebuild = self._masked[id(arg)]
             data = (base if base is not None else arg).detach()
@@ -397,7 +400,7 @@ class _Recorder(TorchDispatchMode):
                 return True
         return False
 
-    def _lazily_masked(self, tensor: torch.Tensor) -> bool:
+    def lazily_masked(self, tensor: torch.Tensor) -> bool:
         entry = self._masked.get(id(tensor))
         return entry is not None and entry[0] is tensor
 
@@ -480,7 +483,7 @@ class _Recorder(TorchDispatchMode):
             self._pending.append((inputs, call_args, call_kwargs))
             own = self.self_masking.get(id(module))
             # A module masking its own output reads its weights as they are (set aside until it returns).
-            self._set_aside.append({id(t): self._masked.pop(id(t)) for t in own or () if self._lazily_masked(t)})
+            self._set_aside.append({id(t): self._masked.pop(id(t)) for t in own or () if self.lazily_masked(t)})
         self.suppress += 1
 
     def _tensors_of(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -515,25 +518,34 @@ class _Recorder(TorchDispatchMode):
         return replaced
 
 
-def _claim_modules(model: nn.Module, modules: list, recorder: _Recorder, claims: Callable[[nn.Module], bool]) -> list:
+def _claim_modules(model: nn.Module, modules: list, recorder: _Recorder, claims: Callable[[nn.Module], bool],
+                   unrecorded: Callable[[nn.Module], bool]) -> list:
     """Records every call of each claimed module as one node; returns handles that undo this."""
-    return [_record_calls(module, recorder) for module in modules if module is not model and claims(module)]
+    handles = []
+    for module in modules:
+        if module is model or not claims(module):
+            continue
+        # A masked forward counting its own FLOPs needs nothing of the recorder, nor does a module
+        # whose rule says so, unless an operator inside must read one of its weights masked.
+        quiet = id(module) in recorder.own_flops or (
+            unrecorded(module) and not any(recorder.lazily_masked(t) for t in [*module.parameters(), *module.buffers()]))
+        handles.append(_record_calls(module, recorder, quiet))
+    return handles
 
 
-def _record_calls(module: nn.Module, recorder: _Recorder) -> "_Undo":
+def _record_calls(module: nn.Module, recorder: _Recorder, quiet: bool) -> "_Undo":
     """Wraps the module's ``forward`` (in the instance, as a masked forward is) to enter and leave its
     node around it. Hooks already on the module (input/output masks) run outside the node, as they
     run outside ``forward``. A pair of hooks would do the same, but sends every call of the module
     down ``nn.Module``'s slower path, and registering them costs more: a tenth of the recording."""
     own = module.__dict__.get("forward")
     forward = module.forward
-    unrecorded = id(module) in recorder.own_flops
 
     @functools.wraps(forward)  # its signature is forward's (input masks find arguments by name)
     def recorded(*args: Any, **kwargs: Any) -> Any:
         recorder.enter_module(module, args, kwargs)
         try:
-            if unrecorded:  # a masked forward counting its own FLOPs needs nothing of the recorder
+            if quiet:  # its operators are not dispatched through the recorder
                 with _disable_current_modes():
                     output = forward(*args, **kwargs)
             else:

@@ -32,6 +32,7 @@ class ChannelNormRule(ModuleRule):
     """``BatchNormNd`` and ``InstanceNormNd``: dimension 1 holds independent channels."""
 
     subclasses = True
+    unrecorded_forward = True  # torch's own forward: a norm over its input and its vectors
     lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def couple(self, node: Node, ctx: Analysis) -> None:
@@ -396,6 +397,7 @@ class GroupNormRule(ModuleRule):
     """``GroupNorm``: statistics per group of channels, so only whole groups may go."""
 
     subclasses = True
+    unrecorded_forward = True  # torch's own forward: a norm over its input and its vectors
     lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def couple(self, node: Node, ctx: Analysis) -> None:
