@@ -258,3 +258,16 @@ def test_convolutions_compute_their_masked_output_from_their_kept_channels(monke
     report = check_speedup(model, masks, dummy, fresh, shrunk=["a.weight", "b.weight", "c.weight"])
     assert [kept.module for kept in ran] == original
     assert report.flops_before == counter.total
+
+
+def test_a_module_holding_a_lazily_masked_weight_is_recorded_though_its_rule_allows_otherwise(monkeypatch):
+    """``unrecorded_forward`` spares the recorder a module's operators, but not where one of them must
+    read the module's weight masked: a scattered mask leaves the weight unmasked in the model."""
+    from speedup.rules.linear import LinearRule
+
+    monkeypatch.setattr(LinearRule, "unrecorded_forward", True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    scattered = torch.rand(8, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    masks = {"0": {"weight": scattered}, "2": {"weight": rows(keep_mask(4), (4, 8))}}
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6), shrunk=["2.weight", "4.weight"])
