@@ -17,10 +17,16 @@ from torch.utils.flop_counter import flop_registry
 aten = torch.ops.aten
 
 
+def convolution(positions: int, weight: torch.Tensor) -> int:
+    """FLOPs of a convolution whose weight meets the input at ``positions`` places (samples times
+    output positions; input positions for a transposed one)."""
+    return 2 * positions * math.prod(weight.shape)
+
+
 def _conv(args: tuple, out: Any) -> int:
     x, weight, transposed = args[0], args[1], bool(args[6])
     spatial = (x.shape if transposed else out.shape)[2:]
-    return 2 * x.shape[0] * math.prod(spatial) * math.prod(weight.shape)
+    return convolution(x.shape[0] * math.prod(spatial), weight)
 
 
 def _mm(args: tuple, out: Any) -> int:

@@ -174,8 +174,8 @@ class ModulePlan:
         """Whether removed entries of an input along ``dim`` may hold non-zero constants to fold
         (False decided without listing them: the usual case). See :meth:`removed_input_constants`."""
         value = self.input(input_index)
-        consts = value.consts[value.dim(dim)] if value.consts else None
-        return isinstance(consts, DimConst) and self.kept(value, dim) is not None and bool(consts.nonzero_const.any())
+        consts = _dim_consts(value, dim)
+        return consts is not None and self.kept(value, dim) is not None and bool(consts.nonzero_const.any())
 
     def removed_input_constants(self, dim: int, input_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Removed entries of an input along ``dim`` and the constant each holds (0 where unused).
@@ -186,8 +186,8 @@ class ModulePlan:
         """
         value = self.input(input_index)
         removed = self.removed(value, dim)
-        consts: Optional[DimConst] = value.consts[value.dim(dim)] if value.consts else None
-        if consts is None or not isinstance(consts, DimConst):
+        consts = _dim_consts(value, dim)
+        if consts is None:
             return removed, torch.zeros(removed.numel(), dtype=torch.float64)
         return removed, consts.value[removed]
 
@@ -196,6 +196,12 @@ class ModulePlan:
     def seed_masks(self) -> tuple:
         node = self.calls[0]
         return seed_masks([v for v in node.args if isinstance(v, TensorValue)], node.outputs, node.params)
+
+
+def _dim_consts(value: TensorValue, dim: int) -> Optional[DimConst]:
+    """The constants the analysis found along one dimension of a value, if any."""
+    consts = value.consts[value.dim(dim)] if value.consts else None
+    return consts if isinstance(consts, DimConst) else None
 
 
 def seed_masks(inputs: list[TensorValue], outputs: list[TensorValue], params: dict[str, TensorValue]) -> tuple:

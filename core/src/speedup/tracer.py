@@ -12,6 +12,7 @@ mutated behind the recorder's back (a write through a view) is noticed and treat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -541,15 +542,13 @@ def _record_calls(module: nn.Module, recorder: _Recorder, quiet: bool) -> "_Undo
     of the recorder's own time (measured per layer). ``quiet``: its operators run outside the recorder."""
     own = module.__dict__.get("forward")
     forward = module.forward
+    outside = _disable_current_modes if quiet else contextlib.nullcontext
 
     @functools.wraps(forward)  # its signature is forward's (input masks find arguments by name)
     def recorded(*args: Any, **kwargs: Any) -> Any:
         recorder.enter_module(module, args, kwargs)
         try:
-            if quiet:  # its operators are not dispatched through the recorder
-                with _disable_current_modes():
-                    output = forward(*args, **kwargs)
-            else:
+            with outside():
                 output = forward(*args, **kwargs)
         except BaseException:
             recorder.exit_module(module, None)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import flops as flop_count
 from ..graph import Node, TensorValue
 from ..boolean import any_along
 from ..propagation import Analysis
@@ -321,7 +322,7 @@ class KeptChannelsConv:
         """The FLOPs of the masked module's own forward, which returned ``output``."""
         weight = self.module.weight
         channels = output.shape[output.dim() - weight.dim() + 1]  # dimension 1, or 0 for an unbatched input
-        return 2 * output.numel() // channels * weight.numel()
+        return flop_count.convolution(output.numel() // channels, weight)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:

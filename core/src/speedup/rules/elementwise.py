@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
@@ -166,7 +167,7 @@ def _keeps_zero(node: Node, x: TensorValue) -> bool:
     """Whether the operator maps zero to zero (``relu``: yes; ``sigmoid``: no), found by running it
     once on a zero for each operator, dtype and other arguments."""
     rest = node.args[1:] + tuple(node.kwargs.items())
-    if any(isinstance(a, TensorValue) for a in _flat(rest)):
+    if any(isinstance(a, TensorValue) for a in pytree.tree_leaves(rest)):
         return False  # the same tensor twice (``mul(x, x)``): evaluated as usual
     key = (node.target, x.dtype, rest)
     try:
@@ -177,10 +178,6 @@ def _keeps_zero(node: Node, x: TensorValue) -> bool:
         zero = DimConst(torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.float64))
         known = _KEEPS_ZERO[key] = bool(_evaluate(node, [x], [zero], x, 1)[0] == 0)
     return known
-
-
-def _flat(args) -> list:
-    return [b for a in args for b in (_flat(a) if isinstance(a, (list, tuple)) else [a])]
 
 
 def _substituted(arg, stand_ins: dict[int, torch.Tensor]):
