@@ -118,3 +118,30 @@ def test_a_block_the_user_replaces_is_given_to_their_function_as_it_is():
     speedup.shrink(model, masks, torch.randn(1, 3, 32, 32), customized_replace_func={"InvertedResidual": keep})
     assert seen and all(kind is shufflenetv2.InvertedResidual for kind in seen)
     assert all(type(b) is shufflenetv2.InvertedResidual for b in blocks(model))
+
+
+def test_a_build_of_block_is_probed_once_unless_a_part_may_hide_its_sizes(monkeypatch):
+    """Each probe runs the block twice; a model repeats a few builds of block, so a build that passed
+    is not probed again. A part that is not a ``torch.nn`` module, or one with a hook, may change
+    sizes its ``extra_repr`` does not show: such a block is probed every time."""
+    from speedup_torchvision import shufflenet
+
+    probed = []
+    probe = shufflenet._computes_the_same
+    monkeypatch.setattr(shufflenet, "_computes_the_same", lambda *args: probed.append(args[0]) or probe(*args))
+    monkeypatch.setattr(shufflenet, "_CHECKED_BUILDS", set())
+
+    class Own(nn.ReLU):
+        pass
+
+    plain = [shufflenetv2.InvertedResidual(24, 24, 1) for _ in range(3)]
+    own = [shufflenetv2.InvertedResidual(24, 24, 1) for _ in range(2)]
+    for block in own:
+        block.branch2[2] = Own(inplace=True)
+    hooked = [shufflenetv2.InvertedResidual(24, 24, 1) for _ in range(2)]
+    for block in hooked:
+        block.branch2[0].register_forward_hook(lambda module, args, out: out)
+    wider = shufflenetv2.InvertedResidual(24, 32, 2)
+    for block in (*plain, *own, *hooked, wider):
+        assert isinstance(gathered_inverted_residual(block), GatheredInvertedResidual)
+    assert probed == [plain[0], *own, *hooked, wider]
