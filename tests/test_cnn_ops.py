@@ -263,6 +263,62 @@ def test_group_norm_keeps_partially_masked_groups():
     assert model.gn.num_groups == 4
 
 
+class GroupNormAct(nn.GroupNorm):
+    """timm's way: a GroupNorm subclass whose own ``forward`` calls ``F.group_norm`` (traced through)."""
+
+    def forward(self, x):
+        return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class FixedGroups(nn.Module):
+    """``F.group_norm`` with a group count written in the code: nothing can keep it in step."""
+
+    def forward(self, x):
+        return F.group_norm(x, 4)
+
+
+def group_norm_model(norm: nn.Module) -> nn.Module:
+    return randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 1))).eval()
+
+
+def test_group_norm_called_from_own_code_loses_whole_groups():
+    model = group_norm_model(GroupNormAct(4, 8))
+    groups = torch.tensor([True, False, True, False]).repeat_interleave(2)
+    masks = {"0": {"weight": rows(groups, (8, 3, 3, 3)), "bias": groups}}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
+                           shrunk=["0.weight", "1.weight", "2.weight"])
+    assert not report.barriers and not report.kept_for_verification
+    assert (model[1].num_groups, model[1].num_channels) == (2, 4)  # in step with its vectors
+
+
+GROUPS_IN_STEP_UNKNOWN = {
+    "no vectors": lambda: GroupNormAct(4, 8, affine=False),  # nothing says how many channels it has left
+    "count in the code": FixedGroups,
+}
+
+
+@pytest.mark.parametrize("norm", GROUPS_IN_STEP_UNKNOWN.values(), ids=GROUPS_IN_STEP_UNKNOWN.keys())
+def test_group_norm_whose_group_count_cannot_follow_keeps_its_groups(norm):
+    """The sped-up call would normalise 4 channels in 4 groups instead of 2: verification sees the
+    count that did not follow and keeps the call whole."""
+    model = group_norm_model(norm())
+    groups = torch.tensor([True, False, True, False]).repeat_interleave(2)
+    masks = {"0": {"weight": rows(groups, (8, 3, 3, 3)), "bias": groups}}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
+    assert not report.barriers and model[0].out_channels == 8
+    assert any("called with 4 groups where 2 were planned" in reason for reason in report.kept_for_verification)
+
+
+def test_group_norm_with_a_scale_of_zero_gives_its_shift_and_partial_groups_stay():
+    model = group_norm_model(GroupNormAct(4, 8))
+    with torch.no_grad():
+        model[1].weight[1] = 0  # channel 1 is relu(bias[1]) whatever the input: the next conv folds it
+    scattered = torch.tensor([True, False] * 4)
+    masks = {"0": {"weight": rows(scattered, (8, 3, 3, 3)), "bias": scattered}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
+    assert model[1].num_groups == 4 and model[2].in_channels == 8
+
+
 def test_weights_masked_elementwise_keep_their_zeros():
     # Fine-grained masks do not remove channels, but the result must still be the masked model.
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))

@@ -427,7 +427,8 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
 
 
 def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check]:
-    """The first recorded call whose re-recorded counterpart is another call or has unplanned shapes."""
+    """The first recorded call whose re-recorded counterpart is another call, has unplanned shapes or
+    departs otherwise (see :meth:`~speedup.rule.Rule.departs`)."""
     for old, new in zip(original, again):
         if old.kind is not new.kind or (old.kind is NodeKind.OP and old.target is not new.target):
             return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
@@ -435,6 +436,9 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
             if value.planned_shape() != produced.shape:
                 return _Check(False, old, f"produced shape {produced.shape} where {value.planned_shape()} was planned",
                               again=new)
+        reason = old.rule.departs(old, new) if old.rule is not None else None
+        if reason is not None:
+            return _Check(False, old, reason, again=new)
     return None
 
 

@@ -64,6 +64,13 @@ class Rule:
         """
         return None
 
+    def departs(self, node: "Node", again: "Node") -> Optional[str]:
+        """Why ``again``, the same call in the sped-up model, is not the planned call though it made
+        the planned shapes, or ``None``. Asked only when the sped-up model's outputs differ: an
+        argument that had to follow a size the plan changed did not (a group count written in the
+        code). The call is then kept as :meth:`keep_after_departure` says."""
+        return None
+
     @property
     def label(self) -> str:
         return self.name or type(self).__name__

@@ -401,48 +401,16 @@ class GroupNormRule(ModuleRule):
     lazy_masks = True  # reads parameters through the node's values and the plan only
 
     def couple(self, node: Node, ctx: Analysis) -> None:
-        x, out = first_input(node), node.outputs[0]
-        ctx.link(x, 0, out, 0)
-        per_group = x.shape[1] // node.module.num_groups
-        atoms = ctx.atoms(x, 1)
-        if atoms is not None:
-            groups, position = ctx.fresh(node.module.num_groups), ctx.fresh(per_group)
-            ctx.table.pin(position)
-            c = torch.arange(x.shape[1])
-            ctx.define(atoms, torch.stack([groups[c // per_group], position[c % per_group]], 1))
-        ctx.link(x, 1, out, 1)
-        for name in ("weight", "bias"):
-            if name in node.params:
-                ctx.link(node.params[name], 0, out, 1)
+        vectors = [node.params[name] for name in ("weight", "bias") if name in node.params]
+        _couple_groups(ctx, first_input(node), node.outputs[0], node.module.num_groups, vectors)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
-        x, out = first_input(node), node.outputs[0]
-        groups = node.module.num_groups
-        mask = torch.zeros(x.shape[1], dtype=torch.bool)
-        value = torch.zeros(x.shape[1], dtype=torch.float64)
-        consts = ctx.const(x, 1)
-        if consts is not None:
-            # A group whose channels all hold constants normalises to constants.
-            whole = consts.mask.reshape(groups, -1).all(1).repeat_interleave(x.shape[1] // groups)
-            if bool(whole.any()):
-                mask = whole
-                value = _run_on_constants(node.module, x.ndim, DimConst.where(whole, consts.value))
-        weight, bias = param_data(node, "weight"), param_data(node, "bias")
-        if weight is not None:
-            shift = bias.to(torch.float64) if bias is not None else torch.zeros(weight.numel(), dtype=torch.float64)
-            value = torch.where(weight == 0, shift, value)
-            mask = mask | (weight == 0)
-        ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
+        module = node.module
+        _group_constants(ctx, first_input(node), node.outputs[0], module.num_groups,
+                         param_data(node, "weight"), param_data(node, "bias"), module.eps)
 
     def backward(self, node: Node, ctx: Analysis) -> None:
-        x, out = first_input(node), node.outputs[0]
-        if not ctx.is_demanded(out):
-            return
-        groups = node.module.num_groups
-        need = ctx.demanded(out, 1).reshape(groups, -1).any(1).repeat_interleave(x.shape[1] // groups)
-        masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
-        masks[1] = need
-        ctx.demand(x, masks)
+        _demand_whole_groups(ctx, first_input(node), node.outputs[0], node.module.num_groups)
 
     def replace(self, module: nn.GroupNorm, plan: ModulePlan) -> nn.Module:
         new = _with_sliced_affine(module, plan)
@@ -450,6 +418,89 @@ class GroupNormRule(ModuleRule):
         new.num_groups = channels // (module.num_channels // module.num_groups)
         new.num_channels = channels
         return new
+
+
+class GroupNormOpRule(OpRule):
+    """``F.group_norm`` called directly (``aten.native_group_norm``): what a GroupNorm subclass with
+    a ``forward`` of its own runs, as timm's ``GroupNorm``, ``GroupNorm1`` and ``GroupNormAct`` do.
+
+    As :class:`GroupNormRule`: only whole groups go, with the affine vectors the call reads. The
+    call's group count is the caller's: a GroupNorm subclass keeps ``num_groups`` in step (see
+    :func:`_group_count`); code passing a count of its own keeps every group when verified.
+    """
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        x = args["input"]
+        vectors = [args[name] for name in ("weight", "bias")
+                   if isinstance(args.get(name), TensorValue) and args[name].shape == (x.shape[1],)]
+        _couple_groups(ctx, x, node.outputs[0], args["group"], vectors)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        vectors = [args.get(name) for name in ("weight", "bias")]
+        data = [v.host() if isinstance(v, TensorValue) else None for v in vectors]
+        if any(isinstance(v, TensorValue) and d is None for v, d in zip(vectors, data)):
+            return  # a vector computed during the call: no channel is known
+        _group_constants(ctx, args["input"], node.outputs[0], args["group"], *data, args["eps"])
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        args = bind(node)
+        _demand_whole_groups(ctx, args["input"], node.outputs[0], args["group"])
+
+    def departs(self, node: Node, again: Node) -> Optional[str]:
+        args = bind(node)
+        x, groups = args["input"], args["group"]
+        planned = x.planned_shape()[1] // (x.shape[1] // groups)
+        called = bind(again)["group"]
+        return None if called == planned else f"called with {called} groups where {planned} were planned"
+
+
+def _couple_groups(ctx: Analysis, x: TensorValue, out: TensorValue, groups: int, vectors: list[TensorValue]) -> None:
+    """Channels go by whole groups (each position within a group is pinned); batch entries go freely;
+    the other dimensions keep their size (every entry counts in the statistics)."""
+    ctx.link(x, 0, out, 0)
+    per_group = x.shape[1] // groups
+    atoms = ctx.atoms(x, 1)
+    if atoms is not None:
+        group, position = ctx.fresh(groups), ctx.fresh(per_group)
+        ctx.table.pin(position)
+        c = torch.arange(x.shape[1])
+        ctx.define(atoms, torch.stack([group[c // per_group], position[c % per_group]], 1))
+    ctx.link(x, 1, out, 1)
+    for vector in vectors:
+        ctx.link(vector, 0, out, 1)
+
+
+def _group_constants(ctx: Analysis, x: TensorValue, out: TensorValue, groups: int, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], eps: float) -> None:
+    """Constant output channels: those of groups whose channels all hold constants (they normalise to
+    constants), and those whose scale is zero (their shift). ``weight``/``bias`` None: no affine."""
+    channels = x.shape[1]
+    mask = torch.zeros(channels, dtype=torch.bool)
+    value = torch.zeros(channels, dtype=torch.float64)
+    consts = ctx.const(x, 1)
+    if consts is not None:
+        whole = consts.mask.reshape(groups, -1).all(1).repeat_interleave(channels // groups)
+        if bool(whole.any()):
+            mask = whole
+            probe = torch.where(whole, consts.value, 0.0).reshape(1, channels, *([1] * max(x.ndim - 2, 1)))
+            vectors = [v.to(torch.float64) if v is not None else None for v in (weight, bias)]
+            value = F.group_norm(probe, groups, *vectors, eps).reshape(-1)
+    if weight is not None:
+        shift = bias.to(torch.float64) if bias is not None else torch.zeros(channels, dtype=torch.float64)
+        value = torch.where(weight == 0, shift, value)
+        mask = mask | (weight == 0)
+    ctx.set_const(out, 1, DimConst.where(mask & torch.isfinite(value), value))
+
+
+def _demand_whole_groups(ctx: Analysis, x: TensorValue, out: TensorValue, groups: int) -> None:
+    if not ctx.is_demanded(out):
+        return
+    need = ctx.demanded(out, 1).reshape(groups, -1).any(1).repeat_interleave(x.shape[1] // groups)
+    masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
+    masks[1] = need
+    ctx.demand(x, masks)
 
 
 class BatchNormOpRule(OpRule):
@@ -580,8 +631,10 @@ def register(registry) -> None:
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())
     registry.add_op("aten.native_layer_norm", LayerNormOpRule())
+    registry.add_op("aten.native_group_norm", GroupNormOpRule())
     # A subclass traced through (its own forward) keeps num_features in step with its vectors.
     registry.add_sizes(nn.modules.batchnorm._NormBase, _channel_count)
+    registry.add_sizes(nn.GroupNorm, _group_count)
 
 
 def _channel_count(module: nn.Module) -> dict[str, int]:
@@ -590,3 +643,15 @@ def _channel_count(module: nn.Module) -> dict[str, int]:
         if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
             return {"num_features": tensor.shape[0]}
     return {}
+
+
+def _group_count(module: nn.GroupNorm) -> dict[str, int]:
+    """A GroupNorm subclass traced through lost whole groups with its vectors: as many channels per
+    group as before (nothing to say without affine vectors; a claimed GroupNorm is already in step)."""
+    weight = module.weight if isinstance(module.weight, torch.Tensor) else None
+    if weight is None or weight.dim() != 1 or weight.shape[0] == module.num_channels:
+        return {}
+    per_group = module.num_channels // module.num_groups
+    if weight.shape[0] % per_group:
+        return {}
+    return {"num_channels": weight.shape[0], "num_groups": weight.shape[0] // per_group}
