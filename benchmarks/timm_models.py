@@ -18,7 +18,7 @@ time. Summary lines give the models that passed and the median ratios under mask
 
 Usage::
 
-    bash dev.sh bench timm_models                          # the 68 default architectures (about 20 min on 2 cores)
+    bash dev.sh bench timm_models                          # the 69 default architectures (about 20 min on 2 cores)
     bash dev.sh bench timm_models --models resnet18d,pvt_v2_b0 --masks b
 
 Rows go to ``benchmarks/results/timm_models.json`` (``--json PATH`` to put them elsewhere).
@@ -50,7 +50,7 @@ from speedup.testing import masked_copy  # noqa: E402
 from speedup.tracer import iter_tensors  # noqa: E402
 
 MODELS = """
-resnet18d seresnext26d_32x4d skresnet18 resnest14d regnetx_002 regnety_002 rexnet_100 mobilenetv3_large_100
+resnet18d resnet50_gn seresnext26d_32x4d skresnet18 resnest14d regnetx_002 regnety_002 rexnet_100 mobilenetv3_large_100
 mobilenetv4_conv_small efficientnetv2_rw_t tf_efficientnet_lite0 mixnet_s fbnetc_100 lcnet_050 ghostnetv2_100
 cspresnet50 cspdarknet53 dpn68 xception41 inception_v4 ese_vovnet19b_dw selecsls42b hrnet_w18_small_v2 dla46_c
 tresnet_m repvgg_a0 mobileone_s0 fastvit_t8 efficientformer_l1 efficientformerv2_s0 levit_128s pit_ti_224
@@ -125,7 +125,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help="comma list of timm model names (default: the 68 listed in MODELS)")
+    parser.add_argument("--models", help="comma list of timm model names (default: the 69 listed in MODELS)")
     parser.add_argument("--masks", default="a,b", help="mask kinds: a (random 50%% per layer), b (consistent); default a,b")
     parser.add_argument("--json", default=str(RESULTS_DIR / "timm_models.json"), help="where the rows go")
     args = parser.parse_args(argv)
