@@ -108,7 +108,9 @@ def _computes_the_same(block: nn.Module, form: nn.Module, channels: int) -> bool
     try:
         block.eval()
         form.eval()
-        with torch.no_grad():
+        # Without oneDNN: it would first build kernels for the probe's shapes, which took longer
+        # than running the probe (a few milliseconds a build of block).
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
             expected, actual = block(probe.clone()), form(probe.clone())
     except Exception:  # noqa: BLE001 - a block this form does not describe stays as it is
         return False
