@@ -552,3 +552,55 @@ def test_a_call_its_rule_cannot_describe_reads_all_its_input():
     model = FlatRoll()
     check_speedup(model, {"b": {"weight": torch.ones(3, 6, dtype=torch.bool)}}, torch.randn(2, 4), torch.randn(5, 4))
     assert model.a.weight.shape == (6, 5)
+
+
+_GRID = F.affine_grid(torch.tensor([[[0.9, 0.2, 0.1], [-0.1, 1.1, -0.2]]]), [1, 1, 5, 4], align_corners=False)
+
+
+def _sample(x, padding_mode):
+    """Points of a 5 x 4 grid, some outside the input (read as zeros, or as the nearest border)."""
+    grid = _GRID.expand(x.shape[0], -1, -1, -1)
+    return F.grid_sample(x, grid, padding_mode=padding_mode, align_corners=False)
+
+
+ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a constant give constants
+    "cumsum": (lambda x: x.cumsum(3), False),
+    "cumprod": (lambda x: x.cumprod(2), False),
+    "sort": (lambda x: x.sort(3, descending=True).values, True),
+    "cummax": (lambda x: torch.cummax(x, 2).values, True),
+    "topk": (lambda x: x.topk(3, dim=3).values, True),
+    "rot90": (lambda x: torch.rot90(x, 1, (2, 3)), True),
+    "grid_sample zeros": (lambda x: _sample(x, "zeros"), False),
+    "grid_sample border": (lambda x: _sample(x, "border"), True),
+    "max_unpool": (lambda x: F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2), False),
+    "vector_norm": (lambda x: x * torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True), True),
+    "vector_norm ord 1": (lambda x: x + torch.linalg.vector_norm(x, ord=1, dim=(2, 3), keepdim=True), True),
+    "vector_norm ord inf": (lambda x: x + torch.linalg.vector_norm(x, ord=float("inf"), dim=(2, 3), keepdim=True), True),
+    "zeros_like": (lambda x: torch.where(x > 0, x, torch.zeros_like(x)), True),
+    "full_like": (lambda x: x * torch.full_like(x, 3.0) + torch.ones_like(x), True),
+    "logsigmoid": (F.logsigmoid, True),
+    "layer_norm over H, W": (lambda x: F.layer_norm(x, x.shape[-2:]), True),
+}
+
+
+class AlongOtherDimensions(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.a, self.fn, self.b = nn.Conv2d(3, 8, 3, padding=1), fn, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.fn(self.a(x)))
+
+
+@pytest.mark.parametrize("fn, keeps_constants", ALONG_OTHER_DIMENSIONS.values(), ids=ALONG_OTHER_DIMENSIONS.keys())
+def test_operators_along_other_dimensions_pass_channels_through(fn, keeps_constants):
+    """Scans, sorts, rotations, resampling and tensors made like another treat channels apart: zero
+    channels go, and channels holding a bias go where the operator keeps constants (the next conv
+    folds them), else stay."""
+    model = AlongOtherDimensions(fn).eval()
+    masked = torch.tensor([False, True, False, True, True, False, False, True])
+    zero = torch.tensor([False, True, False, False, True, False, False, False])  # the others keep their bias
+    masks = {"a": {"weight": rows(~masked, (8, 3, 3, 3)), "bias": ~zero}}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["a.weight"])
+    assert not report.barriers
+    assert model.a.out_channels == (4 if keeps_constants else 6)

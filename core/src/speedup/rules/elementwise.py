@@ -24,7 +24,7 @@ UNARY = [
     "sqrt", "rsqrt", "reciprocal", "sin", "cos", "erf", "erfc", "erfinv", "sign", "sgn", "floor", "ceil",
     "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "square", "logical_not", "bitwise_not",
     "nan_to_num", "threshold", "hardshrink", "softshrink", "isnan", "isinf", "isfinite", "logit", "_to_copy",
-    "lift_fresh_copy", "positive", "signbit", "relu6",
+    "lift_fresh_copy", "positive", "signbit", "relu6", "log_sigmoid_forward",
 ]
 BINARY = [
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",

@@ -569,8 +569,8 @@ class BatchNormOpRule(OpRule):
 class LayerNormOpRule(OpRule):
     """``F.layer_norm`` called in a module's own code (``aten.native_layer_norm``): the normalised
     dimensions keep their size (the call would normalise fewer entries: only a module can count removed
-    ones, see :class:`LayerNormRule` and :func:`recognise_layer_norm`); the others pass through. No
-    constant passes: a constant row normalises to the bias."""
+    ones, see :class:`LayerNormRule` and :func:`recognise_layer_norm`); the others pass through. A
+    constant row normalises to the bias."""
 
     def _layout(self, node: Node) -> tuple[TensorValue, int]:
         """The input, and its first normalised dimension."""
@@ -587,6 +587,23 @@ class LayerNormOpRule(OpRule):
             for d in range(min(first, saved.ndim)):
                 if saved.shape[d] == x.shape[d]:
                     ctx.link(saved, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        """A constant slice of a leading dimension is made of constant rows, each normalised to the
+        bias: a constant where the bias is one value (zero without a bias)."""
+        (x, first), out = self._layout(node), node.outputs[0]
+        bias = bind(node).get("bias")
+        if bias is None:
+            value = 0.0
+        else:
+            data = bias.host() if isinstance(bias, TensorValue) else None
+            if data is None or not bool((data == data.reshape(-1)[0]).all()):
+                return
+            value = float(data.reshape(-1)[0])
+        for d in range(first):
+            consts = ctx.const(x, d)
+            if consts is not None:
+                ctx.set_const(out, d, DimConst.where(consts.mask, torch.full_like(consts.value, value)))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         (x, first), out = self._layout(node), node.outputs[0]

@@ -67,7 +67,7 @@ class Reduction(OpRule):
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
-        result = _CONSTANT_RESULT.get(node.target._opname)
+        result = _constant_result(node)
         out = node.outputs[0]
         count = math.prod(x.shape[d] for d in reduced)
         for d, od in kept.items():
@@ -89,14 +89,47 @@ class Reduction(OpRule):
         ctx.demand(x, masks)
 
 
-class TopK(Reduction):
-    """``topk(x, k, dim)``: the ``k`` largest entries of ``dim`` (values and their positions) in place of
-    it, which reads every entry (kept whole); the other dimensions pass through."""
+def _constant_result(node: Node) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
+    """How a constant slice over ``n`` reduced entries reduces for this call; None where unknown."""
+    name = node.target._opname
+    if name != "linalg_vector_norm":
+        return _CONSTANT_RESULT.get(name)
+    order = bind(node).get("ord", 2)
+    if math.isinf(order):
+        return lambda v, n: v.abs()
+    if order == 0:  # counts the entries that are not zero
+        return lambda v, n: (v != 0).to(torch.float64) * n
+    return lambda v, n: v.abs() * n ** (1 / order)
+
+
+class AlongOneDim(Reduction):
+    """An operator along one dimension ``dim`` that reads all of it (kept whole) and treats every
+    slice across the others alike, which pass through: ``topk``, ``sort``, the scans ``cumsum``,
+    ``cumprod``, ``cummax``, ``cummin``, ``logcumsumexp``.
+
+    Along a passing dimension, a slice of zeros gives zeros (but ``logcumsumexp``'s), and a constant
+    slice stays that constant where the values are picked, not accumulated (``topk``, ``sort``,
+    ``cummax``, ``cummin``); positions (``indices``) are never constant.
+    """
+
+    _PICKS = {"topk", "sort", "cummax", "cummin"}
+    _ZERO_TO_ZERO = _PICKS | {"cumsum", "cumprod"}
 
     def _layout(self, node: Node) -> tuple[TensorValue, list[int], dict[int, int]]:
         x = node.args[0]
         dim = bind(node).get("dim", -1) % max(x.ndim, 1)
         return x, [dim], {d: d for d in range(x.ndim) if d != dim}
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        name = node.target._opname.rstrip("_")
+        if name not in self._ZERO_TO_ZERO:
+            return
+        x, _, kept = self._layout(node)
+        for d in kept:
+            consts = ctx.const(x, d)
+            if consts is not None:
+                mask = consts.mask if name in self._PICKS else consts.zero
+                ctx.set_const(node.outputs[0], d, DimConst.where(mask, consts.value))
 
 
 class Softmax(OpRule):
@@ -138,6 +171,7 @@ def register(registry) -> None:
          "aten.any", "aten.all", "aten.argmax", "aten.argmin"],
         Reduction(),
     )
-    registry.add_op("aten.topk", TopK())
+    registry.add_ops(["aten.topk", "aten.sort", "aten.cumsum", "aten.cumprod", "aten.cummax", "aten.cummin",
+                      "aten.logcumsumexp"], AlongOneDim())
     registry.add_ops(["aten._softmax", "aten._log_softmax", "aten.softmax.int", "aten.log_softmax.int",
                       "aten._safe_softmax"], Softmax())

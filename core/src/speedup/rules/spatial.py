@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from ..graph import Node
+from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
 
@@ -29,19 +29,28 @@ def _spatial(node: Node) -> int:
 
 
 class Spatial(OpRule):
+    """The last 1-3 dimensions (``_spatial``) change; the leading ones pass through to every output
+    of the same rank, from the first argument and from the ``carriers(node)`` besides it."""
+
+    def passing(self, node: Node) -> range:
+        return range(node.args[0].ndim - _spatial(node))
+
+    def carriers(self, node: Node) -> list[TensorValue]:
+        return [node.args[0]]
+
     def couple(self, node: Node, ctx: Analysis) -> None:
-        x = node.args[0]
-        keep = x.ndim - _spatial(node)
-        for out in node.outputs:
-            if out.ndim == x.ndim:
-                for d in range(keep):
-                    ctx.link(x, d, out, d)
+        passing = self.passing(node)
+        for x in self.carriers(node):
+            for out in node.outputs:
+                if out.ndim == x.ndim:
+                    for d in passing:
+                        ctx.link(x, d, out, d)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x = node.args[0]
         uniform = self._keeps_constants(node)
         for out in node.outputs[:1]:
-            for d in range(x.ndim - _spatial(node)):
+            for d in self.passing(node):
                 consts = ctx.const(x, d)
                 if consts is not None:
                     mask = consts.mask if uniform else consts.zero
@@ -51,8 +60,9 @@ class Spatial(OpRule):
         x = node.args[0]
         demanded = [out for out in node.outputs if ctx.is_demanded(out) and out.ndim == x.ndim]
         if demanded:
-            keep = x.ndim - _spatial(node)
-            ctx.demand(x, {d: torch.stack([ctx.demanded(out, d) for out in demanded]).any(0) for d in range(keep)})
+            needed = {d: torch.stack([ctx.demanded(out, d) for out in demanded]).any(0) for d in self.passing(node)}
+            for carrier in self.carriers(node):
+                ctx.demand(carrier, needed)
 
     def _keeps_constants(self, node: Node) -> bool:
         name = node.target._opname
@@ -61,10 +71,62 @@ class Spatial(OpRule):
             padding = a.get("padding", 0)
             padded = any(p for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
             return not padded or not a.get("count_include_pad", True)
-        return not name.startswith("lp_pool")
+        return not name.startswith(("lp_pool", "max_unpool"))
+
+
+class Unpool(Spatial):
+    """``max_unpool2d/3d(x, indices, size)``: each value goes to its position in a larger map of
+    zeros (only zeros stay constant); ``indices`` come with ``x``, entry for entry."""
+
+    def carriers(self, node: Node) -> list[TensorValue]:
+        return [node.args[0], node.args[1]]
+
+
+class Rotation(Spatial):
+    """``rot90(x, k, dims)``: the two rotated dimensions keep their size; the others pass through,
+    constants included (a rotated slice holds the same values)."""
+
+    def passing(self, node: Node) -> list[int]:
+        x, rotated = node.args[0], bind(node)["dims"]
+        return [d for d in range(x.ndim) if d not in {r % x.ndim for r in rotated}]
+
+    def _keeps_constants(self, node: Node) -> bool:
+        return True
+
+
+class GridSample(OpRule):
+    """``grid_sampler_2d/3d(x, grid, mode, padding_mode, align_corners)``: channels pass through
+    from ``x`` (its spatial dimensions are read whole); batch entries and output positions come
+    from ``grid`` (its last dimension, the coordinates, is read whole). A zero channel samples
+    zeros; a constant one samples that constant unless points outside read zero padding
+    (``padding_mode`` 0)."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, grid, out = node.args[0], node.args[1], node.outputs[0]
+        ctx.link(x, 0, out, 0)
+        ctx.link(grid, 0, out, 0)
+        ctx.link(x, 1, out, 1)
+        for d in range(1, grid.ndim - 1):
+            ctx.link(grid, d, out, d + 1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        consts = ctx.const(node.args[0], 1)
+        if consts is not None:
+            mask = consts.mask if bind(node)["padding_mode"] != 0 else consts.zero
+            ctx.set_const(node.outputs[0], 1, DimConst.where(mask, consts.value))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, grid, out = node.args[0], node.args[1], node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        ctx.demand(x, {0: ctx.demanded(out, 0), 1: ctx.demanded(out, 1)})
+        ctx.demand(grid, {d: ctx.demanded(out, 0 if d == 0 else d + 1) for d in range(grid.ndim - 1)})
 
 
 def register(registry) -> None:
     rule = Spatial()
     names = [p.format(n) for p in _POOLS_1D_TO_3D for n in (1, 2, 3)] + _RESAMPLE
     registry.add_ops([f"aten.{name}" for name in names], rule)
+    registry.add_ops(["aten.max_unpool2d", "aten.max_unpool3d"], Unpool())
+    registry.add_op("aten.rot90", Rotation())
+    registry.add_ops(["aten.grid_sampler_2d", "aten.grid_sampler_3d"], GridSample())
