@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedup.modules import FoldedConv2d
+import speedup
+from speedup.modules import ChannelGather, FoldedConv2d
 from support.checks import check_speedup, keep_mask, output_channel_masks, randomize_norms, rows
 
 
@@ -604,3 +605,33 @@ def test_operators_along_other_dimensions_pass_channels_through(fn, keeps_consta
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["a.weight"])
     assert not report.barriers
     assert model.a.out_channels == (4 if keeps_constants else 6)
+
+
+class Gated(nn.Module):
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 16, 3, padding=1), gate, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.gate(self.a(x)))
+
+
+def test_glu_halves_lose_the_positions_whose_values_are_zero():
+    """Position 1 is zero in the value half, position 5 in both: both go, with the gate channels
+    paired with them. Position 3 is zero in the gate half only: sigmoid(0) / 2 times the value stays."""
+    model = Gated(nn.GLU(dim=1)).eval()
+    zero = torch.zeros(16, dtype=torch.bool)
+    zero[[1, 5, 8 + 5, 8 + 3]] = True
+    masks = {"a": {"weight": rows(~zero, (16, 3, 3, 3)), "bias": ~zero}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["a.weight", "b.weight"])
+    assert (model.a.out_channels, model.b.in_channels) == (12, 6)
+
+
+def test_channel_shuffle_module_becomes_a_gather_of_the_channels_that_stay():
+    model = Gated(nn.Sequential(nn.ChannelShuffle(4), nn.Conv2d(16, 8, 1))).eval()
+    masks = output_channel_masks(model, ["a"], seed=3)
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["a.weight", "gate.1.weight"])
+    assert isinstance(model.gate[0], ChannelGather) and not report.barriers
+    unchanged = Gated(nn.Sequential(nn.ChannelShuffle(4), nn.Conv2d(16, 8, 1))).eval()
+    speedup.shrink(unchanged, output_channel_masks(unchanged, ["b"]), torch.randn(1, 3, 6, 6))
+    assert isinstance(unchanged.gate[0], nn.ChannelShuffle)  # nothing of it changed: the user's module stays

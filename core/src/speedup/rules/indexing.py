@@ -352,18 +352,13 @@ class Split(OpRule):
             for d in range(x.ndim):
                 if d != dim:
                     ctx.link(x, d, out, d)
-        atoms = ctx.atoms(x, dim)
-        if not equal or atoms is None:
+        if not equal:
             ctx.pin(x, dim)
             return
-        ctx.accept(x, dim)
-        part, size = len(sizes), sizes[0]
-        which, position = ctx.fresh(part), ctx.fresh(size)
-        ctx.table.pin(which)
-        entries = torch.arange(x.shape[dim])
-        ctx.define(atoms, torch.stack([which[entries // size], position[entries % size]], 1))
+        position = _equal_parts(ctx, x, dim, sizes[0])
         for out in node.outputs:
-            ctx.assign(out, dim, position)
+            if position is not None:
+                ctx.assign(out, dim, position)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, dim, sizes, _ = self._layout(node)
@@ -390,6 +385,80 @@ class Split(OpRule):
             if d != dim:
                 masks[d] = torch.stack([ctx.demanded(out, d) for out in demanded]).any(0)
         ctx.demand(x, masks)
+
+
+def _equal_parts(ctx: Analysis, x: TensorValue, dim: int, size: int) -> Optional[torch.Tensor]:
+    """Cuts ``x``'s dimension into equal parts of ``size``: entry ``e`` is position ``e % size`` of
+    part ``e // size``, and a position goes from every part at once. Returns the positions' atoms
+    (those of each part); None where the dimension keeps its size."""
+    atoms = ctx.atoms(x, dim)
+    if atoms is None:
+        return None
+    ctx.accept(x, dim)
+    which, position = ctx.fresh(x.shape[dim] // size), ctx.fresh(size)
+    ctx.table.pin(which)
+    entries = torch.arange(x.shape[dim])
+    ctx.define(atoms, torch.stack([which[entries // size], position[entries % size]], 1))
+    return position
+
+
+class Glu(OpRule):
+    """``glu(x, dim)``: ``a * sigmoid(b)`` of the two halves of ``dim``, entry by entry (``nn.GLU``,
+    gated convolutions): the halves lose the same positions, as in an equal split, and the other
+    dimensions pass through. An output entry is zero where ``a`` is, constant where both are."""
+
+    def _layout(self, node: Node) -> tuple[TensorValue, int, TensorValue]:
+        x = node.args[0]
+        return x, bind(node).get("dim", -1) % x.ndim, node.outputs[0]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = self._layout(node)
+        for d in range(x.ndim):
+            if d != dim:
+                ctx.link(x, d, out, d)
+        position = _equal_parts(ctx, x, dim, out.shape[dim])
+        if position is not None:
+            ctx.assign(out, dim, position)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = self._layout(node)
+        for d in range(x.ndim):
+            consts = ctx.const(x, d)
+            if consts is None:
+                continue
+            if d != dim:  # a constant slice holds the same value in both halves
+                ctx.set_const(out, d, DimConst.where(consts.mask, consts.value * torch.sigmoid(consts.value)))
+                continue
+            (a, b), (va, vb) = consts.mask.chunk(2), consts.value.chunk(2)
+            ctx.set_const(out, d, DimConst.where((a & b) | (a & (va == 0)), va * torch.sigmoid(vb)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, dim, out = self._layout(node)
+        if ctx.is_demanded(out):
+            masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
+            masks[dim] = masks[dim].repeat(2)
+            ctx.demand(x, masks)
+
+
+class ChannelShuffleRule(ChannelGatherRule):
+    """``nn.ChannelShuffle(groups)``: output channel ``j`` is input channel ``(j % g) * (C / g) + j // g``.
+    On fewer channels the shuffle would need as many in every group; it becomes the
+    :class:`~speedup.modules.ChannelGather` of the channels that stay, so any channel may go."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = first_input(node), node.outputs[0]
+        index = _shuffled(x.shape[1], node.module.groups)
+        return [DimMap(x, d, out, d, index if d == 1 else None) for d in range(x.ndim)]
+
+    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        if plan.kept(plan.input(), 1) is None and plan.kept(plan.output(), 1) is None:
+            return module
+        return super().replace(ChannelGather(_shuffled(plan.input().shape[1], module.groups), 1), plan)
+
+
+def _shuffled(channels: int, groups: int) -> torch.Tensor:
+    j = torch.arange(channels)
+    return (j % groups) * (channels // groups) + j // groups
 
 
 class Unbind(OpRule):
@@ -484,6 +553,8 @@ def register(registry) -> None:
     registry.add_op("aten.select.int", Select())
     registry.add_op("aten.index_select", IndexSelect())
     registry.add_module(ChannelGather, ChannelGatherRule())
+    registry.add_module(nn.ChannelShuffle, ChannelShuffleRule())
+    registry.add_op("aten.glu", Glu())
     registry.add_op("aten.flip", Flip())
     registry.add_op("aten.roll", Roll())
     registry.add_op("aten.unfold", Unfold())
