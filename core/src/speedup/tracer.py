@@ -374,7 +374,10 @@ class _Recorder(TorchDispatchMode):
                 return self._masked_operand(output, None)
             return output
         if isinstance(output, (tuple, list)):
-            return type(output)(self._with_views_masked(o) for o in output)
+            items = [self._with_views_masked(o) for o in output]
+            if all(new is old for new, old in zip(items, output)):
+                return output  # also spares rebuilding a named tuple (PackedSequence), whose arguments differ
+            return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)
         if isinstance(output, dict):
             return {key: self._with_views_masked(value) for key, value in output.items()}
         return output

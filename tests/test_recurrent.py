@@ -1,0 +1,83 @@
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN) read their input features through the first layer's
+input weights: removed features go from them (constants folded into its input bias), and the
+layer's outputs are the masked model's."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import speedup
+from support.checks import check_speedup, rows
+
+MASKED = torch.tensor([False, True, False, True, True, False, False, True])
+ZERO = torch.tensor([False, True, False, False, True, False, False, False])  # the other masked ones hold a bias
+
+
+class Sequence(nn.Module):
+    """A conv over (N, C, L) feeding a recurrent layer, which is given initial states or not."""
+
+    def __init__(self, rnn: nn.RNNBase, states: bool = False):
+        super().__init__()
+        self.a, self.rnn, self.states = nn.Conv1d(4, 8, 3, padding=1), rnn, states
+        self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y.permute(0, 2, 1) if self.rnn.batch_first else y.permute(2, 0, 1)
+        if not self.states:
+            out, _ = self.rnn(y)
+        else:
+            h = torch.full((self.rnn.num_layers * (2 if self.rnn.bidirectional else 1), x.shape[0], self.rnn.hidden_size), 0.1)
+            out, _ = self.rnn(y, (h, h) if isinstance(self.rnn, nn.LSTM) else h)
+        return self.head(out)
+
+
+def masks():
+    return {"a": {"weight": rows(~MASKED, (8, 4, 3)), "bias": ~ZERO}}
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("batch_first, bidirectional, states", [(False, False, False), (True, True, True)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_removed_input_features_go_from_the_first_layer(kind, batch_first, bidirectional, states, bias):
+    rnn = kind(8, 6, num_layers=2, batch_first=batch_first, bidirectional=bidirectional, bias=bias)
+    model = Sequence(rnn, states).eval()
+    report = check_speedup(model, masks(), torch.randn(2, 4, 5), torch.randn(3, 4, 7),
+                           shrunk=["a.weight", "rnn.weight_ih_l0"] + (["rnn.weight_ih_l0_reverse"] if bidirectional else []))
+    assert not report.barriers
+    # With biases, the channels holding one are folded into the input bias; without, only zeros go.
+    assert model.a.out_channels == model.rnn.input_size == (4 if bias else 6)
+    assert model.rnn.weight_ih_l1.shape == rnn.weight_ih_l1.shape  # the layers after the first keep theirs
+    # The user's layer is left as it was (the sped-up one is a copy with its own weight list).
+    assert rnn.input_size == 8 and all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names))
+
+
+def test_an_unbatched_sequence():
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.rnn = nn.Linear(4, 8), nn.LSTM(8, 5)
+
+        def forward(self, x):  # (L, 4)
+            return self.rnn(self.a(x))[0]
+
+    model = Unbatched().eval()
+    check_speedup(model, {"a": {"weight": rows(~MASKED, (8, 4)), "bias": ~ZERO}}, torch.randn(6, 4), torch.randn(9, 4),
+                  shrunk=["a.weight", "rnn.weight_ih_l0"])
+
+
+def test_a_packed_sequence_keeps_everything():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.rnn = nn.Linear(4, 8), nn.GRU(8, 5, batch_first=True)
+
+        def forward(self, x):
+            packed = pack_padded_sequence(self.a(x), torch.tensor([x.shape[1], x.shape[1] - 1]), batch_first=True)
+            return self.rnn(packed)[1]
+
+    model = Packed().eval()
+    report = check_speedup(model, {"a": {"weight": rows(~MASKED, (8, 4)), "bias": ~ZERO}}, torch.randn(2, 5, 4),
+                           torch.randn(2, 6, 4))
+    assert model.rnn.input_size == 8 and isinstance(report, speedup.ShrinkReport)
