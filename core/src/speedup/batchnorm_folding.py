@@ -25,7 +25,7 @@ from .errors import VerificationError
 from .graph import Graph, Node, NodeKind
 from .plugins.manager import loaded_plugins
 from .replacement import registered_places
-from .rules.toolkit import clone_module
+from .cloning import clone_module
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
 

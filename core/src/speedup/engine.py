@@ -25,6 +25,7 @@ from torch import nn
 
 from . import tensor_masks
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
+from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind
@@ -118,12 +119,13 @@ def shrink(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     rules = _Rules(dict(customized_replace_func or {}))
-    checked_masks = load_masks(masks, model, map_location, batch_dim)
     args, kwargs = split_inputs(example_inputs)
     tx = Transaction()
     try:
+        frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
+        checked_masks = load_masks(masks, model, map_location, batch_dim)
         with _collector_paused():
-            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify)
+            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
     except BaseException:
         tx.rollback()
         raise
@@ -168,7 +170,8 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
-def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool) -> ShrinkReport:
+def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool,
+         frozen: list[Frozen]) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     forms = put_equivalent_forms(model, rules.registry, tx, lambda module: rules.custom_for(module) is not None)
@@ -231,11 +234,13 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
     tensor_masks.drop_all_ones(holders, tx)
-    forms = put_back_unchanged(forms, {id(old) for old, new in replaced.pairs if new is not old}, tx)
+    rebuilt = {id(old) for old, new in replaced.pairs if new is not old}
+    forms = put_back_unchanged(forms, rebuilt, tx)
+    plain, frozen_warnings = put_back_unfrozen(frozen, rebuilt, tx)
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
-    report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms}
-    report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced)
+    report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms + plain}
+    report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
     report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)

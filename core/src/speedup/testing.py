@@ -17,6 +17,7 @@ from . import tensor_masks
 from .engine import closeness, split_inputs
 from .masks import MaskSource, load_masks
 from .plugins.manager import loaded_plugins
+from .parametrized import freeze_parametrized
 from .transaction import Transaction
 from .tracer import iter_tensors
 
@@ -24,8 +25,13 @@ from .tracer import iter_tensors
 def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
     """A deep copy of ``model`` with its masks applied the simple way: parameters multiplied by their
     masks, input/output masks hooked in (with the hooks ``speedup`` itself uses, so that an input mask
-    named after a ``forward`` argument means the same thing in both)."""
-    masked = copy.deepcopy(model)
+    named after a ``forward`` argument means the same thing in both). A parametrized tensor (weight
+    norm) is masked as computed: the copy holds it plain, as ``speedup`` sees it."""
+    # A tensor attribute computed with autograd (the old weight norm's ``weight``) cannot be deep-copied.
+    computed = {id(t): t.detach().clone() for m in model.modules() for t in m.__dict__.values()
+                if isinstance(t, torch.Tensor) and not t.is_leaf}
+    masked = copy.deepcopy(model, computed)
+    freeze_parametrized(masked, Transaction())
     checked = load_masks(masks, masked)
     with torch.no_grad():
         for name, mask in checked.parameters.items():

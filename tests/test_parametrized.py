@@ -1,0 +1,72 @@
+"""Parametrized weights (weight norm, spectral norm, the old weight norm hook): masks apply to the
+computed weight, a layer that loses entries becomes the plain layer holding its computed weight
+(as for inference), and one of which nothing changed keeps its parametrization."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+import speedup
+from support.checks import assert_unchanged, check_speedup, rows, state_and_structure
+
+KEEP = torch.tensor([True, False, True, True, False, True, False, True])
+
+
+def network() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def masks() -> dict:
+    return {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}}
+
+
+def test_weight_norm_and_spectral_norm_layers_lose_entries_of_their_computed_weights():
+    model = network().eval()
+    parametrizations.weight_norm(model[0])  # masked: loses output channels
+    parametrizations.spectral_norm(model[2])  # loses input channels
+    parametrizations.weight_norm(model[6])  # far from the masks: nothing of it changes
+    untouched = model[6]
+    report = check_speedup(model, masks(), torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
+    assert model[0].weight.shape[0] == model[2].weight.shape[1] == 5
+    # Plain layers holding what they computed (the second one folds the constant channels it reads).
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    assert model[6] is untouched and parametrize.is_parametrized(model[6], "weight")
+    assert report.forms == {"0": ("ParametrizedConv2d", "Conv2d"), "2": ("ParametrizedConv2d", "Conv2d")}
+    assert sum("through a parametrization" in w for w in report.warnings) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_the_old_weight_norm_hook_is_frozen_alike():
+    model = network().eval()
+    torch.nn.utils.weight_norm(model[0])
+    torch.nn.utils.weight_norm(model[4])
+    check_speedup(model, masks(), torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["2.weight"])
+    assert model[0].weight.shape[0] == 5
+    assert "weight_g" not in dict(model[0].named_parameters()) and not model[0]._forward_pre_hooks
+    assert "weight_g" in dict(model[4].named_parameters())  # nothing of it changed: as it was
+
+
+def test_a_spectral_norm_in_training_mode_keeps_its_vectors():
+    """Computing a spectral norm in training mode runs a power iteration that updates its vectors in
+    place; the call computes it in eval mode, and a failed call leaves everything as it was."""
+    model = network().train()
+    parametrizations.spectral_norm(model[2])
+    snapshot = state_and_structure(model)
+    bad = {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}, "2": {"weight": torch.ones(5)}}  # no such shape
+    with pytest.raises(speedup.SpeedupError):
+        speedup.shrink(model, bad, torch.randn(2, 3, 8, 8))
+    assert_unchanged(model, snapshot)
+    vectors = {k: v.clone() for k, v in model[2].parametrizations.weight[0].named_buffers()}
+    speedup.shrink(model, {"4": {"weight": rows(torch.tensor([True, False, True, False]), (4, 8, 1, 1))}},
+                   torch.randn(2, 3, 8, 8))
+    assert parametrize.is_parametrized(model[2])  # its outputs all stay: it is put back
+    assert all(torch.equal(v, vectors[k]) for k, v in model[2].parametrizations.weight[0].named_buffers())
+
+
+def test_a_parametrized_model_itself_is_refused_with_what_to_do():
+    model = parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+    with pytest.raises(speedup.SpeedupError, match="remove_parametrizations"):
+        speedup.shrink(model, {"": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert parametrize.is_parametrized(model)
