@@ -579,6 +579,7 @@ ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a const
     "vector_norm ord inf": (lambda x: x + torch.linalg.vector_norm(x, ord=float("inf"), dim=(2, 3), keepdim=True), True),
     "zeros_like": (lambda x: torch.where(x > 0, x, torch.zeros_like(x)), True),
     "full_like": (lambda x: x * torch.full_like(x, 3.0) + torch.ones_like(x), True),
+    "new_zeros": (lambda x: x * x.new_ones(1, 1, 1, 1) + x.new_full((1, 1, 1, 6), 0.5) + x.new_zeros(6), True),
     "logsigmoid": (F.logsigmoid, True),
     "layer_norm over H, W": (lambda x: F.layer_norm(x, x.shape[-2:]), True),
 }

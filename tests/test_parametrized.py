@@ -70,3 +70,28 @@ def test_a_parametrized_model_itself_is_refused_with_what_to_do():
     with pytest.raises(speedup.SpeedupError, match="remove_parametrizations"):
         speedup.shrink(model, {"": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
     assert parametrize.is_parametrized(model)
+
+
+def test_a_weight_normed_convolution_folds_its_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    parametrizations.weight_norm(model[0])
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        expected = model(x)
+    assert speedup.fold_batchnorm(model, torch.randn(1, 3, 7, 7)) == [("0", "1")]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(model[1], nn.Identity) and not parametrize.is_parametrized(model[0])
+
+
+def test_groups_of_a_weight_normed_model_name_its_weights():
+    from speedup.groups import consistent_masks
+
+    model = network().eval()
+    parametrizations.weight_norm(model[2])
+    masks = consistent_masks(model, torch.randn(1, 3, 8, 8), sparsity=0.5)
+    assert masks["2"]["weight"].shape == (8, 8, 3, 3) and parametrize.is_parametrized(model[2])
+    check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))

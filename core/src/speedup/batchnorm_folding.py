@@ -26,6 +26,7 @@ from .graph import Graph, Node, NodeKind
 from .plugins.manager import loaded_plugins
 from .replacement import registered_places
 from .cloning import clone_module
+from .parametrized import frozen_twin
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
 
@@ -98,7 +99,8 @@ def _fold(old: _ConvNd, bn: _BatchNorm, places: dict, tx: Transaction) -> None:
         if bn.bias is not None:
             shift = shift + bn.bias.double()
         per_row = scale.reshape(-1, *([1] * (old.weight.dim() - 1)))
-        new = clone_module(old)
+        twin = frozen_twin(old)  # a parametrized weight (weight norm) is folded as computed
+        new = twin[0] if twin is not None else clone_module(old)
         new.weight = nn.Parameter((old.weight.double() * per_row).to(old.weight.dtype), old.weight.requires_grad)
         bias = old.bias.double() if old.bias is not None else torch.zeros_like(scale)
         new.bias = nn.Parameter((bias * scale + shift).to(old.weight.dtype), old.weight.requires_grad)

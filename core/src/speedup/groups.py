@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from .atoms import UNIT, AtomSolution
-from .engine import _Rules, split_inputs
+from .engine import _Rules, _trace_error, split_inputs
 from .equivalent_forms import put_equivalent_forms
 from .graph import TensorValue
+from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
 from .rule import OpRule
-from .tracer import trace
+from .tracer import TracingFailed, trace
 from .transaction import Transaction
 
 
@@ -98,8 +99,11 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     tx = Transaction()
     tx.set_training(model, False)
     try:
+        freeze_parametrized(model, tx)  # masks name the tensors the model computes, as the speedup reads them
         put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
         graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state).graph
+    except TracingFailed as failure:
+        raise _trace_error(failure, args, kwargs) from failure.error
     finally:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())
@@ -131,15 +135,16 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
             kept = keep.setdefault((member.parameter, member.dim), torch.ones(member.size, dtype=torch.bool))
             kept &= ~member.removed_by(removed)
     masks: dict[str, dict[str, torch.Tensor]] = {}
-    parameters = dict(model.named_parameters())
     for (name, dim), kept in keep.items():
-        tensor = parameters[name]
-        shape = [1] * tensor.dim()
-        shape[dim] = -1
         module, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module)
+        with evaluated(owner), torch.no_grad():  # a parametrized weight is computed (a spectral norm updates in training)
+            full = getattr(owner, attr).shape
+        shape = [1] * len(full)
+        shape[dim] = -1
         entry = masks.setdefault(module, {})
         line = kept.reshape(shape)
-        entry[attr] = (entry[attr] & line) if attr in entry else line.expand(tensor.shape)
+        entry[attr] = (entry[attr] & line) if attr in entry else line.expand(full)
     return masks
 
 

@@ -89,7 +89,7 @@ def frozen_twin(module: nn.Module) -> Optional[tuple[nn.Module, list[str]]]:
         twin.__class__ = type(module).__bases__[0]  # parametrize derives a class from the module's own
         twin._modules.pop("parametrizations")
         names = list(module.parametrizations)
-        with _evaluated(module), torch.no_grad():
+        with evaluated(module), torch.no_grad():
             for name in names:
                 originals = module.parametrizations[name]  # ``original``, or ``original0``... (weight norm: g, v)
                 original = getattr(originals, "original", None)
@@ -124,7 +124,7 @@ def _put(module: nn.Module, name: str, value: torch.Tensor, parameter: bool, req
 
 
 @contextlib.contextmanager
-def _evaluated(module: nn.Module) -> Iterator[None]:
+def evaluated(module: nn.Module) -> Iterator[None]:
     """Eval mode while the tensors are computed: spectral norm's power iteration would otherwise
     update its vectors in place (the user's model must stay as it was)."""
     flags = [(m, m.training) for m in module.modules()]
