@@ -636,3 +636,32 @@ def test_channel_shuffle_module_becomes_a_gather_of_the_channels_that_stay():
     unchanged = Gated(nn.Sequential(nn.ChannelShuffle(4), nn.Conv2d(16, 8, 1))).eval()
     speedup.shrink(unchanged, output_channel_masks(unchanged, ["b"]), torch.randn(1, 3, 6, 6))
     assert isinstance(unchanged.gate[0], nn.ChannelShuffle)  # nothing of it changed: the user's module stays
+
+
+class WritesIntoSlices(nn.Module):
+    """``y[:, :, 1:] += ...`` and ``y[..., :2] = fill``: writes through views cut along other dimensions."""
+
+    def __init__(self, fill: float, transposed: bool = False):
+        super().__init__()
+        self.a, self.b, self.fill, self.transposed = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), fill, transposed
+
+    def forward(self, x):
+        y = self.a(x)
+        y[:, :, 1:, :] += y[:, :, :-1, :].clone()
+        z = y.clone()
+        if self.transposed:
+            z.transpose(1, 3)[:, :2] = self.fill  # the same cut, written through a transposed view
+        else:
+            z[:, :, :, :2] = self.fill
+        return self.b(z)
+
+
+@pytest.mark.parametrize("fill, transposed, kept", [(0.0, False, 4), (0.5, False, 8), (0.0, True, 8)])
+def test_writes_into_slices_pass_the_dimensions_they_do_not_cut(fill, transposed, kept):
+    """Channels pass through in-place writes into slices of other dimensions. Filling a slice with 0
+    keeps masked channels zero (they go); with 0.5 they are no longer one constant (they stay). A
+    write through a transposed view is not followed (a barrier)."""
+    model = WritesIntoSlices(fill, transposed).eval()
+    report = check_speedup(model, output_channel_masks(model, ["a"]), torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 7))
+    assert model.a.out_channels == kept
+    assert bool(report.barriers) == transposed

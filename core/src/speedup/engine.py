@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import tensor_masks
+from .alias_writes import alias_write_rule
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .errors import SpeedupError, TraceError, VerificationError
@@ -88,7 +89,7 @@ class _Rules:
             return self.module_rule(node.module)
         if node.kind is NodeKind.OP:
             return self.registry.op_rule(node.target)
-        return None
+        return alias_write_rule(node)
 
 
 def shrink(

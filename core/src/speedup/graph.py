@@ -38,6 +38,11 @@ class Origin(enum.Enum):
         return self in (Origin.PARAMETER, Origin.CONSTANT)
 
 
+ALIAS_WRITE = "write through an alias"
+"""The target of the OPAQUE node giving a tensor its value after a write through another view of its
+storage (its ``kwargs["aligned"]``: the dimensions every written view covers whole, entry for entry)."""
+
+
 class NodeKind(enum.Enum):
     OP = "op"
     """An ATen operator call recorded at the dispatcher."""

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from . import flops as flop_count
 from .errors import TraceError
-from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
+from .graph import ALIAS_WRITE, Boundary, Graph, Node, NodeKind, Origin, TensorValue
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -268,11 +268,21 @@ class _Recorder(TorchDispatchMode):
         return value
 
     def _refresh_after_alias_write(self, tensor: torch.Tensor, stale: TensorValue) -> TensorValue:
-        """A tensor changed through an alias: its new value depends on every write to its storage."""
+        """A tensor changed through an alias: its new value depends on every write to its storage.
+
+        The node notes the dimensions that every written view covers whole, laid out as the tensor
+        (same rank and strides: slices along the other dimensions, as ``x[:, 1:] += y`` makes):
+        along those, entry ``i`` of each written view is entry ``i`` of the tensor.
+        """
         writes = self._writes.get(_storage_key(tensor), [])
         inputs = [stale] + [w for w in writes if w is not stale]
+        strides = tuple(tensor.stride()) if tensor.layout is torch.strided else None
+        laid_out = strides is not None and all(v.ndim == tensor.dim() and all(
+            v.strides[d] == strides[d] for d in range(tensor.dim()) if v.shape[d] > 1 and tensor.shape[d] > 1)
+            for v in inputs)  # the stride of a dimension of one entry is arbitrary
+        aligned = tuple(d for d in range(tensor.dim()) if laid_out and all(v.shape[d] == tensor.shape[d] for v in inputs))
         node = self.graph.add_node(
-            Node(len(self.graph.nodes), NodeKind.OPAQUE, "write through an alias", tuple(inputs), {}, inputs, [],
+            Node(len(self.graph.nodes), NodeKind.OPAQUE, ALIAS_WRITE, tuple(inputs), {"aligned": aligned}, inputs, [],
                  *self._caller())
         )
         value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
@@ -319,6 +329,8 @@ class _Recorder(TorchDispatchMode):
         base = args[0] if facts.view and args and isinstance(args[0], torch.Tensor) else None
         results = _tensors(out)
         if not written:
+            if self._writes and base is None:
+                self._forget_writes(results, args)
             node.outputs = [self._record_output(tensor, origin, node, False, base) for tensor in results]
             return out
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
@@ -327,6 +339,15 @@ class _Recorder(TorchDispatchMode):
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
+
+    def _forget_writes(self, results: list[torch.Tensor], args: tuple) -> None:
+        """An operator's new tensor lives in memory of its own: writes noted at that address were made
+        to a tensor freed since, and say nothing of this one."""
+        read = {_storage_key(a) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)}
+        for tensor in results:
+            key = _storage_key(tensor)
+            if key not in read:
+                self._writes.pop(key, None)
 
     def _masked_operands(self, func: Any, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments an operator runs on: every lazily masked parameter replaced by a masked copy.

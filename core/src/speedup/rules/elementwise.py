@@ -30,7 +30,7 @@ BINARY = [
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
     "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
-    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide",
+    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy",
 ]
 _ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
 

@@ -1,6 +1,6 @@
 """Tensors made like another: ``zeros_like``, ``ones_like``, ``full_like``, ``empty_like``,
-``rand_like``, ``randn_like``, ``randint_like``; and ``new_zeros``, ``new_ones``, ``new_full``,
-``new_empty``.
+``rand_like``, ``randn_like``, ``randint_like``, ``fill`` (``x[:, :2] = 0`` fills a view in place);
+and ``new_zeros``, ``new_ones``, ``new_full``, ``new_empty``.
 
 The ``*_like`` ones take the other tensor's shape and nothing of its values: every dimension follows
 that tensor's (the sped-up call makes the smaller shape). The ``new_*`` ones take only its dtype and
@@ -10,15 +10,26 @@ the other tensor is needed, and the filled ones are constants.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..graph import Node
+from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
 
 _FILLS = {"zeros_like": lambda node: 0.0, "ones_like": lambda node: 1.0,
           "full_like": lambda node: float(bind(node)["fill_value"]), "new_zeros": lambda node: 0.0,
-          "new_ones": lambda node: 1.0, "new_full": lambda node: float(bind(node)["fill_value"])}
+          "new_ones": lambda node: 1.0, "new_full": lambda node: float(bind(node)["fill_value"]),
+          "fill": lambda node: _scalar(bind(node)["value"])}
+
+
+def _scalar(value) -> Optional[float]:
+    """A fill value given as a number or as a tensor of one element (None where computed in the call)."""
+    if isinstance(value, TensorValue):
+        data = value.host()
+        return float(data.reshape(-1)[0]) if data is not None and data.numel() == 1 else None
+    return float(value)
 
 
 class MadeLike(OpRule):
@@ -31,10 +42,11 @@ class MadeLike(OpRule):
             ctx.link_all(x, out)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
-        fill = _FILLS.get(node.target._opname)
-        if fill is None:
-            return  # uninitialised or random
-        out, value = node.outputs[0], fill(node)
+        fill = _FILLS.get(node.target._opname.rstrip("_"))
+        value = fill(node) if fill is not None else None
+        if value is None:
+            return  # uninitialised, random, or a value computed in the call
+        out = node.outputs[0]
         for d, size in enumerate(out.shape):
             ctx.set_const(out, d, DimConst.where(torch.ones(size, dtype=torch.bool), torch.full((size,), value)))
 
@@ -45,4 +57,4 @@ class MadeLike(OpRule):
 def register(registry) -> None:
     registry.add_ops([f"aten.{name}" for name in ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
                                                    "randn_like", "randint_like", "new_zeros", "new_ones", "new_full",
-                                                   "new_empty")], MadeLike())
+                                                   "new_empty", "fill")], MadeLike())
