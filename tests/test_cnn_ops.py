@@ -575,6 +575,7 @@ ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a const
     "grid_sample border": (lambda x: _sample(x, "border"), True),
     "max_unpool": (lambda x: F.max_unpool2d(*F.max_pool2d(x, 2, return_indices=True), 2), False),
     "vector_norm": (lambda x: x * torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True), True),
+    "var_mean": (lambda x: torch.var_mean(x, dim=(2, 3), keepdim=True)[0] * x + torch.std_mean(x, dim=3)[1][..., None], True),
     "vector_norm ord 1": (lambda x: x + torch.linalg.vector_norm(x, ord=1, dim=(2, 3), keepdim=True), True),
     "vector_norm ord inf": (lambda x: x + torch.linalg.vector_norm(x, ord=float("inf"), dim=(2, 3), keepdim=True), True),
     "zeros_like": (lambda x: torch.where(x > 0, x, torch.zeros_like(x)), True),

@@ -20,13 +20,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .cloning import clone_module
 from .engine import _compare, _trace_error, split_inputs
 from .errors import VerificationError
 from .graph import Graph, Node, NodeKind
+from .parametrized import frozen_twin
 from .plugins.manager import loaded_plugins
 from .replacement import registered_places
-from .cloning import clone_module
-from .parametrized import frozen_twin
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
 

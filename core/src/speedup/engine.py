@@ -26,14 +26,14 @@ from torch import nn
 from . import tensor_masks
 from .alias_writes import alias_write_rule
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
-from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind
-from .masks import MaskSource, load_masks
-from .planning import decide
 from .lazy_masks import LazyMasks
 from .leftovers import masked_but_kept
+from .masks import MaskSource, load_masks
+from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
+from .planning import decide
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
 from .replacement import CustomReplace, replace

@@ -25,10 +25,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .cloning import clone_module
 from .equivalent_forms import Form, put_back_unchanged
 from .errors import SpeedupError
 from .replacement import registered_places
-from .cloning import clone_module
 from .transaction import Transaction
 
 

@@ -64,9 +64,9 @@ class RecurrentRule(ModuleRule):
             ctx.demand(state, {1: masks[batch]} if batch is not None else None)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
-        names = [name for name in module._flat_weights_names if name.startswith(("weight_ih_l0", "bias_ih_l0"))]
         if plan.kept(plan.input(), -1) is None:
             return module
+        names = [name for name in module._flat_weights_names if name.startswith(("weight_ih_l0", "bias_ih_l0"))]
         new = clone_module(module)
         new.__dict__["_flat_weights"] = list(module._flat_weights)  # nn.RNNBase keeps it in step with setattr
         removed, values = plan.removed_input_constants(-1) if plan.may_fold(-1) else (None, None)

@@ -31,8 +31,12 @@ _CONSTANT_RESULT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "std": lambda v, n: torch.zeros_like(v),
     "prod": lambda v, n: v ** n,
     "logsumexp": lambda v, n: v + math.log(n),
+    "var_mean": lambda v, n: torch.zeros_like(v),  # of its first result, the variance
+    "std_mean": lambda v, n: torch.zeros_like(v),
 }
 _IGNORES_ZEROS = {"sum", "nansum", "linalg_vector_norm"}
+_WITH_MEAN = {"var_mean", "std_mean"}
+"""Reductions returning the mean besides their first result."""
 
 
 class Reduction(OpRule):
@@ -74,6 +78,8 @@ class Reduction(OpRule):
             consts = ctx.const(x, d)
             if consts is not None and result is not None:
                 ctx.set_const(out, od, DimConst.where(consts.mask, result(consts.value, count)))
+                if len(node.outputs) > 1 and node.target._opname in _WITH_MEAN:  # the mean of a constant is it
+                    ctx.set_const(node.outputs[1], od, DimConst.where(consts.mask, consts.value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
@@ -168,7 +174,7 @@ def register(registry) -> None:
     registry.add_ops(
         ["aten.sum", "aten.nansum", "aten.mean", "aten.nanmean", "aten.amax", "aten.amin", "aten.max.dim",
          "aten.min.dim", "aten.var", "aten.std", "aten.prod", "aten.logsumexp", "aten.linalg_vector_norm",
-         "aten.any", "aten.all", "aten.argmax", "aten.argmin"],
+         "aten.any", "aten.all", "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean"],
         Reduction(),
     )
     registry.add_ops(["aten.topk", "aten.sort", "aten.cumsum", "aten.cumprod", "aten.cummax", "aten.cummin",
