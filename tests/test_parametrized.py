@@ -95,3 +95,13 @@ def test_groups_of_a_weight_normed_model_name_its_weights():
     masks = consistent_masks(model, torch.randn(1, 3, 8, 8), sparsity=0.5)
     assert masks["2"]["weight"].shape == (8, 8, 3, 3) and parametrize.is_parametrized(model[2])
     check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
+
+
+def test_a_mask_for_what_a_weight_is_computed_from_says_to_mask_the_weight():
+    model = network().eval()
+    parametrizations.weight_norm(model[0])
+    snapshot = state_and_structure(model)
+    v = {"0": {"parametrizations.weight.original1": rows(KEEP, (8, 3, 3, 3))}}
+    with pytest.raises(speedup.MaskError, match="name that tensor \\('weight'\\)"):
+        speedup.shrink(model, v, torch.randn(1, 3, 8, 8))
+    assert_unchanged(model, snapshot)

@@ -133,10 +133,13 @@ def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor
     tensor = named_tensor(module, target)
     if tensor is None:
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        parametrized = target.startswith("parametrizations.") or target.endswith(("_g", "_v"))
+        hint = (" A parametrized tensor (weight norm, spectral norm) is masked as the layer computes it: name that "
+                "tensor ('weight'), not what it is computed from." if parametrized else "")
         raise MaskError(
             f"masks['{module_name}'] has a mask for '{target}', but {type(module).__name__} '{module_name}' has no such "
             f"parameter or buffer (it has: {', '.join(names) or 'none'}). Inputs and outputs are masked as "
-            "'_input_0' / '_output_0'."
+            f"'_input_0' / '_output_0'.{hint}"
         )
     return tensor
 
