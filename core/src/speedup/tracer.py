@@ -205,7 +205,7 @@ class _Recorder(TorchDispatchMode):
         self._writes: dict[int, list[TensorValue]] = {}
         self.suppress = 0
         self.failed_call: Optional[Node] = None
-        self._pending: list[tuple[list[TensorValue], tuple, dict]] = []
+        self._pending: list[tuple[list[TensorValue], tuple, dict, Optional[set[int]]]] = []
         self.self_masking: dict[int, list[torch.Tensor]] = {}
         """Claimed modules computing their masked output themselves, with their own parameters."""
         self.own_flops: dict[int, Callable[[Any], int]] = {}
@@ -330,7 +330,7 @@ class _Recorder(TorchDispatchMode):
         results = _tensors(out)
         if not written:
             if self._writes and base is None:
-                self._forget_writes(results, args)
+                self._forget_writes(results, _storages(args))
             node.outputs = [self._record_output(tensor, origin, node, False, base) for tensor in results]
             return out
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
@@ -340,10 +340,10 @@ class _Recorder(TorchDispatchMode):
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
 
-    def _forget_writes(self, results: list[torch.Tensor], args: tuple) -> None:
-        """An operator's new tensor lives in memory of its own: writes noted at that address were made
-        to a tensor freed since, and say nothing of this one."""
-        read = {_storage_key(a) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)}
+    def _forget_writes(self, results: list[torch.Tensor], read: set[int]) -> None:
+        """A new tensor (made by an operator or a claimed module, in no memory it ``read``) lives in
+        memory of its own: writes noted at that address were made to a tensor freed since, and say
+        nothing of this one."""
         for tensor in results:
             key = _storage_key(tensor)
             if key not in read:
@@ -505,7 +505,7 @@ class _Recorder(TorchDispatchMode):
             inputs: list[TensorValue] = []
             call_args = tuple(self._substitute(a, inputs) for a in args)
             call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
-            self._pending.append((inputs, call_args, call_kwargs))
+            self._pending.append((inputs, call_args, call_kwargs, _storages((args, kwargs)) if self._writes else None))
             own = self.self_masking.get(id(module))
             # A module masking its own output reads its weights as they are (set aside until it returns).
             self._set_aside.append({id(t): self._masked.pop(id(t)) for t in own or () if self.lazily_masked(t)})
@@ -530,7 +530,9 @@ class _Recorder(TorchDispatchMode):
         self._masked.update(self._set_aside.pop())
         replaced = self._with_views_masked(output) if self._masked else output
         output = replaced
-        inputs, args, kwargs = self._pending.pop()
+        inputs, args, kwargs, read = self._pending.pop()
+        if read is not None:  # the module may return its input (an in-place activation): not a new tensor
+            self._forget_writes(list(iter_tensors(output)), read | _storages(self._tensors_of(module)))
         name = self._names.get(id(module), "")
         params = {attr: self.value_of(tensor) for attr, tensor in self._tensors_of(module)}
         node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
@@ -717,6 +719,11 @@ def _dense(tensor: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _storages(tree: Any) -> set[int]:
+    """The storage keys of the tensors in a nested structure."""
+    return {_storage_key(t) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
