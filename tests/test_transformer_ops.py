@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speedup.modules import ConstantAwareLayerNorm, PrunedMultiheadAttention
-from support.checks import check_speedup, keep_mask, rows
+from support.checks import check_speedup, keep_mask, output_channel_masks, rows
 
 E, H = 32, 4
 D = E // H
@@ -100,6 +100,51 @@ def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
     masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
     check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 5, E),
                   shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
+
+
+class FusedQKV(nn.Module):
+    """timm's attention: one qkv projection split with ``unbind``, its head size computed from the stream."""
+
+    def __init__(self, heads: int = 4):
+        super().__init__()
+        self.num_heads = heads
+        self.inp, self.qkv, self.proj = nn.Linear(8, E), nn.Linear(E, 3 * E, bias=False), nn.Linear(E, E)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5).softmax(dim=-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_heads_of_a_fused_projection_split_by_unbind_go_with_the_stream():
+    """Half the heads and half the stream: ``c // num_heads`` still gives the head size once the
+    stored ``num_heads`` follows (``unbind`` passes the heads through)."""
+    model = nn.Sequential(FusedQKV())
+    heads = torch.tensor([False, True, True, False]).repeat_interleave(D)
+    stream = torch.tensor([True, False] * (E // 2))
+    masks = {"0.inp": {"weight": rows(stream, (E, 8)), "bias": stream},
+             "0.qkv": {"weight": heads.repeat(3)[:, None] & stream[None, :]},
+             "0.proj": {"weight": stream[:, None] & heads[None, :], "bias": stream}}
+    report = check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 7, 8),
+                           shrunk=["0.inp.weight", "0.qkv.weight", "0.proj.weight"])
+    assert model[0].num_heads == 2 and model[0].qkv.weight.shape == (3 * E // 2, E // 2)
+    assert report.attributes == {"0.num_heads": (4, 2)}
+
+
+class Restacked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, E), nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.b(torch.stack(self.a(x).unbind(0), 0) * 2)  # the batch unbound and stacked again
+
+
+def test_features_pass_through_unbind_and_stack():
+    model = Restacked()
+    check_speedup(model, output_channel_masks(model, ["a"]), torch.randn(2, 8), torch.randn(2, 8), shrunk=["a.weight", "b.weight"])
 
 
 class PerHeadBias(nn.Module):

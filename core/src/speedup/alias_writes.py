@@ -26,14 +26,7 @@ class AliasWriteRule(OpRule):
     def forward(self, node: Node, ctx: Analysis) -> None:
         out = node.outputs[0]
         for d in node.kwargs["aligned"]:
-            consts = [ctx.const(value, d) for value in node.inputs]
-            if any(c is None for c in consts):
-                continue
-            first = consts[0]
-            mask = first.mask.clone()
-            for other in consts[1:]:
-                mask &= other.mask & (other.value == first.value)
-            ctx.set_const(out, d, DimConst.where(mask, first.value))
+            ctx.set_const(out, d, DimConst.agreeing([ctx.const(value, d) for value in node.inputs]))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         out = node.outputs[0]

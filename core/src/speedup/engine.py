@@ -43,7 +43,7 @@ from .stale_sizes import StoredSizes
 from .tracer import Trace, TracingFailed, iter_tensors, trace
 from .transaction import Transaction
 
-_MAX_ATTEMPTS = 16
+_MAX_ATTEMPTS = 64
 
 
 class SpeedupWarning(UserWarning):

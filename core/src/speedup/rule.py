@@ -160,6 +160,18 @@ class DimConst:
         value = torch.where(mask, value.to(torch.float64), 0.0)
         return cls(mask, value)
 
+    @classmethod
+    def agreeing(cls, consts: list[Optional["DimConst"]]) -> Optional["DimConst"]:
+        """The entries constant in every one of ``consts`` with one value (slices made of all of them);
+        None where one of them knows nothing."""
+        if not consts or any(c is None for c in consts):
+            return None
+        first = consts[0]
+        mask = first.mask.clone()
+        for other in consts[1:]:
+            mask &= other.mask & (other.value == first.value)
+        return cls.where(mask, first.value)
+
     @property
     def zero(self) -> torch.Tensor:
         return self.mask & (self.value == 0)

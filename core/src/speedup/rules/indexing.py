@@ -461,33 +461,48 @@ def _shuffled(channels: int, groups: int) -> torch.Tensor:
     return (j % groups) * (channels // groups) + j // groups
 
 
-class Unbind(OpRule):
-    """``unbind(x, dim)``: the number of outputs is fixed by the code, so ``dim`` keeps its size."""
+class Unbind(DescribedByMaps, OpRule):
+    """``unbind(x, dim)``: the number of outputs is fixed by the code, so ``dim`` keeps its size; the
+    other dimensions pass to every output (``q, k, v = qkv.unbind(0)`` loses whole heads)."""
+
+    def _dim(self, node: Node) -> int:
+        x = node.args[0]
+        return (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % x.ndim
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, dim = node.args[0], self._dim(node)
+        return [DimMap(x, d, out, d if d < dim else d - 1) for out in node.outputs for d in range(x.ndim) if d != dim]
 
     def couple(self, node: Node, ctx: Analysis) -> None:
-        x = node.args[0]
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % x.ndim
-        ctx.pin(x, dim)
-        for out in node.outputs:
-            couple_maps(ctx, [DimMap(x, d, out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim])
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        x = node.args[0]
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % x.ndim
-        for out in node.outputs:
-            forward_maps(ctx, [DimMap(x, d, out, d if d < dim else d - 1) for d in range(x.ndim) if d != dim])
+        ctx.pin(node.args[0], self._dim(node))
+        super().couple(node, ctx)
 
 
 class Stack(OpRule):
     """``stack(tensors, dim)``: a new dimension (its size is the number of tensors: kept)."""
 
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        out = node.outputs[0]
+    def _layout(self, node: Node) -> tuple[list[TensorValue], int]:
         a = bind(node)
-        dim = a.get("dim", 0) % out.ndim
-        for x in a["tensors"]:
+        return a["tensors"], a.get("dim", 0) % node.outputs[0].ndim
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        tensors, dim = self._layout(node)
+        for x in tensors:
             for d in range(x.ndim):
-                ctx.link(x, d, out, d if d < dim else d + 1)
+                ctx.link(x, d, node.outputs[0], d if d < dim else d + 1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        """Along the other dimensions, a slice is constant where every stacked tensor's is, alike."""
+        tensors, dim = self._layout(node)
+        for d in range(tensors[0].ndim):
+            ctx.set_const(node.outputs[0], d if d < dim else d + 1, DimConst.agreeing([ctx.const(x, d) for x in tensors]))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        tensors, dim = self._layout(node)
+        out = node.outputs[0]
+        if ctx.is_demanded(out):
+            for x in tensors:
+                ctx.demand(x, {d: ctx.demanded(out, d if d < dim else d + 1) for d in range(x.ndim)})
 
 
 class Pad(OpRule):
