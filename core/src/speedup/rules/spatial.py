@@ -1,4 +1,5 @@
-"""Pooling and resampling: the last 1-3 (spatial) dimensions change, the others pass through.
+"""Pooling, unpooling, resampling (also at sampled points), rotation: the last 1-3 (spatial)
+dimensions change, the others pass through.
 
 A zero channel stays zero. A constant channel stays the same constant wherever each output element
 averages or picks input elements of that channel alone (max pooling, adaptive pooling, nearest and
@@ -32,8 +33,8 @@ class Spatial(OpRule):
     """The last 1-3 dimensions (``_spatial``) change; the leading ones pass through to every output
     of the same rank, from the first argument and from the ``carriers(node)`` besides it."""
 
-    def passing(self, node: Node) -> range:
-        return range(node.args[0].ndim - _spatial(node))
+    def passing(self, node: Node) -> list[int]:
+        return list(range(node.args[0].ndim - _spatial(node)))
 
     def carriers(self, node: Node) -> list[TensorValue]:
         return [node.args[0]]
