@@ -10,7 +10,6 @@ Without such dimensions (another layout, a transposed view written), the node is
 
 from __future__ import annotations
 
-
 from .graph import ALIAS_WRITE, Node, NodeKind
 from .propagation import Analysis
 from .rule import DimConst, OpRule

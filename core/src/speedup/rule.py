@@ -176,6 +176,11 @@ class DimConst:
     def zero(self) -> torch.Tensor:
         return self.mask & (self.value == 0)
 
+    def only_zeros(self) -> "DimConst":
+        """The zero entries alone: what an operator keeps that maps zeros to zeros but not other
+        constants to constants (a sum along another dimension, zero padding)."""
+        return DimConst.where(self.zero, self.value)
+
     @property
     def nonzero_const(self) -> torch.Tensor:
         return self.mask & (self.value != 0)

@@ -30,7 +30,7 @@ from ..modules import ChannelGather
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ._maps import DescribedByMaps, DimMap, couple_maps, forward_maps
-from .toolkit import first_input
+from .toolkit import equal_parts, first_input
 from .shape import MapRule
 
 
@@ -355,7 +355,7 @@ class Split(OpRule):
         if not equal:
             ctx.pin(x, dim)
             return
-        position = _equal_parts(ctx, x, dim, sizes[0])
+        position = _positions(ctx, x, dim, sizes[0])
         for out in node.outputs:
             if position is not None:
                 ctx.assign(out, dim, position)
@@ -387,19 +387,14 @@ class Split(OpRule):
         ctx.demand(x, masks)
 
 
-def _equal_parts(ctx: Analysis, x: TensorValue, dim: int, size: int) -> Optional[torch.Tensor]:
-    """Cuts ``x``'s dimension into equal parts of ``size``: entry ``e`` is position ``e % size`` of
-    part ``e // size``, and a position goes from every part at once. Returns the positions' atoms
-    (those of each part); None where the dimension keeps its size."""
-    atoms = ctx.atoms(x, dim)
-    if atoms is None:
+def _positions(ctx: Analysis, x: TensorValue, dim: int, size: int) -> Optional[torch.Tensor]:
+    """The atoms of each position of ``x``'s dimension cut into equal parts of ``size``, a position
+    going from every part at once (the number of parts is the code's); None where it keeps its size."""
+    cut = equal_parts(ctx, x, dim, size)
+    if cut is None:
         return None
-    ctx.accept(x, dim)
-    which, position = ctx.fresh(x.shape[dim] // size), ctx.fresh(size)
-    ctx.table.pin(which)
-    entries = torch.arange(x.shape[dim])
-    ctx.define(atoms, torch.stack([which[entries // size], position[entries % size]], 1))
-    return position
+    ctx.table.pin(cut[0])
+    return cut[1]
 
 
 class Glu(OpRule):
@@ -416,7 +411,7 @@ class Glu(OpRule):
         for d in range(x.ndim):
             if d != dim:
                 ctx.link(x, d, out, d)
-        position = _equal_parts(ctx, x, dim, out.shape[dim])
+        position = _positions(ctx, x, dim, out.shape[dim])
         if position is not None:
             ctx.assign(out, dim, position)
 

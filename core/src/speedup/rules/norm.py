@@ -23,7 +23,7 @@ from ..modules import ConstantAwareChannelsFirstLayerNorm, ConstantAwareLayerNor
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
-from .toolkit import clone_module, first_input, foldable, param_data
+from .toolkit import clone_module, equal_parts, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
@@ -460,13 +460,9 @@ def _couple_groups(ctx: Analysis, x: TensorValue, out: TensorValue, groups: int,
     """Channels go by whole groups (each position within a group is pinned); batch entries go freely;
     the other dimensions keep their size (every entry counts in the statistics)."""
     ctx.link(x, 0, out, 0)
-    per_group = x.shape[1] // groups
-    atoms = ctx.atoms(x, 1)
-    if atoms is not None:
-        group, position = ctx.fresh(groups), ctx.fresh(per_group)
-        ctx.table.pin(position)
-        c = torch.arange(x.shape[1])
-        ctx.define(atoms, torch.stack([group[c // per_group], position[c % per_group]], 1))
+    cut = equal_parts(ctx, x, 1, x.shape[1] // groups)
+    if cut is not None:
+        ctx.table.pin(cut[1])
     ctx.link(x, 1, out, 1)
     for vector in vectors:
         ctx.link(vector, 0, out, 1)

@@ -79,7 +79,7 @@ class Reduction(OpRule):
             if consts is not None and result is not None:
                 ctx.set_const(out, od, DimConst.where(consts.mask, result(consts.value, count)))
                 if len(node.outputs) > 1 and node.target._opname in _WITH_MEAN:  # the mean of a constant is it
-                    ctx.set_const(node.outputs[1], od, DimConst.where(consts.mask, consts.value))
+                    ctx.set_const(node.outputs[1], od, consts)
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
@@ -134,8 +134,7 @@ class AlongOneDim(Reduction):
         for d in kept:
             consts = ctx.const(x, d)
             if consts is not None:
-                mask = consts.mask if name in self._PICKS else consts.zero
-                ctx.set_const(node.outputs[0], d, DimConst.where(mask, consts.value))
+                ctx.set_const(node.outputs[0], d, consts if name in self._PICKS else consts.only_zeros())
 
 
 class Softmax(OpRule):

@@ -15,7 +15,7 @@ import torch
 
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
-from ..rule import DimConst, OpRule, bind
+from ..rule import OpRule, bind
 
 _POOLS_1D_TO_3D = ["max_pool{}d_with_indices", "max_pool{}d", "avg_pool{}d", "_adaptive_avg_pool{}d",
                    "adaptive_avg_pool{}d", "adaptive_max_pool{}d", "fractional_max_pool{}d", "lp_pool{}d"]
@@ -54,8 +54,7 @@ class Spatial(OpRule):
             for d in self.passing(node):
                 consts = ctx.const(x, d)
                 if consts is not None:
-                    mask = consts.mask if uniform else consts.zero
-                    ctx.set_const(out, d, DimConst.where(mask, consts.value))
+                    ctx.set_const(out, d, consts if uniform else consts.only_zeros())
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x = node.args[0]
@@ -113,8 +112,7 @@ class GridSample(OpRule):
     def forward(self, node: Node, ctx: Analysis) -> None:
         consts = ctx.const(node.args[0], 1)
         if consts is not None:
-            mask = consts.mask if bind(node)["padding_mode"] != 0 else consts.zero
-            ctx.set_const(node.outputs[0], 1, DimConst.where(mask, consts.value))
+            ctx.set_const(node.outputs[0], 1, consts if bind(node)["padding_mode"] != 0 else consts.only_zeros())
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, grid, out = node.args[0], node.args[1], node.outputs[0]

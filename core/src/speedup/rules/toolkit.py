@@ -18,7 +18,7 @@ from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst
 
-__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "first_input", "foldable", "param_data"]
+__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "equal_parts", "first_input", "foldable", "param_data"]
 
 
 def first_input(node: Node) -> TensorValue:
@@ -116,3 +116,18 @@ def added_to_bias(bias: Optional[torch.Tensor], extra: Optional[torch.Tensor], l
     extra = extra.to(device=like.device, dtype=torch.float64)
     base = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(extra)
     return nn.Parameter((base + extra).to(like.dtype), requires_grad=like.requires_grad)
+
+
+def equal_parts(ctx: Analysis, x: TensorValue, dim: int, size: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Cuts ``x``'s dimension into equal parts of ``size`` entries: entry ``e`` exists when part
+    ``e // size`` and position ``e % size`` both do. Returns the atoms of the parts and of the
+    positions (the caller pins what its code cannot lose: a split its parts, a group norm its
+    positions); None where the dimension keeps its size."""
+    atoms = ctx.atoms(x, dim)
+    if atoms is None:
+        return None
+    ctx.accept(x, dim)
+    parts, positions = ctx.fresh(x.shape[dim] // size), ctx.fresh(size)
+    entries = torch.arange(x.shape[dim])
+    ctx.define(atoms, torch.stack([parts[entries // size], positions[entries % size]], 1))
+    return parts, positions
