@@ -214,15 +214,19 @@ class PrunedMultiheadAttention(nn.Module):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         batched = query.dim() == 3
+        # Projected before the layout changes: a linear layer on a transposed input whose weight does
+        # not require grad runs as one matrix-vector product per position (torch's matmul folds the
+        # leading dimensions only when they are contiguous): 0.85 ms instead of 0.26 ms for a 384-wide
+        # projection of 128 positions (torch 2.13, 2 threads).
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        length, batch = query.shape[0], query.shape[1]
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        length, batch = q.shape[0], q.shape[1]
         heads, dim = self.num_heads, self.head_dim
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
             v = torch.cat([v, self.bias_v.expand(1, batch, -1)])

@@ -722,8 +722,21 @@ def _dense(tensor: torch.Tensor) -> bool:
 
 
 def _storages(tree: Any) -> set[int]:
-    """The storage keys of the tensors in a nested structure."""
-    return {_storage_key(t) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)}
+    """The storage keys of the tensors in a nested structure (walked here for lists, tuples and dicts,
+    what operators and module calls take: ``pytree`` costs tens of microseconds a call)."""
+    keys: set[int] = set()
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            keys.add(_storage_key(item))
+        elif type(item) in (tuple, list):
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.values())
+        elif not isinstance(item, (int, float, bool, str, type(None))):
+            keys.update(_storage_key(t) for t in pytree.tree_leaves(item) if isinstance(t, torch.Tensor))
+    return keys
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

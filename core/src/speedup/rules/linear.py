@@ -45,12 +45,23 @@ class ActivationMaskedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.columns is not None:
             x = x * self.columns.to(x)
-        out = F.linear(x, self.weight)
+        out = _folded_linear(x, self.weight)  # a new tensor: rows and bias apply in place
         if self.rows is not None:
-            out = out * self.rows.to(out)
+            out.mul_(self.rows.to(out))
         if self.bias is None:
             return out
-        return out + (self.bias * self.bias_kept.to(self.bias) if self.bias_kept is not None else self.bias)
+        return out.add_(self.bias * self.bias_kept.to(self.bias) if self.bias_kept is not None else self.bias)
+
+
+def _folded_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` as one matrix product over all leading dimensions of ``x``.
+
+    torch's matmul folds them into one only when the weight requires grad or they are laid out
+    contiguously; a detached weight on a transposed input (``nn.MultiheadAttention`` with
+    ``batch_first``) would run one matrix-vector product per position, several times slower."""
+    if x.dim() <= 2:
+        return F.linear(x, weight)
+    return F.linear(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class LinearRule(ModuleRule):
