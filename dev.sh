@@ -38,6 +38,11 @@ case "$command" in
     setup) ;;
     demo) exec "$PY" examples/demo.py "$@" ;;
     test) exec "$PY" -m pytest "$@" ;;
-    bench) name="$1"; shift; exec "$PY" "benchmarks/$name.py" "$@" ;;
+    bench)
+        # A pip install compiles a package's modules; an editable one leaves them to the first import,
+        # and with PYTHONDONTWRITEBYTECODE set every process would compile them again inside its first
+        # speedup call (about 60 ms of plugin loading). Benchmarks time what an installed copy does.
+        "$PY" -m compileall -q core/src plugins/*/src
+        name="$1"; shift; exec "$PY" "benchmarks/$name.py" "$@" ;;
     *) echo "usage: bash dev.sh [setup|demo|test|bench NAME] [args]" >&2; exit 2 ;;
 esac
