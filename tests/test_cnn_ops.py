@@ -147,6 +147,18 @@ def test_transposed_convolutions():
     check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(1, 3, 10, 6), shrunk=["0.weight", "2.weight", "4.weight"])
 
 
+def test_transposed_convolution_whose_every_output_goes_keeps_one_without_folding():
+    """Constant inputs (masked rows keeping their bias) of a transposed convolution nothing reads
+    further: one output stays so the model is valid, and nothing needs the constants it read."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 4, 2, stride=2),
+                          nn.Conv2d(4, 5, 1), nn.Conv2d(5, 2, 1)).eval()
+    kept = torch.tensor([True, True, False, False])
+    masks = {"0": {"weight": rows(kept, (4, 3, 3, 3))},  # channels 2 and 3 hold their bias
+             "2": {"weight": torch.zeros(5, 4, 1, 1)}}
+    with pytest.warns(speedup.SpeedupWarning, match="one entry is kept"):
+        check_speedup(model, masks, torch.randn(1, 3, 4, 4), torch.randn(2, 3, 5, 3), shrunk=["1.weight"])
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, c=12, r=4):
         super().__init__()
@@ -308,6 +320,13 @@ def test_group_norm_whose_group_count_cannot_follow_keeps_its_groups(norm):
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
     assert not report.barriers and model[0].out_channels == 8
     assert any("called with 4 groups where 2 were planned" in reason for reason in report.kept_for_verification)
+
+
+def test_group_norm_of_one_channel_per_group_gives_its_shift_for_a_constant_channel():
+    model = group_norm_model(nn.GroupNorm(8, 8))
+    scattered = torch.tensor([True, False] * 4)
+    masks = {"0": {"weight": rows(scattered, (8, 3, 3, 3))}}  # the masked channels hold their bias
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5), shrunk=["1.weight", "2.weight"])
 
 
 def test_group_norm_with_a_scale_of_zero_gives_its_shift_and_partial_groups_stay():

@@ -266,6 +266,10 @@ class ConvModuleRule(ModuleRule):
             # No zero padding: every output position sees every tap, so the contribution is the sum.
             new.bias = added_to_bias(bias, kernel.flatten(1).sum(1), module.weight)
             return new
+        if _folded_kind(new) is None:
+            # A transposed convolution folds zeros only (see backward): the constants it lost reach
+            # only outputs that nothing needs.
+            return new
         return _fold_borders(new, kernel, spec.x.shape[spec.cdim + 1:])
 
 

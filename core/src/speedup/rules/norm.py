@@ -480,9 +480,15 @@ def _group_constants(ctx: Analysis, x: TensorValue, out: TensorValue, groups: in
         whole = consts.mask.reshape(groups, -1).all(1).repeat_interleave(channels // groups)
         if bool(whole.any()):
             mask = whole
-            probe = torch.where(whole, consts.value, 0.0).reshape(1, channels, *([1] * max(x.ndim - 2, 1)))
-            vectors = [v.to(torch.float64) if v is not None else None for v in (weight, bias)]
-            value = F.group_norm(probe, groups, *vectors, eps).reshape(-1)
+            # Every position of a constant channel holds its value: the group's statistics are its channels'.
+            per_group = torch.where(whole, consts.value, 0.0).reshape(groups, -1)
+            mean = per_group.mean(1, keepdim=True)
+            spread = per_group.var(1, unbiased=False, keepdim=True)
+            value = ((per_group - mean) / torch.sqrt(spread + eps)).reshape(-1)
+            if weight is not None:
+                value = value * weight.to(torch.float64)
+            if bias is not None:
+                value = value + bias.to(torch.float64)
     if weight is not None:
         shift = bias.to(torch.float64) if bias is not None else torch.zeros(channels, dtype=torch.float64)
         value = torch.where(weight == 0, shift, value)
