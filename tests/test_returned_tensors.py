@@ -6,9 +6,11 @@ import copy
 import io
 from collections import namedtuple
 
+import pytest
 import torch
 from torch import nn
 
+from speedup import SpeedupWarning
 from speedup.groups import find_groups
 from speedup.output_constants import PutBackConstants
 from support.checks import check_speedup, keep_mask, rows
@@ -66,6 +68,30 @@ def test_masked_output_channels_of_the_last_layer_are_not_computed():
     check_speedup(model, {"2": {"weight": rows(keep, (10, 8))}}, torch.randn(2, 6), torch.randn(3, 6),
                   shrunk=["2.weight"])
     assert model[2].out_features == int(keep.sum()) and model(torch.randn(3, 6)).shape == (3, 10)
+
+
+class ConstantThroughASharedLayer(nn.Module):
+    """A layer called on two different constant inputs, its second result returned through a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.shared, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        unused = self.shared(x)  # noqa: F841 - a call whose result nothing reads
+        return self.head(self.shared(torch.nn.functional.hardswish(x)).mean((2, 3)))
+
+
+def test_a_returned_entry_kept_only_so_the_model_stays_valid_holds_its_constant():
+    """The stem's weight is all masked: every returned score is a constant and every layer goes but one
+    entry. That entry, computed from what stayed (folded for one call of the shared layer, not for
+    the other), is not what the masked model returns: the constant is written there too."""
+    model = ConstantThroughASharedLayer()
+    masks = {"stem": {"weight": torch.zeros(8, 3, 3, 3)}}
+    with pytest.warns(SpeedupWarning, match="one entry is kept"):
+        check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
+                      shrunk=["stem.weight", "shared.weight", "head.weight"])
 
 
 def test_a_sped_up_model_that_puts_constants_back_pickles_and_copies():

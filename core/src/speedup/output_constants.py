@@ -7,6 +7,10 @@ constant channel, and :class:`PutBackConstants`, a forward hook on the model, wr
 back into the returned tensors. T5 returns its encoder's hidden state next to the logits: without
 this, its hidden size could not shrink at all.
 
+A constant entry that stays (one entry of a dimension that lost all the others is kept so the model
+stays valid; an entry tied to a needed one elsewhere) was not demanded either: what the sped-up
+model computes there may not be the constant, so the hook writes the constant there too.
+
 The hook is a plain object of this module, so a sped-up model still pickles and deep-copies. It
 finds the tensors by their path in the return value (a key of a ``ModelOutput``, an index of a
 tuple); a return value that lacks a path (another output option was set) is left as it is there.
@@ -27,27 +31,31 @@ from .transaction import Transaction
 
 @dataclass
 class DimensionRestore:
-    """One dimension of a returned tensor: where its kept entries go, and the removed constants."""
+    """One dimension of a returned tensor: where its kept entries go, and the constants to write."""
 
     dim: int
     size: int
     kept: torch.Tensor
-    removed: torch.Tensor
+    constant: torch.Tensor
+    """Entries written with their constant: every removed one, and kept ones nothing demanded."""
     values: torch.Tensor
-    """float64, one per removed entry."""
+    """float64, one per constant entry."""
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.shape[self.dim] != self.kept.numel():
             return tensor  # not the shape this model returns here: leave it
         shape = list(tensor.shape)
-        shape[self.dim] = self.size
-        full = tensor.new_empty(shape)
-        full.index_copy_(self.dim, self.kept.to(tensor.device), tensor)
+        if self.kept.numel() == self.size:
+            full = tensor.clone()  # the model's own tensor is not written to
+        else:
+            shape[self.dim] = self.size
+            full = tensor.new_empty(shape)
+            full.index_copy_(self.dim, self.kept.to(tensor.device), tensor)
         view = [1] * tensor.ndim
         view[self.dim] = -1
-        shape[self.dim] = self.removed.numel()
+        shape[self.dim] = self.constant.numel()
         constants = self.values.to(device=tensor.device, dtype=tensor.dtype).view(view).expand(shape)
-        return full.index_copy_(self.dim, self.removed.to(tensor.device), constants)
+        return full.index_copy_(self.dim, self.constant.to(tensor.device), constants)
 
 
 class PutBackConstants:
@@ -70,7 +78,7 @@ def put_back_constants(model: nn.Module, graph: Graph, tx: Transaction) -> Optio
     """Registers the hook where a returned tensor lost entries (undone on rollback); returns it."""
     restores = []
     for path, value in graph.output_paths:
-        dims = [_restore(value, d) for d, kept in enumerate(value.kept) if kept is not None]
+        dims = [restore for restore in (_restore(value, d) for d in range(value.ndim)) if restore is not None]
         if dims:
             restores.append((path, dims))
     if not restores:
@@ -80,14 +88,26 @@ def put_back_constants(model: nn.Module, graph: Graph, tx: Transaction) -> Optio
     return hook
 
 
-def _restore(value: TensorValue, d: int) -> DimensionRestore:
-    kept = value.kept[d]
-    removed = torch.ones(value.shape[d], dtype=torch.bool)
-    removed[kept] = False
+def _restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
+    """What dimension ``d`` of a returned value needs written back, if anything."""
+    size = value.shape[d]
+    removed = torch.zeros(size, dtype=torch.bool)
+    if value.kept and value.kept[d] is not None:
+        removed.fill_(True)
+        removed[value.kept[d]] = False
     consts = value.consts[d] if value.consts else None
+    if not isinstance(consts, DimConst):
+        assert not removed.any(), "a returned entry went that varies"
+        return None
     # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
-    assert isinstance(consts, DimConst) and bool(consts.mask[removed].all()), "a returned entry went that varies"
-    return DimensionRestore(d, value.shape[d], kept.clone(), removed.nonzero().flatten(), consts.value[removed].clone())
+    assert bool(consts.mask[removed].all()), "a returned entry went that varies"
+    demanded = torch.zeros(size, dtype=torch.bool) if value.demand is None else (
+        torch.ones(size, dtype=torch.bool) if value.demand[d] is None else value.demand[d])
+    constant = removed | (consts.mask & ~demanded)
+    if not constant.any():
+        return None
+    return DimensionRestore(d, size, (~removed).nonzero().flatten(), constant.nonzero().flatten(),
+                            consts.value[constant].clone())
 
 
 def _get(obj: Any, path: tuple) -> Any:

@@ -83,5 +83,5 @@ def _emptied_warning(value: TensorValue, d: int) -> str:
     where = value.name or (value.producer.describe() if value.producer else repr(value))
     return (
         f"every entry of dimension {d} of {where} is masked or unused; one entry is kept so the model stays "
-        "valid (it carries the masked model's value). If the whole layer should go, remove it from the model."
+        "valid (what the model returns is unchanged). If the whole layer should go, remove it from the model."
     )
