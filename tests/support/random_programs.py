@@ -329,3 +329,39 @@ def random_output_masks(model: nn.Module, rng: random.Random, skip: str = "head"
         if module.bias is not None and rng.random() < 0.7:
             masks[name]["bias"] = keep.float()
     return masks
+
+
+def varied_masks(model: nn.Module, rng: random.Random, skip: str = "head") -> dict:
+    """Masks of every layout a pruner may give, a random one per layer with parameters (or none):
+    single weights, input channels, rows times columns, the bias alone, and NNI's ``_input_0`` /
+    ``_output_0`` targets on convolutions and linear layers."""
+    masks = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name == skip or not isinstance(weight, torch.Tensor):
+            continue
+        layer = isinstance(module, (nn.Conv2d, nn.Linear))
+        style = rng.choice(["none", "none", "single weights", "columns", "rows and columns", "bias"]
+                           + (["output", "input"] if layer else []))
+        if style == "single weights":
+            masks[name] = {"weight": (torch.rand(weight.shape) > 0.5).float()}
+        elif style in ("columns", "rows and columns") and weight.dim() >= 2:
+            columns = _line(torch.rand(weight.shape[1]) > 0.5, 1, weight.dim())
+            lines = columns & _line(torch.rand(weight.shape[0]) > 0.5, 0, weight.dim()) if style != "columns" else columns
+            masks[name] = {"weight": lines.expand_as(weight).float()}
+        elif style == "bias" and getattr(module, "bias", None) is not None:
+            masks[name] = {"bias": (torch.rand(module.bias.shape) > 0.5).float()}
+        elif style in ("output", "input"):
+            conv = isinstance(module, nn.Conv2d)
+            count = {("output", True): "out_channels", ("input", True): "in_channels",
+                     ("output", False): "out_features", ("input", False): "in_features"}[style, conv]
+            count = getattr(module, count)
+            keep = (torch.rand(count) > 0.5).float()
+            masks[name] = {f"_{style}_0": keep.reshape(1, count, 1, 1) if weight.dim() == 4 else keep}
+    return masks
+
+
+def _line(keep: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return keep.reshape(shape)
