@@ -48,3 +48,21 @@ def test_random_programs_equal_their_masked_model(kind, masks):
         ratios.append(parameter_count(model) / before)
     assert max(ratios) <= 1.0
     assert sum(ratios) / len(ratios) < 0.9, f"the programs kept {sum(ratios) / len(ratios):.0%} of their parameters"
+
+
+@pytest.mark.parametrize("kind", PROGRAMS)
+def test_random_programs_in_bfloat16(kind):
+    """In bfloat16 the sped-up model rounds as the masked model does: verification compares it with
+    the recording without the fused attention path on both sides, a masked linear layer adds its
+    bias inside the product, and the constant-aware norms take their statistics in float32."""
+    build, inputs = PROGRAMS[kind]
+    for seed in range(16):
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        model = randomize_norms(build(rng), seed).eval().to(torch.bfloat16)
+        dummy = inputs(2).to(torch.bfloat16) if kind == "image" else inputs(2)
+        chosen = MASKS["random" if seed % 2 else "consistent"](model, rng, dummy, seed)
+        reference = masked_copy(model, chosen).eval()
+        speedup.shrink(model, chosen, dummy)
+        fresh = inputs(3).to(torch.bfloat16) if kind == "image" else inputs(3)
+        assert_same_outputs(reference, model, fresh)

@@ -40,7 +40,7 @@ from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
 from .stale_sizes import StoredSizes
-from .tracer import Trace, TracingFailed, iter_tensors, trace
+from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, trace
 from .transaction import Transaction
 
 _MAX_ATTEMPTS = 64
@@ -400,7 +400,7 @@ class _Check:
 def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _Check:
     """Runs the sped-up model on the dummy input; on any difference, finds the node responsible."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fused_attention_off():
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - located below, by recording the failing run
         return _locate(model, args, kwargs, recorded, rules, replaced, "")

@@ -105,10 +105,16 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if input.dtype in _REDUCED:  # in float32, rounded once, as torch's own kernels accumulate
+            weight, bias = _float32(weight), _float32(bias)
+            return self._forward(input.float(), weight, bias).to(input.dtype)
+        return self._forward(input, weight, bias)
+
+    def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         if input.requires_grad and torch.is_grad_enabled():
-            return self._differentiable(input)
+            return self._differentiable(input, weight, bias)
         n, full, k = input.shape[-1], self.full_size, self.removed_count
-        weight = self.weight
         normalized, mean, rstd = torch.native_layer_norm(input, (n,), weight, None, self.eps)  # times weight
         variance = rstd.pow(-2).sub_(self.eps)
         if self.zero_constants:  # the usual case (a masked stream): mu = m * n / N, fewer row operations
@@ -125,13 +131,13 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         scale = rstd_full / rstd
         if weight is None:
             out = normalized.mul_(scale).add_(shift)
-            return out.add_(self.bias) if self.bias is not None else out
+            return out.add_(bias) if bias is not None else out
         # (normalized * scale + shift) * weight + bias, the row shift times the weight as one product
         rows = shift.reshape(-1, 1)
-        offset = torch.addmm(self.bias, rows, weight.reshape(1, n)) if self.bias is not None else rows * weight
+        offset = torch.addmm(bias, rows, weight.reshape(1, n)) if bias is not None else rows * weight
         return normalized.mul_(scale).add_(offset.view(normalized.shape))
 
-    def _differentiable(self, input: torch.Tensor) -> torch.Tensor:
+    def _differentiable(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         """The same with plain operators, for training: the fused layer norm's mean and rstd outputs
         carry no gradient, so the fast path would give wrong input gradients."""
         n = self.full_size
@@ -141,10 +147,10 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         square = centered.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)
         square = square - 2 * mean * s1 + self.removed_count * mean.pow(2)
         out = centered * torch.rsqrt(square / n + self.eps)
-        if self.weight is not None:
-            out = out * self.weight
-        if self.bias is not None:
-            out = out + self.bias
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
         return out
 
 
@@ -161,10 +167,21 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         """``RMSNorm`` over the last dimension whose mean square also counts removed constants."""
 
         def forward(self, input: torch.Tensor) -> torch.Tensor:
-            eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
-            square = (input.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)) / self.full_size
-            out = input * torch.rsqrt(square + eps)
-            return out * self.weight if self.weight is not None else out
+            x = input.float() if input.dtype in _REDUCED else input  # accumulated in float32, as torch's is
+            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            square = (x.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(x.dtype)) / self.full_size
+            out = x * torch.rsqrt(square + eps)
+            if self.weight is not None:
+                out = out * (_float32(self.weight) if x is not input else self.weight)
+            return out.to(input.dtype)
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+"""Dtypes whose statistics the constant-aware norms take in float32."""
+
+
+def _float32(tensor):
+    return tensor.float() if tensor is not None else None
 
 
 class ChannelGather(nn.Module):
