@@ -23,6 +23,13 @@ from torch import nn
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
+_REDUCED = (torch.float16, torch.bfloat16)
+"""Dtypes whose statistics the constant-aware norms take in float32."""
+
+
+def _float32(tensor):
+    return tensor.float() if tensor is not None else None
+
 
 class _ConstantMap:
     """Adds the exact contribution of folded constant input channels to a convolution's output.
@@ -174,14 +181,6 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
             if self.weight is not None:
                 out = out * (_float32(self.weight) if x is not input else self.weight)
             return out.to(input.dtype)
-
-
-_REDUCED = (torch.float16, torch.bfloat16)
-"""Dtypes whose statistics the constant-aware norms take in float32."""
-
-
-def _float32(tensor):
-    return tensor.float() if tensor is not None else None
 
 
 class ChannelGather(nn.Module):
