@@ -658,6 +658,22 @@ def test_channel_shuffle_module_becomes_a_gather_of_the_channels_that_stay():
     assert isinstance(unchanged.gate[0], nn.ChannelShuffle)  # nothing of it changed: the user's module stays
 
 
+class ShuffledInCode(nn.Module):
+    def forward(self, x):
+        return F.channel_shuffle(x, 4)
+
+
+def test_functional_channel_shuffle_loses_a_position_only_from_every_group():
+    """Four groups of four: position 1 is masked in every group and goes; position 2 only in groups
+    0 and 1, so its channels stay (on fewer channels the code's shuffle needs as many in every group)."""
+    model = Gated(nn.Sequential(ShuffledInCode(), nn.Conv2d(16, 8, 1))).eval()
+    masked = torch.zeros(16, dtype=torch.bool)
+    masked[[1, 5, 9, 13, 2, 6]] = True
+    masks = {"a": {"weight": rows(~masked, (16, 3, 3, 3)), "bias": ~masked}}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["a.weight"])
+    assert not report.barriers and model.a.out_channels == 12 and model.gate[1].in_channels == 12
+
+
 class WritesIntoSlices(nn.Module):
     """``y[:, :, 1:] += ...`` and ``y[..., :2] = fill``: writes through views cut along other dimensions."""
 

@@ -451,6 +451,22 @@ class ChannelShuffleRule(ChannelGatherRule):
         return super().replace(ChannelGather(_shuffled(plan.input().shape[1], module.groups), 1), plan)
 
 
+class ChannelShuffleOp(DescribedByMaps, OpRule):
+    """``F.channel_shuffle(x, groups)`` called in a module's own code: the group count is the code's,
+    so a channel goes at the same position of every group (the shuffle of the channels that stay
+    is then the kept part of the shuffle); constants and demand follow the permutation."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        index = _shuffled(x.shape[1], bind(node)["groups"])
+        return [DimMap(x, d, out, d, index if d == 1 else None) for d in range(x.ndim)]
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x = node.args[0]
+        _positions(ctx, x, 1, x.shape[1] // bind(node)["groups"])
+        super().couple(node, ctx)
+
+
 def _shuffled(channels: int, groups: int) -> torch.Tensor:
     j = torch.arange(channels)
     return (j % groups) * (channels // groups) + j // groups
@@ -565,6 +581,7 @@ def register(registry) -> None:
     registry.add_module(ChannelGather, ChannelGatherRule())
     registry.add_module(nn.ChannelShuffle, ChannelShuffleRule())
     registry.add_op("aten.glu", Glu())
+    registry.add_ops(["aten.channel_shuffle", "aten.native_channel_shuffle"], ChannelShuffleOp())
     registry.add_op("aten.flip", Flip())
     registry.add_op("aten.roll", Roll())
     registry.add_op("aten.unfold", Unfold())
