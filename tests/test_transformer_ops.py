@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import speedup
 from speedup.modules import ConstantAwareLayerNorm, ConstantAwareRMSNorm, PrunedMultiheadAttention
 from support.checks import check_speedup, keep_mask, output_channel_masks, rows
 
@@ -326,6 +327,64 @@ def test_constant_aware_norms_in_half_precision_are_as_close_as_the_full_norm(ki
         error_full = (copy.deepcopy(full).to(dtype)(x.to(dtype)).float()[:, kept] - truth).abs().max()
         error_aware = (small.to(dtype)(x[:, kept].to(dtype)).float() - truth).abs().max()
     assert error_aware <= error_full * 1.25, f"{error_aware:.4f} against the full norm's {error_full:.4f}"
+
+
+class RelativePositionsByGather(nn.Module):
+    """DeBERTa-v2's way: per-head scores against position keys (tiled over the batch with ``repeat``),
+    the relative position of each pair picked with a ``gather`` whose index is expanded to every row."""
+
+    def __init__(self, heads: int = 4, dim: int = 32):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.positions = nn.Parameter(torch.randn(6, dim))
+
+    def split(self, x):  # (B, T, E) -> (B * heads, T, E / heads)
+        x = x.view(*x.shape[:-1], self.heads, -1)
+        return x.permute(0, 2, 1, 3).contiguous().view(-1, x.size(1), x.size(-1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        keys = self.split(self.k(self.positions.unsqueeze(0))).repeat(b, 1, 1)
+        relative = torch.clamp(torch.arange(t)[:, None] - torch.arange(t)[None, :] + 3, 0, 5)
+        scores = torch.bmm(q, k.transpose(1, 2)) + torch.gather(
+            torch.bmm(q, keys.transpose(1, 2)), -1, relative.unsqueeze(0).expand(q.size(0), t, t))
+        out = torch.bmm(scores.softmax(-1), v).view(b, self.heads, t, -1).permute(0, 2, 1, 3).reshape(b, t, -1)
+        return self.o(out)
+
+
+def test_heads_go_through_a_gather_of_relative_positions():
+    model = nn.Sequential(RelativePositionsByGather()).eval()
+    heads = torch.tensor([True, False, True, False]).repeat_interleave(8)
+    masks = {f"0.{name}": {"weight": rows(heads, (32, 32)), "bias": heads} for name in ("q", "k", "v")}
+    masks["0.o"] = {"weight": heads[None, :].expand(32, 32)}
+    report = check_speedup(model, masks, torch.randn(2, 5, 32), torch.randn(3, 6, 32),
+                           shrunk=["0.q.weight", "0.k.weight", "0.v.weight", "0.o.weight"])
+    assert not report.barriers and model[0].q.out_features == 16
+
+
+class ComplexRotary(nn.Module):
+    """Rotary embedding written with complex numbers (DeepSeek-V2, Llama 4): a complex buffer broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.register_buffer("freqs", torch.polar(torch.ones(4), torch.arange(4.0)), persistent=False)
+
+    def forward(self, x):
+        pairs = torch.view_as_complex(self.inp(x).reshape(*x.shape[:-1], -1, 2))
+        return self.out(torch.view_as_real(pairs * self.freqs).flatten(-2))
+
+
+def test_pairs_viewed_as_complex_numbers_go_whole():
+    """The last two pairs are read by nothing: they go from the input projection through the complex
+    view, the product with the complex buffer and back. A complex constant has no real value to
+    propagate: the analysis goes on without it (it raised "min_all not implemented for ComplexFloat")."""
+    model = ComplexRotary().eval()
+    masks = {"out": {"weight": torch.cat([torch.ones(4, 4), torch.zeros(4, 4)], 1)}}
+    report = check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 4, 8), shrunk=["inp.weight", "out.weight"])
+    assert not report.barriers and model.inp.out_features == 4
 
 
 class Shared(nn.Module):

@@ -312,7 +312,7 @@ class Analysis:
     def _find_uniform(self, value: TensorValue) -> Optional[float]:
         if value.data is not None:
             data = value.host()
-            if data.numel() == 0:
+            if data.numel() == 0 or data.is_complex():  # constants are real numbers here
                 return None
             low, high = data.min(), data.max()
             return float(low) if bool(low == high) and bool(torch.isfinite(low)) else None

@@ -570,7 +570,9 @@ class Gather(OpRule):
         if ctx.is_demanded(out):
             others = {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim and x.shape[d] == out.shape[d]}
             ctx.demand(x, others)
-            ctx.demand_all(index)
+            # The index only where an output entry is needed (DeBERTa's relative positions, an
+            # index repeated over batch x heads, would otherwise keep every head).
+            ctx.demand(index, {d: ctx.demanded(out, d) for d in range(out.ndim) if d != dim})
 
 
 def register(registry) -> None:

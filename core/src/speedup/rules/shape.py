@@ -33,6 +33,21 @@ class Identity(MapRule):
         return [DimMap(x, d, out, d) for d in range(x.ndim)] if x.shape == out.shape else []
 
 
+class ComplexView(MapRule):
+    """``view_as_complex`` (pairs along the last dimension become one complex entry) and
+    ``view_as_real`` (the reverse): the other dimensions pass through; the pair dimension keeps its
+    size. A complex entry is a constant here only where it is zero (constants are real numbers)."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        return [DimMap(x, d, out, d) for d in range(min(x.ndim, out.ndim))]
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        for m in self.maps(node):
+            consts = ctx.const(m.x, m.idim)
+            ctx.set_const(m.out, m.odim, consts.only_zeros() if consts is not None else None)
+
+
 class Restride(MapRule):
     """``as_strided`` that only changes the strides of size-1 dimensions: the same entries.
 
@@ -406,6 +421,7 @@ def register(registry) -> None:
         Identity(),
     )
     registry.add_ops(["aten.as_strided", "aten.as_strided_"], Restride())
+    registry.add_ops(["aten.view_as_complex", "aten.view_as_real"], ComplexView())
     registry.add_ops(["aten.permute", "aten.transpose.int", "aten.t", "aten.swapaxes", "aten.swapdims"], Permute())
     registry.add_op("aten.unsqueeze", Unsqueeze())
     registry.add_op("aten.squeeze", Squeeze())
