@@ -353,3 +353,19 @@ def test_a_mixture_of_experts_loses_hidden_and_expert_channels():
     assert not report.barriers and not report.kept_for_verification
     router = model.model.layers[1].mlp.gate
     assert router.hidden_dim == router.weight.shape[1] == model.config.hidden_size < HIDDEN
+
+
+# -- sizes read in a branch -------------------------------------------------------------------------
+
+def test_a_size_a_branch_reads_blames_the_layer_not_the_call_that_moved():
+    """Hiera's layer projects its input only ``if self.hidden_size != self.hidden_size_output``: a
+    stored size kept in step in one stage and not in the next skipped the projection there, the next
+    call was blamed, and verification gave up with everything kept. The layer's sizes are blamed now."""
+    config = transformers.HieraConfig(embed_dim=16, image_size=[32, 32], patch_size=[3, 3], patch_stride=[2, 2],
+                                      patch_padding=[1, 1], depths=[1, 1], num_heads=[1, 2], query_stride=[2, 2],
+                                      masked_unit_size=[4, 4], num_query_pool=1, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.HieraForImageClassification(config).eval()
+    dummy = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    check_speedup(model, speedup.groups.consistent_masks(model, dummy), dummy, {"pixel_values": torch.randn(3, 3, 32, 32)},
+                  max_param_ratio=0.6, shrunk=["hiera.encoder.stages.0.layers.0.mlp.fc1.weight"])

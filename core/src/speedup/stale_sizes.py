@@ -47,7 +47,8 @@ class StoredSizes:
     def next_choice(self, departed: Optional[Node]) -> tuple[bool, Optional[Node]]:
         """``(tried, blamed)``: whether the next attempt tries another choice of sizes, and the call
         blamed for the departure. A departure inside a module whose sizes a choice changed blames
-        that choice (a size read in two places may fit only one), and so do outputs that differ with
+        that choice (a size read in two places may fit only one; a call inside it may be another call
+        because a branch read a size), and so do outputs that differ with
         no call departing (``departed`` None: the latest choice). When no choice is left, the blamed
         call is the one to keep whole."""
         node = self._blamed(departed)
@@ -67,7 +68,7 @@ class StoredSizes:
         if departed is None:
             return self.latest if self.latest is not None and self.latest.index in self.fixes else None
         for index, fixes in self.fixes.items():
-            if index != departed.index and any(name == departed.scope for _, name, _, _, _ in fixes):
+            if index != departed.index and any(_within(departed.scope, name) for _, name, _, _, _ in fixes):
                 return self.nodes[index]
         return departed
 
@@ -77,6 +78,12 @@ class StoredSizes:
             for module, name, attr, before, after in fixes:
                 tx.set_attr(module, attr, after)
                 attributes[f"{name}.{attr}" if name else attr] = (before, after)
+
+
+def _within(scope: str, name: str) -> bool:
+    """Whether code running in ``scope`` may read the sizes of the module ``name``: its own, or its
+    parent's through the branch it took (a layer that projects only where its sizes differ)."""
+    return scope == name or scope.startswith(name + ".")
 
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
