@@ -370,11 +370,12 @@ class ComplexRotary(nn.Module):
     def __init__(self):
         super().__init__()
         self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
-        self.register_buffer("freqs", torch.polar(torch.ones(4), torch.arange(4.0)), persistent=False)
+        self.register_buffer("angles", torch.arange(4.0), persistent=False)
 
     def forward(self, x):
         pairs = torch.view_as_complex(self.inp(x).reshape(*x.shape[:-1], -1, 2))
-        return self.out(torch.view_as_real(pairs * self.freqs).flatten(-2))
+        freqs = torch.polar(torch.ones_like(self.angles), self.angles)
+        return self.out(torch.view_as_real(pairs * freqs).flatten(-2))
 
 
 def test_pairs_viewed_as_complex_numbers_go_whole():

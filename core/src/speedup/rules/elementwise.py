@@ -30,7 +30,7 @@ BINARY = [
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
     "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
-    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy",
+    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar",
 ]
 _ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
 
@@ -155,6 +155,8 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
         return torch.full((n,), float("nan"), dtype=torch.float64)
     if isinstance(result, (tuple, list)):
         result = result[0]
+    if result.is_complex():  # constants are real numbers: a complex one is known only where it is zero
+        result = torch.where(result == 0, 0.0, float("nan"))
     result = result.to(torch.float64).reshape(-1)
     return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
 
