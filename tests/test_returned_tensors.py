@@ -79,7 +79,7 @@ class ConstantThroughASharedLayer(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
-        unused = self.shared(x)  # noqa: F841 - a call whose result nothing reads
+        self.shared(x)  # a call whose result nothing reads
         return self.head(self.shared(torch.nn.functional.hardswish(x)).mean((2, 3)))
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import speedup
 from speedup.modules import ConstantAwareLayerNorm, ConstantAwareRMSNorm, PrunedMultiheadAttention
 from support.checks import check_speedup, keep_mask, output_channel_masks, rows
 

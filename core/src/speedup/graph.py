@@ -87,6 +87,14 @@ class TensorValue:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def demanded_entries(self, d: int) -> Optional[torch.Tensor]:
+        """The demand on dimension ``d``: ``None`` where nothing of the value is needed, else a boolean
+        per entry."""
+        if self.demand is None:
+            return None
+        mask = self.demand[d]
+        return torch.ones(self.shape[d], dtype=torch.bool) if mask is None else mask
+
     def planned_shape(self) -> tuple[int, ...]:
         """The shape once the kept entries of every dimension are all that is left."""
         if not self.kept:

@@ -179,7 +179,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
             square = (x.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(x.dtype)) / self.full_size
             out = x * torch.rsqrt(square + eps)
             if self.weight is not None:
-                out = out * (_float32(self.weight) if x is not input else self.weight)
+                out = out * self.weight.to(x.dtype)
             return out.to(input.dtype)
 
 

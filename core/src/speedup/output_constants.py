@@ -101,9 +101,8 @@ def _restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
         return None
     # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
     assert bool(consts.mask[removed].all()), "a returned entry went that varies"
-    demanded = torch.zeros(size, dtype=torch.bool) if value.demand is None else (
-        torch.ones(size, dtype=torch.bool) if value.demand[d] is None else value.demand[d])
-    constant = removed | (consts.mask & ~demanded)
+    demanded = value.demanded_entries(d)
+    constant = removed | (consts.mask if demanded is None else consts.mask & ~demanded)
     if not constant.any():
         return None
     return DimensionRestore(d, size, (~removed).nonzero().flatten(), constant.nonzero().flatten(),

@@ -36,7 +36,7 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
             if atoms is None or not isinstance(atoms, torch.Tensor) or not atoms.numel():
                 continue
             key = id(atoms)
-            need = _demanded(value, d)
+            need = value.demanded_entries(d)
             if key in arrays:
                 if need is not None:
                     demand[key] = need if demand[key] is None else demand[key] | need
@@ -69,14 +69,6 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
         for value, d in users[keys[i]]:
             value.kept[d] = indices
     return plan
-
-
-def _demanded(value: TensorValue, d: int):
-    """The demand on one dimension: ``None`` for nothing, else a boolean mask."""
-    if value.demand is None:
-        return None
-    mask = value.demand[d]
-    return torch.ones(value.shape[d], dtype=torch.bool) if mask is None else mask
 
 
 def _emptied_warning(value: TensorValue, d: int) -> str:

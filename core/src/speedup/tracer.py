@@ -536,10 +536,11 @@ class _Recorder(TorchDispatchMode):
         replaced = self._with_views_masked(output) if self._masked else output
         output = replaced
         inputs, args, kwargs, read = self._pending.pop()
+        own = self._tensors_of(module)
         if read is not None:  # the module may return its input (an in-place activation): not a new tensor
-            self._forget_writes(list(iter_tensors(output)), read | _storages(self._tensors_of(module)))
+            self._forget_writes(list(iter_tensors(output)), read | {_storage_key(t) for _, t in own})
         name = self._names.get(id(module), "")
-        params = {attr: self.value_of(tensor) for attr, tensor in self._tensors_of(module)}
+        params = {attr: self.value_of(tensor) for attr, tensor in own}
         node = Node(len(self.graph.nodes), NodeKind.MODULE, module, args, kwargs, inputs, [], name, None, params)
         node.inputs = inputs + [p for p in params.values() if p not in inputs]
         self.graph.add_node(node)

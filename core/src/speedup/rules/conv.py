@@ -308,11 +308,11 @@ class KeptChannelsConv:
         batched = x.dim() == weight.dim()  # an unbatched input has no dimension 0 of samples
         rows, columns = self.kept_channels if batched else (None, None)
         if rows is not None or columns is not None:
-            kept = (rows.numel() if rows is not None else weight.shape[0]) * (
-                columns.numel() if columns is not None else weight.shape[1])
-            spared = x.numel() // x.shape[1] * weight.numel() // (weight.shape[0] * weight.shape[1]) * (
-                weight.shape[0] * weight.shape[1] - kept)
-            if spared < _GATHER_WORTH:
+            out_channels, in_channels = weight.shape[:2]
+            kept_pairs = (rows.numel() if rows is not None else out_channels) * (
+                columns.numel() if columns is not None else in_channels)
+            per_pair = x.numel() // in_channels * weight[0, 0].numel()  # positions times kernel taps
+            if per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
                 rows = columns = None
         if rows is None and columns is None:
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)

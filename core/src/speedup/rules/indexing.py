@@ -29,7 +29,7 @@ from ..propagation import Analysis
 from ..modules import ChannelGather
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
-from ._maps import DescribedByMaps, DimMap, couple_maps, forward_maps
+from ._maps import DescribedByMaps, DimMap
 from .toolkit import equal_parts, first_input
 from .shape import MapRule
 
