@@ -105,3 +105,70 @@ def test_a_mask_for_what_a_weight_is_computed_from_says_to_mask_the_weight():
     with pytest.raises(speedup.MaskError, match="name that tensor \\('weight'\\)"):
         speedup.shrink(model, v, torch.randn(1, 3, 8, 8))
     assert_unchanged(model, snapshot)
+
+
+def pruned_network() -> nn.Module:
+    """The network pruned with torch.nn.utils.prune: whole output channels of the first convolution,
+    single weights of the second, the last pruned twice (a container of two pruning methods)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = network().eval()
+    prune.ln_structured(model[0], "weight", amount=0.5, n=1, dim=0)
+    prune.l1_unstructured(model[2], "weight", amount=0.3)
+    prune.random_structured(model[6], "weight", amount=0.5, dim=1)
+    prune.l1_unstructured(model[6], "weight", amount=0.2)
+    return model
+
+
+def test_a_model_pruned_with_torch_prune_loses_what_its_own_masks_prune():
+    """The masks the model carries (``weight_mask``) are the masks: nothing more need be given. The
+    model computes ``weight_orig * weight_mask``, so it is its own masked model."""
+    model = pruned_network()
+    unstructured = model[2]
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(speedup.SpeedupWarning, match="as torch.nn.utils.prune.remove does"):
+        report = speedup.shrink(model, {}, torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert model[0].weight.shape == (4, 3, 3, 3) and model[2].weight.shape[1] == 4
+    assert model[6].weight.shape[1] == 2 and model[4].weight.shape[0] == 2  # its pruned columns' producer shrank
+    assert "weight_orig" not in dict(model[0].named_parameters()) and not model[0]._forward_pre_hooks
+    assert isinstance(model[2].weight, nn.Parameter) and not hasattr(model[2], "weight_mask")
+    assert unstructured is not model[2]  # it lost input channels: plain, holding its masked weight
+    assert report.params_after < report.params_before
+
+
+def test_masks_given_for_a_pruned_weight_join_its_own():
+    model = pruned_network()
+    reference = pruned_network()
+    given = {"0": {"weight": rows(~KEEP, (8, 3, 3, 3))}}  # other channels than its own pruning chose
+    with torch.no_grad():
+        reference[0].weight_orig.mul_(given["0"]["weight"])
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        expected = reference(x)
+    speedup.shrink(model, given, torch.randn(1, 3, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    kept = (~KEEP) & model_rows_kept()
+    assert model[0].weight.shape[0] == int(kept.sum())
+
+
+def model_rows_kept() -> torch.Tensor:
+    """The output channels of the first convolution that ``pruned_network`` keeps."""
+    return pruned_network()[0].weight_mask.flatten(1).any(1)
+
+
+def test_a_failed_call_leaves_a_pruned_model_pruned():
+    model = pruned_network()
+    snapshot = state_and_structure(model)
+    hooks = [dict(m._forward_pre_hooks) for m in model]
+    with pytest.raises(speedup.MaskError, match="name that tensor \\('weight'\\)"):
+        speedup.shrink(model, {"2": {"weight_orig": torch.ones(8, 8, 3, 3)}}, torch.randn(1, 3, 8, 8))
+    with pytest.raises(speedup.SpeedupError):
+        speedup.shrink(model, {"4": {"weight": torch.ones(3)}}, torch.randn(1, 3, 8, 8))
+    assert_unchanged(model, snapshot)
+    assert [dict(m._forward_pre_hooks) for m in model] == hooks

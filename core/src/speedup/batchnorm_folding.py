@@ -29,6 +29,7 @@ from .plugins.manager import loaded_plugins
 from .replacement import registered_places
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
+from .wrappers import eager_model
 
 
 def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]]:
@@ -40,6 +41,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str
     :returns: the ``(convolution, batchnorm)`` names that were folded.
     """
     args, kwargs = split_inputs(example_inputs)
+    model = eager_model(model)
     flags = {id(m): m.training for m in model.modules()}
     tx = Transaction()
     try:
@@ -100,7 +102,7 @@ def _fold(old: _ConvNd, bn: _BatchNorm, places: dict, tx: Transaction) -> None:
             shift = shift + bn.bias.double()
         per_row = scale.reshape(-1, *([1] * (old.weight.dim() - 1)))
         twin = frozen_twin(old)  # a parametrized weight (weight norm) is folded as computed
-        new = twin[0] if twin is not None else clone_module(old)
+        new = twin.module if twin is not None else clone_module(old)
         new.weight = nn.Parameter((old.weight.double() * per_row).to(old.weight.dtype), old.weight.requires_grad)
         bias = old.bias.double() if old.bias is not None else torch.zeros_like(scale)
         new.bias = nn.Parameter((bias * scale + shift).to(old.weight.dtype), old.weight.requires_grad)

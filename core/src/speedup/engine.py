@@ -42,6 +42,7 @@ from .rule import ModuleRule, OpRule
 from .stale_sizes import StoredSizes
 from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, trace
 from .transaction import Transaction
+from .wrappers import eager_model
 
 _MAX_ATTEMPTS = 64
 
@@ -119,12 +120,16 @@ def shrink(
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    model = eager_model(model)
     rules = _Rules(dict(customized_replace_func or {}))
     args, kwargs = split_inputs(example_inputs)
     tx = Transaction()
     try:
         frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
         checked_masks = load_masks(masks, model, map_location, batch_dim)
+        for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
+            for name, mask in f.masks.items():
+                checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
         with _collector_paused():
             report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
     except BaseException:

@@ -32,6 +32,7 @@ from .propagation import Analysis
 from .rule import OpRule
 from .tracer import TracingFailed, trace
 from .transaction import Transaction
+from .wrappers import eager_model
 
 
 @dataclass
@@ -95,6 +96,7 @@ class ChannelGroup:
 def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """Traces ``model`` (left unchanged) and returns its groups of coupled, removable channels."""
     args, kwargs = split_inputs(example_inputs)
+    model = eager_model(model)
     rules = _Rules({})
     tx = Transaction()
     tx.set_training(model, False)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .boolean import any_along
 from .errors import MaskError
+from .wrappers import COMPILED_PREFIX
 
 MaskSource = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -56,6 +57,14 @@ class Masks:
     def __bool__(self) -> bool:
         return bool(self.parameters or self.tensors)
 
+    def join(self, name: str, mask: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Adds a mask the model carries itself for ``tensor`` (qualified ``name``): an entry it or
+        the mask given for the call masks is masked."""
+        given = self.parameters.get(name)
+        self.parameters[name] = mask if given is None else given & mask.to(given.device)
+        self.masked[name] = tensor
+        self._patterns.pop(name, None)
+
     def pattern(self, name: str) -> "MaskPattern":
         """The :class:`MaskPattern` of a parameter's mask, found once (masking and analysis need it)."""
         if name not in self._patterns:
@@ -78,7 +87,8 @@ def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, b
                 f"masks['{name}'] is a {type(entry).__name__}; expected a dict of target name -> mask, as in "
                 "{'conv1': {'weight': mask, 'bias': mask}}."
             )
-        module = _module(modules, module_name)
+        module_name = _module_name(modules, module_name)
+        module = modules[module_name]
         for target, mask in entry.items():
             if mask is None:
                 continue
@@ -107,10 +117,14 @@ def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:
     return source
 
 
-def _module(modules: dict[str, nn.Module], name: str) -> nn.Module:
+def _module_name(modules: dict[str, nn.Module], name: str) -> str:
+    """The name of the module ``name`` names (``torch.compile``'s prefix dropped: see :mod:`.wrappers`)."""
     if name in modules:
-        return modules[name]
-    close = difflib.get_close_matches(name, list(modules), n=3)
+        return name
+    if name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX):] in modules:
+        return name[len(COMPILED_PREFIX):]
+    wrapped = [n for n in modules if n.endswith(f".{name}")][:3]  # DataParallel's 'module.conv' for 'conv'
+    close = wrapped or difflib.get_close_matches(name, list(modules), n=3)
     hint = f" Close names: {', '.join(repr(c) for c in close)}." if close else ""
     raise MaskError(
         f"masks name module '{name}', which the model does not have.{hint} "
@@ -133,9 +147,9 @@ def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor
     tensor = named_tensor(module, target)
     if tensor is None:
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        parametrized = target.startswith("parametrizations.") or target.endswith(("_g", "_v"))
-        hint = (" A parametrized tensor (weight norm, spectral norm) is masked as the layer computes it: name that "
-                "tensor ('weight'), not what it is computed from." if parametrized else "")
+        parametrized = target.startswith("parametrizations.") or target.endswith(("_g", "_v", "_orig", "_mask"))
+        hint = (" A parametrized or pruned tensor (weight norm, spectral norm, torch.nn.utils.prune) is masked as the "
+                "layer computes it: name that tensor ('weight'), not what it is computed from." if parametrized else "")
         raise MaskError(
             f"masks['{module_name}'] has a mask for '{target}', but {type(module).__name__} '{module_name}' has no such "
             f"parameter or buffer (it has: {', '.join(names) or 'none'}). Inputs and outputs are masked as "

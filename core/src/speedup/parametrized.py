@@ -1,4 +1,5 @@
-"""Parametrized tensors (weight norm, spectral norm, any ``torch.nn.utils.parametrize``), frozen for the call.
+"""Parametrized tensors (weight norm, spectral norm, any ``torch.nn.utils.parametrize``, the masks
+of ``torch.nn.utils.prune``), frozen for the call.
 
 A parametrized module computes its weight from other tensors at every access (weight norm:
 ``g * v / ||v||`` per row); a rule slicing the weight cannot slice what it is computed from and
@@ -11,6 +12,12 @@ tensors as the model shows them (``conv.weight``) and apply to the computed valu
 After the speedup, a module of which nothing changed is put back with its parametrization; one that
 lost entries stays plain, and the report says so. The old weight norm hook
 (``torch.nn.utils.weight_norm``: ``weight_g``, ``weight_v`` and a forward pre-hook) is frozen alike.
+
+A tensor pruned with ``torch.nn.utils.prune`` (``weight_orig``, ``weight_mask`` and a forward pre-hook
+computing ``weight = weight_orig * weight_mask``) is frozen alike, and its mask joins the masks given
+for the call (an entry either masks is masked): the pruning the model carries is what a user asks
+speedup to make real. A layer that loses entries then holds its masked weight, as ``prune.remove``
+leaves it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .cloning import clone_module
@@ -40,6 +48,21 @@ class Frozen:
     """The tensors it computed through a parametrization."""
     tensors: dict[str, torch.Tensor]
     """The twin's own tensors as frozen: one replaced later means the twin changed."""
+    masks: dict[str, torch.Tensor]
+    """Masks the module carried itself (``torch.nn.utils.prune``'s), by tensor name, as booleans."""
+    undone_by: str
+    """What a user calls to make the same plain module (named in warnings)."""
+
+
+@dataclass
+class Twin:
+    """A parametrized module's plain twin holding its computed tensors (``names``), with the masks it
+    carried and what makes the same twin in torch (see :class:`Frozen`)."""
+
+    module: nn.Module
+    names: list[str]
+    masks: dict[str, torch.Tensor]
+    undone_by: str
 
 
 def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
@@ -54,12 +77,12 @@ def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
             continue
         if module is model:
             raise SpeedupError(
-                f"the model itself ({type(module).__name__}) computes its tensors through a parametrization; "
-                "wrap it (nn.Sequential(model)) or call torch.nn.utils.parametrize.remove_parametrizations first."
+                f"the model itself ({type(module).__name__}) computes its tensors through a parametrization or "
+                f"pruning hook; wrap it (nn.Sequential(model)) or call {twin.undone_by} first."
             )
         places = places if places is not None else registered_places(model)
-        plain, names = twin
-        frozen.append(Frozen(Form(name, module, plain, places.get(id(module), []), [plain]), names, _tensors(plain)))
+        form = Form(name, module, twin.module, places.get(id(module), []), [twin.module])
+        frozen.append(Frozen(form, twin.names, _tensors(twin.module), twin.masks, twin.undone_by))
     for f in frozen:
         for parent, attr in f.form.places:
             tx.set_attr(parent, attr, f.form.form)
@@ -74,16 +97,16 @@ def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], tx: Transaction) 
         if any(f.tensors.get(name) is not tensor for name, tensor in _tensors(f.form.form).items()):
             changed.add(id(f.form.form))
     stay = put_back_unchanged([f.form for f in frozen], changed, tx)
-    names = {id(f.form): f.names for f in frozen}
-    warnings = [f"'{f.name}' computed {', '.join(names[id(f)])} through a parametrization; its sped-up "
-                f"{type(f.form).__name__} holds the computed values instead (as remove_parametrizations does for "
-                "inference)" for f in stay]
+    by_form = {id(f.form): f for f in frozen}
+    warnings = [f"'{f.name}' computed {', '.join(by_form[id(f)].names)} through a parametrization or pruning hook; "
+                f"its sped-up {type(f.form).__name__} holds the computed values instead (as {by_form[id(f)].undone_by} "
+                "does for inference)" for f in stay]
     return stay, warnings
 
 
-def frozen_twin(module: nn.Module) -> Optional[tuple[nn.Module, list[str]]]:
-    """The plain twin of a parametrized module, holding its computed tensors, and their names; None
-    for a module without parametrization."""
+def frozen_twin(module: nn.Module) -> Optional[Twin]:
+    """The plain twin of a parametrized (or pruned) module, holding its computed tensors; None for a
+    module without parametrization."""
     if parametrize.is_parametrized(module):
         twin = clone_module(module)
         twin.__class__ = type(module).__bases__[0]  # parametrize derives a class from the module's own
@@ -95,20 +118,32 @@ def frozen_twin(module: nn.Module) -> Optional[tuple[nn.Module, list[str]]]:
                 original = getattr(originals, "original", None)
                 original = original if original is not None else originals.original0
                 _put(twin, name, getattr(module, name), isinstance(original, nn.Parameter), original.requires_grad)
-        return twin, names
-    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
+        return Twin(twin, names, {}, "torch.nn.utils.parametrize.remove_parametrizations")
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, BasePruningMethod))]
     if not hooks:
         return None
     twin = clone_module(module)
     twin._forward_pre_hooks = OrderedDict((key, h) for key, h in module._forward_pre_hooks.items()
-                                          if not isinstance(h, WeightNorm))
+                                          if not any(h is hook for hook in hooks))
+    names, masks = [], {}
     with torch.no_grad():
         for hook in hooks:
-            g = module._parameters[f"{hook.name}_g"]
-            del twin._parameters[f"{hook.name}_g"], twin._parameters[f"{hook.name}_v"]
-            twin.__dict__.pop(hook.name, None)
-            _put(twin, hook.name, hook.compute_weight(module), True, g.requires_grad)
-    return twin, [h.name for h in hooks]
+            if isinstance(hook, WeightNorm):
+                name, sources = hook.name, [f"{hook.name}_g", f"{hook.name}_v"]
+                computed = hook.compute_weight(module)
+            else:
+                name, sources = hook._tensor_name, [f"{hook._tensor_name}_orig", f"{hook._tensor_name}_mask"]
+                computed = hook.apply_mask(module)
+                masks[name] = module._buffers[sources[1]] != 0
+            original = module._parameters[sources[0]]
+            for source in sources:
+                twin._parameters.pop(source, None)
+                twin._buffers.pop(source, None)
+            twin.__dict__.pop(name, None)
+            _put(twin, name, computed, True, original.requires_grad)
+            names.append(name)
+    undone_by = "torch.nn.utils.prune.remove" if masks else "torch.nn.utils.remove_weight_norm"
+    return Twin(twin, names, masks, undone_by)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from .plugins.manager import loaded_plugins
 from .parametrized import freeze_parametrized
 from .transaction import Transaction
 from .tracer import iter_tensors
+from .wrappers import eager_model
 
 
 def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
@@ -28,6 +29,7 @@ def masked_copy(model: nn.Module, masks: MaskSource) -> nn.Module:
     named after a ``forward`` argument means the same thing in both). A parametrized tensor (weight
     norm) is masked as computed: the copy holds it plain, as ``speedup`` sees it."""
     # A tensor attribute computed with autograd (the old weight norm's ``weight``) cannot be deep-copied.
+    model = eager_model(model)
     computed = {id(t): t.detach().clone() for m in model.modules() for t in m.__dict__.values()
                 if isinstance(t, torch.Tensor) and not t.is_leaf}
     masked = copy.deepcopy(model, computed)

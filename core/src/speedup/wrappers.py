@@ -1,0 +1,34 @@
+"""Models handed in wrapped: ``torch.compile``'s wrapper is seen through, TorchScript is refused.
+
+``torch.compile(model)`` returns an ``OptimizedModule`` holding the model as ``_orig_mod``; running
+the wrapper would compile the recording itself. Speedup changes the module it wraps, which the
+wrapper compiles again for the new sizes on its next call (as after any change of the module). Masks
+may name modules as either shows them (``_orig_mod.conv`` or ``conv``).
+
+A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) runs compiled code whose sizes
+speedup cannot change: it is refused with what to do (a scripted submodule is traced through, its
+parameters sliced like any other).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SpeedupError
+
+COMPILED_PREFIX = "_orig_mod."
+"""How ``torch.compile``'s wrapper names the modules of the model it wraps."""
+
+
+def eager_model(model: nn.Module) -> nn.Module:
+    """The module speedup changes for ``model``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SpeedupError(
+            f"the model is a TorchScript module ({type(model).__name__}), whose compiled code cannot change sizes; "
+            "speed up the eager model, then script or trace the result."
+        )
+    inner = model._modules.get("_orig_mod")
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return eager_model(inner)
+    return model

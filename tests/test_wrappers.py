@@ -1,0 +1,77 @@
+"""Models handed in wrapped: torch.compile's wrapper is seen through (masks may name modules either
+way), DataParallel's names are suggested for bare ones, TorchScript is refused with what to do."""
+
+import pytest
+import torch
+from torch import nn
+
+import speedup
+from speedup.groups import consistent_masks
+from support.checks import assert_unchanged, rows, state_and_structure
+
+KEEP = torch.tensor([True, False, True, True, False, True, False, True])
+
+
+def network() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
+
+
+def masked_reference() -> nn.Module:
+    reference = network()
+    with torch.no_grad():
+        reference[0].weight.mul_(rows(KEEP, (8, 3, 3, 3)))
+    return reference
+
+
+@pytest.mark.parametrize("name", ["0", "_orig_mod.0"])
+def test_a_compiled_model_shrinks_the_module_it_compiles(name):
+    model = network()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        compiled(x)  # compiled for the full sizes first
+    report = speedup.shrink(compiled, {name: {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert compiled._orig_mod is model and model[0].weight.shape[0] == 5 and model[3].weight.shape[1] == 5
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), masked_reference()(x), rtol=1e-5, atol=1e-6)
+    assert report.params_after < report.params_before
+
+
+def test_groups_of_a_compiled_model():
+    compiled = torch.compile(network(), backend="eager")
+    masks = consistent_masks(compiled, torch.randn(1, 3, 8, 8), sparsity=0.5)
+    assert "0" in masks and masks["0"]["weight"].shape == (8, 3, 3, 3)
+
+
+def test_a_bare_name_under_data_parallel_suggests_the_wrapped_one():
+    model = nn.DataParallel(network())
+    snapshot = state_and_structure(model)
+    with pytest.raises(speedup.MaskError, match="Close names: 'module.0'"):
+        speedup.shrink(model, {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert_unchanged(model, snapshot)
+    speedup.shrink(model, {"module.0": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked_reference()(x), rtol=1e-5, atol=1e-6)
+    assert model.module[0].weight.shape[0] == 5
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_scripted_model_is_refused_with_what_to_do():
+    scripted = torch.jit.script(network())
+    with pytest.raises(speedup.SpeedupError, match="speed up the eager model, then script"):
+        speedup.shrink(scripted, {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_scripted_submodule_is_traced_through():
+    model = network()
+    model[3] = torch.jit.script(model[3])
+    reference = masked_reference()
+    speedup.shrink(model, {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert model[0].weight.shape[0] < 8
