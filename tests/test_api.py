@@ -110,9 +110,13 @@ def test_model_in_train_mode_is_traced_in_eval_mode_and_left_in_train_mode():
     model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 4))
     model.train()
     masks = {"0": {"weight": rows(keep_mask(16), (16, 8))}}
-    speedup.shrink(model, masks, torch.randn(2, 8))
+    with pytest.warns(speedup.SpeedupWarning, match="was in training mode: it was sped up as it computes in eval mode"):
+        report = speedup.shrink(model, masks, torch.randn(2, 8))
     assert model.training and all(m.training for m in model.modules())
     assert model[0].out_features < 16
+    model.eval()
+    assert not any("training mode" in w for w in speedup.shrink(model, {}, torch.randn(2, 8)).warnings)
+    assert sum("training mode" in w for w in report.warnings) == 1
 
 
 class CachedInEval(nn.Module):

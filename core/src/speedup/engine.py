@@ -246,7 +246,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
     report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms + plain}
-    report.warnings = plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
+    report.warnings = (plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
+                       + _training_warning(model, flags, replaced))
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
     report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)
@@ -277,6 +278,17 @@ def _unused_warning(model: nn.Module, graph: Graph, replaced) -> list[str]:
     return [f"{listed} did not run on the dummy input and kept their sizes. If they run in another mode (an "
             "auxiliary head in training), they may no longer fit the smaller model: remove them, or speed up with a "
             "dummy input that runs them."]
+
+
+def _training_warning(model: nn.Module, flags: dict[int, bool], replaced) -> list[str]:
+    """A model handed in training mode is sped up as it computes in eval mode (where it is verified):
+    say so when something changed, for what removed channels carry differs in training mode."""
+    if not flags[id(model)] or not (replaced.modules or replaced.parameters):
+        return []
+    return ["the model was in training mode: it was sped up as it computes in eval mode (BatchNorm with its running "
+            "statistics, no dropout), where it equals the masked model; constants of removed channels are folded as "
+            "eval mode computes them, which batch statistics in training mode would change. Call model.eval() first "
+            "to silence this."]
 
 
 def _mode_aware(model: nn.Module) -> list[nn.Module]:
