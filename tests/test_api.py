@@ -152,3 +152,41 @@ def test_a_tensor_cached_from_full_size_parameters_is_dropped(verify):
     masks = output_channel_masks(model, ["a"])
     check_speedup(model, masks, torch.randn(2, 4), torch.randn(5, 4), shrunk=["a.weight", "table", "b.weight"],
                   verify=verify)
+
+
+def folding_network() -> nn.Module:
+    """Removed channels carry a BatchNorm shift through a ReLU into the next convolution (folded)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].bias.uniform_(-1, 1)
+    return model
+
+
+FOLDING_MASKS = {"0": {"weight": rows(torch.arange(8) % 2 == 0, (8, 3, 3, 3))}}
+
+
+CALLER_CONTEXTS = {
+    "inference_mode": torch.inference_mode,
+    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("context", CALLER_CONTEXTS.values(), ids=CALLER_CONTEXTS.keys())
+def test_the_call_runs_in_ordinary_mode_whatever_the_callers(context):
+    """Under torch.inference_mode tensors track no versions (the trace failed) and new parameters
+    could never be trained; under autocast the folded constants were rounded to bfloat16 (1e-3 off)."""
+    model = folding_network()
+    reference = masked_copy(model, FOLDING_MASKS)
+    with context():
+        speedup.shrink(model, FOLDING_MASKS, torch.randn(1, 3, 8, 8))
+    assert_same_outputs(reference, model, torch.randn(2, 3, 9, 7))
+    assert model[0].weight.shape[0] == 4
+    assert all(not p.is_inference() and p.requires_grad for p in model.parameters())
+
+
+def test_a_dummy_input_made_in_inference_mode_is_accepted():
+    with torch.inference_mode():
+        dummy = torch.randn(1, 3, 8, 8)
+    check_speedup(folding_network(), FOLDING_MASKS, dummy, torch.randn(2, 3, 9, 7), shrunk=["0.weight"])

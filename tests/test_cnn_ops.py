@@ -701,3 +701,16 @@ def test_writes_into_slices_pass_the_dimensions_they_do_not_cut(fill, transposed
     report = check_speedup(model, output_channel_masks(model, ["a"]), torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 7))
     assert model.a.out_channels == kept
     assert bool(report.barriers) == transposed
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_model_keeps_its_weights_channels_last(dims):
+    conv = nn.Conv2d if dims == 2 else nn.Conv3d
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    model = nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), conv(8, 6, 3, padding=1)).eval().to(memory_format=layout)
+    masks = {"0": {"weight": rows(keep_mask(8), (8, 3) + (3,) * dims)}}
+    shape = (4,) * dims
+    fresh = torch.randn(2, 3, *shape).to(memory_format=layout)
+    check_speedup(model, masks, torch.randn(1, 3, *shape).to(memory_format=layout), fresh, shrunk=["0.weight", "2.weight"])
+    assert all(model[i].weight.is_contiguous(memory_format=layout) for i in (0, 2))
+    assert model(fresh).is_contiguous(memory_format=layout)

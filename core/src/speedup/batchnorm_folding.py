@@ -27,11 +27,12 @@ from .graph import Graph, Node, NodeKind
 from .parametrized import frozen_twin
 from .plugins.manager import loaded_plugins
 from .replacement import registered_places
-from .tracer import TracingFailed, trace
+from .tracer import TracingFailed, ordinary_mode, trace
 from .transaction import Transaction
 from .wrappers import eager_model
 
 
+@ordinary_mode()
 def fold_batchnorm(model: nn.Module, example_inputs: Any) -> list[tuple[str, str]]:
     """Folds, in place, every BatchNorm that alone reads a convolution's output into that convolution.
 

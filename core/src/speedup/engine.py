@@ -40,7 +40,7 @@ from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
 from .stale_sizes import StoredSizes
-from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, trace
+from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode, trace
 from .transaction import Transaction
 from .wrappers import eager_model
 
@@ -122,15 +122,15 @@ def shrink(
     timings: dict[str, float] = {}
     model = eager_model(model)
     rules = _Rules(dict(customized_replace_func or {}))
-    args, kwargs = split_inputs(example_inputs)
     tx = Transaction()
     try:
-        frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
-        checked_masks = load_masks(masks, model, map_location, batch_dim)
-        for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
-            for name, mask in f.masks.items():
-                checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
-        with _collector_paused():
+        with ordinary_mode(), _collector_paused():
+            args, kwargs = split_inputs(example_inputs)
+            frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
+            checked_masks = load_masks(masks, model, map_location, batch_dim)
+            for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
+                for name, mask in f.masks.items():
+                    checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
             report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
     except BaseException:
         tx.rollback()
@@ -169,11 +169,13 @@ def _collector_paused() -> Iterator[None]:
 
 
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Positional and keyword inputs, those made under ``torch.inference_mode`` copied as ordinary
+    tensors (see :func:`~speedup.tracer.ordinary_mode`, under which this is called)."""
     if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
+        return (), ordinary_inputs(dict(example_inputs))
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
+        return ordinary_inputs(tuple(example_inputs)), {}
+    return ordinary_inputs((example_inputs,)), {}
 
 
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool,

@@ -30,7 +30,7 @@ from .graph import TensorValue
 from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
 from .rule import OpRule
-from .tracer import TracingFailed, trace
+from .tracer import TracingFailed, ordinary_mode, trace
 from .transaction import Transaction
 from .wrappers import eager_model
 
@@ -93,6 +93,7 @@ class ChannelGroup:
         return f"{self.size} channels of {where}{more}"
 
 
+@ordinary_mode()
 def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     """Traces ``model`` (left unchanged) and returns its groups of coupled, removable channels."""
     args, kwargs = split_inputs(example_inputs)

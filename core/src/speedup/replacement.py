@@ -32,7 +32,7 @@ from .plugins.registry import SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
 from .masks import MaskPattern, times_mask
-from .slicing import gather_kept
+from .slicing import gather_kept, memory_format_of
 
 Tensorish = Union[torch.Tensor, nn.Parameter]
 
@@ -63,12 +63,12 @@ class ParamSlicer:
 
 def masked_entries(value: TensorValue, kept: list) -> torch.Tensor:
     """The entries of a parameter that ``kept`` selects (per dimension: indices, or None for all),
-    holding the masked model's values, contiguous: a lazily masked parameter's mask is applied to
+    holding the masked model's values, contiguous (in the parameter's memory format): a lazily masked parameter's mask is applied to
     the selection only, and not at all where it keeps everything selected."""
     selected = gather_kept(value.tensor.detach(), kept)
     if value.mask is not None and not _keeps_all(value.mask, kept):
         selected = times_mask(selected, gather_kept(value.mask.mask, kept))
-    return selected.contiguous()
+    return selected.contiguous(memory_format=memory_format_of(value.tensor))
 
 
 def _keeps_all(pattern: MaskPattern, kept: list) -> bool:

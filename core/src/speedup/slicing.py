@@ -39,3 +39,13 @@ def gather_kept(tensor: torch.Tensor, kept: list) -> torch.Tensor:
             slab = slab.index_select(d, k)
         torch.index_select(slab, last, last_kept, out=out[start:start + slab.shape[0]])
     return out
+
+
+
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format ``tensor`` is laid out in: channels-last (a model converted to it keeps its
+    weights so, and a convolution's output follows its input's or weight's), else contiguous."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    if channels_last is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format

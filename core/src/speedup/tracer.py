@@ -126,6 +126,34 @@ def fused_attention_off() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
+@contextlib.contextmanager
+def ordinary_mode() -> Iterator[None]:
+    """Autograd's ordinary mode and no autocast, whatever the caller's. Under ``torch.inference_mode``
+    tensors track no versions (the recorder follows in-place writes by them) and the parameters made
+    could never be trained; under autocast the recording, and the constants folded from it, would be
+    rounded to half precision (the sped-up model still runs under the caller's autocast, as the
+    model did)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        for device in ("cpu", "cuda"):
+            if _autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch before 2.4 asks per device type
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
+def ordinary_inputs(tree: Any) -> Any:
+    """``tree`` with tensors made under ``torch.inference_mode`` (which track no versions) copied as
+    ordinary tensors; call under :func:`ordinary_mode`."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t, tree)
+
+
 def iter_tensors(obj: Any, skip: Optional[Callable[[Any], bool]] = None) -> Iterator[torch.Tensor]:
     """Yields every tensor reachable from a model's return value, except inside objects ``skip`` names.
 

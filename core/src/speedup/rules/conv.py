@@ -26,6 +26,7 @@ from ..propagation import Analysis
 from ..replacement import ModulePlan, masked_entries
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
+from ..slicing import memory_format_of
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
@@ -324,7 +325,7 @@ class KeptChannelsConv:
         weight = weight.index_select(0, rows)
         kept = module._conv_forward(x, weight, bias.index_select(0, rows) if bias is not None else None)
         shape = (kept.shape[0], module.out_channels) + tuple(kept.shape[2:])
-        out = torch.empty(shape, dtype=kept.dtype, device=kept.device, memory_format=_memory_format(kept))
+        out = torch.empty(shape, dtype=kept.dtype, device=kept.device, memory_format=memory_format_of(kept))
         if bias is None:
             out.zero_()
         else:
@@ -336,14 +337,6 @@ class KeptChannelsConv:
         weight = self.module.weight
         channels = output.shape[output.dim() - weight.dim() + 1]  # dimension 1, or 0 for an unbatched input
         return flop_count.convolution(output.numel() // channels, weight)
-
-
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    """The memory format ``tensor`` is laid out in (a convolution's output follows its input's)."""
-    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
-    if channels_last is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=channels_last):
-        return channels_last
-    return torch.contiguous_format
 
 
 def contribution_kernel(spec: _Spec, plan: ModulePlan, kept_out) -> torch.Tensor:
