@@ -49,7 +49,7 @@ class _ConstantMap:
         key = (spatial, input.device, input.dtype)
         cache = self.__dict__.setdefault("_constant_cache", {})
         cached = cache.get(key)
-        if cached is None:
+        if cached is None or torch.jit.is_tracing():  # a traced graph computes it, as on its first call
             ones = torch.ones((1, kernel.shape[0]) + spatial, device=input.device, dtype=input.dtype)
             cached = _CONV[kernel.dim() - 2](ones, kernel.to(input.dtype), None, self.stride, self.padding,
                                              self.dilation, kernel.shape[0])
@@ -119,8 +119,8 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
         return self._forward(input, weight, bias)
 
     def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
-        if input.requires_grad and torch.is_grad_enabled():
-            return self._differentiable(input, weight, bias)
+        if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
+            return self._differentiable(input, weight, bias)  # one graph whatever the grad mode, when traced
         n, full, k = input.shape[-1], self.full_size, self.removed_count
         normalized, mean, rstd = torch.native_layer_norm(input, (n,), weight, None, self.eps)  # times weight
         variance = rstd.pow(-2).sub_(self.eps)
