@@ -1,5 +1,8 @@
-"""Models handed in wrapped: torch.compile's wrapper is seen through (masks may name modules either
-way), DataParallel's names are suggested for bare ones, TorchScript is refused with what to do."""
+"""Models handed in as they are: torch.compile's wrapper is seen through (masks may name modules either
+way), DataParallel's names are suggested for bare ones, TorchScript and lazy modules not yet run are
+refused with what to do."""
+
+import copy
 
 import pytest
 import torch
@@ -75,3 +78,20 @@ def test_a_scripted_submodule_is_traced_through():
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
     assert model[0].weight.shape[0] < 8
+
+
+def test_a_lazy_module_not_yet_run_is_refused_with_what_to_do():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LazyConv2d(4, 1))
+    with pytest.raises(speedup.SpeedupError, match="'2' \\(LazyConv2d\\) has parameters of no size yet"):
+        speedup.shrink(model, {"0": {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert isinstance(model[2].weight, nn.UninitializedParameter)
+    model(torch.randn(1, 3, 8, 8))  # now it has its sizes
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference[0].weight.mul_(rows(KEEP, (8, 3, 3, 3)))
+        reference[0].bias.mul_(KEEP)
+    speedup.shrink(model, {"0": {"weight": rows(KEEP, (8, 3, 3, 3)), "bias": KEEP}}, torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert model[2].weight.shape == (4, 5, 1, 1)

@@ -1,4 +1,5 @@
-"""Models handed in wrapped: ``torch.compile``'s wrapper is seen through, TorchScript is refused.
+"""Models as handed in: torch.compile's wrapper is seen through; TorchScript, and lazy modules not
+yet run, are refused.
 
 ``torch.compile(model)`` returns an ``OptimizedModule`` holding the model as ``_orig_mod``; running
 the wrapper would compile the recording itself. Speedup changes the module it wraps, which the
@@ -7,13 +8,15 @@ may name modules as either shows them (``_orig_mod.conv`` or ``conv``).
 
 A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) runs compiled code whose sizes
 speedup cannot change: it is refused with what to do (a scripted submodule is traced through, its
-parameters sliced like any other).
+parameters sliced like any other). So is a model with lazy modules not yet run (``nn.LazyConv2d``):
+their parameters have no sizes yet, and running the model to give them some would change it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .errors import SpeedupError
 
@@ -22,7 +25,7 @@ COMPILED_PREFIX = "_orig_mod."
 
 
 def eager_model(model: nn.Module) -> nn.Module:
-    """The module speedup changes for ``model``."""
+    """The module speedup changes for ``model``; raises for a model it cannot change (see above)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise SpeedupError(
             f"the model is a TorchScript module ({type(model).__name__}), whose compiled code cannot change sizes; "
@@ -31,4 +34,10 @@ def eager_model(model: nn.Module) -> nn.Module:
     inner = model._modules.get("_orig_mod")
     if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
         return eager_model(inner)
+    for name, module in model.named_modules():
+        if any(is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
+            raise SpeedupError(
+                f"'{name}' ({type(module).__name__}) has parameters of no size yet (a lazy module not run); run the "
+                "model once on an input (model(dummy_input)) to give them their sizes, then speed it up."
+            )
     return model
