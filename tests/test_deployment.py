@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import speedup
 from speedup.modules import ConstantAwareLayerNorm, FoldedConv2d
 from support.checks import check_speedup, rows
 
