@@ -172,3 +172,14 @@ def test_a_failed_call_leaves_a_pruned_model_pruned():
         speedup.shrink(model, {"4": {"weight": torch.ones(3)}}, torch.randn(1, 3, 8, 8))
     assert_unchanged(model, snapshot)
     assert [dict(m._forward_pre_hooks) for m in model] == hooks
+
+
+def test_a_parametrized_layer_masked_but_not_shrunk_holds_its_masked_weight():
+    """Nothing of it can go (single weights masked), but the masked entries must stay zero: put back
+    with its parametrization, it would compute them again (0.5 off the masked model before)."""
+    model = network().eval()
+    parametrizations.weight_norm(model[6])
+    scattered = ((torch.arange(2)[:, None] + torch.arange(4)) % 2 == 0).reshape(2, 4, 1, 1)  # each row and column keeps one
+    report = check_speedup(model, {"6": {"weight": scattered}}, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
+    assert not parametrize.is_parametrized(model[6]) and model[6].weight.shape == (2, 4, 1, 1)
+    assert report.forms == {"6": ("ParametrizedConv2d", "Conv2d")}

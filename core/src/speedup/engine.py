@@ -244,7 +244,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     tensor_masks.drop_all_ones(holders, tx)
     rebuilt = {id(old) for old, new in replaced.pairs if new is not old}
     forms = put_back_unchanged(forms, rebuilt, tx)
-    plain, frozen_warnings = put_back_unfrozen(frozen, rebuilt, tx)
+    plain, frozen_warnings = put_back_unfrozen(frozen, rebuilt, masks, tx)
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
     report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms + plain}

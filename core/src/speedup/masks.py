@@ -52,6 +52,8 @@ class Masks:
     masked: dict[str, torch.Tensor] = field(default_factory=dict)
     """Qualified parameter or buffer name -> the parameter or buffer itself (found once, when loading)."""
     tensors: list[TensorMask] = field(default_factory=list)
+    carried: set[str] = field(default_factory=set)
+    """Names whose only mask is one the model carries itself (see :meth:`join`)."""
     _patterns: dict[str, "MaskPattern"] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -61,9 +63,20 @@ class Masks:
         """Adds a mask the model carries itself for ``tensor`` (qualified ``name``): an entry it or
         the mask given for the call masks is masked."""
         given = self.parameters.get(name)
-        self.parameters[name] = mask if given is None else given & mask.to(given.device)
+        if given is None:
+            self.carried.add(name)
+        self.put(name, mask if given is None else given & mask.to(given.device), tensor)
+
+    def put(self, name: str, mask: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Sets the mask of ``tensor`` (qualified ``name``), in place of any."""
+        self.parameters[name] = mask
         self.masked[name] = tensor
         self._patterns.pop(name, None)
+
+    def masks_any(self, name: str) -> bool:
+        """Whether the call masks an entry of ``name`` beyond what the model carries itself."""
+        mask = self.parameters.get(name)
+        return mask is not None and name not in self.carried and not bool(mask.all())
 
     def pattern(self, name: str) -> "MaskPattern":
         """The :class:`MaskPattern` of a parameter's mask, found once (masking and analysis need it)."""

@@ -36,6 +36,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .cloning import clone_module
 from .equivalent_forms import Form, put_back_unchanged
 from .errors import SpeedupError
+from .masks import Masks
 from .replacement import registered_places
 from .transaction import Transaction
 
@@ -89,12 +90,16 @@ def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
     return frozen
 
 
-def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], tx: Transaction) -> tuple[list[Form], list[str]]:
+def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], masks: Masks,
+                      tx: Transaction) -> tuple[list[Form], list[str]]:
     """Puts back the parametrized modules of which nothing changed; returns the twins that stay
-    (rebuilt, or a tensor of theirs replaced), with a warning for each."""
+    (rebuilt, a tensor of theirs replaced, or masked: the parametrization would compute the masked
+    entries again), with a warning for each."""
     changed = set(rebuilt)
     for f in frozen:
-        if any(f.tensors.get(name) is not tensor for name, tensor in _tensors(f.form.form).items()):
+        tensors = _tensors(f.form.form)
+        if any(f.tensors.get(name) is not tensor or masks.masks_any(f"{f.form.name}.{name}")
+               for name, tensor in tensors.items()):
             changed.add(id(f.form.form))
     stay = put_back_unchanged([f.form for f in frozen], changed, tx)
     by_form = {id(f.form): f for f in frozen}
