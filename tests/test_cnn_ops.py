@@ -460,28 +460,6 @@ def test_a_literal_split_kept_after_verification_is_kept_in_every_block_at_once(
     assert [model[i].a.out_channels for i in (1, 2, 3)] == [8, 8, 8]
 
 
-class StandardizedConv(nn.Conv2d):
-    """Weight standardisation (timm's ``StdConv2d``, NFNets, BiT): every filter is normalised over its
-    inputs and taps with ``F.batch_norm`` on the batch's statistics, sizes read from attributes."""
-
-    def forward(self, x):
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                              training=True, momentum=0.0, eps=1e-5).reshape_as(self.weight)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
-
-
-def test_standardized_filters_go_but_their_inputs_stay():
-    model = nn.Sequential(StandardizedConv(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
-    check_speedup(model, output_channel_masks(model, ["0"]), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
-                  shrunk=["0.weight", "2.weight"])
-    assert model[0].out_channels == 4
-
-    # Every input entry of a filter counts in its statistics: a zero input channel stays.
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), StandardizedConv(8, 4, 3, padding=1))
-    check_speedup(model, output_channel_masks(model, ["0"]), torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7))
-    assert model[2].weight.shape == (4, 8, 3, 3)
-
-
 class ChannelsFirstLayerNorm(nn.LayerNorm):
     """timm's ``LayerNorm2d``: ``F.layer_norm`` over the channels, in a forward of its own."""
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import tensor_masks
 from .alias_writes import alias_write_rule
+from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
@@ -85,6 +86,10 @@ class _Rules:
     def claims(self, module: nn.Module) -> bool:
         return self.module_rule(module) is not None
 
+    def claims_or_replaces(self, module: nn.Module) -> bool:
+        """Whether a rule or the user's function knows the module as a whole."""
+        return self.custom_for(module) is not None or self.claims(module)
+
     def for_node(self, node: Node):
         if node.kind is NodeKind.MODULE:
             return self.module_rule(node.module)
@@ -131,6 +136,7 @@ def shrink(
             for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
                 for name, mask in f.masks.items():
                     checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
+            frozen += freeze_computed_weights(model, checked_masks, tx, rules.claims_or_replaces)
             report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
     except BaseException:
         tx.rollback()

@@ -25,8 +25,10 @@ from torch import nn
 
 from .atoms import UNIT, AtomSolution
 from .engine import _Rules, _trace_error, split_inputs
+from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_equivalent_forms
 from .graph import TensorValue
+from .masks import Masks
 from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
 from .rule import OpRule
@@ -103,6 +105,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     tx.set_training(model, False)
     try:
         freeze_parametrized(model, tx)  # masks name the tensors the model computes, as the speedup reads them
+        freeze_computed_weights(model, Masks(), tx, rules.claims_or_replaces)
         put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
         graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state).graph
     except TracingFailed as failure:

@@ -73,6 +73,12 @@ class Masks:
         self.masked[name] = tensor
         self._patterns.pop(name, None)
 
+    def drop(self, name: str) -> None:
+        """Forgets the mask of ``name`` (a tensor no longer in the model)."""
+        for table in (self.parameters, self.masked, self._patterns):
+            table.pop(name, None)
+        self.carried.discard(name)
+
     def masks_any(self, name: str) -> bool:
         """Whether the call masks an entry of ``name`` beyond what the model carries itself."""
         mask = self.parameters.get(name)

@@ -51,8 +51,10 @@ class Frozen:
     """The twin's own tensors as frozen: one replaced later means the twin changed."""
     masks: dict[str, torch.Tensor]
     """Masks the module carried itself (``torch.nn.utils.prune``'s), by tensor name, as booleans."""
-    undone_by: str
-    """What a user calls to make the same plain module (named in warnings)."""
+    how: str
+    """How the module computed them ("through a parametrization"), for warnings."""
+    undone_by: Optional[str]
+    """What a user calls to make the same plain module, if anything."""
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Twin:
     module: nn.Module
     names: list[str]
     masks: dict[str, torch.Tensor]
+    how: str
     undone_by: str
 
 
@@ -83,7 +86,7 @@ def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
             )
         places = places if places is not None else registered_places(model)
         form = Form(name, module, twin.module, places.get(id(module), []), [twin.module])
-        frozen.append(Frozen(form, twin.names, _tensors(twin.module), twin.masks, twin.undone_by))
+        frozen.append(Frozen(form, twin.names, _tensors(twin.module), twin.masks, twin.how, twin.undone_by))
     for f in frozen:
         for parent, attr in f.form.places:
             tx.set_attr(parent, attr, f.form.form)
@@ -103,10 +106,13 @@ def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], masks: Masks,
             changed.add(id(f.form.form))
     stay = put_back_unchanged([f.form for f in frozen], changed, tx)
     by_form = {id(f.form): f for f in frozen}
-    warnings = [f"'{f.name}' computed {', '.join(by_form[id(f)].names)} through a parametrization or pruning hook; "
-                f"its sped-up {type(f.form).__name__} holds the computed values instead (as {by_form[id(f)].undone_by} "
-                "does for inference)" for f in stay]
-    return stay, warnings
+    return stay, [_stays_plain(by_form[id(f)]) for f in stay]
+
+
+def _stays_plain(f: Frozen) -> str:
+    undone = f", as {f.undone_by} leaves it for inference" if f.undone_by else ""
+    return (f"'{f.form.name}' computed {', '.join(f.names)} {f.how}; its sped-up {type(f.form.form).__name__} holds "
+            f"the computed values instead{undone}")
 
 
 def frozen_twin(module: nn.Module) -> Optional[Twin]:
@@ -123,7 +129,7 @@ def frozen_twin(module: nn.Module) -> Optional[Twin]:
                 original = getattr(originals, "original", None)
                 original = original if original is not None else originals.original0
                 _put(twin, name, getattr(module, name), isinstance(original, nn.Parameter), original.requires_grad)
-        return Twin(twin, names, {}, "torch.nn.utils.parametrize.remove_parametrizations")
+        return Twin(twin, names, {}, "through a parametrization", "torch.nn.utils.parametrize.remove_parametrizations")
     hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, BasePruningMethod))]
     if not hooks:
         return None
@@ -147,8 +153,9 @@ def frozen_twin(module: nn.Module) -> Optional[Twin]:
             twin.__dict__.pop(name, None)
             _put(twin, name, computed, True, original.requires_grad)
             names.append(name)
-    undone_by = "torch.nn.utils.prune.remove" if masks else "torch.nn.utils.remove_weight_norm"
-    return Twin(twin, names, masks, undone_by)
+    if masks:
+        return Twin(twin, names, masks, "through a pruning hook", "torch.nn.utils.prune.remove")
+    return Twin(twin, names, masks, "through a weight norm hook", "torch.nn.utils.remove_weight_norm")
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,0 +1,129 @@
+"""Convolutions that compute the weight they apply in their own ``forward``, frozen for the call.
+
+Weight standardisation (timm's ``StdConv2d`` and ``ScaledStdConv2d`` in BiT and NFNets, Hugging
+Face's BiT) normalises each output row of the weight over its input channels and kernel taps at
+every call. The masked model multiplies the parameters by their masks and standardises what is
+left: a masked row comes out zero, a masked column does not, and removing input channels from the
+parameter would change every row's statistics. For inference only the computed weight matters, so
+each such convolution is put in the model as the plain convolution holding the weight its
+``forward`` computes from the masked parameters (read on a probe, and checked on it); its mask
+becomes where that weight is zero. Its input channels then go wherever they carry zeros, as for
+any convolution. One of which nothing changes is put back as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .cloning import clone_module
+from .equivalent_forms import Form
+from .masks import Masks
+from .parametrized import Frozen, evaluated
+from .replacement import registered_places
+from .transaction import Transaction
+
+_PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def freeze_computed_weights(model: nn.Module, masks: Masks, tx: Transaction,
+                            known: Callable[[nn.Module], bool]) -> list[Frozen]:
+    """Puts each convolution of ``model`` that computes its weight in its own ``forward``, and that
+    no rule is ``known`` for, in the model as its plain twin (through ``tx``); ``masks`` then name the
+    twins' tensors."""
+    frozen: list[Frozen] = []
+    places = None
+    for name, module in model.named_modules():
+        base = _plain_base(module)
+        if base is None or module is model or known(module):
+            continue
+        prefix = f"{name}." if name else ""
+        own = {attr: masks.parameters[prefix + attr] for attr, _ in module.named_parameters()
+               if prefix + attr in masks.parameters}
+        twin = _twin(module, base, own)
+        if twin is None:
+            continue
+        places = places if places is not None else registered_places(model)
+        tensors = {attr: t for attr, t in twin._parameters.items() if t is not None}
+        frozen.append(Frozen(Form(name, module, twin, places.get(id(module), []), [twin]), ["weight"], tensors, {},
+                             "in its own forward", None))
+        for attr in own:
+            if attr in tensors:
+                masks.put(prefix + attr, tensors[attr] != 0, tensors[attr])
+            else:  # folded into the computed weight
+                masks.drop(prefix + attr)
+    for f in frozen:
+        for parent, attr in f.form.places:
+            tx.set_attr(parent, attr, f.form.form)
+    return frozen
+
+
+def _plain_base(module: nn.Module) -> Optional[type]:
+    """The torch convolution a leaf module derives from, where it runs a ``forward`` of its own."""
+    if module._modules or type(module) in _PLAIN:
+        return None
+    for base in _PLAIN:
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return base
+    return None
+
+
+def _twin(module: nn.Module, base: type, masks: dict[str, torch.Tensor]) -> Optional[nn.Module]:
+    """The plain ``base`` convolution computing what ``module`` computes with its parameters masked;
+    None where its ``forward`` runs anything but one convolution of its input."""
+    weight = module.weight
+    probe = _probe(module)
+    masked = {attr: t.detach() * masks[attr].to(device=t.device, dtype=t.dtype) if attr in masks else t.detach()
+              for attr, t in module.named_parameters()}
+    calls = _Convolutions()
+    try:
+        with evaluated(module), torch.no_grad():
+            with calls:
+                expected = functional_call(module, masked, (probe,))
+    except Exception:  # noqa: BLE001 - a module this does not describe is traced through as it is
+        return None
+    if len(calls.arguments) != 1 or calls.arguments[0][0] is not probe or not isinstance(expected, torch.Tensor):
+        return None  # several convolutions, or its input changed first (padded in its own code)
+    computed_weight, computed_bias = calls.arguments[0][1:3]
+    twin = clone_module(module)
+    twin.__class__ = base
+    twin._parameters = {"weight": nn.Parameter(computed_weight.detach().clone(), weight.requires_grad),
+                        "bias": None if computed_bias is None else
+                        nn.Parameter(computed_bias.detach().clone(), weight.requires_grad)}
+    twin._buffers, twin._non_persistent_buffers_set = {}, set()
+    with torch.no_grad():
+        actual = twin(probe)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
+        return None
+    return twin
+
+
+def _probe(module: nn.Module) -> torch.Tensor:
+    """A random input the convolution reads every tap of at least once."""
+    weight = module.weight
+    spatial = [(k - 1) * d + s for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(1, module.in_channels, *spatial, generator=generator, dtype=torch.float32)
+    return probe.to(device=weight.device, dtype=weight.dtype)
+
+
+class _Convolutions(TorchDispatchMode):
+    """Notes the arguments of every convolution run while it is active."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # see speedup.tracer._Recorder: nothing here is compiled
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arguments: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.arguments.append(args)
+        return func(*args, **(kwargs or {}))
