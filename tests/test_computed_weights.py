@@ -73,3 +73,12 @@ def test_groups_reach_through_standardised_convolutions():
     assert {"0", "2", "4"} <= set(masks) and isinstance(model[2], StandardisedConv2d)
     report = check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["2.weight"])
     assert report.params_after < 0.5 * report.params_before
+
+
+def test_a_standardised_convolution_masked_but_not_shrunk_holds_its_computed_weight():
+    """Its masked columns read channels that are not zero: nothing of it goes, but put back it would
+    standardise the unmasked parameter."""
+    model = network()
+    columns = torch.tensor([True, False] * 4).reshape(1, 8, 1, 1).expand(4, 8, 1, 1)
+    report = check_speedup(model, {"4": {"weight": columns}}, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
+    assert type(model[4]) is nn.Conv2d and model[4].weight.shape == (4, 8, 1, 1) and "4" in report.forms

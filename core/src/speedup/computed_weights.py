@@ -50,7 +50,7 @@ def freeze_computed_weights(model: nn.Module, masks: Masks, tx: Transaction,
         places = places if places is not None else registered_places(model)
         tensors = {attr: t for attr, t in twin._parameters.items() if t is not None}
         frozen.append(Frozen(Form(name, module, twin, places.get(id(module), []), [twin]), ["weight"], tensors, {},
-                             "in its own forward", None))
+                             "in its own forward", None, sources_masked=not all(bool(m.all()) for m in own.values())))
         for attr in own:
             if attr in tensors:
                 masks.put(prefix + attr, tensors[attr] != 0, tensors[attr])

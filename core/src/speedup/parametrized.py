@@ -55,6 +55,8 @@ class Frozen:
     """How the module computed them ("through a parametrization"), for warnings."""
     undone_by: Optional[str]
     """What a user calls to make the same plain module, if anything."""
+    sources_masked: bool = False
+    """The call masked what the tensors are computed from: the module would compute them unmasked."""
 
 
 @dataclass
@@ -101,8 +103,8 @@ def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], masks: Masks,
     changed = set(rebuilt)
     for f in frozen:
         tensors = _tensors(f.form.form)
-        if any(f.tensors.get(name) is not tensor or masks.masks_any(f"{f.form.name}.{name}")
-               for name, tensor in tensors.items()):
+        if f.sources_masked or any(f.tensors.get(name) is not tensor or masks.masks_any(f"{f.form.name}.{name}")
+                                   for name, tensor in tensors.items()):
             changed.add(id(f.form.form))
     stay = put_back_unchanged([f.form for f in frozen], changed, tx)
     by_form = {id(f.form): f for f in frozen}
