@@ -82,3 +82,22 @@ def test_a_standardised_convolution_masked_but_not_shrunk_holds_its_computed_wei
     columns = torch.tensor([True, False] * 4).reshape(1, 8, 1, 1).expand(4, 8, 1, 1)
     report = check_speedup(model, {"4": {"weight": columns}}, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
     assert type(model[4]) is nn.Conv2d and model[4].weight.shape == (4, 8, 1, 1) and "4" in report.forms
+
+
+class KernelMixture(nn.Conv2d):
+    """A dynamic convolution: its weight mixes two kernels by the input's mean, so it is no plain one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.other = nn.Parameter(torch.randn_like(self.weight))
+
+    def forward(self, x):
+        mix = torch.sigmoid(x.mean())
+        return F.conv2d(x, mix * self.weight + (1 - mix) * self.other, self.bias, self.stride, self.padding)
+
+
+def test_a_convolution_whose_weight_depends_on_its_input_is_traced_through():
+    model = network(second=KernelMixture)
+    masks = {"0": {"weight": rows(KEEP, (8, 3, 3, 3)), "bias": KEEP}}
+    report = check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
+    assert isinstance(model[2], KernelMixture) and "2" not in report.forms

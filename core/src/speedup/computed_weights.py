@@ -25,6 +25,7 @@ from .equivalent_forms import Form
 from .masks import Masks
 from .parametrized import Frozen, evaluated
 from .replacement import registered_places
+from .tracer import onednn_off
 from .transaction import Transaction
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -74,41 +75,57 @@ def _plain_base(module: nn.Module) -> Optional[type]:
 
 def _twin(module: nn.Module, base: type, masks: dict[str, torch.Tensor]) -> Optional[nn.Module]:
     """The plain ``base`` convolution computing what ``module`` computes with its parameters masked;
-    None where its ``forward`` runs anything but one convolution of its input."""
-    weight = module.weight
-    probe = _probe(module)
+    None where its ``forward`` runs anything but one convolution of its input by a weight that
+    depends on its parameters alone (two probes must give the same weight: a dynamic convolution
+    mixing kernels by its input gives another, and the recording would trust the twin)."""
     masked = {attr: t.detach() * masks[attr].to(device=t.device, dtype=t.dtype) if attr in masks else t.detach()
               for attr, t in module.named_parameters()}
-    calls = _Convolutions()
-    try:
-        with evaluated(module), torch.no_grad():
-            with calls:
-                expected = functional_call(module, masked, (probe,))
-    except Exception:  # noqa: BLE001 - a module this does not describe is traced through as it is
+    runs = [_run(module, masked, _probe(module, seed)) for seed in (0, 1)]
+    if any(run is None for run in runs):
         return None
-    if len(calls.arguments) != 1 or calls.arguments[0][0] is not probe or not isinstance(expected, torch.Tensor):
-        return None  # several convolutions, or its input changed first (padded in its own code)
-    computed_weight, computed_bias = calls.arguments[0][1:3]
+    (_, weight, bias, _), (_, other_weight, other_bias, _) = runs
+    if not torch.equal(weight, other_weight) or (bias is None) != (other_bias is None) or (
+            bias is not None and not torch.equal(bias, other_bias)):
+        return None
+    requires_grad = module.weight.requires_grad
     twin = clone_module(module)
     twin.__class__ = base
-    twin._parameters = {"weight": nn.Parameter(computed_weight.detach().clone(), weight.requires_grad),
-                        "bias": None if computed_bias is None else
-                        nn.Parameter(computed_bias.detach().clone(), weight.requires_grad)}
+    twin._parameters = {"weight": nn.Parameter(weight.clone(), requires_grad),
+                        "bias": None if bias is None else nn.Parameter(bias.clone(), requires_grad)}
     twin._buffers, twin._non_persistent_buffers_set = {}, set()
-    with torch.no_grad():
-        actual = twin(probe)
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
-    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
-        return None
+    with torch.no_grad(), onednn_off():
+        for probe, _, _, expected in runs:
+            actual = twin(probe)
+            scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+            if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-5, atol=1e-6 * scale):
+                return None
     return twin
 
 
-def _probe(module: nn.Module) -> torch.Tensor:
-    """A random input the convolution reads every tap of at least once."""
+def _run(module: nn.Module, parameters: dict, probe: torch.Tensor) -> Optional[tuple]:
+    """``(probe, weight, bias, output)`` of the one convolution ``module`` runs on ``probe`` with
+    ``parameters``; None if it runs several, convolves something else (its input padded in its own
+    code), or raises."""
+    calls = _Convolutions()
+    try:
+        with evaluated(module), torch.no_grad(), onednn_off():
+            with calls:
+                output = functional_call(module, parameters, (probe,))
+    except Exception:  # noqa: BLE001 - a module this does not describe is traced through as it is
+        return None
+    if len(calls.arguments) != 1 or calls.arguments[0][0] is not probe or not isinstance(output, torch.Tensor):
+        return None
+    weight, bias = calls.arguments[0][1:3]
+    return probe, weight.detach(), None if bias is None else bias.detach(), output
+
+
+def _probe(module: nn.Module, seed: int) -> torch.Tensor:
+    """A random input the convolution reads every tap of at least once; each seed gives another batch
+    size and image size too (a weight depending on the input's sizes is no fixed weight either)."""
     weight = module.weight
-    spatial = [(k - 1) * d + s for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, module.in_channels, *spatial, generator=generator, dtype=torch.float32)
+    spatial = [(k - 1) * d + s + seed for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.randn(1 + seed, module.in_channels, *spatial, generator=generator, dtype=torch.float32)
     return probe.to(device=weight.device, dtype=weight.dtype)
 
 

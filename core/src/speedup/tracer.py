@@ -141,6 +141,19 @@ def ordinary_mode() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def onednn_off() -> Iterator[None]:
+    """oneDNN off, for probes: it would first build kernels for each new shape, which takes longer
+    than a small probe. (``torch.backends.mkldnn.flags`` does the same, but warns about TF32 on
+    Intel GPUs on every use.)"""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 def _autocast_enabled(device: str) -> bool:
     try:
         return torch.is_autocast_enabled(device)

@@ -19,6 +19,7 @@ from torch import nn
 
 from speedup.modules import ChannelGather
 from speedup.plugins.registry import RuleRegistry
+from speedup.tracer import onednn_off
 
 BLOCK = "torchvision.models.shufflenetv2.InvertedResidual"
 
@@ -110,7 +111,7 @@ def _computes_the_same(block: nn.Module, form: nn.Module, channels: int) -> bool
         form.eval()
         # Without oneDNN: it would first build kernels for the probe's shapes, which took longer
         # than running the probe (a few milliseconds a build of block).
-        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        with torch.no_grad(), onednn_off():
             expected, actual = block(probe.clone()), form(probe.clone())
     except Exception:  # noqa: BLE001 - a block this form does not describe stays as it is
         return False
