@@ -507,6 +507,30 @@ def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
         assert model[2].weight.shape == (4, 8, 1, 1)
 
 
+class ChannelsFirstRMSNorm(nn.Module):
+    """timm's ``RmsNorm2d``: an RMS norm over dimension 1, its ``normalized_shape`` checked in forward."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.normalized_shape, self.eps = (channels,), eps
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        assert x.shape[1] == self.normalized_shape[0]
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight.reshape(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["zeros", "constants"])
+def test_an_rms_norm_over_channels_written_by_hand_loses_channels(with_bias):
+    """Removed channels holding constants (a bias left unmasked) still count in the mean square."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelsFirstRMSNorm(8), nn.Conv2d(8, 4, 1)).eval()
+    masks = output_channel_masks(model, ["0"], with_bias=not with_bias)
+    masks["1"] = {"weight": masks["0"]["weight"][:, 0, 0, 0]}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
+                           shrunk=["0.weight", "1.weight", "2.weight"])
+    assert model[1].normalized_shape == (4,) and not report.barriers
+
+
 class FunctionalWindows(nn.Module):
     """Code of its own: ``F.unfold`` (im2col) patches, ``F.layer_norm`` over the width and
     ``Tensor.unfold`` windows, as HaloNet and VOLO write them."""

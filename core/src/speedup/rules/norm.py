@@ -221,15 +221,15 @@ class LayerNormRule(ModuleRule):
         return ConstantAwareLayerNorm.convert(new, full_size, values)
 
 
-def _rms_norm_zeros(node: Node, ctx: Analysis, scale: Optional[torch.Tensor]) -> None:
+def _rms_norm_zeros(node: Node, ctx: Analysis, scale: Optional[torch.Tensor], dim: int = -1) -> None:
     """An RMS norm's zero outputs: where its input is zero (there is no mean to subtract) or its scale is."""
     x, out = first_input(node), node.outputs[0]
-    consts = ctx.const(x, -1)
-    zero = consts.zero if consts is not None else torch.zeros(x.shape[-1], dtype=torch.bool)
+    consts = ctx.const(x, dim)
+    zero = consts.zero if consts is not None else torch.zeros(x.shape[dim], dtype=torch.bool)
     if scale is not None:
         zero = zero | (scale == 0)
     if bool(zero.any()):
-        ctx.set_const(out, -1, DimConst.where(zero, torch.zeros(zero.numel(), dtype=torch.float64)))
+        ctx.set_const(out, dim, DimConst.where(zero, torch.zeros(zero.numel(), dtype=torch.float64)))
 
 
 class RMSNormRule(LayerNormRule):
@@ -315,9 +315,9 @@ def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
 
 
 class ScaledRMSNormRule(LayerNormRule):
-    """An RMS norm written in Python: ``(offset + weight) * x * rsqrt(mean(x^2, -1) + eps)``, its epsilon
+    """An RMS norm written in Python: ``(offset + weight) * x * rsqrt(mean(x^2, dim) + eps)``, its epsilon
     in the attribute ``eps_attribute`` (Llama's ``LlamaRMSNorm``: offset 0, ``variance_epsilon``;
-    Gemma's: offset 1, ``eps``).
+    Gemma's: offset 1, ``eps``; timm's ``RmsNorm2d``: dimension 1, channels first).
 
     A hidden entry may go where it holds a constant, which must still count in the mean square. The
     replacement stays an instance of the module's own class, so a saved model needs no new code: with
@@ -328,21 +328,23 @@ class ScaledRMSNormRule(LayerNormRule):
 
     subclasses = False
 
-    def __init__(self, offset: float = 0.0, eps_attribute: str = "variance_epsilon"):
-        self.offset, self.eps_attribute = offset, eps_attribute
+    def __init__(self, offset: float = 0.0, eps_attribute: str = "variance_epsilon", dim: int = -1):
+        self.offset, self.eps_attribute, self.dim = offset, eps_attribute, dim
 
     def normalized_dim(self, node: Node) -> Optional[int]:
-        return -1
+        return self.dim
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         weight = param_data(node, "weight")
-        _rms_norm_zeros(node, ctx, weight.to(torch.float64) + self.offset if weight is not None else None)
+        _rms_norm_zeros(node, ctx, weight.to(torch.float64) + self.offset if weight is not None else None, self.dim)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         new = clone_module(module)
         weight = plan.param("weight")
-        full, kept = plan.input().shape[-1], plan.count(plan.input(), -1)
-        _, removed_values = plan.removed_input_constants(-1)
+        full, kept = plan.input().shape[self.dim], plan.count(plan.input(), self.dim)
+        _, removed_values = plan.removed_input_constants(self.dim)
+        if isinstance(getattr(module, "normalized_shape", None), (tuple, list)):  # timm's RmsNorm2d checks it
+            new.normalized_shape = type(module.normalized_shape)([kept])
         if kept == full or kept == 0:
             new.weight = weight
             return new
@@ -354,7 +356,8 @@ class ScaledRMSNormRule(LayerNormRule):
 
 
 def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
-    """An RMS norm written in Python under a name no plugin lists: every Hugging Face model family
+    """An RMS norm written in Python under a name no plugin lists (over the last dimension, or over
+    channels first as timm's ``RmsNorm2d``): every Hugging Face model family
     copies ``LlamaRMSNorm`` as its own class (``MixtralRMSNorm``, ``Qwen3RMSNorm``...), Gemma's scales by
     ``1 + weight``.
 
@@ -364,17 +367,20 @@ def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
     offset of 0 or 1. The module itself is not touched.
     """
     for attribute in _norm_candidate(module, shift=False):
-        offset = _rms_norm_offset(module, attribute)
-        if offset is not None:
-            return ScaledRMSNormRule(offset, attribute)
+        for dim in (-1, 1):
+            offset = _rms_norm_offset(module, attribute, dim)
+            if offset is not None:
+                return ScaledRMSNormRule(offset, attribute, dim)
     return None
 
 
-def _rms_norm_offset(module: nn.Module, eps_attribute: str) -> Optional[float]:
-    """0 or 1 where ``module`` computes ``(offset + weight) * x * rsqrt(mean(x^2) + eps)``, else None."""
+def _rms_norm_offset(module: nn.Module, eps_attribute: str, dim: int) -> Optional[float]:
+    """0 or 1 where ``module`` computes ``(offset + weight) * x * rsqrt(mean(x^2, dim) + eps)`` over
+    dimension ``dim`` (-1, or 1 laid out channels first), else None."""
     channels = module.weight.numel()
     generator = torch.Generator().manual_seed(0)
-    probe = (torch.randn(2, 3, channels, generator=generator) * 0.1).to(module.weight.device)
+    shape = (2, 3, channels) if dim == -1 else (2, channels, 3, 5)
+    probe = (torch.randn(shape, generator=generator) * 0.1).to(module.weight.device)
     weight = torch.rand(channels, generator=generator).add_(0.5).to(module.weight.device)
     copy_ = clone_module(module)
     copy_.weight = nn.Parameter(weight, requires_grad=False)
@@ -382,13 +388,14 @@ def _rms_norm_offset(module: nn.Module, eps_attribute: str) -> Optional[float]:
     try:
         with torch.no_grad():
             result = type(module).forward(copy_, probe)
-    except Exception:  # noqa: BLE001 - not a norm over the last dimension (or not runnable here: meta tensors)
+    except Exception:  # noqa: BLE001 - not a norm over this dimension (or not runnable here: meta tensors)
         return None
     if not isinstance(result, torch.Tensor) or result.shape != probe.shape:
         return None
-    normalized = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + 0.5)
+    normalized = probe * torch.rsqrt(probe.pow(2).mean(dim, keepdim=True) + 0.5)
+    scale = weight if dim == -1 else weight.reshape(-1, 1, 1)
     for offset in (0.0, 1.0):
-        if bool(torch.allclose(result.float(), (offset + weight) * normalized, rtol=1e-4, atol=1e-5)):
+        if bool(torch.allclose(result.float(), (offset + scale) * normalized, rtol=1e-4, atol=1e-5)):
             return offset
     return None
 
