@@ -101,3 +101,22 @@ def test_a_convolution_whose_weight_depends_on_its_input_is_traced_through():
     masks = {"0": {"weight": rows(KEEP, (8, 3, 3, 3)), "bias": KEEP}}
     report = check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7))
     assert isinstance(model[2], KernelMixture) and "2" not in report.forms
+
+
+class Counting(nn.Conv2d):
+    """Overrides forward only to count its calls: the weight it applies is its parameter itself."""
+
+    calls = 0
+
+    def forward(self, x):
+        Counting.calls += 1
+        return super().forward(x)
+
+
+def test_a_convolution_applying_its_parameter_as_it_is_leaves_the_original_untouched():
+    model = network(second=Counting)
+    original = model[2]
+    before = original.weight.detach().clone()
+    masks = {"2": {"weight": rows(KEEP, (8, 8, 3, 3)), "bias": KEEP}}
+    check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["2.weight", "4.weight"])
+    assert model[2] is not original and torch.equal(original.weight, before)
