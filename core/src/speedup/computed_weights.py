@@ -43,6 +43,8 @@ def freeze_computed_weights(model: nn.Module, masks: Masks, tx: Transaction,
         if base is None or module is model or known(module):
             continue
         prefix = f"{name}." if name else ""
+        if any(prefix + attr in masks.parameters for attr, _ in module.named_buffers()):
+            continue  # a masked buffer: the twin would not hold it
         own = {attr: masks.parameters[prefix + attr] for attr, _ in module.named_parameters()
                if prefix + attr in masks.parameters}
         twin = _twin(module, base, own)
