@@ -6,8 +6,8 @@ every call. The masked model multiplies the parameters by their masks and standa
 left: a masked row comes out zero, a masked column does not, and removing input channels from the
 parameter would change every row's statistics. For inference only the computed weight matters, so
 each such convolution is put in the model as the plain convolution holding the weight its
-``forward`` computes from the masked parameters (read on a probe, and checked on it); its mask
-becomes where that weight is zero. Its input channels then go wherever they carry zeros, as for
+``forward`` computes from the masked parameters (read on two probes of other sizes, which must give
+the same weight, and checked on one); its mask becomes where that weight is zero. Its input channels then go wherever they carry zeros, as for
 any convolution. One of which nothing changes is put back as it was.
 """
 
