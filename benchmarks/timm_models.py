@@ -18,7 +18,7 @@ time. Summary lines give the models that passed and the median ratios under mask
 
 Usage::
 
-    bash dev.sh bench timm_models                          # the 69 default architectures (about 20 min on 2 cores)
+    bash dev.sh bench timm_models                          # the 71 default architectures (about 10 min on 2 cores)
     bash dev.sh bench timm_models --models resnet18d,pvt_v2_b0 --masks b
 
 Rows go to ``benchmarks/results/timm_models.json`` (``--json PATH`` to put them elsewhere).
@@ -59,7 +59,7 @@ resmlp_12_224 mixer_s32_224 gmlp_ti16_224 mobilevit_xxs mobilevitv2_050 edgenext
 maxvit_nano_rw_256 swin_tiny_patch4_window7_224 nf_resnet26 regnetz_b16 gernet_s resnetv2_50x1_bit
 eva02_tiny_patch14_224 sequencer2d_s tnt_s_patch16_224 visformer_tiny hgnetv2_b0 inception_next_tiny repghostnet_050
 efficientvit_b0 efficientvit_m0 tiny_vit_5m_224 davit_tiny focalnet_tiny_srf gcvit_xxtiny rdnet_tiny starnet_s1
-hiera_tiny_224
+hiera_tiny_224 convnext_atto_rms eca_nfnet_l0
 """.split()
 
 def build(name: str, seed: int = 3) -> nn.Module:
@@ -125,7 +125,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help="comma list of timm model names (default: the 69 listed in MODELS)")
+    parser.add_argument("--models", help="comma list of timm model names (default: the 71 listed in MODELS)")
     parser.add_argument("--masks", default="a,b", help="mask kinds: a (random 50%% per layer), b (consistent); default a,b")
     parser.add_argument("--json", default=str(RESULTS_DIR / "timm_models.json"), help="where the rows go")
     args = parser.parse_args(argv)
