@@ -21,9 +21,8 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cloning import clone_module
-from .equivalent_forms import Form
 from .masks import Masks
-from .parametrized import Frozen, evaluated
+from .parametrized import Frozen, Twin, evaluated
 from .replacement import registered_places
 from .tracer import onednn_off
 from .transaction import Transaction
@@ -47,21 +46,19 @@ def freeze_computed_weights(model: nn.Module, masks: Masks, tx: Transaction,
             continue  # a masked buffer: the twin would not hold it
         own = {attr: masks.parameters[prefix + attr] for attr, _ in module.named_parameters()
                if prefix + attr in masks.parameters}
-        twin = _twin(module, base, own)
-        if twin is None:
+        plain = _twin(module, base, own)
+        if plain is None:
             continue
         places = places if places is not None else registered_places(model)
-        tensors = {attr: t for attr, t in twin._parameters.items() if t is not None}
-        frozen.append(Frozen(Form(name, module, twin, places.get(id(module), []), [twin]), ["weight"], tensors, {},
-                             "in its own forward", None, sources_masked=not all(bool(m.all()) for m in own.values())))
+        twin = Twin(plain, ["weight"], {}, "in its own forward", None)
+        masked = not all(bool(m.all()) for m in own.values())
+        frozen.append(Frozen.put_in(name, module, twin, places.get(id(module), []), tx, sources_masked=masked))
         for attr in own:
-            if attr in tensors:
-                masks.put(prefix + attr, tensors[attr] != 0, tensors[attr])
+            tensor = plain._parameters.get(attr)
+            if tensor is not None:
+                masks.put(prefix + attr, tensor != 0, tensor)
             else:  # folded into the computed weight
                 masks.drop(prefix + attr)
-    for f in frozen:
-        for parent, attr in f.form.places:
-            tx.set_attr(parent, attr, f.form.form)
     return frozen
 
 

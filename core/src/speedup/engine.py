@@ -29,7 +29,7 @@ from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
-from .graph import Graph, Node, NodeKind
+from .graph import Graph, Node, NodeKind, within_scope
 from .lazy_masks import LazyMasks
 from .leftovers import masked_but_kept
 from .masks import MaskSource, load_masks
@@ -134,7 +134,7 @@ def shrink(
             frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
             checked_masks = load_masks(masks, model, map_location, batch_dim)
             for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
-                for name, mask in f.masks.items():
+                for name, mask in f.twin.masks.items():
                     checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
             frozen += freeze_computed_weights(model, checked_masks, tx, rules.claims_or_replaces)
             report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
@@ -332,7 +332,7 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
         scope = _enclosing_unpinned_scope(graph, node, pinned)
         if scope is None:
             raise _unverifiable(reason)
-        pinned.update(n.index for n in graph.nodes if _within(n.scope, scope))
+        pinned.update(n.index for n in graph.nodes if within_scope(n.scope, scope))
         return reason + f" (everything in '{scope or '<model>'}' kept)"
     dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
     # The same line of code makes the same call in every block of a network (a literal ``split(26)``
@@ -365,13 +365,9 @@ def _same_calls(graph: Graph, node: Node, pinned: set[int]) -> list[Node]:
 def _enclosing_unpinned_scope(graph: Graph, node: Node, pinned: set[int]) -> Optional[str]:
     """The innermost module around ``node`` (itself included) whose calls are not all pinned yet."""
     for scope in reversed(_module_and_parents(node.scope)):
-        if any(n.index not in pinned for n in graph.nodes if _within(n.scope, scope)):
+        if any(n.index not in pinned for n in graph.nodes if within_scope(n.scope, scope)):
             return scope
     return None
-
-
-def _within(scope: str, outer: str) -> bool:
-    return not outer or scope == outer or scope.startswith(outer + ".")
 
 
 def _module_and_parents(module: str) -> list[str]:

@@ -144,6 +144,12 @@ class TensorValue:
         return f"%{self.index}[{tuple(self.shape)} from {label}]"
 
 
+def within_scope(scope: str, module: str) -> bool:
+    """Whether code running in ``scope`` runs inside the module named ``module`` (itself, one of its
+    submodules, or anything for the model itself, ``""``)."""
+    return not module or scope == module or scope.startswith(module + ".")
+
+
 @dataclass(eq=False)
 class Node:
     """One recorded call: an ATen operator, a claimed module, or a synthetic opaque step."""

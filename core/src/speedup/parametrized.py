@@ -42,33 +42,37 @@ from .transaction import Transaction
 
 
 @dataclass
-class Frozen:
-    form: Form
-    """The module (``form.module``) and its plain twin (``form.form``), where it is in the model."""
+class Twin:
+    """A parametrized module's plain twin."""
+
+    module: nn.Module
     names: list[str]
-    """The tensors it computed through a parametrization."""
-    tensors: dict[str, torch.Tensor]
-    """The twin's own tensors as frozen: one replaced later means the twin changed."""
+    """The tensors it holds as computed."""
     masks: dict[str, torch.Tensor]
     """Masks the module carried itself (``torch.nn.utils.prune``'s), by tensor name, as booleans."""
     how: str
     """How the module computed them ("through a parametrization"), for warnings."""
     undone_by: Optional[str]
     """What a user calls to make the same plain module, if anything."""
-    sources_masked: bool = False
-    """The call masked what the tensors are computed from: the module would compute them unmasked."""
 
 
 @dataclass
-class Twin:
-    """A parametrized module's plain twin holding its computed tensors (``names``), with the masks it
-    carried and what makes the same twin in torch (see :class:`Frozen`)."""
+class Frozen:
+    form: Form
+    """The module (``form.module``) and its plain twin (``form.form``), where it is in the model."""
+    twin: Twin
+    tensors: dict[str, torch.Tensor]
+    """The twin's own tensors as frozen: one replaced later means the twin changed."""
+    sources_masked: bool = False
+    """The call masked what the tensors are computed from: the module would compute them unmasked."""
 
-    module: nn.Module
-    names: list[str]
-    masks: dict[str, torch.Tensor]
-    how: str
-    undone_by: str
+    @classmethod
+    def put_in(cls, name: str, module: nn.Module, twin: Twin, places: list, tx: Transaction,
+               sources_masked: bool = False) -> "Frozen":
+        """The module ``name`` replaced by its twin in the model (at ``places``, through ``tx``)."""
+        for parent, attr in places:
+            tx.set_attr(parent, attr, twin.module)
+        return cls(Form(name, module, twin.module, places, [twin.module]), twin, _tensors(twin.module), sources_masked)
 
 
 def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
@@ -87,11 +91,7 @@ def freeze_parametrized(model: nn.Module, tx: Transaction) -> list[Frozen]:
                 f"pruning hook; wrap it (nn.Sequential(model)) or call {twin.undone_by} first."
             )
         places = places if places is not None else registered_places(model)
-        form = Form(name, module, twin.module, places.get(id(module), []), [twin.module])
-        frozen.append(Frozen(form, twin.names, _tensors(twin.module), twin.masks, twin.how, twin.undone_by))
-    for f in frozen:
-        for parent, attr in f.form.places:
-            tx.set_attr(parent, attr, f.form.form)
+        frozen.append(Frozen.put_in(name, module, twin, places.get(id(module), []), tx))
     return frozen
 
 
@@ -112,9 +112,10 @@ def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], masks: Masks,
 
 
 def _stays_plain(f: Frozen) -> str:
-    undone = f", as {f.undone_by} leaves it for inference" if f.undone_by else ""
-    return (f"'{f.form.name}' computed {', '.join(f.names)} {f.how}; its sped-up {type(f.form.form).__name__} holds "
-            f"the computed values instead{undone}")
+    twin = f.twin
+    undone = f", as {twin.undone_by} leaves it for inference" if twin.undone_by else ""
+    return (f"'{f.form.name}' computed {', '.join(twin.names)} {twin.how}; its sped-up {type(twin.module).__name__} "
+            f"holds the computed values instead{undone}")
 
 
 def frozen_twin(module: nn.Module) -> Optional[Twin]:

@@ -63,8 +63,8 @@ class ParamSlicer:
 
 def masked_entries(value: TensorValue, kept: list) -> torch.Tensor:
     """The entries of a parameter that ``kept`` selects (per dimension: indices, or None for all),
-    holding the masked model's values, contiguous (in the parameter's memory format): a lazily masked parameter's mask is applied to
-    the selection only, and not at all where it keeps everything selected."""
+    holding the masked model's values, contiguous in the parameter's memory format: a lazily masked
+    parameter's mask is applied to the selection only, and not at all where it keeps everything selected."""
     selected = gather_kept(value.tensor.detach(), kept)
     if value.mask is not None and not _keeps_all(value.mask, kept):
         selected = times_mask(selected, gather_kept(value.mask.mask, kept))

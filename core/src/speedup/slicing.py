@@ -41,7 +41,6 @@ def gather_kept(tensor: torch.Tensor, kept: list) -> torch.Tensor:
     return out
 
 
-
 def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
     """The memory format ``tensor`` is laid out in: channels-last (a model converted to it keeps its
     weights so, and a convolution's output follows its input's or weight's), else contiguous."""

@@ -22,7 +22,7 @@ from typing import Optional
 
 from torch import nn
 
-from .graph import Graph, Node
+from .graph import Graph, Node, within_scope
 from .transaction import Transaction
 
 SizeFix = tuple[nn.Module, str, str, object, object]
@@ -68,7 +68,7 @@ class StoredSizes:
         if departed is None:
             return self.latest if self.latest is not None and self.latest.index in self.fixes else None
         for index, fixes in self.fixes.items():
-            if index != departed.index and any(_within(departed.scope, name) for _, name, _, _, _ in fixes):
+            if index != departed.index and any(within_scope(departed.scope, name) for _, name, _, _, _ in fixes):
                 return self.nodes[index]
         return departed
 
@@ -78,12 +78,6 @@ class StoredSizes:
             for module, name, attr, before, after in fixes:
                 tx.set_attr(module, attr, after)
                 attributes[f"{name}.{attr}" if name else attr] = (before, after)
-
-
-def _within(scope: str, name: str) -> bool:
-    """Whether code running in ``scope`` may read the sizes of the module ``name``: its own, or its
-    parent's through the branch it took (a layer that projects only where its sizes differ)."""
-    return scope == name or scope.startswith(name + ".")
 
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
