@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import speedup
-from speedup.modules import ChannelGather, FoldedConv2d
+from speedup.groups import consistent_masks
+from speedup.testing import masked_copy
+from speedup.modules import ChannelGather, ConstantAwareGroupNorm, FoldedConv2d
 from support.checks import check_speedup, keep_mask, output_channel_masks, randomize_norms, rows
 
 
@@ -337,6 +339,79 @@ def test_group_norm_with_a_scale_of_zero_gives_its_shift_and_partial_groups_stay
     masks = {"0": {"weight": rows(scattered, (8, 3, 3, 3)), "bias": scattered}}
     check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 5))
     assert model[1].num_groups == 4 and model[2].in_channels == 8
+
+
+class GroupNorm1(nn.GroupNorm):
+    """timm's ``GroupNorm1``: one group, its own ``forward`` computing exactly ``nn.GroupNorm``'s."""
+
+    def __init__(self, num_channels: int):
+        super().__init__(1, num_channels)
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class OneGroupStream(nn.Module):
+    """A PoolFormer-like residual stream normalised by GroupNorms of one group: the statistics of each
+    sample span every channel, so the stream's masked channels (zeros) still count in them."""
+
+    def __init__(self, norm=GroupNorm1, c: int = 12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3)
+        self.norm1, self.mix = norm(c), nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm2, self.fc1, self.fc2 = norm(c), nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
+        self.head_norm, self.head = norm(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mix(self.norm1(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(self.head_norm(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [lambda c: nn.GroupNorm(1, c), GroupNorm1], ids=["nn.GroupNorm", "own forward"])
+def test_group_norm_of_one_group_loses_channels_holding_constants_and_counts_them(norm):
+    model = randomize_norms(OneGroupStream(norm))
+    masks = consistent_masks(model, torch.randn(2, 3, 9, 9), sparsity=0.5, seed=0)
+    check_speedup(model, masks, torch.randn(2, 3, 9, 9), torch.randn(3, 3, 8, 10), max_param_ratio=0.4,
+                  shrunk=["stem.weight", "norm1.weight", "mix.weight", "fc1.weight", "fc2.weight", "head.weight"])
+    assert all(isinstance(model.get_submodule(n), ConstantAwareGroupNorm) for n in ("norm1", "norm2", "head_norm"))
+    assert (model.norm1.num_groups, model.norm1.num_channels) == (1, 6)
+
+
+def test_group_norm_of_one_group_folds_non_zero_constants_and_trains_like_the_masked_model():
+    # The masked channels of the conv hold its bias: non-zero constants the statistics must count.
+    # The norm's own vectors are masked with them, so its output there is zero: nothing reads them.
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(1, 8), nn.Conv2d(8, 4, 1)))
+    masks = output_channel_masks(model, ["0"], with_bias=False)
+    kept = masks["0"]["weight"][:, 0, 0, 0]
+    masks["1"] = {"weight": kept, "bias": kept}
+    masked = masked_copy(model, masks)
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["0.weight", "1.weight"])
+    assert isinstance(model[1], ConstantAwareGroupNorm) and model[1].num_channels == 4
+    x = torch.randn(3, 3, 5, 7, requires_grad=True)
+    masked(x).square().sum().backward()
+    y = x.detach().clone().requires_grad_()
+    model(y).square().sum().backward()
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_group_norm_of_one_group_keeps_varying_channels_it_zeroes():
+    # A scale of zero makes the output channel its shift, but the input channel still counts in the
+    # statistics of every other channel: the conv before keeps it (and so does the norm).
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(1, 8), nn.Conv2d(8, 4, 1)))
+    half = torch.tensor([True, False] * 4)
+    masks = {"1": {"weight": half, "bias": half}}
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7))
+    assert model[0].out_channels == 8 and type(model[1]) is nn.GroupNorm and model[1].num_channels == 8
+
+
+def test_group_norm_subclass_adding_work_is_not_claimed_as_a_group_norm():
+    from speedup.rules.norm import recognise_group_norm
+
+    assert recognise_group_norm(GroupNorm1(6)) is not None
+    assert recognise_group_norm(GroupNormAct(1, 6)) is None  # its ReLU: traced through
+    assert recognise_group_norm(nn.GroupNorm(2, 6, affine=False)) is None
 
 
 def test_weights_masked_elementwise_keep_their_zeros():

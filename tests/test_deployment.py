@@ -1,7 +1,7 @@
 """A sped-up model deploys as any model does: saved and loaded whole, copied, traced with
 torch.jit.trace (its checks included), exported with torch.export, compiled; each computes what the
-sped-up model computes. Its own modules (a convolution folding constants, a layer norm counting
-removed constants) must not compute differently the second time they run, or under tracing."""
+sped-up model computes. Its own modules (a convolution folding constants, norms counting removed
+constants) must not compute differently the second time they run, or under tracing."""
 
 import copy
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from speedup.modules import ConstantAwareLayerNorm, FoldedConv2d
+from speedup.modules import ConstantAwareGroupNorm, ConstantAwareLayerNorm, FoldedConv2d
 from support.checks import check_speedup, rows
 
 
@@ -18,12 +18,13 @@ class ConvThenTokens(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1))
+        self.group_norm = nn.GroupNorm(1, 6)
         self.embed = nn.Linear(6, 16)
         self.norm = nn.LayerNorm(16)
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
-        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        tokens = self.group_norm(self.conv(x)).flatten(2).transpose(1, 2)
         return self.head(self.norm(self.embed(tokens)))
 
 
@@ -33,12 +34,16 @@ def sped_up() -> nn.Module:
     with torch.no_grad():
         model.conv[1].running_mean.uniform_(-1, 1)
         model.conv[1].bias.uniform_(-1, 1)
-    keep = torch.arange(16) % 4 != 0
+    keep, mapped = torch.arange(16) % 4 != 0, torch.arange(6) != 2
     masks = {"conv.0": {"weight": rows(torch.arange(8) % 2 == 0, (8, 3, 3, 3))},
+             "conv.3": {"weight": rows(mapped, (6, 8, 3, 3))},  # its bias stays: constants reach the group norm
+             "group_norm": {"weight": mapped, "bias": mapped},
              "embed": {"weight": rows(keep, (16, 6))},  # its bias stays: constants reach the norm
              "norm": {"weight": keep, "bias": keep}}
-    check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6), shrunk=["conv.0.weight", "embed.weight"])
+    check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6),
+                  shrunk=["conv.0.weight", "conv.3.weight", "group_norm.weight", "embed.weight"])
     assert isinstance(model.conv[3], FoldedConv2d) and isinstance(model.norm, ConstantAwareLayerNorm)
+    assert isinstance(model.group_norm, ConstantAwareGroupNorm)
     return model
 
 

@@ -5,9 +5,9 @@ because removing channels that hold constants changes something the torch module
 
 * :class:`FoldedConv2d` (and 1d/3d): the contribution of removed constant input channels is not
   uniform near zero-padded borders, so it is added as a per-position map.
-* :class:`ConstantAwareLayerNorm` / :class:`ConstantAwareRMSNorm`: normalisation statistics were
-  taken over the full hidden size, including channels that were removed because they held
-  constants; the statistics still count them.
+* :class:`ConstantAwareLayerNorm` / :class:`ConstantAwareRMSNorm` / :class:`ConstantAwareGroupNorm`:
+  normalisation statistics were taken over the full hidden size (or all channels), including
+  channels that were removed because they held constants; the statistics still count them.
 * :class:`ChannelGather`: entries picked by an index tensor, which a rule renumbers when entries go,
   where code picks them at fixed places (a channel split, a channel shuffle) that would not adapt;
   plugins' equivalent forms of such modules are built from it (see ``RuleRegistry.add_rewrite``).
@@ -166,6 +166,63 @@ class ConstantAwareChannelsFirstLayerNorm(ConstantAwareLayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+
+
+class ConstantAwareGroupNorm(_RemovedConstants, nn.GroupNorm):
+    """``GroupNorm`` with one group (the statistics of each sample span every channel and position)
+    whose mean and variance also count removed channels that held constants.
+
+    A removed channel holds its constant at every position, so per position the removed channels
+    add their count ``k``, sum ``s1`` and sum of squares ``s2``; the statistics of the ``n`` kept
+    channels (mean ``m``, variance ``v``) come from torch's fused group norm, and those of all ``N``
+    channels follow as in :class:`ConstantAwareLayerNorm`. The normalised kept channels are then
+    rescaled per sample and shifted per sample and channel in one pass.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if input.dtype in _REDUCED:  # in float32, rounded once, as torch's own kernels accumulate
+            return self._forward(input.float(), _float32(weight), _float32(bias)).to(input.dtype)
+        return self._forward(input, weight, bias)
+
+    def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
+        if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
+            return self._differentiable(input, weight, bias)  # one graph whatever the grad mode, when traced
+        batch, n = input.shape[0], input.shape[1]
+        full, k = self.full_size, self.removed_count
+        positions = input.numel() // max(batch * n, 1)
+        normalized, mean, rstd = torch.native_group_norm(input, None, None, batch, n, positions, 1, self.eps)
+        s1, s2 = self.removed_sum.to(input.dtype), self.removed_square_sum.to(input.dtype)
+        variance = rstd.pow(-2) - self.eps
+        mu = (mean * n + s1) / full
+        spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + k * mu.pow(2)
+        rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
+        scale, shift = rstd_full / rstd, (mean - mu) * rstd_full  # per sample, (batch, 1)
+        if weight is not None:
+            scale, shift = scale * weight, shift * weight
+        if bias is not None:
+            shift = shift + bias
+        per_channel = (batch, -1) + (1,) * (input.dim() - 2)
+        return torch.addcmul(shift.expand(batch, n).reshape(per_channel), normalized,
+                             scale.expand(batch, n).reshape(per_channel))
+
+    def _differentiable(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
+        """The same with plain operators, for training: the fused group norm's mean and rstd outputs
+        carry no gradient."""
+        dims = tuple(range(1, input.dim()))
+        positions = input[0, 0].numel()
+        s1, s2 = self.removed_sum.to(input.dtype) * positions, self.removed_square_sum.to(input.dtype) * positions
+        count = self.full_size * positions
+        mean = (input.sum(dims, keepdim=True) + s1) / count
+        centered = input - mean
+        square = centered.pow(2).sum(dims, keepdim=True) + s2 - 2 * mean * s1 + self.removed_count * positions * mean.pow(2)
+        out = centered * torch.rsqrt(square / count + self.eps)
+        per_channel = (-1,) + (1,) * (input.dim() - 2)
+        if weight is not None:
+            out = out * weight.reshape(per_channel)
+        if bias is not None:
+            out = out + bias.reshape(per_channel)
+        return out
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4

@@ -4,8 +4,8 @@ Per-channel norms (BatchNorm, InstanceNorm) treat channels independently: a chan
 and a constant channel stays constant (its value is found by running the layer itself on it).
 Norms whose statistics span the hidden dimension (LayerNorm, RMSNorm, GroupNorm) read every entry:
 a live entry is always needed for the statistics. LayerNorm and RMSNorm can still drop an entry
-holding a constant, by counting it in the statistics (:mod:`speedup.modules`); GroupNorm drops
-whole groups only.
+holding a constant, by counting it in the statistics (:mod:`speedup.modules`), and so can a GroupNorm
+of one group; GroupNorm drops whole groups otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import ConstantAwareChannelsFirstLayerNorm, ConstantAwareLayerNorm
+from ..modules import ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
@@ -401,7 +401,10 @@ def _rms_norm_offset(module: nn.Module, eps_attribute: str, dim: int) -> Optiona
 
 
 class GroupNormRule(ModuleRule):
-    """``GroupNorm``: statistics per group of channels, so only whole groups may go."""
+    """``GroupNorm``: statistics per group of channels, so only whole groups may go, except with a
+    single group. Its statistics span every channel and position of a sample, as a LayerNorm's span
+    the hidden size: any channel holding a constant may go, counted in the statistics by the
+    constant-aware replacement (:class:`~speedup.modules.ConstantAwareGroupNorm`)."""
 
     subclasses = True
     unrecorded_forward = True  # torch's own forward: a norm over its input and its vectors
@@ -409,7 +412,8 @@ class GroupNormRule(ModuleRule):
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         vectors = [node.params[name] for name in ("weight", "bias") if name in node.params]
-        _couple_groups(ctx, first_input(node), node.outputs[0], node.module.num_groups, vectors)
+        groups = node.module.num_groups
+        _couple_groups(ctx, first_input(node), node.outputs[0], None if groups == 1 else groups, vectors)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         module = node.module
@@ -417,19 +421,58 @@ class GroupNormRule(ModuleRule):
                          param_data(node, "weight"), param_data(node, "bias"), module.eps)
 
     def backward(self, node: Node, ctx: Analysis) -> None:
-        _demand_whole_groups(ctx, first_input(node), node.outputs[0], node.module.num_groups)
+        x, out = first_input(node), node.outputs[0]
+        if node.module.num_groups > 1:
+            _demand_whole_groups(ctx, x, out, node.module.num_groups)
+        elif ctx.is_demanded(out):
+            # Every varying channel feeds the statistics; a constant one is counted without being read.
+            masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
+            masks[1] = masks[1] | ~foldable(ctx, node, x, 1)
+            ctx.demand(x, masks)
 
     def replace(self, module: nn.GroupNorm, plan: ModulePlan) -> nn.Module:
         new = _with_sliced_affine(module, plan)
         channels = plan.count(plan.output(), 1)
-        new.num_groups = channels // (module.num_channels // module.num_groups)
         new.num_channels = channels
-        return new
+        if module.num_groups > 1:
+            new.num_groups = channels // (module.num_channels // module.num_groups)
+            return new
+        removed, values = plan.removed_input_constants(1)
+        return ConstantAwareGroupNorm.convert(new, module.num_channels, values) if removed.numel() else new
+
+
+_GROUP_NORM = GroupNormRule()
+
+
+def recognise_group_norm(module: nn.Module) -> Optional[ModuleRule]:
+    """A ``GroupNorm`` subclass whose own ``forward`` computes what ``nn.GroupNorm``'s does (timm's
+    ``GroupNorm`` and ``GroupNorm1``: ``F.group_norm`` with the module's attributes), claimed as one.
+
+    Candidates are leaves holding a weight, an optional bias and nothing else; each is run on a probe and
+    claimed where the result is ``F.group_norm``'s. A subclass that adds work (an activation) is
+    traced through (:class:`GroupNormOpRule`).
+    """
+    if not isinstance(module, nn.GroupNorm) or not _norm_candidate(module, shift=True):
+        return None
+    try:
+        with torch.no_grad():
+            probe = torch.randn((2, module.num_channels, 3, 5), generator=torch.Generator().manual_seed(0))
+            probe = probe.to(module.weight)
+            expected = F.group_norm(probe, module.num_groups, module.weight, module.bias, module.eps)
+            result = type(module).forward(module, probe)
+    except Exception:  # noqa: BLE001 - not runnable on such a probe (or here: meta tensors)
+        return None
+    tolerance = 1e-4 if probe.dtype in (torch.float32, torch.float64) else 2e-2
+    if isinstance(result, torch.Tensor) and result.shape == expected.shape and bool(
+            torch.allclose(result, expected, rtol=tolerance, atol=tolerance)):
+        return _GROUP_NORM
+    return None
 
 
 class GroupNormOpRule(OpRule):
     """``F.group_norm`` called directly (``aten.native_group_norm``): what a GroupNorm subclass with
-    a ``forward`` of its own runs, as timm's ``GroupNorm``, ``GroupNorm1`` and ``GroupNormAct`` do.
+    a ``forward`` of its own runs where it is not claimed as one (timm's ``GroupNormAct``, with its
+    activation; see :func:`recognise_group_norm`).
 
     As :class:`GroupNormRule`: only whole groups go, with the affine vectors the call reads. The
     call's group count is the caller's: a GroupNorm subclass keeps ``num_groups`` in step (see
@@ -463,11 +506,13 @@ class GroupNormOpRule(OpRule):
         return None if called == planned else f"called with {called} groups where {planned} were planned"
 
 
-def _couple_groups(ctx: Analysis, x: TensorValue, out: TensorValue, groups: int, vectors: list[TensorValue]) -> None:
-    """Channels go by whole groups (each position within a group is pinned); batch entries go freely;
-    the other dimensions keep their size (every entry counts in the statistics)."""
+def _couple_groups(ctx: Analysis, x: TensorValue, out: TensorValue, groups: Optional[int],
+                   vectors: list[TensorValue]) -> None:
+    """Channels go by whole groups (each position within a group is pinned), or one by one where
+    ``groups`` is None; batch entries go freely; the other dimensions keep their size (every entry
+    counts in the statistics)."""
     ctx.link(x, 0, out, 0)
-    cut = equal_parts(ctx, x, 1, x.shape[1] // groups)
+    cut = equal_parts(ctx, x, 1, x.shape[1] // groups) if groups is not None else None
     if cut is not None:
         ctx.table.pin(cut[1])
     ctx.link(x, 1, out, 1)
@@ -650,8 +695,9 @@ def register(registry) -> None:
     registry.add_module(nn.LayerNorm, LayerNormRule())
     if hasattr(nn, "RMSNorm"):
         registry.add_module(nn.RMSNorm, RMSNormRule())
-    registry.add_module(nn.GroupNorm, GroupNormRule())
+    registry.add_module(nn.GroupNorm, _GROUP_NORM)
     registry.add_recogniser(recognise_layer_norm)
+    registry.add_recogniser(recognise_group_norm)
     registry.add_recogniser(recognise_rms_norm)
     registry.add_op("aten.native_batch_norm", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
