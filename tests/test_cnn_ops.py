@@ -369,7 +369,10 @@ class OneGroupStream(nn.Module):
         return self.head(self.head_norm(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("norm", [lambda c: nn.GroupNorm(1, c), GroupNorm1], ids=["nn.GroupNorm", "own forward"])
+ONE_GROUP_NORMS = {"nn.GroupNorm": lambda c: nn.GroupNorm(1, c), "own forward": GroupNorm1}
+
+
+@pytest.mark.parametrize("norm", ONE_GROUP_NORMS.values(), ids=ONE_GROUP_NORMS.keys())
 def test_group_norm_of_one_group_loses_channels_holding_constants_and_counts_them(norm):
     model = randomize_norms(OneGroupStream(norm))
     masks = consistent_masks(model, torch.randn(2, 3, 9, 9), sparsity=0.5, seed=0)
@@ -379,16 +382,27 @@ def test_group_norm_of_one_group_loses_channels_holding_constants_and_counts_the
     assert (model.norm1.num_groups, model.norm1.num_channels) == (1, 6)
 
 
-def test_group_norm_of_one_group_folds_non_zero_constants_and_trains_like_the_masked_model():
+def test_group_norm_of_several_groups_is_offered_whole_groups_and_stays_torchs():
+    model = randomize_norms(OneGroupStream(lambda c: nn.GroupNorm(4, c)))
+    masks = consistent_masks(model, torch.randn(2, 3, 9, 9), sparsity=0.5, seed=0)
+    check_speedup(model, masks, torch.randn(2, 3, 9, 9), torch.randn(3, 3, 8, 10), max_param_ratio=0.4,
+                  shrunk=["stem.weight", "norm1.weight", "fc2.weight", "head.weight"])
+    assert type(model.norm1) is nn.GroupNorm and (model.norm1.num_groups, model.norm1.num_channels) == (2, 6)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_group_norm_folds_non_zero_constants_of_any_channels_and_trains_like_the_masked_model(groups):
     # The masked channels of the conv hold its bias: non-zero constants the statistics must count.
     # The norm's own vectors are masked with them, so its output there is zero: nothing reads them.
-    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(1, 8), nn.Conv2d(8, 4, 1)))
-    masks = output_channel_masks(model, ["0"], with_bias=False)
-    kept = masks["0"]["weight"][:, 0, 0, 0]
-    masks["1"] = {"weight": kept, "bias": kept}
+    # With 4 groups of 2, the groups keep 1, 2, 0 and 1 channels.
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(groups, 8), nn.Conv2d(8, 4, 1)))
+    kept = torch.tensor([True, False, True, True, False, False, True, False])
+    masks = {"0": {"weight": rows(kept, (8, 3, 3, 3))}, "1": {"weight": kept, "bias": kept}}
     masked = masked_copy(model, masks)
-    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["0.weight", "1.weight"])
-    assert isinstance(model[1], ConstantAwareGroupNorm) and model[1].num_channels == 4
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 7),
+                  shrunk=["0.weight", "1.weight", "2.weight"])
+    assert isinstance(model[1], ConstantAwareGroupNorm)
+    assert (model[1].num_groups, model[1].num_channels) == (min(groups, 3), 4)
     x = torch.randn(3, 3, 5, 7, requires_grad=True)
     masked(x).square().sum().backward()
     y = x.detach().clone().requires_grad_()

@@ -18,7 +18,7 @@ class ConvThenTokens(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1))
-        self.group_norm = nn.GroupNorm(1, 6)
+        self.group_norm = nn.GroupNorm(3, 6)
         self.embed = nn.Linear(6, 16)
         self.norm = nn.LayerNorm(16)
         self.head = nn.Linear(16, 4)

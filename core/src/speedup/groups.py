@@ -113,7 +113,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     finally:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())
-    solution = analysis.couple(pin_results=True)  # class scores are not offered
+    solution = analysis.couple(offering=True)  # class scores are not offered
     parameters = [v for v in graph.parameters.values() if v.owner is not None and _is_parameter(v)]
     slots = []
     for value in parameters:

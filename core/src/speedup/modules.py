@@ -168,16 +168,42 @@ class ConstantAwareChannelsFirstLayerNorm(ConstantAwareLayerNorm):
         return super().forward(input.movedim(1, -1)).movedim(-1, 1)
 
 
-class ConstantAwareGroupNorm(_RemovedConstants, nn.GroupNorm):
-    """``GroupNorm`` with one group (the statistics of each sample span every channel and position)
-    whose mean and variance also count removed channels that held constants.
+class ConstantAwareGroupNorm(nn.GroupNorm):
+    """``GroupNorm`` whose groups lost channels that held constants, which its statistics still count.
 
-    A removed channel holds its constant at every position, so per position the removed channels
-    add their count ``k``, sum ``s1`` and sum of squares ``s2``; the statistics of the ``n`` kept
-    channels (mean ``m``, variance ``v``) come from torch's fused group norm, and those of all ``N``
-    channels follow as in :class:`ConstantAwareLayerNorm`. The normalised kept channels are then
-    rescaled per sample and shifted per sample and channel in one pass.
+    Groups may keep different numbers of channels, which torch's group norm cannot express.
+    ``group_index`` gives each kept channel its group (renumbered over the groups left); per group,
+    the removed channels add their count, sum and sum of squares at every position (a removed
+    channel holds its constant everywhere). Torch's fused group norm with a group per channel gives
+    each kept channel's mean and variance; the group statistics over all the group's
+    ``channels_per_group`` channels follow by the parallel-variance formula, and the normalised
+    channels are rescaled and shifted per sample and channel in one pass.
     """
+
+    channels_per_group: int
+
+    @classmethod
+    def convert(cls, norm: nn.GroupNorm, channels_per_group: int, kept_groups: torch.Tensor,
+                removed_groups: torch.Tensor, removed_values: torch.Tensor) -> nn.GroupNorm:
+        """Turns an already sliced group norm into this class: ``kept_groups`` / ``removed_groups`` are
+        the original groups of its kept channels / of the removed ones, which held ``removed_values``
+        (those of groups left without channels do not matter)."""
+        left, index = torch.unique(kept_groups.cpu(), return_inverse=True)
+        counted = torch.isin(removed_groups.cpu(), left)
+        position = torch.searchsorted(left, removed_groups.cpu()[counted])
+        values = removed_values.cpu().to(torch.float64)[counted]
+
+        def per_group(entries: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(left.numel(), dtype=torch.float64).index_add_(0, position, entries).float().to(device)
+
+        device = next(iter(norm.parameters()), removed_values).device
+        norm.__class__ = cls
+        norm.channels_per_group, norm.num_groups = channels_per_group, int(left.numel())
+        norm.register_buffer("group_index", index.to(device))
+        norm.register_buffer("removed_count", per_group(torch.ones_like(values)))
+        norm.register_buffer("removed_sum", per_group(values))
+        norm.register_buffer("removed_square_sum", per_group(values.pow(2)))
+        return norm
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -185,44 +211,48 @@ class ConstantAwareGroupNorm(_RemovedConstants, nn.GroupNorm):
             return self._forward(input.float(), _float32(weight), _float32(bias)).to(input.dtype)
         return self._forward(input, weight, bias)
 
+    def _group_sums(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """``(batch, channels)`` -> ``(batch, groups)``: the sums over each group's kept channels."""
+        totals = per_channel.new_zeros(per_channel.shape[0], self.removed_count.numel())
+        return torch.index_add(totals, 1, self.group_index, per_channel)
+
     def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
             return self._differentiable(input, weight, bias)  # one graph whatever the grad mode, when traced
-        batch, n = input.shape[0], input.shape[1]
-        full, k = self.full_size, self.removed_count
-        positions = input.numel() // max(batch * n, 1)
-        normalized, mean, rstd = torch.native_group_norm(input, None, None, batch, n, positions, 1, self.eps)
-        s1, s2 = self.removed_sum.to(input.dtype), self.removed_square_sum.to(input.dtype)
-        variance = rstd.pow(-2) - self.eps
-        mu = (mean * n + s1) / full
-        spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + k * mu.pow(2)
-        rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
-        scale, shift = rstd_full / rstd, (mean - mu) * rstd_full  # per sample, (batch, 1)
+        batch, channels = input.shape[0], input.shape[1]
+        count, s1, s2 = (t.to(input.dtype) for t in (self.removed_count, self.removed_sum, self.removed_square_sum))
+        full, index = self.channels_per_group, self.group_index
+        positions = input.numel() // max(batch * channels, 1)
+        normalized, mean, rstd = torch.native_group_norm(input, None, None, batch, channels, positions, channels, self.eps)
+        mu = (self._group_sums(mean) + s1) / full
+        mu_c = mu[:, index]
+        spread = self._group_sums(rstd.pow(-2).sub_(self.eps).add_((mean - mu_c).pow_(2)))
+        spread = spread + s2 - 2 * mu * s1 + count * mu.pow(2)
+        rstd_c = torch.rsqrt(spread.clamp_(min=0).div_(full).add_(self.eps))[:, index]
+        scale, shift = rstd_c / rstd, (mean - mu_c).mul_(rstd_c)  # per sample and channel
         if weight is not None:
             scale, shift = scale * weight, shift * weight
         if bias is not None:
             shift = shift + bias
-        per_channel = (batch, -1) + (1,) * (input.dim() - 2)
-        return torch.addcmul(shift.expand(batch, n).reshape(per_channel), normalized,
-                             scale.expand(batch, n).reshape(per_channel))
+        per_channel = (batch, channels) + (1,) * (input.dim() - 2)
+        return torch.addcmul(shift.reshape(per_channel), normalized, scale.reshape(per_channel))
 
     def _differentiable(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         """The same with plain operators, for training: the fused group norm's mean and rstd outputs
         carry no gradient."""
-        dims = tuple(range(1, input.dim()))
-        positions = input[0, 0].numel()
-        s1, s2 = self.removed_sum.to(input.dtype) * positions, self.removed_square_sum.to(input.dtype) * positions
-        count = self.full_size * positions
-        mean = (input.sum(dims, keepdim=True) + s1) / count
-        centered = input - mean
-        square = centered.pow(2).sum(dims, keepdim=True) + s2 - 2 * mean * s1 + self.removed_count * positions * mean.pow(2)
-        out = centered * torch.rsqrt(square / count + self.eps)
-        per_channel = (-1,) + (1,) * (input.dim() - 2)
+        batch, channels = input.shape[0], input.shape[1]
+        count, s1, s2 = (t.to(input.dtype) for t in (self.removed_count, self.removed_sum, self.removed_square_sum))
+        flat = input.reshape(batch, channels, -1)
+        positions, full, index = flat.shape[2], self.channels_per_group, self.group_index
+        mu = (self._group_sums(flat.sum(2)) / positions + s1) / full
+        centered = flat - mu[:, index].unsqueeze(2)
+        spread = self._group_sums(centered.pow(2).sum(2)) / positions + s2 - 2 * mu * s1 + count * mu.pow(2)
+        out = centered * torch.rsqrt(spread / full + self.eps)[:, index].unsqueeze(2)
         if weight is not None:
-            out = out * weight.reshape(per_channel)
+            out = out * weight.reshape(-1, 1)
         if bias is not None:
-            out = out + bias.reshape(per_channel)
-        return out
+            out = out + bias.reshape(-1, 1)
+        return out.reshape(input.shape)
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4

@@ -46,6 +46,10 @@ class Analysis:
         """Masks of masked parameters, by value index: where a weight is zero, known without reading it."""
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
+        self.offering = False
+        """Whether the coupling is read to choose what to prune. A rule may then tie together entries it
+        could lose apart, offering what its replacement runs fastest without: a GroupNorm offers whole
+        groups, though it can lose any channel holding a constant."""
         self._barrier = barrier
         self._unknown: set[int] = set()
         for node in graph.nodes:
@@ -84,14 +88,16 @@ class Analysis:
         return demand
 
     def couple(self, pinned_nodes: frozenset = frozenset(),
-               pinned_dims: Optional[dict[int, set[int]]] = None, pin_results: bool = False) -> AtomSolution:
+               pinned_dims: Optional[dict[int, set[int]]] = None, offering: bool = False) -> AtomSolution:
         """The coupling pass alone: which entries of which dimensions live or go together.
 
-        ``pin_results`` keeps every entry of the model's results: the returned tensors that nothing
-        in the model reads further (for choosing what to prune: class scores are not offered; a
-        hidden state the model returns besides using it is). Without it, returned entries go where
-        they are constant.
+        ``offering``: the coupling is read to choose what to prune (:func:`speedup.groups.find_groups`),
+        not to remove what masks zero. Every entry of the model's results is kept: the returned
+        tensors that nothing in the model reads further (class scores are not offered; a hidden
+        state the model returns besides using it is); otherwise returned entries go where they are
+        constant. Rules may couple more coarsely than what they can lose (see :attr:`offering`).
         """
+        self.offering = offering
         self.table = AtomTable()
         self.barriers = []
         self._factorings: dict[int, tuple] = {}
@@ -102,7 +108,7 @@ class Analysis:
         for index, dims in (pinned_dims or {}).items():
             for d in dims:
                 self._pin_dim(self.graph.nodes[index].outputs[0], d)
-        if pin_results:
+        if offering:
             for value in self.graph.outputs:
                 for d in range(value.ndim if not value.consumers else 0):
                     self._pin_dim(value, d)

@@ -401,10 +401,11 @@ def _rms_norm_offset(module: nn.Module, eps_attribute: str, dim: int) -> Optiona
 
 
 class GroupNormRule(ModuleRule):
-    """``GroupNorm``: statistics per group of channels, so only whole groups may go, except with a
-    single group. Its statistics span every channel and position of a sample, as a LayerNorm's span
-    the hidden size: any channel holding a constant may go, counted in the statistics by the
-    constant-aware replacement (:class:`~speedup.modules.ConstantAwareGroupNorm`)."""
+    """``GroupNorm``: statistics per group of channels and sample. A varying channel is needed by
+    every channel of its group; a channel holding a constant may go, counted in its group's
+    statistics by the constant-aware replacement (:class:`~speedup.modules.ConstantAwareGroupNorm`),
+    unless whole groups go (then torch's own GroupNorm, with fewer groups). Pruning is offered whole
+    groups where there are several (see :attr:`~speedup.propagation.Analysis.offering`)."""
 
     subclasses = True
     unrecorded_forward = True  # torch's own forward: a norm over its input and its vectors
@@ -413,7 +414,7 @@ class GroupNormRule(ModuleRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         vectors = [node.params[name] for name in ("weight", "bias") if name in node.params]
         groups = node.module.num_groups
-        _couple_groups(ctx, first_input(node), node.outputs[0], None if groups == 1 else groups, vectors)
+        _couple_groups(ctx, first_input(node), node.outputs[0], groups if ctx.offering and groups > 1 else None, vectors)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         module = node.module
@@ -422,23 +423,29 @@ class GroupNormRule(ModuleRule):
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
-        if node.module.num_groups > 1:
-            _demand_whole_groups(ctx, x, out, node.module.num_groups)
-        elif ctx.is_demanded(out):
-            # Every varying channel feeds the statistics; a constant one is counted without being read.
-            masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
-            masks[1] = masks[1] | ~foldable(ctx, node, x, 1)
-            ctx.demand(x, masks)
+        if not ctx.is_demanded(out):
+            return
+        masks = {d: ctx.demanded(out, d) for d in range(x.ndim)}
+        # Every varying channel of a group anything is needed of feeds its statistics; a constant one
+        # is counted without being read.
+        groups = node.module.num_groups
+        needed = masks[1].reshape(groups, -1).any(1).repeat_interleave(x.shape[1] // groups)
+        masks[1] = masks[1] | (needed & ~foldable(ctx, node, x, 1))
+        ctx.demand(x, masks)
 
     def replace(self, module: nn.GroupNorm, plan: ModulePlan) -> nn.Module:
         new = _with_sliced_affine(module, plan)
-        channels = plan.count(plan.output(), 1)
-        new.num_channels = channels
-        if module.num_groups > 1:
-            new.num_groups = channels // (module.num_channels // module.num_groups)
-            return new
+        per_group = module.num_channels // module.num_groups
+        new.num_channels = plan.count(plan.output(), 1)
         removed, values = plan.removed_input_constants(1)
-        return ConstantAwareGroupNorm.convert(new, module.num_channels, values) if removed.numel() else new
+        kept = plan.kept(plan.input(), 1)
+        if kept is None:
+            return new
+        kept_groups = kept // per_group
+        if bool((torch.bincount(kept_groups, minlength=module.num_groups) % per_group == 0).all()):
+            new.num_groups = new.num_channels // per_group  # whole groups went: torch's own norm
+            return new
+        return ConstantAwareGroupNorm.convert(new, per_group, kept_groups, removed // per_group, values)
 
 
 _GROUP_NORM = GroupNormRule()
