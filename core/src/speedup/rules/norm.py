@@ -3,9 +3,9 @@
 Per-channel norms (BatchNorm, InstanceNorm) treat channels independently: a channel simply goes,
 and a constant channel stays constant (its value is found by running the layer itself on it).
 Norms whose statistics span the hidden dimension (LayerNorm, RMSNorm, GroupNorm) read every entry:
-a live entry is always needed for the statistics. LayerNorm and RMSNorm can still drop an entry
-holding a constant, by counting it in the statistics (:mod:`speedup.modules`), and so can a GroupNorm
-of one group; GroupNorm drops whole groups otherwise.
+a live entry is always needed for the statistics. They can still drop an entry holding a constant,
+by counting it in the statistics (:mod:`speedup.modules`); a GroupNorm losing whole groups stays
+torch's own.
 """
 
 from __future__ import annotations
