@@ -72,6 +72,24 @@ class FoldedConv3d(_ConstantMap, nn.Conv3d):
     """A ``Conv3d`` with removed constant input channels folded exactly (see :class:`_ConstantMap`)."""
 
 
+class _CountingNorm:
+    """How a norm counting removed constants runs: its statistics in float32 for half-precision
+    inputs (rounded once, as torch's own kernels accumulate), and with plain differentiable operators
+    (``_differentiable``) where gradients flow into the input or under ``torch.jit.trace`` (one graph
+    whatever the grad mode); otherwise with torch's fused kernels (``_fused``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if input.dtype in _REDUCED:
+            return self._forward(input.float(), _float32(weight), _float32(bias)).to(input.dtype)
+        return self._forward(input, weight, bias)
+
+    def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
+        if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
+            return self._differentiable(input, weight, bias)
+        return self._fused(input, weight, bias)
+
+
 class _RemovedConstants:
     """Statistics of hidden channels removed because they held constants: count, sum, sum of squares."""
 
@@ -94,7 +112,7 @@ class _RemovedConstants:
         self.zero_constants = not bool(values.any())
 
 
-class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
+class ConstantAwareLayerNorm(_CountingNorm, _RemovedConstants, nn.LayerNorm):
     """``LayerNorm`` over the last dimension whose mean and variance also count removed constants.
 
     The statistics of the kept channels come from torch's fused layer norm (``n`` channels: mean
@@ -111,16 +129,7 @@ class ConstantAwareLayerNorm(_RemovedConstants, nn.LayerNorm):
     input (training), plain differentiable operators compute the same.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if input.dtype in _REDUCED:  # in float32, rounded once, as torch's own kernels accumulate
-            weight, bias = _float32(weight), _float32(bias)
-            return self._forward(input.float(), weight, bias).to(input.dtype)
-        return self._forward(input, weight, bias)
-
-    def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
-        if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
-            return self._differentiable(input, weight, bias)  # one graph whatever the grad mode, when traced
+    def _fused(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         n, full, k = input.shape[-1], self.full_size, self.removed_count
         normalized, mean, rstd = torch.native_layer_norm(input, (n,), weight, None, self.eps)  # times weight
         variance = rstd.pow(-2).sub_(self.eps)
@@ -168,7 +177,7 @@ class ConstantAwareChannelsFirstLayerNorm(ConstantAwareLayerNorm):
         return super().forward(input.movedim(1, -1)).movedim(-1, 1)
 
 
-class ConstantAwareGroupNorm(nn.GroupNorm):
+class ConstantAwareGroupNorm(_CountingNorm, nn.GroupNorm):
     """``GroupNorm`` whose groups lost channels that held constants, which its statistics still count.
 
     Groups may keep different numbers of channels, which torch's group norm cannot express.
@@ -192,11 +201,11 @@ class ConstantAwareGroupNorm(nn.GroupNorm):
         counted = torch.isin(removed_groups.cpu(), left)
         position = torch.searchsorted(left, removed_groups.cpu()[counted])
         values = removed_values.cpu().to(torch.float64)[counted]
+        device = next(iter(norm.parameters()), removed_values).device
 
         def per_group(entries: torch.Tensor) -> torch.Tensor:
             return torch.zeros(left.numel(), dtype=torch.float64).index_add_(0, position, entries).float().to(device)
 
-        device = next(iter(norm.parameters()), removed_values).device
         norm.__class__ = cls
         norm.channels_per_group, norm.num_groups = channels_per_group, int(left.numel())
         norm.register_buffer("group_index", index.to(device))
@@ -205,20 +214,12 @@ class ConstantAwareGroupNorm(nn.GroupNorm):
         norm.register_buffer("removed_square_sum", per_group(values.pow(2)))
         return norm
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if input.dtype in _REDUCED:  # in float32, rounded once, as torch's own kernels accumulate
-            return self._forward(input.float(), _float32(weight), _float32(bias)).to(input.dtype)
-        return self._forward(input, weight, bias)
-
     def _group_sums(self, per_channel: torch.Tensor) -> torch.Tensor:
         """``(batch, channels)`` -> ``(batch, groups)``: the sums over each group's kept channels."""
         totals = per_channel.new_zeros(per_channel.shape[0], self.removed_count.numel())
         return torch.index_add(totals, 1, self.group_index, per_channel)
 
-    def _forward(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
-        if torch.jit.is_tracing() or (input.requires_grad and torch.is_grad_enabled()):
-            return self._differentiable(input, weight, bias)  # one graph whatever the grad mode, when traced
+    def _fused(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         batch, channels = input.shape[0], input.shape[1]
         count, s1, s2 = (t.to(input.dtype) for t in (self.removed_count, self.removed_sum, self.removed_square_sum))
         full, index = self.channels_per_group, self.group_index

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -301,16 +301,21 @@ def _norm_candidate(module: nn.Module, shift: bool) -> list[str]:
 
 def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
     channels = module.weight.numel()
-    shape = (2, channels, 3, 5) if dim == 1 else (2, 3, channels)
+    return _forward_matches(module, (2, channels, 3, 5) if dim == 1 else (2, 3, channels), lambda probe: F.layer_norm(
+        probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps).movedim(-1, dim))
+
+
+def _forward_matches(module: nn.Module, shape: tuple, reference: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether the module's own ``forward`` gives ``reference``'s result on a random probe of ``shape``
+    (False where it does not take such a probe, or cannot run here: meta tensors)."""
     tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
     try:
         with torch.no_grad():
             probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
-            expected = F.layer_norm(probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps)
-            result = type(module).forward(module, probe)
-            return (isinstance(result, torch.Tensor) and result.shape == probe.shape
-                    and bool(torch.allclose(result, expected.movedim(-1, dim), rtol=tolerance, atol=tolerance)))
-    except Exception:  # noqa: BLE001 - it does not take this layout (or cannot be run here: meta tensors)
+            expected, result = reference(probe), type(module).forward(module, probe)
+            return (isinstance(result, torch.Tensor) and result.shape == expected.shape
+                    and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance)))
+    except Exception:  # noqa: BLE001 - a module this does not describe
         return False
 
 
@@ -461,17 +466,9 @@ def recognise_group_norm(module: nn.Module) -> Optional[ModuleRule]:
     """
     if not isinstance(module, nn.GroupNorm) or not _norm_candidate(module, shift=True):
         return None
-    try:
-        with torch.no_grad():
-            probe = torch.randn((2, module.num_channels, 3, 5), generator=torch.Generator().manual_seed(0))
-            probe = probe.to(module.weight)
-            expected = F.group_norm(probe, module.num_groups, module.weight, module.bias, module.eps)
-            result = type(module).forward(module, probe)
-    except Exception:  # noqa: BLE001 - not runnable on such a probe (or here: meta tensors)
-        return None
-    tolerance = 1e-4 if probe.dtype in (torch.float32, torch.float64) else 2e-2
-    if isinstance(result, torch.Tensor) and result.shape == expected.shape and bool(
-            torch.allclose(result, expected, rtol=tolerance, atol=tolerance)):
+    shape = (2, module.num_channels, 3, 5)
+    if _forward_matches(module, shape, lambda probe: F.group_norm(probe, module.num_groups, module.weight,
+                                                                  module.bias, module.eps)):
         return _GROUP_NORM
     return None
 
