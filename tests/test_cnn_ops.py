@@ -61,6 +61,24 @@ def test_batchnorm_shift_of_removed_channel_is_folded_into_next_conv_with_zero_p
     assert isinstance(model[1], FoldedConv2d)
 
 
+_GEOMETRIES = [  # (dims, kernel, stride, padding, dilation)
+    (1, 5, 2, 2, 1), (2, 3, 2, 1, 2), (2, 4, 1, "same", 1), (2, (3, 5), (1, 2), (1, 0), (2, 1)), (3, 3, 2, 1, 1),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+@pytest.mark.parametrize("dims, kernel, stride, padding, dilation", _GEOMETRIES)
+def test_constants_folded_at_borders_whatever_the_convolution_geometry(dims, kernel, stride, padding, dilation):
+    # The per-position map of removed constants must follow the stride, the padding (an even
+    # "same" kernel pads more after than before) and the dilation, at sizes other than the dummy's.
+    conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+    model = randomize_norms(nn.Sequential(conv(3, 8, 1), norm(8), conv(8, 6, kernel, stride, padding, dilation)))
+    masks = output_channel_masks(model, ["0"])
+    dummy, fresh = torch.randn((2, 3) + (9,) * dims), torch.randn((3, 3) + (7, 10, 8)[:dims])
+    check_speedup(model, masks, dummy, fresh, shrunk=["0.weight", "2.weight"])
+    assert hasattr(model[2], "constant_kernel")  # zero padding: the folded form, not a bias
+
+
 def test_constant_channel_folds_into_bias_where_padding_does_not_dilute_it():
     model = randomize_norms(nn.Sequential(conv_bn(3, 8), nn.Conv2d(8, 6, 1)))
     masks = output_channel_masks(model, ["0.0"])

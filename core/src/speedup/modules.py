@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
 _REDUCED = (torch.float16, torch.bfloat16)
 """Dtypes whose statistics the constant-aware norms take in float32."""
 
@@ -37,7 +35,7 @@ class _ConstantMap:
     ``constant_kernel`` is ``(out_channels, 1, *kernel_size)``: ``sum_c v_c W[:, c]`` over the
     removed input channels ``c`` holding ``v_c``. On an input of spatial size ``s`` the
     contribution is that kernel applied, depthwise, to an image of ones of size ``s`` (cached per
-    size, device and dtype, since it does not depend on the input's values).
+    size, device and dtype, since it does not depend on the input's values): see :func:`ones_response`.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -50,14 +48,38 @@ class _ConstantMap:
         cache = self.__dict__.setdefault("_constant_cache", {})
         cached = cache.get(key)
         if cached is None or torch.jit.is_tracing():  # a traced graph computes it, as on its first call
-            ones = torch.ones((1, kernel.shape[0]) + spatial, device=input.device, dtype=input.dtype)
-            cached = _CONV[kernel.dim() - 2](ones, kernel.to(input.dtype), None, self.stride, self.padding,
-                                             self.dilation, kernel.shape[0])
+            cached = ones_response(kernel, spatial, self.stride, self.padding, self.dilation).to(input.dtype)
             if input.dim() == kernel.dim() - 1:
                 cached = cached[0]
             cache.clear()
             cache[key] = cached
         return cached
+
+
+def ones_response(kernel: torch.Tensor, spatial: tuple, stride: tuple, padding, dilation: tuple) -> torch.Tensor:
+    """``conv(ones(1, C, *spatial), kernel, groups=C)`` with zero padding, for ``kernel`` of shape
+    ``(C, 1, *kernel_size)``: what each output position gets from an input that is one everywhere.
+
+    An image of ones is a product of one-dimensional ones, so the answer is separable: along each
+    dimension, a 0/1 matrix says which taps of each output position fall inside the input, and the
+    kernel is contracted with one such matrix per dimension: a few small products, where the
+    depthwise convolution took milliseconds (4 ms for 32 channels of 56x56, a size densenet201 folds
+    into six times). The taps are summed in float32 at least.
+    """
+    work = torch.promote_types(kernel.dtype, torch.float32)
+    response = kernel[:, 0].to(work)
+    for d, size in enumerate(spatial):
+        taps = kernel.shape[2 + d]
+        if padding == "same":  # stride 1, as many outputs as inputs; the odd padding goes after
+            before, outputs = dilation[d] * (taps - 1) // 2, size
+        else:
+            before = 0 if padding == "valid" else padding[d]
+            outputs = (size + 2 * before - dilation[d] * (taps - 1) - 1) // stride[d] + 1
+        read = (torch.arange(outputs, device=kernel.device) * stride[d] - before)[None, :] + (
+            torch.arange(taps, device=kernel.device) * dilation[d])[:, None]  # (taps, outputs): input index read
+        inside = ((read >= 0) & (read < size)).to(work)
+        response = torch.matmul(response.movedim(1 + d, -1), inside).movedim(-1, 1 + d)
+    return response.unsqueeze(0).contiguous()
 
 
 class FoldedConv1d(_ConstantMap, nn.Conv1d):
