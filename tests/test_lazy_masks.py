@@ -226,14 +226,17 @@ class Convolutions(nn.Module):
 
 @pytest.mark.parametrize("layout, shape", [("1d", (2, 4, 12)), ("2d", (2, 4, 10, 10)), ("3d", (2, 4, 5, 6, 6)),
                                            ("channels_last", (2, 4, 10, 10)), ("unbatched", (4, 10, 10))])
-def test_convolutions_compute_their_masked_output_from_their_kept_channels(monkeypatch, layout, shape):
+@pytest.mark.parametrize("gather", [True, False])
+def test_convolutions_compute_their_masked_output_from_their_kept_channels(monkeypatch, layout, shape, gather):
     """``conv(x[:, columns], W[rows][:, columns])`` in the kept output channels, the bias (not masked,
-    so not zero) in the others; the FLOPs before are the masked model's all the same."""
+    so not zero) in the others; the FLOPs before are the masked model's all the same. Without the
+    gather (``gather`` False: too small to pay), every channel is computed, those of removed rows
+    then set to the bias (``a``) or zero (``c``), or with the masked weight (``b``)."""
     from speedup.flops import FlopCounter
     from speedup.rules import conv
     from speedup.testing import masked_copy
 
-    monkeypatch.setattr(conv, "_GATHER_WORTH", 0)  # these are small: gather whatever the size
+    monkeypatch.setattr(conv, "_GATHER_WORTH", 0 if gather else 1 << 62)  # these are small: force either way
     ran = []
     monkeypatch.setattr(conv.KeptChannelsConv, "__call__",
                         lambda self, x, call=conv.KeptChannelsConv.__call__: ran.append(self) or call(self, x))

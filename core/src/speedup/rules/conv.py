@@ -290,8 +290,10 @@ class KeptChannelsConv:
     Where the weight mask keeps output channels ``rows`` times input channels ``columns``, the masked
     layer is ``conv(x[:, columns], W[rows][:, columns])`` in the kept output channels and its bias in the
     others: a quarter of the multiplications when half of each goes (the masked model multiplies the
-    rest by zeros). The module's weight is read as it is (no masked copy). A convolution sparing few takes
-    the masked copy of its weight instead (see ``_GATHER_WORTH``).
+    rest by zeros). The module's weight is read as it is (no masked copy). A convolution sparing few
+    computes every channel instead (see ``_GATHER_WORTH``): with its weight as it is and the removed
+    output channels set to their bias afterwards where the mask removes whole output channels, with
+    the masked copy of its weight otherwise.
     """
 
     def __init__(self, module: nn.Module, pattern) -> None:
@@ -316,6 +318,8 @@ class KeptChannelsConv:
             if per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
                 rows = columns = None
         if rows is None and columns is None:
+            if batched and self.pattern.dim == 0:  # whole output channels masked: their bias, after the fact
+                return self._fill_removed(module._conv_forward(x, weight, module.bias))
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)
         bias = module.bias
         if columns is not None:
@@ -331,6 +335,20 @@ class KeptChannelsConv:
         else:
             out.copy_(bias.detach().reshape((1, -1) + (1,) * (kept.dim() - 2)).expand(shape))
         return out.index_copy_(1, rows, kept)
+
+    def _fill_removed(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` with the output channels the mask removes set to the bias (zero without one), as
+        the masked weight's zero rows make them: cheaper than masking the weight where the output
+        is small (a late 1x1 convolution at batch 1), and the kept channels are computed alike."""
+        removed = (~self.pattern.kept(0)).nonzero().reshape(-1).to(out.device)
+        if not removed.numel():
+            return out
+        bias = self.module.bias
+        if bias is None:
+            return out.index_fill_(1, removed, 0)
+        shape = (out.shape[0], removed.numel()) + tuple(out.shape[2:])
+        values = bias.detach().index_select(0, removed).reshape((1, -1) + (1,) * (out.dim() - 2))
+        return out.index_copy_(1, removed, values.to(out.dtype).expand(shape))
 
     def flops(self, output: torch.Tensor) -> int:
         """The FLOPs of the masked module's own forward, which returned ``output``."""
