@@ -237,11 +237,15 @@ def test_convolutions_compute_their_masked_output_from_their_kept_channels(monke
     from speedup.testing import masked_copy
 
     monkeypatch.setattr(conv, "_GATHER_WORTH", 0 if gather else 1 << 62)  # these are small: force either way
-    ran = []
+    ran, filled = [], []
     monkeypatch.setattr(conv.KeptChannelsConv, "__call__",
                         lambda self, x, call=conv.KeptChannelsConv.__call__: ran.append(self) or call(self, x))
+    monkeypatch.setattr(conv.KeptChannelsConv, "_fill_removed",
+                        lambda self, out, fill=conv.KeptChannelsConv._fill_removed: filled.append(self) or fill(self, out))
     torch.manual_seed(0)
     spatial = {"1d": 1, "3d": 3}.get(layout, 2)
+    if not gather:  # outputs fewer than weights: removed output channels are filled rather than the weight masked
+        shape = shape[:len(shape) - spatial - 1] + (4,) + (2,) * spatial
     model = Convolutions(spatial).eval()
     for module in (model.a, model.b):
         nn.init.uniform_(module.bias, 0.5, 1.0)
@@ -260,6 +264,7 @@ def test_convolutions_compute_their_masked_output_from_their_kept_channels(monke
     original = [model.a, model.b, model.c]
     report = check_speedup(model, masks, dummy, fresh, shrunk=["a.weight", "b.weight", "c.weight"])
     assert [kept.module for kept in ran] == original
+    assert [kept.module for kept in filled] == ([] if gather or layout == "unbatched" else [original[0], original[2]])
     assert report.flops_before == counter.total
 
 

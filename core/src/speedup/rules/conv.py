@@ -318,7 +318,9 @@ class KeptChannelsConv:
             if per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
                 rows = columns = None
         if rows is None and columns is None:
-            if batched and self.pattern.dim == 0:  # whole output channels masked: their bias, after the fact
+            positions = x.numel() // x.shape[1] if batched else 0  # samples times input positions
+            if batched and self.pattern.dim == 0 and self.removed_rows.numel() * positions < weight.numel():
+                # Whole output channels masked, fewer of their outputs than weights: their bias, after the fact.
                 return self._fill_removed(module._conv_forward(x, weight, module.bias))
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)
         bias = module.bias
@@ -336,13 +338,16 @@ class KeptChannelsConv:
             out.copy_(bias.detach().reshape((1, -1) + (1,) * (kept.dim() - 2)).expand(shape))
         return out.index_copy_(1, rows, kept)
 
+    @functools.cached_property
+    def removed_rows(self) -> torch.Tensor:
+        """Indices of the output channels the mask removes."""
+        return (~self.pattern.kept(0)).nonzero().reshape(-1).to(self.module.weight.device)
+
     def _fill_removed(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` with the output channels the mask removes set to the bias (zero without one), as
         the masked weight's zero rows make them: cheaper than masking the weight where the output
         is small (a late 1x1 convolution at batch 1), and the kept channels are computed alike."""
-        removed = (~self.pattern.kept(0)).nonzero().reshape(-1).to(out.device)
-        if not removed.numel():
-            return out
+        removed = self.removed_rows
         bias = self.module.bias
         if bias is None:
             return out.index_fill_(1, removed, 0)
