@@ -111,6 +111,19 @@ class _CountingNorm:
             return self._differentiable(input, weight, bias)
         return self._fused(input, weight, bias)
 
+    def _removed(self, dtype: torch.dtype) -> tuple:
+        """The removed constants' count, sum and sum of squares (per group for a group norm), in ``dtype``."""
+        count = self.removed_count
+        return (count.to(dtype) if isinstance(count, torch.Tensor) else count,
+                self.removed_sum.to(dtype), self.removed_square_sum.to(dtype))
+
+
+def _with_removed(kept_spread: torch.Tensor, mu: torch.Tensor, count, s1: torch.Tensor,
+                  s2: torch.Tensor) -> torch.Tensor:
+    """The squared deviations from ``mu`` summed over the kept entries (``kept_spread``) and over the
+    removed constants, whose own sum is ``s2 - 2 mu s1 + count mu^2``."""
+    return kept_spread + s2 - 2 * mu * s1 + count * mu.pow(2)
+
 
 class _RemovedConstants:
     """Statistics of hidden channels removed because they held constants: count, sum, sum of squares."""
@@ -160,10 +173,9 @@ class ConstantAwareLayerNorm(_CountingNorm, _RemovedConstants, nn.LayerNorm):
             rstd_full = spread.clamp_(min=0).add_(self.eps).rsqrt_()
             shift = mean.mul(rstd_full).mul_(k / full)
         else:
-            s1 = self.removed_sum.to(input.dtype)
-            s2 = self.removed_square_sum.to(input.dtype)
+            _, s1, s2 = self._removed(input.dtype)
             mu = (mean * n + s1) / full
-            spread = n * variance + n * (mean - mu).pow(2) + s2 - 2 * mu * s1 + k * mu.pow(2)
+            spread = _with_removed(n * variance + n * (mean - mu).pow(2), mu, k, s1, s2)
             rstd_full = torch.rsqrt(spread.clamp(min=0) / full + self.eps)
             shift = (mean - mu) * rstd_full
         scale = rstd_full / rstd
@@ -179,11 +191,10 @@ class ConstantAwareLayerNorm(_CountingNorm, _RemovedConstants, nn.LayerNorm):
         """The same with plain operators, for training: the fused layer norm's mean and rstd outputs
         carry no gradient, so the fast path would give wrong input gradients."""
         n = self.full_size
-        s1 = self.removed_sum.to(input.dtype)
+        count, s1, s2 = self._removed(input.dtype)
         mean = (input.sum(-1, keepdim=True) + s1) / n
         centered = input - mean
-        square = centered.pow(2).sum(-1, keepdim=True) + self.removed_square_sum.to(input.dtype)
-        square = square - 2 * mean * s1 + self.removed_count * mean.pow(2)
+        square = _with_removed(centered.pow(2).sum(-1, keepdim=True), mean, count, s1, s2)
         out = centered * torch.rsqrt(square / n + self.eps)
         if weight is not None:
             out = out * weight
@@ -243,14 +254,14 @@ class ConstantAwareGroupNorm(_CountingNorm, nn.GroupNorm):
 
     def _fused(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
         batch, channels = input.shape[0], input.shape[1]
-        count, s1, s2 = (t.to(input.dtype) for t in (self.removed_count, self.removed_sum, self.removed_square_sum))
+        count, s1, s2 = self._removed(input.dtype)
         full, index = self.channels_per_group, self.group_index
         positions = input.numel() // max(batch * channels, 1)
         normalized, mean, rstd = torch.native_group_norm(input, None, None, batch, channels, positions, channels, self.eps)
         mu = (self._group_sums(mean) + s1) / full
         mu_c = mu[:, index]
-        spread = self._group_sums(rstd.pow(-2).sub_(self.eps).add_((mean - mu_c).pow_(2)))
-        spread = spread + s2 - 2 * mu * s1 + count * mu.pow(2)
+        kept_spread = self._group_sums(rstd.pow(-2).sub_(self.eps).add_((mean - mu_c).pow_(2)))
+        spread = _with_removed(kept_spread, mu, count, s1, s2)
         rstd_c = torch.rsqrt(spread.clamp_(min=0).div_(full).add_(self.eps))[:, index]
         scale, shift = rstd_c / rstd, (mean - mu_c).mul_(rstd_c)  # per sample and channel
         if weight is not None:
@@ -264,12 +275,12 @@ class ConstantAwareGroupNorm(_CountingNorm, nn.GroupNorm):
         """The same with plain operators, for training: the fused group norm's mean and rstd outputs
         carry no gradient."""
         batch, channels = input.shape[0], input.shape[1]
-        count, s1, s2 = (t.to(input.dtype) for t in (self.removed_count, self.removed_sum, self.removed_square_sum))
+        count, s1, s2 = self._removed(input.dtype)
         flat = input.reshape(batch, channels, -1)
         positions, full, index = flat.shape[2], self.channels_per_group, self.group_index
         mu = (self._group_sums(flat.sum(2)) / positions + s1) / full
         centered = flat - mu[:, index].unsqueeze(2)
-        spread = self._group_sums(centered.pow(2).sum(2)) / positions + s2 - 2 * mu * s1 + count * mu.pow(2)
+        spread = _with_removed(self._group_sums(centered.pow(2).sum(2)) / positions, mu, count, s1, s2)
         out = centered * torch.rsqrt(spread / full + self.eps)[:, index].unsqueeze(2)
         if weight is not None:
             out = out * weight.reshape(-1, 1)

@@ -318,9 +318,10 @@ class KeptChannelsConv:
             if per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
                 rows = columns = None
         if rows is None and columns is None:
-            positions = x.numel() // x.shape[1] if batched else 0  # samples times input positions
-            if batched and self.pattern.dim == 0 and self.removed_rows.numel() * positions < weight.numel():
-                # Whole output channels masked, fewer of their outputs than weights: their bias, after the fact.
+            # Whole output channels masked, fewer of their outputs (samples times input positions
+            # each) than weights: computed with the weight as it is, then set to their bias.
+            if batched and self.pattern.dim == 0 and (
+                    self.removed_rows.numel() * (x.numel() // x.shape[1]) < weight.numel()):
                 return self._fill_removed(module._conv_forward(x, weight, module.bias))
             return module._conv_forward(x, self.pattern.apply(weight), module.bias)
         bias = module.bias

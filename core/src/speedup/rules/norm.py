@@ -442,7 +442,6 @@ class GroupNormRule(ModuleRule):
         new = _with_sliced_affine(module, plan)
         per_group = module.num_channels // module.num_groups
         new.num_channels = plan.count(plan.output(), 1)
-        removed, values = plan.removed_input_constants(1)
         kept = plan.kept(plan.input(), 1)
         if kept is None:
             return new
@@ -450,6 +449,7 @@ class GroupNormRule(ModuleRule):
         if bool((torch.bincount(kept_groups, minlength=module.num_groups) % per_group == 0).all()):
             new.num_groups = new.num_channels // per_group  # whole groups went: torch's own norm
             return new
+        removed, values = plan.removed_input_constants(1)
         return ConstantAwareGroupNorm.convert(new, per_group, kept_groups, removed // per_group, values)
 
 
