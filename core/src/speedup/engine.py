@@ -37,6 +37,8 @@ from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .planning import decide
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
+from .refill import Refill, refill
+from .refill import install as install_refills
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
@@ -205,7 +207,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     try:
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
                          lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule),
-                         lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False))
+                         lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False),
+                         boundaries=verify)
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")
@@ -220,6 +223,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     pinned: set[int] = set()
     pinned_dims: dict[int, set[int]] = {}
     sizes = StoredSizes(model, graph)
+    refills: list[Refill] = []
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
         analysis.run(frozenset(pinned), pinned_dims)
@@ -228,6 +232,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
         sizes.apply(tx, replaced.attributes)
+        install_refills(refills, tx)
         lazy.mask_what_remains(model)
         _reset_mode_caches(mode_aware)
         clock.lap("replace")
@@ -243,7 +248,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         if not tried:
             if blamed is not check.node:
                 check = _Check(False, blamed, f"no stored size fits every call reading it ({check.reason})")
-            reason = _keep_more(graph, check, pinned, pinned_dims)
+            reason = _keep_more(graph, check, pinned, pinned_dims, refills if not rules.custom else None)
             report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
@@ -319,12 +324,18 @@ def _reset_mode_caches(modules: list[nn.Module]) -> None:
             m.training = flag
 
 
-def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dict[int, set[int]]) -> str:
+def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dict[int, set[int]],
+               refills: Optional[list[Refill]] = None) -> str:
     """Keeps more of the model whole after a failed verification, blaming ``check.node``: some of its
-    dimensions (its rule says which), else the whole call, else the module around it; returns the
-    reason, saying what was kept. Raises when nothing more can be kept."""
+    dimensions (its rule says which), else the whole call, else the module around it, refilled where
+    that can be done (``refills``, see :mod:`speedup.refill`); returns the reason, saying what was
+    kept. Raises when nothing more can be kept."""
     node, reason = check.node, check.reason
     if node is None:
+        if refills:  # the outputs differ where no call departed: keep the last refilled module's inputs whole
+            undone = refills.pop()
+            undone.undo(graph)
+            return reason + f" ('{undone.boundary.name}' no longer refilled)"
         raise _unverifiable(reason)
     if node.index in pinned:
         # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
@@ -332,8 +343,17 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
         scope = _enclosing_unpinned_scope(graph, node, pinned)
         if scope is None:
             raise _unverifiable(reason)
-        pinned.update(n.index for n in graph.nodes if within_scope(n.scope, scope))
-        return reason + f" (everything in '{scope or '<model>'}' kept)"
+        # Modules of the same class and sizes run the same code: what one needed, all get at once.
+        scopes = [scope] + _same_modules(graph, scope, pinned)
+        refilled = []
+        for name in scopes:
+            pinned.update(n.index for n in graph.nodes if within_scope(n.scope, name) and n.kind is not NodeKind.REFILL)
+            found = refill(graph, graph.observed.get(name)) if refills is not None else None
+            if found is not None:
+                refills.append(found)
+                refilled.append(name)
+        kept = ", ".join(f"'{name or '<model>'}'" for name in scopes)
+        return reason + f" (everything in {kept} kept{'; inputs refilled' if refilled else ''})"
     dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
     # The same line of code makes the same call in every block of a network (a literal ``split(26)``
     # in each of Res2Net's): what one call needed, every such call gets at once.
@@ -362,10 +382,31 @@ def _same_calls(graph: Graph, node: Node, pinned: set[int]) -> list[Node]:
             and n.kind is NodeKind.OP and n.index not in pinned and n.outputs]
 
 
+def _same_modules(graph: Graph, scope: str, pinned: set[int]) -> list[str]:
+    """Other modules traced through of the same class as ``scope``'s, holding parameters of the same
+    shapes, not all pinned yet (see :attr:`~speedup.graph.Graph.observed`)."""
+    boundary = graph.observed.get(scope)
+    if boundary is None:
+        return []
+    module = boundary.module
+    shapes = _parameter_shapes(module)
+    same = [name for name, other in graph.observed.items() if name != scope and type(other.module) is type(module)
+            and _parameter_shapes(other.module) == shapes]
+    if not same:
+        return []
+    unpinned = {n.scope for n in graph.nodes if n.index not in pinned and n.kind is not NodeKind.REFILL}
+    return [name for name in same if any(within_scope(s, name) for s in unpinned)]
+
+
+def _parameter_shapes(module: nn.Module) -> list[tuple[str, tuple]]:
+    return [(name, tuple(p.shape)) for name, p in module.named_parameters()]
+
+
 def _enclosing_unpinned_scope(graph: Graph, node: Node, pinned: set[int]) -> Optional[str]:
     """The innermost module around ``node`` (itself included) whose calls are not all pinned yet."""
     for scope in reversed(_module_and_parents(node.scope)):
-        if any(n.index not in pinned for n in graph.nodes if within_scope(n.scope, scope)):
+        if any(n.index not in pinned and n.kind is not NodeKind.REFILL for n in graph.nodes
+               if within_scope(n.scope, scope)):
             return scope
     return None
 
@@ -436,7 +477,7 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
     """Re-records the sped-up model to find the first node whose result is not the planned one."""
     new_modules = {id(new) for _, new in replaced.pairs}
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
-    original = recorded.graph.nodes
+    original = [n for n in recorded.graph.nodes if n.kind is not NodeKind.REFILL]  # the sped-up model records none
     _reset_mode_caches(_mode_aware(model))  # filled by the run
     try:
         again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)

@@ -50,6 +50,9 @@ class NodeKind(enum.Enum):
     """A call of a module claimed as a whole by a rule (its inner operators are not recorded)."""
     OPAQUE = "opaque"
     """A synthetic node standing for something the recorder could not follow (writes through aliases)."""
+    REFILL = "refill"
+    """A synthetic node where a module kept whole meets the smaller model around it (see :mod:`speedup.refill`);
+    the sped-up model runs no recorded operator for it."""
 
 
 @dataclass(eq=False)
@@ -206,12 +209,17 @@ def _is_aten(target: Any) -> bool:
 
 @dataclass(eq=False)
 class Boundary:
-    """The values entering and leaving one call of an observed (not claimed) module."""
+    """The values entering and leaving the first call of a module traced through (not claimed)."""
 
     module: nn.Module
     name: str
-    inputs: list[TensorValue]
-    outputs: list[TensorValue]
+    inputs: list[Optional[TensorValue]]
+    """One per tensor among the call's arguments (``pytree`` order of ``(args, kwargs)``); ``None`` for
+    one the recording did not know as it was (only for modules not replaced by the user's function)."""
+    outputs: list[Optional[TensorValue]]
+    output_paths: list[tuple[tuple, Optional[TensorValue]]] = field(default_factory=list)
+    """Where each of ``outputs`` is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
+    calls: int = 1
 
 
 @dataclass(eq=False)
@@ -228,7 +236,7 @@ class Graph:
     module_calls: dict[str, list[Node]] = field(default_factory=dict)
     """Module nodes grouped by module name, to treat every call of a shared module alike."""
     observed: dict[str, Boundary] = field(default_factory=dict)
-    """Boundaries of observed modules (replaced by ``customized_replace_func``), first call only."""
+    """Boundaries of the modules traced through, by name: first call only, with the number of calls."""
 
     def new_value(self, of: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
         """A new value recording the shape, dtype and strides of the tensor ``of``."""

@@ -66,11 +66,11 @@ class PutBackConstants:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         for path, dims in self.restores:
-            tensor = _get(output, path)
+            tensor = value_at(output, path)
             if isinstance(tensor, torch.Tensor):
                 for dim in dims:
                     tensor = dim.apply(tensor)
-                output = _set(output, path, tensor)
+                output = with_value_at(output, path, tensor)
         return output
 
 
@@ -90,26 +90,38 @@ def put_back_constants(model: nn.Module, graph: Graph, tx: Transaction) -> Optio
 
 def _restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
     """What dimension ``d`` of a returned value needs written back, if anything."""
+    consts = value.consts[d] if value.consts else None
+    if value.kept and value.kept[d] is not None:
+        # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
+        removed = torch.ones(value.shape[d], dtype=torch.bool)
+        removed[value.kept[d]] = False
+        assert isinstance(consts, DimConst) and bool(consts.mask[removed].all()), "a returned entry went that varies"
+    return dimension_restore(value, d)
+
+
+def dimension_restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
+    """What dimension ``d`` of a value needs written back to hold every entry the masked model has
+    there: its removed entries, and the constant ones nothing demanded (what was computed there may
+    not be the constant); ``None`` where nothing. A removed entry that is not constant gets zero."""
     size = value.shape[d]
     removed = torch.zeros(size, dtype=torch.bool)
     if value.kept and value.kept[d] is not None:
         removed.fill_(True)
         removed[value.kept[d]] = False
     consts = value.consts[d] if value.consts else None
-    if not isinstance(consts, DimConst):
-        assert not removed.any(), "a returned entry went that varies"
-        return None
-    # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
-    assert bool(consts.mask[removed].all()), "a returned entry went that varies"
-    demanded = value.demanded_entries(d)
-    constant = removed | (consts.mask if demanded is None else consts.mask & ~demanded)
+    constant, values = removed, torch.zeros(size, dtype=torch.float64)
+    if isinstance(consts, DimConst):
+        demanded = value.demanded_entries(d)
+        constant = removed | (consts.mask if demanded is None else consts.mask & ~demanded)
+        values = consts.value
     if not constant.any():
         return None
     return DimensionRestore(d, size, (~removed).nonzero().flatten(), constant.nonzero().flatten(),
-                            consts.value[constant].clone())
+                            values[constant].clone())
 
 
-def _get(obj: Any, path: tuple) -> Any:
+def value_at(obj: Any, path: tuple) -> Any:
+    """The entry at ``path`` in ``obj``, ``None`` where there is none."""
     for kind, key in path:
         try:
             obj = obj[key] if kind == "item" else getattr(obj, key)
@@ -118,12 +130,12 @@ def _get(obj: Any, path: tuple) -> Any:
     return obj
 
 
-def _set(obj: Any, path: tuple, new: Any) -> Any:
+def with_value_at(obj: Any, path: tuple, new: Any) -> Any:
     """``obj`` with the entry at ``path`` replaced by ``new``: containers changed in place, tuples rebuilt."""
     if not path:
         return new
     (kind, key), rest = path[0], path[1:]
-    child = _set(obj[key] if kind == "item" else getattr(obj, key), rest, new)
+    child = with_value_at(obj[key] if kind == "item" else getattr(obj, key), rest, new)
     if kind == "attr":
         setattr(obj, key, child)
     elif isinstance(obj, tuple):

@@ -105,9 +105,11 @@ class Analysis:
             value.atoms, value.demand, value.kept = [], None, []
         for node in self.graph.nodes:
             self._couple(node, pinned_nodes)
-        for index, dims in (pinned_dims or {}).items():
-            for d in dims:
-                self._pin_dim(self.graph.nodes[index].outputs[0], d)
+        if pinned_dims:
+            by_index = {node.index: node for node in self.graph.nodes}
+            for index, dims in pinned_dims.items():
+                for d in dims:
+                    self._pin_dim(by_index[index].outputs[0], d)
         if offering:
             for value in self.graph.outputs:
                 for d in range(value.ndim if not value.consumers else 0):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode
 
 from . import flops as flop_count
 from .errors import TraceError
@@ -67,13 +67,15 @@ def trace(
     apply_mask: Optional[Callable[[torch.Tensor], None]] = None,
     masked_forwards: Optional[Mapping[int, Callable[..., Any]]] = None,
     unrecorded: Callable[[nn.Module], bool] = lambda module: False,
+    boundaries: bool = False,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
     ``claims(module)`` says whether a module is recorded as one node (its rule knows it as a whole)
     rather than as the operators it runs. The root module is never claimed: its forward is the
     graph. ``observe(module)`` marks unclaimed modules whose boundary values are noted (for
-    ``customized_replace_func``). ``known`` lists extra ``(name, owner, attribute)`` tensors that
+    ``customized_replace_func``); ``boundaries`` notes those of every unclaimed module (for
+    :mod:`speedup.refill`). ``known`` lists extra ``(name, owner, attribute)`` tensors that
     count as parameters. Objects in the output for which ``is_state`` holds (a key/value cache) are
     not outputs of the graph: their tensors need not keep their shapes. Runs under ``torch.no_grad``;
     the caller chooses train or eval mode.
@@ -94,7 +96,7 @@ def trace(
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _masked_forwards(modules, recorder, masked_forwards or {})
     handles += _claim_modules(model, modules, recorder, claims, unrecorded)  # around the masked forwards
-    handles += _observe_modules(model, modules, recorder, claims, observe)
+    handles += _observe_modules(model, modules, recorder, claims, observe, boundaries)
     try:
         recorder.bind_inputs(args, kwargs)
         with torch.no_grad(), fused_attention_off(), recorder:
@@ -285,6 +287,11 @@ class _Recorder(TorchDispatchMode):
     def _lookup(self, tensor: torch.Tensor) -> Optional[tuple]:
         entry = self._values.get(id(tensor))
         return entry if entry is not None and entry[0]() is tensor else None
+
+    def known_value(self, tensor: torch.Tensor) -> Optional[TensorValue]:
+        """The tensor's value if the recording knows it as it is now, else ``None`` (adds nothing)."""
+        entry = self._lookup(tensor)
+        return entry[1] if entry is not None and tensor._version == entry[2] else None
 
     def value_of(self, tensor: torch.Tensor) -> TensorValue:
         entry = self._values.get(id(tensor))
@@ -662,27 +669,47 @@ class _Undo:
         self.undo()
 
 
-def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claims, observe) -> list:
-    """Notes the input and output values of observed modules, without collapsing them."""
+def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claims, observe, every: bool) -> list:
+    """Notes the values entering and leaving the first call of observed modules, and counts their
+    calls, without collapsing them: the modules ``observe`` selects, or (``every``) every module
+    traced through. Only for the former are tensors the recording does not know as they are given
+    values (the user's function gets masks for them); the others note ``None`` there, so that
+    observing adds no node (the sped-up model's recording must make the same nodes)."""
     handles = []
     for module in modules:
-        if module is model or claims(module) or not observe(module):
+        if module is model or claims(module):
+            continue
+        noted = observe(module)
+        if not (noted or (every and _worth_observing(module))):
             continue
         name = recorder._names.get(id(module), "")
+        value = recorder.value_of if noted else recorder.known_value
 
-        def enter(m, args, kwargs, name=name):
-            if not recorder.suppress:
-                values = [recorder.value_of(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                recorder.graph.observed.setdefault(name, Boundary(m, name, values, []))
-
-        def leave(m, args, output, name=name):
+        def enter(m, args, kwargs, name=name, value=value):
+            if recorder.suppress:
+                return
             boundary = recorder.graph.observed.get(name)
-            if boundary is not None and not boundary.outputs and not recorder.suppress:
-                boundary.outputs = [recorder.value_of(t) for t in iter_tensors(output)]
+            if boundary is not None:
+                boundary.calls += 1
+                return
+            values = [value(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            recorder.graph.observed[name] = Boundary(m, name, values, [])
+
+        def leave(m, args, output, name=name, value=value):
+            boundary = recorder.graph.observed.get(name)
+            if boundary is not None and boundary.calls == 1 and not boundary.output_paths and not recorder.suppress:
+                boundary.output_paths = [(path, value(t)) for path, t in iter_tensor_paths(output)]
+                boundary.outputs = [v for _, v in boundary.output_paths]
 
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(module.register_forward_hook(leave, always_call=True))
     return handles
+
+
+def _worth_observing(module: nn.Module) -> bool:
+    """Whether a module traced through may be refilled: one holding parameters or other modules (an
+    activation module is not worth a pair of hooks on each of its calls; a scripted one takes none)."""
+    return bool(module._modules or module._parameters) and not isinstance(module, torch.jit.ScriptModule)
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -726,6 +753,11 @@ class _OperatorFacts:
 
 
 _FACTS: dict[Any, _OperatorFacts] = {}
+
+
+def recording() -> bool:
+    """Whether a recording is running (its operators are seen by it)."""
+    return isinstance(_get_current_dispatch_mode(), _Recorder)
 
 
 def _written_tensors(facts: _OperatorFacts, args: tuple, kwargs: dict) -> list[torch.Tensor]:

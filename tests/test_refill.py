@@ -1,0 +1,124 @@
+"""A module kept whole for verification does not keep the residual stream whole: its inputs are refilled.
+
+The attention below reads the stream's width from its input (``B, N, C = x.shape``) and reshapes its
+own projections with it, as many vision transformers do. Once the stream loses channels that no
+longer fits, so verification keeps the attention whole; the stream still shrinks everywhere else,
+the attention getting back the channels it lost (non-zero constants here: biases) before it runs.
+"""
+
+import copy
+import io
+import pickle
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speedup.refill import CutOutputs, RefillInputs
+from support.checks import check_speedup, keep_mask, randomize_norms, rows
+
+
+class ShapeReadingAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, in_place: bool = False):
+        super().__init__()
+        self.heads, self.in_place = heads, in_place
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        if self.in_place:
+            x.mul_(0.5)  # the caller's tensor changes too
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, in_place: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = ShapeReadingAttention(dim, heads, in_place)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.in_place = in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm1(x)
+        x = x + self.attn(normed)
+        if self.in_place:
+            x = x + normed  # as the attention left it
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 4, depth: int = 2, in_place: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.blocks = nn.Sequential(*[Block(dim, heads, in_place) for _ in range(depth)])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def _stream_masks(model: Net, seed: int = 0) -> dict:
+    """Half the stream's channels, masked in every layer writing to it (their biases kept: the
+    removed channels hold non-zero constants) and in the norms reading it, and half of each block's
+    hidden features."""
+    generator = torch.Generator().manual_seed(seed)
+    dim = model.embed.out_features
+    stream = keep_mask(dim, 0.5, generator)
+    masks = {"embed": {"weight": rows(stream, (dim, 6))}}
+    for i, block in enumerate(model.blocks):
+        masks[f"blocks.{i}.attn.proj"] = {"weight": rows(stream, (dim, dim))}
+        masks[f"blocks.{i}.fc2"] = {"weight": rows(stream, (dim, 2 * dim))}
+        for norm in ("norm1", "norm2"):
+            masks[f"blocks.{i}.{norm}"] = {"weight": stream, "bias": stream}
+        hidden = keep_mask(2 * dim, 0.5, generator)
+        masks[f"blocks.{i}.fc1"] = {"weight": rows(hidden, (2 * dim, dim)), "bias": hidden}
+    return masks
+
+
+def _model(**options) -> Net:
+    torch.manual_seed(0)
+    return randomize_norms(Net(**options)).eval()
+
+
+def _check(model: Net, **expected):
+    return check_speedup(model, _stream_masks(model), torch.randn(1, 5, 6), torch.randn(3, 7, 6), **expected)
+
+
+def test_an_attention_kept_whole_gets_its_input_refilled_and_the_stream_shrinks_around_it():
+    model = _model()
+    report = _check(model, shrunk=["embed.weight", "blocks.0.fc1.weight", "blocks.1.fc2.weight", "head.weight"])
+    assert model.embed.out_features == 8 and model.head.in_features == 8
+    for block in model.blocks:
+        assert block.attn.qkv.in_features == 16 and block.attn.proj.out_features == 16  # kept whole
+        assert block.fc1.weight.shape == (16, 8) and block.fc2.weight.shape == (8, 16)
+        assert block.norm2.normalized_shape == (8,)
+    kept = [reason for reason in report.kept_for_verification if "refilled" in reason]
+    assert [r for r in kept if "'blocks.0.attn'" in r] and [r for r in kept if "'blocks.1.attn'" in r]
+
+
+def test_a_sped_up_model_with_refilled_modules_copies_and_pickles():
+    model = _model()
+    _check(model)
+    hooks = list(model.blocks[0].attn._forward_pre_hooks.values()) + list(model.blocks[0].attn._forward_hooks.values())
+    assert {type(h) for h in hooks} == {RefillInputs, CutOutputs}
+    x = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        expected = model(x)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                     torch.load(buffer, weights_only=False)):
+            torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+
+
+def test_a_module_whose_write_to_its_input_the_caller_reads_is_not_refilled_and_keeps_the_stream_whole():
+    model = _model(in_place=True)
+    report = _check(model, shrunk=["blocks.0.fc1.weight"])
+    assert not [reason for reason in report.kept_for_verification if "refilled" in reason]
+    assert model.embed.out_features == 16 and not model.blocks[0].attn._forward_pre_hooks
