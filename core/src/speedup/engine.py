@@ -249,9 +249,10 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             if blamed is not check.node:
                 check = _Check(False, blamed, f"no stored size fits every call reading it ({check.reason})")
             reason = _keep_more(graph, check, pinned, pinned_dims, refills if not rules.custom else None)
-            report.kept_for_verification.append(f"{check.node.describe()}: {reason}")
+            report.kept_for_verification.append(f"{check.node.describe()}: {reason}" if check.node else reason)
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
+    report.refilled = [found.boundary.name for found in refills]
     tensor_masks.drop_all_ones(holders, tx)
     rebuilt = {id(old) for old, new in replaced.pairs if new is not old}
     forms = put_back_unchanged(forms, rebuilt, tx)
@@ -343,17 +344,21 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
         scope = _enclosing_unpinned_scope(graph, node, pinned)
         if scope is None:
             raise _unverifiable(reason)
-        # Modules of the same class and sizes run the same code: what one needed, all get at once.
-        scopes = [scope] + _same_modules(graph, scope, pinned)
-        refilled = []
-        for name in scopes:
+        kept = [scope]
+        found = refill(graph, graph.observed.get(scope)) if refills is not None else None
+        if found is not None:
+            refills.append(found)
+            # Modules of the same class and sizes run the same code: what one needed, those that can
+            # be refilled as well get at once.
+            for name in _same_modules(graph, scope, pinned):
+                other = refill(graph, graph.observed[name])
+                if other is not None:
+                    refills.append(other)
+                    kept.append(name)
+        for name in kept:
             pinned.update(n.index for n in graph.nodes if within_scope(n.scope, name) and n.kind is not NodeKind.REFILL)
-            found = refill(graph, graph.observed.get(name)) if refills is not None else None
-            if found is not None:
-                refills.append(found)
-                refilled.append(name)
-        kept = ", ".join(f"'{name or '<model>'}'" for name in scopes)
-        return reason + f" (everything in {kept} kept{'; inputs refilled' if refilled else ''})"
+        listed = ", ".join(f"'{name or '<model>'}'" for name in kept)
+        return reason + f" (everything in {listed} kept{'; inputs refilled' if found else ''})"
     dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)
     # The same line of code makes the same call in every block of a network (a literal ``split(26)``
     # in each of Res2Net's): what one call needed, every such call gets at once.

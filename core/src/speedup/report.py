@@ -39,6 +39,8 @@ class ShrinkReport:
     barriers: list[Barrier] = field(default_factory=list)
     kept_for_verification: list[str] = field(default_factory=list)
     """Operators whose code did not adapt to smaller tensors; their dimensions were kept."""
+    refilled: list[str] = field(default_factory=list)
+    """Modules kept whole whose inputs get back the channels they lost (see :mod:`speedup.refill`)."""
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     max_abs_diff: float = 0.0
@@ -91,6 +93,9 @@ class ShrinkReport:
                          + (" ..." if len(self.barriers) > 5 else ""))
         if self.kept_for_verification:
             lines.append("kept after verification: " + "; ".join(self.kept_for_verification[:5]))
+        if self.refilled:
+            lines.append(f"kept whole, inputs refilled ({len(self.refilled)}): " + ", ".join(self.refilled[:8])
+                         + (" ..." if len(self.refilled) > 8 else ""))
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
