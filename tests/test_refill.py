@@ -9,6 +9,7 @@ the attention getting back the channels it lost (non-zero constants here: biases
 import copy
 import io
 import pickle
+from typing import Optional
 
 import pytest
 import torch
@@ -20,11 +21,13 @@ from support.checks import check_speedup, keep_mask, randomize_norms, rows
 
 
 class ShapeReadingAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, in_place: bool = False, pair: bool = False):
+    def __init__(self, dim: int, heads: int, in_place: bool = False, pair: bool = False,
+                 shared: Optional[nn.Module] = None):
         super().__init__()
         self.heads, self.in_place, self.pair = heads, in_place, pair
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.mix = shared  # a module every block holds (as CoaT's convolutional position encoding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -32,6 +35,8 @@ class ShapeReadingAttention(nn.Module):
             x.mul_(0.5)  # the caller's tensor changes too
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.mix is not None:
+            v = v + self.mix(v)
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, {"input": x}) if self.pair else out
@@ -41,10 +46,11 @@ class Block(nn.Module):
     """``pair``: the attention is called with a keyword and returns its output and a dict holding its
     (refilled) input, which the block adds too."""
 
-    def __init__(self, dim: int, heads: int, in_place: bool = False, pair: bool = False):
+    def __init__(self, dim: int, heads: int, in_place: bool = False, pair: bool = False,
+                 shared: Optional[nn.Module] = None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = ShapeReadingAttention(dim, heads, in_place, pair)
+        self.attn = ShapeReadingAttention(dim, heads, in_place, pair, shared)
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.in_place, self.pair = in_place, pair
 
@@ -61,10 +67,15 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, dim: int = 16, heads: int = 4, depth: int = 2, in_place: bool = False, pair: bool = False):
+    """``shared``: the attentions hold one module, registered first in the model (its operators are
+    recorded under its own name, not the attention's)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, depth: int = 2, in_place: bool = False, pair: bool = False,
+                 shared: bool = False):
         super().__init__()
+        self.mix = nn.Linear(dim // heads, dim // heads) if shared else None
         self.embed = nn.Linear(6, dim)
-        self.blocks = nn.Sequential(*[Block(dim, heads, in_place, pair) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, in_place, pair, self.mix) for _ in range(depth)])
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +109,9 @@ def _check(model: Net, **expected):
     return check_speedup(model, _stream_masks(model), torch.randn(1, 5, 6), torch.randn(3, 7, 6), **expected)
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["tensor", "keyword-and-tuple"])
-def test_an_attention_kept_whole_gets_its_input_refilled_and_the_stream_shrinks_around_it(pair):
-    model = _model(pair=pair)
+@pytest.mark.parametrize("variant", [{}, {"pair": True}, {"shared": True}], ids=["tensor", "keyword-and-dict", "shared"])
+def test_an_attention_kept_whole_gets_its_input_refilled_and_the_stream_shrinks_around_it(variant):
+    model = _model(**variant)
     report = _check(model, shrunk=["embed.weight", "blocks.0.fc1.weight", "blocks.1.fc2.weight", "head.weight"])
     assert model.embed.out_features == 8 and model.head.in_features == 8
     for block in model.blocks:

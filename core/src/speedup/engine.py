@@ -356,7 +356,9 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
                     refills.append(other)
                     kept.append(name)
         for name in kept:
-            pinned.update(n.index for n in graph.nodes if within_scope(n.scope, name) and n.kind is not NodeKind.REFILL)
+            boundary = graph.observed.get(name)
+            pinned.update(n.index for n in graph.nodes if n.kind is not NodeKind.REFILL and (
+                within_scope(n.scope, name) or (boundary is not None and boundary.ran(n))))
         listed = ", ".join(f"'{name or '<model>'}'" for name in kept)
         return reason + f" (everything in {listed} kept{'; inputs refilled' if found else ''})"
     dims = None if node.index in pinned_dims else node.rule.keep_after_departure(node, check.again)

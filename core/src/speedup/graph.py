@@ -220,6 +220,18 @@ class Boundary:
     output_paths: list[tuple[tuple, Optional[TensorValue]]] = field(default_factory=list)
     """Where each of ``outputs`` is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
     calls: int = 1
+    span: tuple[int, int] = (0, 0)
+    """``(start, end)``: the recorded nodes of the first call are those of index ``start <= i < end``,
+    whatever module they are in (a module shared with other blocks included)."""
+
+    def ran(self, node: "Node") -> bool:
+        """Whether ``node`` is part of the first call: recorded during it, or the boundary of a module
+        called during it (see :mod:`speedup.refill`)."""
+        start, end = self.span
+        if node.kind is NodeKind.REFILL:
+            inner = node.kwargs["span"]
+            return start <= inner[0] and inner[1] <= end and inner != self.span
+        return start <= node.index < end
 
 
 @dataclass(eq=False)

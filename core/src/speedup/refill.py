@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue, within_scope
+from .graph import Boundary, Graph, Node, NodeKind, Origin, TensorValue
 from .output_constants import DimensionRestore, dimension_restore, value_at, with_value_at
 from .propagation import Analysis
 from .rule import Rule
@@ -118,7 +118,7 @@ def refill(graph: Graph, boundary: Optional[Boundary]) -> Optional[Refill]:
     nothing changed) where that would not be sound or would change nothing."""
     if boundary is None or boundary.calls != 1 or not boundary.name:
         return None
-    positions = [i for i, n in enumerate(graph.nodes) if within_scope(n.scope, boundary.name)]
+    positions = [i for i, n in enumerate(graph.nodes) if boundary.ran(n)]
     if not positions:
         return None
     inside = {id(graph.nodes[i]) for i in positions}
@@ -164,7 +164,7 @@ def _put_refill(graph: Graph, found: Refill, outer: TensorValue, inside: set[int
     if not readers:
         return None
     inner = _twin_value(graph, outer)
-    node = _synthetic(graph, "refill", found.boundary.name, outer, inner, {})
+    node = _synthetic(graph, "refill", found.boundary, outer, inner, {})
     node.rule = _REFILL
     for reader in readers:
         _swap(reader, outer, inner)
@@ -178,7 +178,7 @@ def _put_cut(graph: Graph, found: Refill, inner: TensorValue, inside: set[int],
     if not readers and not inner.is_output:
         return None
     outer = _twin_value(graph, inner)
-    node = _synthetic(graph, "cut", found.boundary.name, inner, outer, {"arguments": arguments})
+    node = _synthetic(graph, "cut", found.boundary, inner, outer, {"arguments": arguments})
     node.rule = _CUT
     for reader in readers:
         _swap(reader, inner, outer)
@@ -196,11 +196,12 @@ def _twin_value(graph: Graph, value: TensorValue) -> TensorValue:
     return twin
 
 
-def _synthetic(graph: Graph, what: str, module: str, read: TensorValue, made: TensorValue, kwargs: dict) -> Node:
-    """A REFILL node ``read -> made`` at the call of ``module``, in the code calling it."""
+def _synthetic(graph: Graph, what: str, boundary: Boundary, read: TensorValue, made: TensorValue,
+               kwargs: dict) -> Node:
+    """A REFILL node ``read -> made`` at the call of a module, in the code calling it."""
     index = max(n.index for n in graph.nodes) + 1
-    node = Node(index, NodeKind.REFILL, f"{what} of '{module}'", (read,), kwargs, [read], [made],
-                module.rpartition(".")[0])
+    node = Node(index, NodeKind.REFILL, f"{what} of '{boundary.name}'", (read,), {**kwargs, "span": boundary.span},
+                [read], [made], boundary.name.rpartition(".")[0])
     read.consumers.append(node)
     made.producer = node
     return node

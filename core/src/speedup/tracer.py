@@ -693,16 +693,19 @@ def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claim
                 boundary.calls += 1
                 return
             values = [value(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            recorder.graph.observed[name] = Boundary(m, name, values, [])
+            start = len(recorder.graph.nodes)
+            recorder.graph.observed[name] = Boundary(m, name, values, [], span=(start, start))
 
         def leave(m, args, output, name=name, value=value):
             boundary = recorder.graph.observed.get(name)
             if boundary is not None and boundary.calls == 1 and not boundary.output_paths and not recorder.suppress:
                 boundary.output_paths = [(path, value(t)) for path, t in iter_tensor_paths(output)]
                 boundary.outputs = [v for _, v in boundary.output_paths]
+                boundary.span = (boundary.span[0], len(recorder.graph.nodes))
 
+        # Last before forward and first after it: the module's own hooks are not part of its call.
         handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-        handles.append(module.register_forward_hook(leave, always_call=True))
+        handles.append(module.register_forward_hook(leave, always_call=True, prepend=True))
     return handles
 
 
