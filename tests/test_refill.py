@@ -1,9 +1,10 @@
-"""A module kept whole for verification does not keep the residual stream whole: its inputs are refilled.
+"""A module kept whole does not keep the residual stream whole: its inputs are refilled.
 
 The attention below reads the stream's width from its input (``B, N, C = x.shape``) and reshapes its
 own projections with it, as many vision transformers do. Once the stream loses channels that no
 longer fits, so verification keeps the attention whole; the stream still shrinks everywhere else,
 the attention getting back the channels it lost (non-zero constants here: biases) before it runs.
+A module kept whole by its rule, not by verification, is refilled too (a Conv1d along the channels).
 """
 
 import copy
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speedup.groups import consistent_masks
 from speedup.refill import CutOutputs, RefillInputs
 from support.checks import check_speedup, keep_mask, randomize_norms, rows
 
@@ -163,3 +165,41 @@ def test_where_outputs_differ_and_no_call_is_to_blame_the_last_refill_is_undone(
     undone = report.kept_for_verification[-1].split("'")[1]  # the two attentions were refilled at once
     assert sorted(report.refilled + [undone]) == ["blocks.0.attn", "blocks.1.attn"]
     assert not dict(model.named_modules())[undone]._forward_pre_hooks
+
+
+class ChannelAttention(nn.Module):
+    """Efficient channel attention: a Conv1d run along the channels of the pooled input gates them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3)).unsqueeze(1)  # (N, 1, C)
+        return x * self.conv(pooled).sigmoid().transpose(1, 2).unsqueeze(-1)
+
+
+class GatedResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.branch = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                                    nn.BatchNorm2d(16), ChannelAttention())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.branch(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_convolution_along_the_channels_is_refilled_and_no_longer_keeps_the_channels_of_the_network():
+    torch.manual_seed(0)
+    model = randomize_norms(GatedResidualNet()).eval()
+    dummy = torch.randn(1, 3, 8, 8)
+    masks = consistent_masks(model, dummy, sparsity=0.5)
+    assert "stem.0" in masks and "branch.5.conv" not in masks  # the stream is offered, the gate's conv is not
+    report = check_speedup(model, masks, dummy, torch.randn(2, 3, 11, 9), shrunk=["stem.0.weight", "head.weight"])
+    assert report.refilled == ["branch.5.conv"]
+    assert model.stem[0].out_channels == 8 and model.branch[3].out_channels == 8
+    assert model.branch[5].conv.weight.shape == (1, 1, 3)

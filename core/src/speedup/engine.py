@@ -37,7 +37,7 @@ from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .planning import decide
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
-from .refill import Refill, refill
+from .refill import Refill, refill, refill_pinning_modules
 from .refill import install as install_refills
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
@@ -227,6 +227,15 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
         analysis.run(frozenset(pinned), pinned_dims)
+        if attempt == 0 and not rules.custom:
+            # A claimed module the masks leave alone that keeps a dimension of its input whole (a
+            # Conv1d along the channels) is refilled rather than keep it whole around it.
+            unmasked = lambda node: not any(p.name in masks.parameters for p in node.params.values())  # noqa: E731
+            found = refill_pinning_modules(graph, analysis.pinning, unmasked)
+            if found:
+                refills.extend(f for _, f in found)
+                pinned.update(node.index for node, _ in found)
+                analysis.run(frozenset(pinned), pinned_dims)
         report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")

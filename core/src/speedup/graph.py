@@ -173,6 +173,8 @@ class Node:
     params: dict[str, TensorValue] = field(default_factory=dict)
     """Module nodes: the module's parameters and buffers by their name inside the module."""
     rule: Any = None
+    paths: list[tuple] = field(default_factory=list)
+    """Module nodes: where each of ``outputs`` is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
 
     @property
     def module(self) -> nn.Module:

@@ -31,6 +31,7 @@ from .graph import TensorValue
 from .masks import Masks
 from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
+from .refill import refill_pinning_modules
 from .rule import OpRule
 from .tracer import TracingFailed, ordinary_mode, trace
 from .transaction import Transaction
@@ -114,6 +115,9 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())
     solution = analysis.couple(offering=True)  # class scores are not offered
+    refilled = refill_pinning_modules(graph, analysis.pinning, lambda node: True)
+    if refilled:  # as the speedup will, their parameters not being offered (see speedup.refill)
+        solution = analysis.couple(frozenset(node.index for node, _ in refilled), offering=True)
     parameters = [v for v in graph.parameters.values() if v.owner is not None and _is_parameter(v)]
     slots = []
     for value in parameters:

@@ -46,6 +46,8 @@ class Analysis:
         """Masks of masked parameters, by value index: where a weight is zero, known without reading it."""
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
+        self.pinning: set[int] = set()
+        """Nodes (by index) that pinned a dimension of a computed input that could have shrunk."""
         self.offering = False
         """Whether the coupling is read to choose what to prune. A rule may then tie together entries it
         could lose apart, offering what its replacement runs fastest without: a GroupNorm offers whole
@@ -100,6 +102,7 @@ class Analysis:
         self.offering = offering
         self.table = AtomTable()
         self.barriers = []
+        self.pinning = set()
         self._factorings: dict[int, tuple] = {}
         for value in self.graph.values:
             value.atoms, value.demand, value.kept = [], None, []
@@ -129,7 +132,7 @@ class Analysis:
         for value in node.inputs:
             for d in range(value.ndim):
                 if (value.index, d) not in self._handled:
-                    self._pin_dim(value, d)
+                    self._pin_input(value, d)
         for value in node.outputs:
             value.atoms = [None if a is _UNSET else a for a in value.atoms]
             if node.index in pinned_nodes:
@@ -208,7 +211,18 @@ class Analysis:
     def pin(self, value: TensorValue, dim: int) -> None:
         """This dimension keeps its size."""
         self._handled.add((value.index, value.dim(dim)))
-        self._pin_dim(value, dim)
+        if any(v is value for v in self._node.inputs):
+            self._pin_input(value, dim)
+        else:
+            self._pin_dim(value, dim)
+
+    def _pin_input(self, value: TensorValue, dim: int) -> None:
+        """Pins a dimension of an input of the current node, noting the node where the dimension could
+        have shrunk (:attr:`pinning`)."""
+        d = value.dim(dim)
+        if value.origin is not Origin.PARAMETER and value.atoms and isinstance(value.atoms[d], torch.Tensor):
+            self.pinning.add(self._node.index)
+        self._pin_dim(value, d)
 
     def _pin_dim(self, value: TensorValue, dim: int) -> None:
         d = value.dim(dim)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -139,6 +139,26 @@ def refill(graph: Graph, boundary: Optional[Boundary]) -> Optional[Refill]:
     graph.nodes[last + 1:last + 1] = cuts
     graph.nodes[first:first] = refills
     found.nodes = refills + cuts
+    return found
+
+
+def refill_pinning_modules(graph: Graph, pinning: set[int],
+                           eligible: Callable[[Node], bool]) -> list[tuple[Node, Refill]]:
+    """Refills the claimed modules called once (and ``eligible``) among the nodes that kept a
+    dimension of a tensor they were given whole, though it could have shrunk (``pinning``, see
+    :attr:`~speedup.propagation.Analysis.pinning`): a Conv1d run along the channels, as efficient
+    channel attention does, no longer keeps the channels of the whole network. Their nodes must be
+    pinned from then on."""
+    found = []
+    for node in [n for n in graph.nodes if n.index in pinning]:
+        if node.kind is not NodeKind.MODULE or len(graph.module_calls[node.scope]) != 1 or not eligible(node):
+            continue
+        inputs = [v for v in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(v, TensorValue)]
+        boundary = Boundary(node.module, node.scope, inputs, list(node.outputs), list(zip(node.paths, node.outputs)),
+                            span=(node.index, node.index + 1))
+        done = refill(graph, boundary)
+        if done is not None:
+            found.append((node, done))
     return found
 
 

@@ -593,9 +593,10 @@ class _Recorder(TorchDispatchMode):
         node.inputs = inputs + [p for p in params.values() if p not in inputs]
         self.graph.add_node(node)
         origin = _derived_origin(inputs)
-        for tensor in iter_tensors(output):
+        for path, tensor in iter_tensor_paths(output):
             self._hidden.pop(id(tensor), None)
             node.outputs.append(self._record_output(tensor, origin, node))
+            node.paths.append(path)
         return replaced
 
 
