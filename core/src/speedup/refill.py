@@ -7,6 +7,9 @@ every block of the network. Instead the module is *refilled*: the entries its in
 all of them, are written back before it runs, by a forward pre-hook (as
 :mod:`speedup.output_constants` does for what the model returns), and what it returns is cut to the
 entries the model around it keeps, by a forward hook. Only the module itself runs at full size.
+A claimed module whose rule keeps a dimension of its input whole, where that dimension could
+shrink (a Conv1d run along the channels, as efficient channel attention does), and that the masks
+leave alone, is refilled the same way from the start (:func:`refill_pinning_modules`).
 
 In the graph, a refilled module's boundary becomes synthetic nodes (:attr:`~speedup.graph.NodeKind.REFILL`):
 a *refill* between each tensor argument and the module's operators reading it, which needs every entry
