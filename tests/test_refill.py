@@ -7,8 +7,6 @@ the attention getting back the channels it lost (non-zero constants here: biases
 A module kept whole by its rule, not by verification, is refilled too (a Conv1d along the channels).
 """
 
-import copy
-import io
 import pickle
 from typing import Optional
 
@@ -20,6 +18,7 @@ from torch import nn
 from speedup.groups import consistent_masks
 from speedup.refill import CutOutputs, RefillInputs
 from support.checks import check_speedup, keep_mask, randomize_norms, rows
+from test_deployment import DEPLOYED
 
 
 class ShapeReadingAttention(nn.Module):
@@ -123,20 +122,21 @@ def test_an_attention_kept_whole_gets_its_input_refilled_and_the_stream_shrinks_
     assert sorted(report.refilled) == ["blocks.0.attn", "blocks.1.attn"]
 
 
-def test_a_sped_up_model_with_refilled_modules_copies_and_pickles():
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the hooks' shape checks hold for the traced shape
+def test_a_sped_up_model_with_refilled_modules_deploys():
+    """Saved whole, copied, pickled, traced, exported, compiled: each computes what it computes."""
     model = _model()
     _check(model)
     hooks = list(model.blocks[0].attn._forward_pre_hooks.values()) + list(model.blocks[0].attn._forward_hooks.values())
     assert {type(h) for h in hooks} == {RefillInputs, CutOutputs}
     x = torch.randn(2, 4, 6)
+    deployed = {**DEPLOYED, "pickled": lambda m: pickle.loads(pickle.dumps(m)),
+                "jit.trace": lambda m: torch.jit.trace(m, x), "export": lambda m: torch.export.export(m, (x,)).module()}
     with torch.no_grad():
         expected = model(x)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
-                     torch.load(buffer, weights_only=False)):
-            torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+        for name, deploy in deployed.items():
+            torch.testing.assert_close(deploy(model)(x), expected, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_a_module_whose_write_to_its_input_the_caller_reads_is_not_refilled_and_keeps_the_stream_whole():
