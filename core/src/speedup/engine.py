@@ -241,7 +241,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("propagate")
         replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
         sizes.apply(tx, replaced.attributes)
-        install_refills(refills, tx)
+        report.refilled = install_refills(refills, tx)
         lazy.mask_what_remains(model)
         _reset_mode_caches(mode_aware)
         clock.lap("replace")
@@ -261,7 +261,6 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             report.kept_for_verification.append(f"{check.node.describe()}: {reason}" if check.node else reason)
     else:
         raise VerificationError("too many operators needed their full size; the model was left unchanged.")
-    report.refilled = [found.boundary.name for found in refills]
     tensor_masks.drop_all_ones(holders, tx)
     rebuilt = {id(old) for old, new in replaced.pairs if new is not old}
     forms = put_back_unchanged(forms, rebuilt, tx)

@@ -310,9 +310,10 @@ class CutOutputs:
         return output
 
 
-def install(refills: list[Refill], tx: Transaction) -> None:
+def install(refills: list[Refill], tx: Transaction) -> list[str]:
     """Registers the hooks of every refilled module that lost something at its boundary (undone on
-    rollback)."""
+    rollback); returns their names."""
+    hooked = []
     for found in refills:
         boundary = found.boundary
         restores = {}
@@ -332,3 +333,6 @@ def install(refills: list[Refill], tx: Transaction) -> None:
             tx.on_rollback(boundary.module.register_forward_pre_hook(RefillInputs(restores), with_kwargs=True).remove)
         if cuts:
             tx.on_rollback(boundary.module.register_forward_hook(CutOutputs(cuts), prepend=True).remove)
+        if restores or cuts:
+            hooked.append(boundary.name)
+    return hooked

@@ -40,7 +40,8 @@ class ShrinkReport:
     kept_for_verification: list[str] = field(default_factory=list)
     """Operators whose code did not adapt to smaller tensors; their dimensions were kept."""
     refilled: list[str] = field(default_factory=list)
-    """Modules kept whole whose inputs get back the channels they lost (see :mod:`speedup.refill`)."""
+    """Modules kept whole whose inputs get back the channels they lost, or whose outputs are cut to
+    those the model keeps (see :mod:`speedup.refill`)."""
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     max_abs_diff: float = 0.0
