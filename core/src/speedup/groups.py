@@ -27,7 +27,7 @@ from .atoms import UNIT, AtomSolution
 from .engine import _Rules, _trace_error, split_inputs
 from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_equivalent_forms
-from .graph import TensorValue
+from .graph import Node, TensorValue
 from .masks import Masks
 from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
@@ -115,8 +115,8 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())
     solution = analysis.couple(offering=True)  # class scores are not offered
-    refilled = refill_pinning_modules(graph, analysis.pinning, lambda node: True)
-    if refilled:  # as the speedup will, their parameters not being offered (see speedup.refill)
+    refilled = refill_pinning_modules(graph, analysis.pinning, _offers_nothing)
+    if refilled:  # as the speedup will, their parameters not being masked (see speedup.refill)
         solution = analysis.couple(frozenset(node.index for node, _ in refilled), offering=True)
     parameters = [v for v in graph.parameters.values() if v.owner is not None and _is_parameter(v)]
     slots = []
@@ -156,6 +156,13 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
         line = kept.reshape(shape)
         entry[attr] = (entry[attr] & line) if attr in entry else line.expand(full)
     return masks
+
+
+def _offers_nothing(node: Node) -> bool:
+    """Whether no parameter of a module node has a dimension of more than one entry to offer: a module
+    that loses nothing when refilled (a Conv1d of one channel run along the channels)."""
+    return all(atoms is None or not isinstance(atoms, torch.Tensor) or atoms.numel() <= 1
+               for value in node.params.values() for atoms in value.atoms)
 
 
 def _is_parameter(value: TensorValue) -> bool:
