@@ -74,11 +74,11 @@ def trace(
     ``claims(module)`` says whether a module is recorded as one node (its rule knows it as a whole)
     rather than as the operators it runs. The root module is never claimed: its forward is the
     graph. ``observe(module)`` marks unclaimed modules whose boundary values are noted (for
-    ``customized_replace_func``); ``boundaries`` notes those of every unclaimed module (for
-    :mod:`speedup.refill`). ``known`` lists extra ``(name, owner, attribute)`` tensors that
-    count as parameters. Objects in the output for which ``is_state`` holds (a key/value cache) are
-    not outputs of the graph: their tensors need not keep their shapes. Runs under ``torch.no_grad``;
-    the caller chooses train or eval mode.
+    ``customized_replace_func``); ``boundaries`` notes those of every unclaimed module holding
+    parameters or modules (for :mod:`speedup.refill`). ``known`` lists extra ``(name, owner,
+    attribute)`` tensors that count as parameters. Objects in the output for which ``is_state`` holds
+    (a key/value cache) are not outputs of the graph: their tensors need not keep their shapes. Runs
+    under ``torch.no_grad``; the caller chooses train or eval mode.
 
     ``masked`` (``id(tensor) -> (tensor, MaskPattern)``) are parameters the model holds unmasked:
     every operator reading one gets a masked copy instead, made for that call and dropped after it,
