@@ -110,7 +110,8 @@ def _check(model: Net, **expected):
     return check_speedup(model, _stream_masks(model), torch.randn(1, 5, 6), torch.randn(3, 7, 6), **expected)
 
 
-@pytest.mark.parametrize("variant", [{}, {"pair": True}, {"shared": True}], ids=["tensor", "keyword-and-dict", "shared"])
+@pytest.mark.parametrize("variant", [{}, {"pair": True}, {"shared": True}],
+                         ids=["tensor", "keyword-and-dict", "shared"])
 def test_an_attention_kept_whole_gets_its_input_refilled_and_the_stream_shrinks_around_it(variant):
     model = _model(**variant)
     report = _check(model, shrunk=["embed.weight", "blocks.0.fc1.weight", "blocks.1.fc2.weight", "head.weight"])

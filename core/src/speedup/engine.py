@@ -226,7 +226,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     refills: list[Refill] = []
     savepoint = tx.savepoint()
     for attempt in range(_MAX_ATTEMPTS):
-        analysis.run(frozenset(pinned), pinned_dims)
+        analysis.couple(frozenset(pinned), pinned_dims)
         if attempt == 0 and not rules.custom:
             # A claimed module the masks leave alone that keeps a dimension of its input whole (a
             # Conv1d along the channels) is refilled rather than keep it whole around it.
@@ -235,7 +235,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             if found:
                 refills.extend(f for _, f in found)
                 pinned.update(node.index for node, _ in found)
-                analysis.run(frozenset(pinned), pinned_dims)
+                analysis.couple(frozenset(pinned), pinned_dims)
+        analysis.propagate(frozenset(pinned))
         report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")

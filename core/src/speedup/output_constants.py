@@ -90,24 +90,21 @@ def put_back_constants(model: nn.Module, graph: Graph, tx: Transaction) -> Optio
 
 def _restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
     """What dimension ``d`` of a returned value needs written back, if anything."""
-    consts = value.consts[d] if value.consts else None
-    if value.kept and value.kept[d] is not None:
+    removed = _removed(value, d)
+    if removed.any():
         # The analysis lets a returned entry go only where it is constant (see Analysis._returned_demand).
-        removed = torch.ones(value.shape[d], dtype=torch.bool)
-        removed[value.kept[d]] = False
+        consts = value.consts[d] if value.consts else None
         assert isinstance(consts, DimConst) and bool(consts.mask[removed].all()), "a returned entry went that varies"
-    return dimension_restore(value, d)
+    return dimension_restore(value, d, removed)
 
 
-def dimension_restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
+def dimension_restore(value: TensorValue, d: int, removed: Optional[torch.Tensor] = None) -> Optional[DimensionRestore]:
     """What dimension ``d`` of a value needs written back to hold every entry the masked model has
-    there: its removed entries, and the constant ones nothing demanded (what was computed there may
-    not be the constant); ``None`` where nothing. A removed entry that is not constant gets zero."""
+    there: its removed entries (``removed``, found if not given), and the constant ones nothing
+    demanded (what was computed there may not be the constant); ``None`` where nothing. A removed
+    entry that is not constant gets zero."""
     size = value.shape[d]
-    removed = torch.zeros(size, dtype=torch.bool)
-    if value.kept and value.kept[d] is not None:
-        removed.fill_(True)
-        removed[value.kept[d]] = False
+    removed = _removed(value, d) if removed is None else removed
     consts = value.consts[d] if value.consts else None
     constant, values = removed, torch.zeros(size, dtype=torch.float64)
     if isinstance(consts, DimConst):
@@ -118,6 +115,15 @@ def dimension_restore(value: TensorValue, d: int) -> Optional[DimensionRestore]:
         return None
     return DimensionRestore(d, size, (~removed).nonzero().flatten(), constant.nonzero().flatten(),
                             values[constant].clone())
+
+
+def _removed(value: TensorValue, d: int) -> torch.Tensor:
+    """Boolean per entry of dimension ``d``: the entry went."""
+    removed = torch.zeros(value.shape[d], dtype=torch.bool)
+    if value.kept and value.kept[d] is not None:
+        removed.fill_(True)
+        removed[value.kept[d]] = False
+    return removed
 
 
 def value_at(obj: Any, path: tuple) -> Any:

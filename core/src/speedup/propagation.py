@@ -65,6 +65,10 @@ class Analysis:
         """All three passes. ``pinned_nodes`` (node indices) are treated as barriers; ``pinned_dims``
         keeps dimensions of some nodes' first output whole (node index -> dimensions)."""
         self.couple(pinned_nodes, pinned_dims)
+        self.propagate(pinned_nodes)
+
+    def propagate(self, pinned_nodes: frozenset = frozenset()) -> None:
+        """The forward and backward passes, after :meth:`couple` with the same ``pinned_nodes``."""
         for node in self.graph.nodes:
             self._node = node
             node.rule.forward(node, self)

@@ -24,6 +24,7 @@ caller reads again, is not: the refill would have given it a copy to write).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -133,9 +134,10 @@ def refill(graph: Graph, boundary: Optional[Boundary]) -> Optional[Refill]:
         return None
     found = Refill(boundary)
     first, last = positions[0], positions[-1]
-    refills = [_put_refill(graph, found, value, inside) for value in arguments]
+    indices = itertools.count(max(n.index for n in graph.nodes) + 1)
+    refills = [_put_refill(graph, found, value, inside, indices) for value in arguments]
     refills = [n for n in refills if n is not None]
-    cuts = [_put_cut(graph, found, value, inside, [n.inputs[0] for n in refills]) for value in results]
+    cuts = [_put_cut(graph, found, value, inside, [n.inputs[0] for n in refills], indices) for value in results]
     cuts = [n for n in cuts if n is not None]
     if not refills and not cuts:
         return None
@@ -182,12 +184,13 @@ def _escapes(graph: Graph, positions: list[int], inside: set[int], results: list
     return False
 
 
-def _put_refill(graph: Graph, found: Refill, outer: TensorValue, inside: set[int]) -> Optional[Node]:
+def _put_refill(graph: Graph, found: Refill, outer: TensorValue, inside: set[int],
+                indices: Iterator[int]) -> Optional[Node]:
     readers = [c for c in _distinct(iter(outer.consumers)) if id(c) in inside]
     if not readers:
         return None
     inner = _twin_value(graph, outer)
-    node = _synthetic(graph, "refill", found.boundary, outer, inner, {})
+    node = _synthetic(next(indices), "refill", found.boundary, outer, inner, {})
     node.rule = _REFILL
     for reader in readers:
         _swap(reader, outer, inner)
@@ -195,13 +198,13 @@ def _put_refill(graph: Graph, found: Refill, outer: TensorValue, inside: set[int
     return node
 
 
-def _put_cut(graph: Graph, found: Refill, inner: TensorValue, inside: set[int],
-             arguments: list[TensorValue]) -> Optional[Node]:
+def _put_cut(graph: Graph, found: Refill, inner: TensorValue, inside: set[int], arguments: list[TensorValue],
+             indices: Iterator[int]) -> Optional[Node]:
     readers = [c for c in _distinct(iter(inner.consumers)) if id(c) not in inside]
     if not readers and not inner.is_output:
         return None
     outer = _twin_value(graph, inner)
-    node = _synthetic(graph, "cut", found.boundary, inner, outer, {"arguments": arguments})
+    node = _synthetic(next(indices), "cut", found.boundary, inner, outer, {"arguments": arguments})
     node.rule = _CUT
     for reader in readers:
         _swap(reader, inner, outer)
@@ -219,10 +222,9 @@ def _twin_value(graph: Graph, value: TensorValue) -> TensorValue:
     return twin
 
 
-def _synthetic(graph: Graph, what: str, boundary: Boundary, read: TensorValue, made: TensorValue,
+def _synthetic(index: int, what: str, boundary: Boundary, read: TensorValue, made: TensorValue,
                kwargs: dict) -> Node:
     """A REFILL node ``read -> made`` at the call of a module, in the code calling it."""
-    index = max(n.index for n in graph.nodes) + 1
     node = Node(index, NodeKind.REFILL, f"{what} of '{boundary.name}'", (read,), {**kwargs, "span": boundary.span},
                 [read], [made], boundary.name.rpartition(".")[0])
     read.consumers.append(node)
