@@ -614,6 +614,24 @@ def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
         assert model[2].weight.shape == (4, 8, 1, 1)
 
 
+class SequenceChannelsLayerNorm(nn.LayerNorm):
+    """SqueezeBERT's norm: sequences laid out ``(N, C, L)``, permuted around ``nn.LayerNorm.forward``."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 1)).permute(0, 2, 1)
+
+
+def test_a_layer_norm_over_the_channels_of_sequences_is_recognised():
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), SequenceChannelsLayerNorm(8), nn.Conv1d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    masks = output_channel_masks(model, ["0"])  # the removed channels are zero, and counted by the norm
+    masks["1"] = {"weight": masks["0"]["bias"], "bias": masks["0"]["bias"]}
+    report = check_speedup(model, masks, torch.randn(2, 3, 9), torch.randn(3, 3, 5), shrunk=["0.weight", "2.weight"])
+    assert model[1].normalized_shape == (4,) and not report.barriers
+
+
 class ChannelsFirstRMSNorm(nn.Module):
     """timm's ``RmsNorm2d``: an RMS norm over dimension 1, its ``normalized_shape`` checked in forward."""
 

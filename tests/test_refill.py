@@ -204,3 +204,46 @@ def test_a_convolution_along_the_channels_is_refilled_and_no_longer_keeps_the_ch
     assert report.refilled == ["branch.5.conv"]
     assert model.stem[0].out_channels == 8 and model.branch[3].out_channels == 8
     assert model.branch[5].conv.weight.shape == (1, 1, 3)
+
+
+class PlainLayerNorm(nn.Module):
+    """OLMo's norm: ``F.layer_norm`` without weight or bias, in a module holding no parameters."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.normalized_shape = (dim,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, None, None, eps=1e-5)
+
+
+class PlainNormNet(nn.Module):
+    """A pre-norm residual stream whose norms hold no parameters: a removed stream channel is zero,
+    but normalised it is not, so only the readers of each norm can stop reading it."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": PlainLayerNorm(dim), "fc1": nn.Linear(dim, 2 * dim),
+                                                   "fc2": nn.Linear(2 * dim, dim)}) for _ in range(2))
+        self.norm = PlainLayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block["fc2"](F.gelu(block["fc1"](block["norm"](x))))
+        return self.head(self.norm(x))
+
+
+def test_a_norm_without_parameters_is_refilled_and_no_longer_keeps_the_stream_whole():
+    torch.manual_seed(0)
+    model = PlainNormNet().eval()
+    dummy = torch.randn(1, 5, 6)
+    masks = consistent_masks(model, dummy, sparsity=0.5)
+    assert masks["embed"]["weight"].float().mean() == 0.5  # the stream is offered
+    report = check_speedup(model, masks, dummy, torch.randn(3, 7, 6),
+                           shrunk=["embed.weight", "blocks.0.fc1.weight", "blocks.1.fc2.weight", "head.weight"])
+    assert sorted(report.refilled) == ["blocks.0.norm", "blocks.1.norm", "norm"]
+    assert model.embed.out_features == 8 and model.blocks[0].fc1.weight.shape == (16, 8)
+    assert model.blocks[1].norm.normalized_shape == (16,)  # it runs whole, its input refilled

@@ -231,7 +231,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
             # A claimed module the masks leave alone that keeps a dimension of its input whole (a
             # Conv1d along the channels) is refilled rather than keep it whole around it.
             unmasked = lambda node: not any(p.name in masks.parameters for p in node.params.values())  # noqa: E731
-            found = refill_pinning_modules(graph, analysis.pinning, unmasked)
+            found = refill_pinning_modules(graph, analysis, unmasked)
             if found:
                 refills.extend(f for _, f in found)
                 pinned.update(node.index for node, _ in found)

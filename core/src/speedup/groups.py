@@ -108,14 +108,14 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         freeze_parametrized(model, tx)  # masks name the tensors the model computes, as the speedup reads them
         freeze_computed_weights(model, Masks(), tx, rules.claims_or_replaces)
         put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
-        graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state).graph
+        graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state, boundaries=True).graph
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     finally:
         tx.rollback()
     analysis = Analysis(graph, rules.for_node, OpRule())
     solution = analysis.couple(offering=True)  # class scores are not offered
-    refilled = refill_pinning_modules(graph, analysis.pinning, _offers_nothing)
+    refilled = refill_pinning_modules(graph, analysis, _offers_nothing)
     if refilled:  # as the speedup will, their parameters not being masked (see speedup.refill)
         solution = analysis.couple(frozenset(node.index for node, _ in refilled), offering=True)
     parameters = [v for v in graph.parameters.values() if v.owner is not None and _is_parameter(v)]

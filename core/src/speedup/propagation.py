@@ -46,8 +46,9 @@ class Analysis:
         """Masks of masked parameters, by value index: where a weight is zero, known without reading it."""
         self.no_fold: set[str] = set()
         """Modules (by name) rebuilt by the user's function: they cannot fold constants."""
-        self.pinning: set[int] = set()
-        """Nodes (by index) that pinned a dimension of a computed input that could have shrunk."""
+        self.pinning: dict[int, list[tuple[TensorValue, int]]] = {}
+        """Nodes (by index) that pinned a dimension of a computed input that could have shrunk: those
+        inputs and dimensions."""
         self.offering = False
         """Whether the coupling is read to choose what to prune. A rule may then tie together entries it
         could lose apart, offering what its replacement runs fastest without: a GroupNorm offers whole
@@ -106,7 +107,7 @@ class Analysis:
         self.offering = offering
         self.table = AtomTable()
         self.barriers = []
-        self.pinning = set()
+        self.pinning = {}
         self._factorings: dict[int, tuple] = {}
         for value in self.graph.values:
             value.atoms, value.demand, value.kept = [], None, []
@@ -225,7 +226,7 @@ class Analysis:
         have shrunk (:attr:`pinning`)."""
         d = value.dim(dim)
         if value.origin is not Origin.PARAMETER and value.atoms and isinstance(value.atoms[d], torch.Tensor):
-            self.pinning.add(self._node.index)
+            self.pinning.setdefault(self._node.index, []).append((value, d))
         self._pin_dim(value, d)
 
     def _pin_dim(self, value: TensorValue, dim: int) -> None:

@@ -9,7 +9,9 @@ all of them, are written back before it runs, by a forward pre-hook (as
 entries the model around it keeps, by a forward hook. Only the module itself runs at full size.
 A claimed module whose rule keeps a dimension of its input whole, where that dimension could
 shrink (a Conv1d run along the channels, as efficient channel attention does), and that the masks
-leave alone, is refilled the same way from the start (:func:`refill_pinning_modules`).
+leave alone, is refilled the same way from the start, and so is a module without parameters whose
+code keeps a whole dimension of its input (OLMo's norm, ``F.layer_norm`` with no weight; see
+:func:`refill_pinning_modules`).
 
 In the graph, a refilled module's boundary becomes synthetic nodes (:attr:`~speedup.graph.NodeKind.REFILL`):
 a *refill* between each tensor argument and the module's operators reading it, which needs every entry
@@ -147,24 +149,59 @@ def refill(graph: Graph, boundary: Optional[Boundary]) -> Optional[Refill]:
     return found
 
 
-def refill_pinning_modules(graph: Graph, pinning: set[int],
+def refill_pinning_modules(graph: Graph, analysis: Analysis,
                            eligible: Callable[[Node], bool]) -> list[tuple[Node, Refill]]:
-    """Refills the claimed modules called once (and ``eligible``) among the nodes that kept a
-    dimension of a tensor they were given whole, though it could have shrunk (``pinning``, see
-    :attr:`~speedup.propagation.Analysis.pinning`): a Conv1d run along the channels, as efficient
-    channel attention does, no longer keeps the channels of the whole network. Their nodes must be
-    pinned from then on."""
+    """Refills the modules around the nodes that kept a dimension of a tensor they were given whole,
+    though it could have shrunk (:attr:`~speedup.propagation.Analysis.pinning`, after a coupling):
+
+    * a claimed module called once (and ``eligible``): a Conv1d run along the channels, as efficient
+      channel attention does, no longer keeps the channels of the whole network. Its node must be
+      pinned from then on;
+    * the innermost module traced through without parameters of its own around an operator that kept
+      a whole dimension of one of the module's arguments: a norm calling ``F.layer_norm`` with no
+      weight (OLMo's), which loses nothing of its own when refilled. Not where the operator kept a
+      factor of a dimension (the radix of ResNeSt's softmax, its channels passing through): a refilled
+      module reads every entry its arguments do not hold as constants, and that would keep them all.
+    """
     found = []
-    for node in [n for n in graph.nodes if n.index in pinning]:
-        if node.kind is not NodeKind.MODULE or len(graph.module_calls[node.scope]) != 1 or not eligible(node):
-            continue
-        inputs = [v for v in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(v, TensorValue)]
-        boundary = Boundary(node.module, node.scope, inputs, list(node.outputs), list(zip(node.paths, node.outputs)),
-                            span=(node.index, node.index + 1))
+    refilled: set[str] = set()
+    for node in [n for n in graph.nodes if n.index in analysis.pinning]:
+        if node.kind is NodeKind.MODULE:
+            if len(graph.module_calls[node.scope]) != 1 or not eligible(node):
+                continue
+            inputs = [v for v in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(v, TensorValue)]
+            boundary = Boundary(node.module, node.scope, inputs, list(node.outputs),
+                                list(zip(node.paths, node.outputs)), span=(node.index, node.index + 1))
+        else:
+            boundary = _parameterless_module_around(graph, node)
+            if boundary is None or boundary.name in refilled or not _pins_an_argument(analysis, node, boundary):
+                continue
         done = refill(graph, boundary)
         if done is not None:
+            refilled.add(boundary.name)
             found.append((node, done))
     return found
+
+
+def _parameterless_module_around(graph: Graph, node: Node) -> Optional[Boundary]:
+    """The innermost module traced through whose call made ``node``, if it holds no parameters."""
+    parts = node.scope.split(".") if node.scope else []
+    for end in range(len(parts), 0, -1):
+        boundary = graph.observed.get(".".join(parts[:end]))
+        if boundary is not None and boundary.ran(node):
+            return None if next(boundary.module.parameters(), None) is not None else boundary
+    return None
+
+
+def _pins_an_argument(analysis: Analysis, node: Node, boundary: Boundary) -> bool:
+    """Whether ``node`` kept a dimension coupled whole to a dimension of one of the module's arguments."""
+    root = analysis.solution.root
+    arguments = [atoms for v in boundary.inputs if v is not None for atoms in v.atoms if isinstance(atoms, torch.Tensor)]
+    for value, d in analysis.pinning[node.index]:
+        pinned = root[value.atoms[d]]
+        if any(atoms.shape == pinned.shape and torch.equal(root[atoms], pinned) for atoms in arguments):
+            return True
+    return False
 
 
 def _distinct(values: Iterator[TensorValue]) -> list[TensorValue]:

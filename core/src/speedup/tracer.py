@@ -711,9 +711,13 @@ def _observe_modules(model: nn.Module, modules: list, recorder: _Recorder, claim
 
 
 def _worth_observing(module: nn.Module) -> bool:
-    """Whether a module traced through may be refilled: one holding parameters or other modules (an
-    activation module is not worth a pair of hooks on each of its calls; a scripted one takes none)."""
-    return bool(module._modules or module._parameters) and not isinstance(module, torch.jit.ScriptModule)
+    """Whether a module traced through may be refilled: one holding parameters or other modules, or one
+    written outside torch (a norm without parameters computing ``F.layer_norm``: refilled, it loses
+    nothing of its own). Torch's own activation modules are not worth a pair of hooks on each of their
+    calls; a scripted module takes none."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return False
+    return bool(module._modules or module._parameters) or not type(module).__module__.startswith("torch.")
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

@@ -272,7 +272,8 @@ _EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
     """A LayerNorm over one dimension written without being a type the rules claim: timm's
     ``LayerNorm`` and ``LayerNorm2d`` (``F.layer_norm`` in a ``forward`` of their own), Hugging Face's
-    ``ConvNextLayerNorm`` and Cohere's ``CohereLayerNorm`` (the statistics written out).
+    ``ConvNextLayerNorm`` and Cohere's ``CohereLayerNorm`` (the statistics written out), SqueezeBERT's
+    ``nn.LayerNorm`` subclass permuting ``(N, C, L)`` around its parent's ``forward``.
 
     Candidates hold a vector ``weight``, an optional ``bias`` like it, a float epsilon (``eps``,
     ``variance_epsilon`` or ``epsilon``) and nothing else; each is run on a probe laid out channels
@@ -300,9 +301,12 @@ def _norm_candidate(module: nn.Module, shift: bool) -> list[str]:
 
 
 def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
+    """Channels first, a module may take images or sequences only (SqueezeBERT's norm permutes ``(N, C, L)``)."""
     channels = module.weight.numel()
-    return _forward_matches(module, (2, channels, 3, 5) if dim == 1 else (2, 3, channels), lambda probe: F.layer_norm(
+    shapes = ((2, channels, 3, 5), (2, channels, 5)) if dim == 1 else ((2, 3, channels),)
+    return any(_forward_matches(module, shape, lambda probe: F.layer_norm(
         probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps).movedim(-1, dim))
+        for shape in shapes)
 
 
 def _forward_matches(module: nn.Module, shape: tuple, reference: Callable[[torch.Tensor], torch.Tensor]) -> bool:
