@@ -8,7 +8,7 @@ from torch import nn
 import speedup
 from speedup.groups import consistent_masks
 from speedup.testing import masked_copy
-from speedup.modules import ChannelGather, ConstantAwareGroupNorm, FoldedConv2d
+from speedup.modules import ChannelGather, ConstantAwareGroupNorm, ConstantAwareResponseNorm, FoldedConv2d
 from support.checks import check_speedup, keep_mask, output_channel_masks, randomize_norms, rows
 
 
@@ -630,6 +630,82 @@ def test_a_layer_norm_over_the_channels_of_sequences_is_recognised():
     masks["1"] = {"weight": masks["0"]["bias"], "bias": masks["0"]["bias"]}
     report = check_speedup(model, masks, torch.randn(2, 3, 9), torch.randn(3, 3, 5), shrunk=["0.weight", "2.weight"])
     assert model[1].normalized_shape == (4,) and not report.barriers
+
+
+class ChannelsLastResponseNorm(nn.Module):
+    """Hugging Face's ``ConvNextV2GRN``: global response normalisation, channels last, a literal epsilon."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(1, 1, 1, dim) + 0.5)
+        self.bias = nn.Parameter(torch.rand(1, 1, 1, dim) - 0.5)
+
+    def forward(self, x):
+        norms = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
+        return self.weight * (x * (norms / (norms.mean(dim=-1, keepdim=True) + 1e-6))) + self.bias + x
+
+
+class ChannelsFirstResponseNorm(nn.Module):
+    """timm's ``GlobalResponseNorm(channels_last=False)``: vectors, an ``eps`` attribute."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.bias = nn.Parameter(torch.rand(dim) - 0.5)
+        self.eps = eps
+
+    def forward(self, x):
+        norms = x.norm(p=2, dim=(2, 3), keepdim=True)
+        scaled = x * (norms / (norms.mean(dim=1, keepdim=True) + self.eps))
+        return x + torch.addcmul(self.bias.view(1, -1, 1, 1), self.weight.view(1, -1, 1, 1), scaled)
+
+
+class ScaleShift(ChannelsFirstResponseNorm):
+    """The same vectors, computing something else: not recognised."""
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class ResponseNormMlp(nn.Module):
+    """ConvNeXt V2's MLP: expand, GELU, global response norm, project back."""
+
+    def __init__(self, channels_last: bool):
+        super().__init__()
+        self.channels_last = channels_last
+        self.fc1, self.fc2 = (nn.Linear(8, 16), nn.Linear(16, 8)) if channels_last else (nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1))
+        self.grn = ChannelsLastResponseNorm(16) if channels_last else ChannelsFirstResponseNorm(16)
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1) if self.channels_last else x
+        x = self.fc2(self.grn(F.gelu(self.fc1(x))))
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "channels-first"])
+@pytest.mark.parametrize("constants", ["zeros", "counted"])
+def test_a_global_response_norm_loses_hidden_channels_and_still_counts_them(channels_last, constants):
+    """Zeros: the removed channels' norms are zero, but the mean is still over every channel. Counted:
+    the removed channels hold GELU(bias), which the mean counts, while the projection no longer reads them."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResponseNormMlp(channels_last)).eval()
+    masks = output_channel_masks(model, ["1.fc1"], with_bias=constants == "zeros")
+    if constants == "counted":
+        kept = masks["1.fc1"]["weight"].reshape(16, -1)[:, 0]
+        masks["1.fc2"] = {"weight": kept.reshape(1, 16, *([1] * (model[1].fc2.weight.dim() - 2))).expand_as(model[1].fc2.weight)}
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 9),
+                           shrunk=["1.fc1.weight", "1.grn.weight", "1.fc2.weight"])
+    assert model[1].grn.weight.numel() == 8 and not report.barriers
+    assert isinstance(model[1].grn, ConstantAwareResponseNorm)
+    assert (float(model[1].grn.removed_norm_sum) > 0) == (constants == "counted")
+
+
+def test_a_module_with_a_response_norms_vectors_computing_something_else_is_not_recognised():
+    from speedup.rules.response_norm import recognise_response_norm
+
+    assert recognise_response_norm(ChannelsFirstResponseNorm(6)) is not None
+    assert recognise_response_norm(ChannelsLastResponseNorm(6)) is not None
+    assert recognise_response_norm(ScaleShift(6)) is None
+    assert recognise_response_norm(ChannelsFirstResponseNorm(6, eps=1e-3)).eps == 1e-3
 
 
 class ChannelsFirstRMSNorm(nn.Module):

@@ -17,6 +17,8 @@ They are importable by name, so a pickled sped-up model loads wherever speedup i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -302,6 +304,35 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
             if self.weight is not None:
                 out = out * self.weight.to(x.dtype)
             return out.to(input.dtype)
+
+
+class ConstantAwareResponseNorm(nn.Module):
+    """Global response normalisation (ConvNeXt V2's GRN: ``weight * (x * r) + bias + x``, ``r`` the
+    L2 norm of each channel over the positions divided by the mean over the channels plus ``eps``)
+    whose channels along ``dim`` lost some holding constants, which the mean still counts.
+
+    The mean is over all ``full_size`` channels: a removed channel holding the constant ``c`` has the
+    norm ``|c| * sqrt(positions)``, so the removed channels add ``removed_norm_sum * sqrt(positions)``
+    to the sum of the kept channels' norms. With nothing removed it computes GRN itself.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dim: int, eps: float, full_size: int,
+                 removed_values: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().reshape(-1).clone(), requires_grad=weight.requires_grad)
+        self.bias = nn.Parameter(bias.detach().reshape(-1).clone(), requires_grad=bias.requires_grad)
+        self.dim, self.eps, self.full_size = dim, eps, full_size
+        total = removed_values.abs().sum().to(device=self.weight.device, dtype=self.weight.dtype)
+        self.register_buffer("removed_norm_sum", total.reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.dim % x.ndim
+        positions = [d for d in range(1, x.ndim) if d != channels]
+        norms = torch.linalg.vector_norm(x, 2, dim=positions, keepdim=True)
+        total = norms.sum(channels, keepdim=True) + self.removed_norm_sum * math.sqrt(math.prod(x.shape[d] for d in positions))
+        shape = [1] * x.ndim
+        shape[channels] = -1
+        return torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * (norms / (total / self.full_size + self.eps))) + x
 
 
 class ChannelGather(nn.Module):

@@ -11,10 +11,10 @@ from ..plugins.registry import RuleRegistry
 from ..pruning import builtin as pruning_builtins
 from ..plugins.pruning_registry import PruningRegistry
 from . import (activation, attention, contraction, conv, elementwise, embedding, indexing, like, linear, norm,
-               recurrent, reduction, shape, spatial)
+               recurrent, reduction, response_norm, shape, spatial)
 
-_FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, embedding, activation,
-             attention, like, recurrent)
+_FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, conv, norm, response_norm, embedding,
+             activation, attention, like, recurrent)
 
 
 @hookimpl
