@@ -1,6 +1,7 @@
 """Attention, normalisation of the hidden size, embeddings, shared modules: against the masked model."""
 
 import copy
+import functools
 import math
 import warnings
 
@@ -702,3 +703,49 @@ def test_a_weight_tied_between_modules_traced_through_stays_one_tensor():
     ids = torch.arange(20).reshape(4, 5)
     check_speedup(model, masks, ids, ids.flip(1)[:, :3], shrunk=["shared.weight", "head.weight"])
     assert model.encoder_embed.weight is model.shared.weight and model.shared.weight.shape == (20, 4)
+
+
+@functools.lru_cache(maxsize=4)
+def _relative_position_index(tokens: int) -> torch.Tensor:
+    """BEiT's helper, cached: made on the first call only, written in place through a view."""
+    coords = torch.arange(tokens)
+    index = torch.zeros(tokens, tokens, dtype=torch.long)
+    index[1:] = coords[1:, None] - coords[None, :]
+    index[0] = -coords
+    index += tokens - 1
+    return index
+
+
+class CachedBiasBlock(nn.Module):
+    """BEiT's block: attention with a relative position bias indexed by a cached helper, its heads
+    sized by stored attributes that the queries, keys and values all read, then an MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, tokens: int = 8):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        bias = self.table[_relative_position_index(N)].permute(2, 0, 1)
+        q, k, v = (f(x).view(B, N, self.heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        attention = (q @ k.transpose(-2, -1) / 2 + bias).softmax(-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_constants_a_cached_helper_makes_on_the_first_call_only_do_not_confuse_verification():
+    """Queries and keys lose the first entry of every head, so the stored head size fits them and not
+    the values, and verification keeps a view whole. It re-records the model, which now gets the
+    index from the cache: the recorded calls that made it are passed over, and the blame falls on
+    the view (not on the helper, which would keep the whole block)."""
+    _relative_position_index.cache_clear()
+    torch.manual_seed(0)
+    model = CachedBiasBlock().eval()
+    first_of_each_head = torch.arange(16) % 4 != 0
+    masks = {name: {"weight": rows(first_of_each_head, (16, 16)), "bias": first_of_each_head} for name in ("q", "k")}
+    masks.update(output_channel_masks(model, ["fc1"]))
+    report = check_speedup(model, masks, torch.randn(2, 8, 16), torch.randn(3, 8, 16), shrunk=["fc1.weight", "fc2.weight"])
+    assert report.kept_for_verification and all("aten.view" in r for r in report.kept_for_verification)

@@ -29,7 +29,7 @@ from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
-from .graph import Graph, Node, NodeKind, within_scope
+from .graph import Graph, Node, NodeKind, Origin, within_scope
 from .lazy_masks import LazyMasks
 from .leftovers import masked_but_kept
 from .masks import MaskSource, load_masks
@@ -503,7 +503,7 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
         check = _first_departure(original, failure.graph.nodes)
         if check is not None:
             return check
-        index = len(failure.graph.nodes)
+        index = _aligned_end(original, failure.graph.nodes)
         node = original[min(index, len(original) - 1)] if original else None
         call = failure.call if failure.call is not None and node is not None and failure.call.target is node.target else None
         return _Check(False, node, f"{type(failure.error).__name__}: {failure.error}", again=call)
@@ -512,9 +512,13 @@ def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, diffe
 
 def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check]:
     """The first recorded call whose re-recorded counterpart is another call, has unplanned shapes or
-    departs otherwise (see :meth:`~speedup.rule.Rule.departs`)."""
-    for old, new in zip(original, again):
-        if old.kind is not new.kind or (old.kind is NodeKind.OP and old.target is not new.target):
+    departs otherwise (see :meth:`~speedup.rule.Rule.departs`).
+
+    Recorded calls making constants the second run did not make are passed over: a helper cached with
+    ``functools.lru_cache`` (BEiT's relative position index) computes them on the first call only."""
+    for position, new in _aligned(original, again):
+        old = original[position]
+        if not _same_call(old, new):
             return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
         for value, produced in zip(old.outputs, new.outputs):
             if value.planned_shape() != produced.shape:
@@ -524,6 +528,48 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
         if reason is not None:
             return _Check(False, old, reason, again=new)
     return None
+
+
+def _aligned(original: list[Node], again: list[Node]) -> Iterator[tuple[int, Node]]:
+    """Each re-recorded call with the position of its recorded counterpart, in order, passing over
+    cached constants (see :func:`_first_departure`)."""
+    position = 0
+    for new in again:
+        position = _skip_cached_constants(original, position, new)
+        if position == len(original):
+            return
+        yield position, new
+        position += 1
+
+
+def _aligned_end(original: list[Node], again: list[Node]) -> int:
+    """The position of the recorded call after the last one the re-recorded calls reached."""
+    end = 0
+    for position, _ in _aligned(original, again):
+        end = position + 1
+    return end
+
+
+def _same_call(old: Node, new: Node) -> bool:
+    return old.kind is new.kind and (old.kind is not NodeKind.OP or old.target is new.target)
+
+
+def _skip_cached_constants(original: list[Node], position: int, new: Node) -> int:
+    """Where the recorded calls resume matching ``new``: after the constants recorded at ``position``
+    that the second run did not make, if any, else ``position``."""
+    def resumes(old: Node) -> bool:  # the same call from the same line of code
+        return _same_call(old, new) and old.location == new.location
+
+    if position == len(original) or resumes(original[position]):
+        return position
+    ahead = position
+    while ahead < len(original) and not resumes(original[ahead]) and _makes_constants(original[ahead]):
+        ahead += 1
+    return ahead if ahead < len(original) and resumes(original[ahead]) else position
+
+
+def _makes_constants(node: Node) -> bool:
+    return bool(node.outputs) and all(v.origin is Origin.CONSTANT for v in node.outputs)
 
 
 def _count_flops(model, args, kwargs) -> int:

@@ -338,7 +338,11 @@ class _Recorder(TorchDispatchMode):
             Node(len(self.graph.nodes), NodeKind.OPAQUE, ALIAS_WRITE, tuple(inputs), {"aligned": aligned}, inputs, [],
                  *self._caller())
         )
-        value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
+        if _derived_origin(inputs) is Origin.CONSTANT:  # constants written into a constant (an index built in place)
+            value = self._constant(tensor)
+            value.producer = node
+        else:
+            value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
         node.outputs.append(value)
         return self._remember(tensor, value)
 
