@@ -26,12 +26,7 @@ Rows go to ``benchmarks/results/timm_models.json`` (``--json PATH`` to put them 
 
 from __future__ import annotations
 
-import argparse
-import math
-import statistics
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -41,13 +36,10 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import RESULTS_DIR, environment, print_table, random_channel_masks, randomize_batchnorm, write_json  # noqa: E402
+from _common import random_channel_masks, randomize_batchnorm  # noqa: E402
+from _sweep import sweep_main, sweep_row  # noqa: E402
 
-import speedup  # noqa: E402
-from speedup.engine import closeness  # noqa: E402
 from speedup.groups import consistent_masks  # noqa: E402
-from speedup.testing import masked_copy  # noqa: E402
-from speedup.tracer import iter_tensors  # noqa: E402
 
 MODELS = """
 resnet18d resnet50_gn seresnext26d_32x4d skresnet18 resnest14d regnetx_002 regnety_002 rexnet_100 mobilenetv3_large_100
@@ -74,8 +66,7 @@ def build(name: str, seed: int = 3) -> nn.Module:
 
 
 def bench(name: str, kind: str) -> dict:
-    row: dict = {"model": name, "masks": kind}
-    try:
+    def prepare():
         model = build(name)
         size = timm.data.resolve_data_config({}, model=model)["input_size"]
         generator = torch.Generator().manual_seed(5)
@@ -83,75 +74,15 @@ def bench(name: str, kind: str) -> dict:
         head = model.get_classifier() if hasattr(model, "get_classifier") else None
         heads = [head] if isinstance(head, nn.Module) else []
         masks = random_channel_masks(model, heads) if kind == "a" else consistent_masks(model, dummy, sparsity=0.5, seed=0)
-        masked = masked_copy(model, masks).eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            started = time.perf_counter()
-            report = speedup.shrink(model, masks, dummy)
-            row["shrink_s"] = time.perf_counter() - started
-        with torch.no_grad():
-            expected, actual = masked(fresh), model(fresh)
-        ok, worst = True, 0.0
-        for a, b in zip(iter_tensors(expected), iter_tensors(actual)):
-            if a.shape != b.shape:
-                ok, worst = False, math.inf
-                break
-            close, difference = closeness(a, b)
-            ok, worst = ok and close, max(worst, difference)
-        row.update(status="ok" if ok else "MISMATCH", max_diff=worst, param_ratio=report.param_ratio,
-                   flops_ratio=report.flops_ratio, kept=len(report.kept_for_verification),
-                   barriers=sorted({b.op for b in report.barriers}), attributes=len(report.attributes),
-                   masked_modules=len(masks))
-    except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
-        row["status"] = f"ERROR: {type(exc).__name__}: {str(exc)[:160]}"
-    return row
+        return model, masks, dummy, fresh
 
-
-def summary(rows: list[dict]) -> list[str]:
-    lines = []
-    for kind in sorted({r["masks"] for r in rows}):
-        done = [r for r in rows if r["masks"] == kind]
-        ok = [r for r in done if r["status"] == "ok"]
-        line = f"masks {kind}: {len(ok)}/{len(done)} models ok"
-        if ok:
-            line += (f"; median parameters {statistics.median(r['param_ratio'] for r in ok):.3f}, "
-                     f"FLOPs {statistics.median(r['flops_ratio'] for r in ok):.3f} of before; "
-                     f"largest difference {max(r['max_diff'] for r in ok):.1e}")
-        lines.append(line)
-    barriers = sorted({b for r in rows for b in r.get("barriers", [])})
-    lines.append(f"barriers: {', '.join(barriers) if barriers else 'none'}")
-    return lines
+    return sweep_row(name, kind, prepare)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help="comma list of timm model names (default: the 71 listed in MODELS)")
-    parser.add_argument("--masks", default="a,b", help="mask kinds: a (random 50%% per layer), b (consistent); default a,b")
-    parser.add_argument("--json", default=str(RESULTS_DIR / "timm_models.json"), help="where the rows go")
-    args = parser.parse_args(argv)
-    names = [n.strip() for n in args.models.split(",")] if args.models else MODELS
-    kinds = [k.strip() for k in args.masks.split(",") if k.strip()]
     torch.manual_seed(0)
-    started = time.perf_counter()
-    rows = []
-    for name in names:
-        for kind in kinds:
-            rows.append(bench(name, kind))
-            r = rows[-1]
-            print(f"{name:32s} {kind}  {r['status'][:60]:8s}  params {r.get('param_ratio', math.nan):.3f}  "
-                  f"FLOPs {r.get('flops_ratio', math.nan):.3f}  kept {r.get('kept', '-')}  "
-                  f"{r.get('shrink_s', math.nan):.2f} s", flush=True)
-    columns = [("model", "model", ""), ("masks", "masks", ""), ("status", "status", ""), ("max_diff", "max |diff|", ".1e"),
-               ("param_ratio", "params a/b", ".3f"), ("flops_ratio", "FLOPs a/b", ".3f"), ("kept", "kept", ""),
-               ("attributes", "sizes set", ""), ("shrink_s", "call s", ".2f")]
-    print()
-    print_table(rows, columns, title="speedup on timm models (random weights; a/b = after / before)")
-    lines = summary(rows)
-    print("\n".join(lines))
-    write_json(args.json, {"environment": environment(), "timm": timm.__version__, "args": vars(args),
-                           "total_s": time.perf_counter() - started, "summary": lines, "rows": rows})
-    print(f"saved {args.json}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return sweep_main(argv, __doc__.split("\n\n")[0], MODELS, bench, "timm_models",
+                      "speedup on timm models (random weights; a/b = after / before)", {"timm": timm.__version__})
 
 
 if __name__ == "__main__":
