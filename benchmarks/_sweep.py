@@ -10,6 +10,7 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import nn
 
 import speedup
@@ -40,7 +41,7 @@ def sweep_row(name: str, kind: str, prepare: Callable[[], tuple[nn.Module, dict,
             row["shrink_s"] = time.perf_counter() - started
         ok, worst = True, 0.0
         is_state = loaded_plugins().registry.is_state  # a key/value cache follows the model's sizes
-        for a, b in zip(iter_tensors(run(masked, fresh), is_state), iter_tensors(run(model, fresh), is_state)):
+        for a, b in zip(iter_tensors(_seeded_run(masked, fresh), is_state), iter_tensors(_seeded_run(model, fresh), is_state)):
             if a.shape != b.shape:
                 ok, worst = False, math.inf
                 break
@@ -56,6 +57,13 @@ def sweep_row(name: str, kind: str, prepare: Callable[[], tuple[nn.Module, dict,
           f"FLOPs {row.get('flops_ratio', math.nan):.3f}  kept {row.get('kept', '-')}  "
           f"{row.get('shrink_s', math.nan):.2f} s", flush=True)
     return row
+
+
+def _seeded_run(model: nn.Module, inputs: Any) -> Any:
+    """The model's outputs, with the random numbers it may draw in ``forward`` (ViT-MAE's shuffle)
+    the same in every run."""
+    torch.manual_seed(0)
+    return run(model, inputs)
 
 
 def print_summary(rows: list[dict], title: str) -> list[str]:

@@ -190,3 +190,35 @@ def test_a_dummy_input_made_in_inference_mode_is_accepted():
     with torch.inference_mode():
         dummy = torch.randn(1, 3, 8, 8)
     check_speedup(folding_network(), FOLDING_MASKS, dummy, torch.randn(2, 3, 9, 7), shrunk=["0.weight"])
+
+
+class SamplingAutoencoder(nn.Module):
+    """A variational autoencoder: it samples its latent in ``forward``, in eval mode too."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 3, padding=1)
+        self.mean, self.log_variance = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.decoder = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.encoder(x))
+        mean, log_variance = self.mean(hidden), self.log_variance(hidden)
+        return self.decoder(mean + torch.randn_like(mean) * torch.exp(0.5 * log_variance))
+
+
+def test_a_model_drawing_random_numbers_is_verified_on_the_same_draws_and_leaves_the_generator_as_it_was():
+    torch.manual_seed(0)
+    model = SamplingAutoencoder().eval()
+    masks = output_channel_masks(model, ["encoder"])
+    reference = masked_copy(model, masks).eval()
+    dummy = torch.randn(2, 3, 6, 6)
+    state = torch.get_rng_state()
+    speedup.shrink(model, masks, dummy)
+    assert torch.equal(torch.get_rng_state(), state)  # the call drew nothing the next forward would miss
+    assert model.encoder.out_channels == 4 and model.mean.in_channels == 4
+    fresh = torch.randn(3, 3, 7, 5)
+    torch.manual_seed(1)
+    expected = reference(fresh)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(fresh), expected)

@@ -37,6 +37,7 @@ from .parametrized import Frozen, freeze_parametrized, put_back_unfrozen
 from .planning import decide
 from .plugins.manager import loaded_plugins
 from .propagation import Analysis
+from .random_draws import RandomDraws
 from .refill import Refill, refill, refill_pinning_modules
 from .refill import install as install_refills
 from .replacement import CustomReplace, replace
@@ -130,6 +131,7 @@ def shrink(
     model = eager_model(model)
     rules = _Rules(dict(customized_replace_func or {}))
     tx = Transaction()
+    draws = RandomDraws()
     try:
         with ordinary_mode(), _collector_paused():
             args, kwargs = split_inputs(example_inputs)
@@ -139,10 +141,12 @@ def shrink(
                 for name, mask in f.twin.masks.items():
                     checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
             frozen += freeze_computed_weights(model, checked_masks, tx, rules.claims_or_replaces)
-            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen)
+            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen, draws)
     except BaseException:
         tx.rollback()
         raise
+    finally:
+        draws.replay()
     timings["total"] = time.perf_counter() - started
     report.timings = timings
     for message in report.warnings:
@@ -187,7 +191,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool,
-         frozen: list[Frozen]) -> ShrinkReport:
+         frozen: list[Frozen], draws: RandomDraws) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     forms = put_equivalent_forms(model, rules.registry, tx, lambda module: rules.custom_for(module) is not None)
@@ -205,6 +209,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     params_before = _count_parameters(model)
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
     try:
+        draws.replay()
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
                          lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule),
                          lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False),
@@ -248,7 +253,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("replace")
         if not verify:
             break
-        check = _verify(model, args, kwargs, recorded, rules, replaced)
+        check = _verify(model, args, kwargs, recorded, rules, replaced, draws)
         clock.lap("verify")
         if check.ok:
             report.max_abs_diff = check.max_abs_diff
@@ -475,26 +480,30 @@ class _Check:
     """The blamed call as the sped-up model made it (None where that is not known)."""
 
 
-def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced) -> _Check:
-    """Runs the sped-up model on the dummy input; on any difference, finds the node responsible."""
+def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws: RandomDraws) -> _Check:
+    """Runs the sped-up model on the dummy input, drawing the random numbers the trace drew; on any
+    difference, finds the node responsible."""
     try:
+        draws.replay()
         with torch.no_grad(), fused_attention_off():
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - located below, by recording the failing run
-        return _locate(model, args, kwargs, recorded, rules, replaced, "")
+        return _locate(model, args, kwargs, recorded, rules, replaced, "", draws)
     is_state = rules.registry.is_state
     difference, worst = _compare(recorded.output, output, is_state)
     if difference is not None:
-        return _locate(model, args, kwargs, recorded, rules, replaced, difference)
+        return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
     return _Check(True, max_abs_diff=worst)
 
 
-def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str) -> _Check:
+def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str,
+            draws: RandomDraws) -> _Check:
     """Re-records the sped-up model to find the first node whose result is not the planned one."""
     new_modules = {id(new) for _, new in replaced.pairs}
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     original = [n for n in recorded.graph.nodes if n.kind is not NodeKind.REFILL]  # the sped-up model records none
     _reset_mode_caches(_mode_aware(model))  # filled by the run
+    draws.replay()
     try:
         again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
     except TracingFailed as failure:

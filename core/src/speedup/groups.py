@@ -31,6 +31,7 @@ from .graph import Node, TensorValue
 from .masks import Masks
 from .parametrized import evaluated, freeze_parametrized
 from .propagation import Analysis
+from .random_draws import RandomDraws
 from .refill import refill_pinning_modules
 from .rule import OpRule
 from .tracer import TracingFailed, ordinary_mode, trace
@@ -104,6 +105,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     rules = _Rules({})
     tx = Transaction()
     tx.set_training(model, False)
+    draws = RandomDraws()  # a model drawing random numbers in forward: the user's generator left as it was
     try:
         freeze_parametrized(model, tx)  # masks name the tensors the model computes, as the speedup reads them
         freeze_computed_weights(model, Masks(), tx, rules.claims_or_replaces)
@@ -113,6 +115,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         raise _trace_error(failure, args, kwargs) from failure.error
     finally:
         tx.rollback()
+        draws.replay()
     analysis = Analysis(graph, rules.for_node, OpRule())
     solution = analysis.couple(offering=True)  # class scores are not offered
     refilled = refill_pinning_modules(graph, analysis, _offers_nothing)
