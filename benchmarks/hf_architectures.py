@@ -1,20 +1,22 @@
 """Benchmark: speedup on Hugging Face architectures nobody tuned it for, under two kinds of 50% masks.
 
 A sweep for generality, not for speed, as ``timm_models`` is for timm: decoders, encoders,
-encoder-decoders and vision models of ``transformers``, each built from a tiny config of its own
-family (random weights, nothing downloaded), with the head a task adds (causal LM where the family has
-one, else sequence or image classification, else the bare model):
+encoder-decoders, vision, speech and text-and-image models of ``transformers``, each built from a tiny
+config of its own family (random weights, nothing downloaded), with the head a task adds (speech to
+text or CTC for speech, else causal LM where the family has one, else sequence-to-sequence, sequence
+or image classification, else the bare model):
 
 * masks ``a``: a random half of the output channels of every ``Linear`` / ``Conv2d`` but the head
   (those whose outputs are the vocabulary or the labels), with their biases;
 * masks ``b``: ``speedup.groups.consistent_masks(model, dummy, sparsity=0.5)``;
-* ``speedup.shrink`` on a dummy of batch 2 (16 tokens, the first sample padded, or 32 x 32 pixels),
-  compared with the masked model on a fresh input of batch 3 (12 tokens, or 40 x 40 pixels where the
-  family takes other sizes).
+* ``speedup.shrink`` on a dummy of batch 2 (16 tokens, the first sample padded; 32 x 32 pixels; 400
+  audio samples), compared with the masked model on a fresh input of batch 3 (12 tokens; 40 x 40
+  pixels where the family takes other sizes; 300 samples), both runs drawing the same random numbers
+  (ViT-MAE shuffles its patches).
 
 Usage::
 
-    bash dev.sh bench hf_architectures                     # every family below (about 2 min on 2 cores)
+    bash dev.sh bench hf_architectures                     # every family below (about 4 min on 2 cores)
     bash dev.sh bench hf_architectures --models olmo,beit --masks b
 
 Rows go to ``benchmarks/results/hf_architectures.json`` (``--json PATH`` to put them elsewhere).
@@ -52,6 +54,9 @@ TEXT = {
                     window_size=8, intermediate_size=FFN),
     "gptj": dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=8, n_inner=FFN),
     "codegen": dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=8, n_inner=FFN),
+    "llama": dict(_GQA, tie_word_embeddings=True), "mistral": _GQA, "qwen2": _GQA, "qwen3": dict(_GQA, head_dim=16),
+    "opt": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
+                word_embed_proj_dim=HIDDEN),
     "gpt_neox": _DECODER, "phi": _DECODER, "olmo": _DECODER, "olmo2": _DECODER, "biogpt": _DECODER,
     "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
     "falcon": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, new_decoder_architecture=True,
@@ -96,17 +101,32 @@ VISION = {
     "pvt_v2": dict(_STAGES, num_attention_heads=[1, 2, 2, 4]),
     "focalnet": dict(embed_dim=16, depths=[1, 1], image_size=32, patch_size=4),
     "swiftformer": dict(depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], image_size=32),
+    "vit_mae": dict(_VIT, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+                    decoder_intermediate_size=64),
 }
-_HEADS = (transformers.AutoModelForCausalLM, transformers.AutoModelForSeq2SeqLM,
-          transformers.AutoModelForSequenceClassification, transformers.AutoModelForImageClassification,
-          transformers.AutoModel)
+_SPEECH = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64,
+               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+               num_conv_pos_embedding_groups=4)
+AUDIO = {
+    "wav2vec2": dict(_SPEECH, do_stable_layer_norm=True), "hubert": _SPEECH,
+    "whisper": dict(_SEQ2SEQ, vocab_size=VOCAB, num_mel_bins=16, max_source_positions=32, max_target_positions=64,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1),
+}
+TEXT_AND_IMAGE = {
+    "clip": dict(text_config=dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  intermediate_size=64, max_position_embeddings=32),
+                 vision_config=_VIT, projection_dim=16),
+}
+FAMILIES = {**TEXT, **VISION, **AUDIO, **TEXT_AND_IMAGE}
+_HEADS = (transformers.AutoModelForSpeechSeq2Seq, transformers.AutoModelForCTC, transformers.AutoModelForCausalLM,
+          transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSequenceClassification,
+          transformers.AutoModelForImageClassification, transformers.AutoModel)
 
 
 def build(name: str) -> tuple[nn.Module, transformers.PretrainedConfig]:
     """The family's model with the first head of :data:`_HEADS` it has, from its tiny config."""
-    options = TEXT.get(name, VISION.get(name))
-    config = transformers.AutoConfig.for_model(name, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                               **options) if name in TEXT else transformers.AutoConfig.for_model(name, **options)
+    tokens = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2) if name in TEXT else {}
+    config = transformers.AutoConfig.for_model(name, **tokens, **FAMILIES[name])
     for auto in _HEADS:
         model_class = auto._model_mapping.get(type(config), None)
         if model_class is not None:
@@ -117,17 +137,32 @@ def build(name: str) -> tuple[nn.Module, transformers.PretrainedConfig]:
 
 
 def inputs(name: str, config, batch: int, length: int, side: int, seed: int) -> object:
+    """Tokens (the first sample padded), pixels, a waveform, or mel features, as the family reads."""
     generator = torch.Generator().manual_seed(seed)
     if name in VISION:
-        fixed = getattr(config, "image_size", None)
-        side = side if fixed is None else (fixed[0] if isinstance(fixed, (list, tuple)) else max(fixed, 32))
-        return torch.randn(batch, 3, side, side, generator=generator)
+        return _pixels(config, batch, side, generator)
+    if name == "whisper":  # its encoder takes exactly twice max_source_positions frames
+        return {"input_features": torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions,
+                                              generator=generator),
+                "decoder_input_ids": torch.randint(3, VOCAB, (batch, length - 2), generator=generator)}
+    if name in AUDIO:
+        return {"input_values": torch.randn(batch, 25 * length, generator=generator)}
+    if name in TEXT_AND_IMAGE:
+        return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=generator),
+                "pixel_values": _pixels(config.vision_config, batch, side, generator)}
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, :3] = 0
     given = {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=generator), "attention_mask": mask}
     if config.is_encoder_decoder:
         given["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, length - 2), generator=generator)
     return given
+
+
+def _pixels(config, batch: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """Images of ``side`` pixels, or of the size the family fixes in its config."""
+    fixed = getattr(config, "image_size", None)
+    side = side if fixed is None else (fixed[0] if isinstance(fixed, (list, tuple)) else max(fixed, 32))
+    return torch.randn(batch, 3, side, side, generator=generator)
 
 
 def heads(model: nn.Module, config) -> list[nn.Module]:
@@ -148,7 +183,7 @@ def bench(name: str, kind: str) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return sweep_main(argv, __doc__.split("\n\n")[0], list(TEXT) + list(VISION), bench, "hf_architectures",
+    return sweep_main(argv, __doc__.split("\n\n")[0], list(FAMILIES), bench, "hf_architectures",
                       "speedup on Hugging Face architectures (tiny configs, random weights; a/b = after / before)",
                       {"transformers": transformers.__version__})
 
