@@ -16,7 +16,7 @@ or image classification, else the bare model):
 
 Usage::
 
-    bash dev.sh bench hf_architectures                     # every family below (about 4 min on 2 cores)
+    bash dev.sh bench hf_architectures                     # every family below (under a minute on 2 cores)
     bash dev.sh bench hf_architectures --models olmo,beit --masks b
 
 Rows go to ``benchmarks/results/hf_architectures.json`` (``--json PATH`` to put them elsewhere).
