@@ -18,6 +18,7 @@ They are importable by name, so a pickled sped-up model loads wherever speedup i
 from __future__ import annotations
 
 import math
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -326,13 +327,21 @@ class ConstantAwareResponseNorm(nn.Module):
         self.register_buffer("removed_norm_sum", total.reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels = self.dim % x.ndim
-        positions = [d for d in range(1, x.ndim) if d != channels]
-        norms = torch.linalg.vector_norm(x, 2, dim=positions, keepdim=True)
-        total = norms.sum(channels, keepdim=True) + self.removed_norm_sum * math.sqrt(math.prod(x.shape[d] for d in positions))
-        shape = [1] * x.ndim
-        shape[channels] = -1
-        return torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * (norms / (total / self.full_size + self.eps))) + x
+        return global_response_norm(x, self.weight, self.bias, self.dim, self.eps, self.full_size, self.removed_norm_sum)
+
+
+def global_response_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, eps: float,
+                         full_size: Optional[int] = None, removed_norm_sum: Union[torch.Tensor, float] = 0.0) -> torch.Tensor:
+    """GRN over dimension ``dim`` of ``x``, its mean over ``full_size`` channels (all of ``x``'s by
+    default), ``removed_norm_sum`` the sum of the absolute constants of those not in ``x``."""
+    channels = dim % x.ndim
+    positions = [d for d in range(1, x.ndim) if d != channels]
+    norms = torch.linalg.vector_norm(x, 2, dim=positions, keepdim=True)
+    total = norms.sum(channels, keepdim=True) + removed_norm_sum * math.sqrt(math.prod(x.shape[d] for d in positions))
+    shape = [1] * x.ndim
+    shape[channels] = -1
+    mean = total / (x.shape[channels] if full_size is None else full_size)
+    return torch.addcmul(bias.reshape(shape), weight.reshape(shape), x * (norms / (mean + eps))) + x
 
 
 class ChannelGather(nn.Module):

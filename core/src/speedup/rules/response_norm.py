@@ -18,11 +18,15 @@ from torch import nn
 from torch.func import functional_call
 
 from ..graph import Node, TensorValue
-from ..modules import ConstantAwareResponseNorm
+from ..modules import ConstantAwareResponseNorm, global_response_norm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule
 from .toolkit import clone_module, first_input, foldable, param_data
+
+
+_TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 class ResponseNormRule(ModuleRule):
@@ -86,6 +90,8 @@ def recognise_response_norm(module: nn.Module) -> Optional[ModuleRule]:
 
     A probe whose norms are small against that epsilon, with random weights, tells the layouts and
     epsilons apart (the module itself is not touched)."""
+    if isinstance(module, _TORCH_NORMS):  # a subclass of torch's norms is one of them (a layer norm written out)
+        return None
     parameters = dict(module.named_parameters(recurse=False))
     weight, bias = parameters.get("weight"), parameters.get("bias")
     if (len(module._modules) or len(parameters) != 2 or next(module.buffers(recurse=False), None) is not None
@@ -118,8 +124,7 @@ def _computes_response_norm(module: nn.Module, dim: int, eps: float) -> bool:
         return False
     if not isinstance(result, torch.Tensor) or result.shape != probe.shape:
         return False
-    expected = ConstantAwareResponseNorm(vectors["weight"], vectors["bias"], dim, eps, channels,
-                                         torch.zeros(0)).to(weight)(probe)
+    expected = global_response_norm(probe, vectors["weight"], vectors["bias"], dim, eps)
     return bool(torch.allclose(result, expected, rtol=1e-4, atol=scale * 1e-5))
 
 
