@@ -79,3 +79,26 @@ def test_a_size_that_fits_one_read_and_breaks_another_goes_back():
     report = check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 4, 8))
     assert model[0].width == 8 and not report.attributes
     assert [reason for reason in report.kept_for_verification if "view" in reason or "reshape" in reason]
+
+
+class CheckedPatchEmbedding(nn.Module):
+    """PVT's patch embedding: checks its input's channels against a size it stored, in Python, then
+    calls a convolution (whose own sizes its rule keeps in step)."""
+
+    def __init__(self, channels: int, out: int):
+        super().__init__()
+        self.num_channels = channels
+        self.projection = nn.Conv2d(channels, out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.num_channels:
+            raise ValueError("the channel dimension does not match the configuration")
+        return self.projection(x)
+
+
+def test_a_size_checked_before_a_known_module_is_called_is_set_in_the_module_calling_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), CheckedPatchEmbedding(8, 4)).eval()
+    report = _check(model, [0, 1, 4, 5], shrunk=["0.weight", "2.projection.weight"])
+    assert report.attributes == {"2.num_channels": (8, 4)} and not report.kept_for_verification
+    assert model[2].projection.in_channels == 4

@@ -6,7 +6,8 @@ attention layer reshapes with ``self.num_heads``. Plugins keep the sizes of the 
 step (``RuleRegistry.add_sizes``); a module no plugin knows keeps its stale size, and its call
 departs from the plan when the sped-up model is verified.
 
-When that happens, the module running the departing call is looked at: its integer attributes (and
+When that happens, the module running the departing call (for the call of a module a rule knows,
+the module calling it) is looked at: its integer attributes (and
 lists of them, as split sizes) that equal the full size of a dimension that shrank inside it are
 set to that dimension's new size, in every module of the same class (the same code reads them), and
 the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
@@ -22,7 +23,7 @@ from typing import Optional
 
 from torch import nn
 
-from .graph import Graph, Node, within_scope
+from .graph import Graph, Node, NodeKind, within_scope
 from .transaction import Transaction
 
 SizeFix = tuple[nn.Module, str, str, object, object]
@@ -82,14 +83,23 @@ class StoredSizes:
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
     """Ways to change stored sizes so that the module running ``node`` (and every module of its class)
-    may meet the planned shapes, most likely first; empty when the recording tells of none."""
-    if not node.scope:
+    may meet the planned shapes, most likely first; empty when the recording tells of none.
+
+    Where ``node`` is the call of a module a rule knows (whose sizes its rule keeps in step), the
+    module calling it is looked at: its code may check a size before the call (PVT's patch embedding
+    compares its input's channels with ``self.num_channels`` and raises)."""
+    scope = node.scope.rpartition(".")[0] if node.kind is NodeKind.MODULE else node.scope
+    return _choices_in(model, _nodes_by_scope(graph), scope)
+
+
+def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str) -> list[list[SizeFix]]:
+    """:func:`stale_size_choices` for the module named ``scope`` and every module of its class."""
+    if not scope:
         return []
     try:
-        owner = model.get_submodule(node.scope)
+        owner = model.get_submodule(scope)
     except AttributeError:
         return []
-    scopes = _nodes_by_scope(graph)
     # attribute -> [(module, its name, value before, value after)], and the attributes whose value is ambiguous
     candidates: dict[str, list[tuple[nn.Module, str, object, object]]] = defaultdict(list)
     ambiguous: set[str] = set()
@@ -139,9 +149,12 @@ def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:
 
 
 def _nodes_by_scope(graph: Graph) -> dict[str, list[Node]]:
+    """The calls each module's own code makes: its operators, and the calls of the modules it holds."""
     scopes: dict[str, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         scopes[node.scope].append(node)
+        if node.kind is NodeKind.MODULE and node.scope:
+            scopes[node.scope.rpartition(".")[0]].append(node)
     return scopes
 
 
