@@ -88,12 +88,17 @@ def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[
     Where ``node`` is the call of a module a rule knows (whose sizes its rule keeps in step), the
     module calling it is looked at: its code may check a size before the call (PVT's patch embedding
     compares its input's channels with ``self.num_channels`` and raises)."""
-    scope = node.scope.rpartition(".")[0] if node.kind is NodeKind.MODULE else node.scope
-    return _choices_in(model, _nodes_by_scope(graph), scope)
+    scopes = _nodes_by_scope(graph)
+    if node.kind is NodeKind.MODULE:  # the sizes the caller's code reads: its own calls', and those it passes
+        caller = node.scope.rpartition(".")[0]
+        return _choices_in(model, scopes, caller, {caller: [node]})
+    return _choices_in(model, scopes, node.scope, {})
 
 
-def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str) -> list[list[SizeFix]]:
-    """:func:`stale_size_choices` for the module named ``scope`` and every module of its class."""
+def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str,
+                passed: dict[str, list[Node]]) -> list[list[SizeFix]]:
+    """:func:`stale_size_choices` for the module named ``scope`` and every module of its class, the
+    sizes they read being those of their own calls and of the module calls in ``passed``."""
     if not scope:
         return []
     try:
@@ -106,7 +111,7 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str) -> 
     for name, module in model.named_modules():
         if type(module) is not type(owner):
             continue
-        fates = _fates(scopes, name)
+        fates = _fates(scopes.get(name, []) + passed.get(name, []))
         for attr, before in vars(module).items():
             sizes = _sizes(before)
             if sizes is None or attr.startswith("_"):
@@ -149,20 +154,16 @@ def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:
 
 
 def _nodes_by_scope(graph: Graph) -> dict[str, list[Node]]:
-    """The calls each module's own code makes: its operators, and the calls of the modules it holds."""
     scopes: dict[str, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         scopes[node.scope].append(node)
-        if node.kind is NodeKind.MODULE and node.scope:
-            scopes[node.scope.rpartition(".")[0]].append(node)
     return scopes
 
 
-def _fates(scopes: dict[str, list[Node]], name: str) -> dict[int, set[int]]:
-    """``full size -> planned sizes`` over the dimensions of the values the module's own code reads
-    and makes."""
+def _fates(nodes: list[Node]) -> dict[int, set[int]]:
+    """``full size -> planned sizes`` over the dimensions of the values these calls read and make."""
     fates: dict[int, set[int]] = defaultdict(set)
-    for node in scopes.get(name, []):
+    for node in nodes:
         for value in list(node.inputs) + list(node.outputs):
             for full, now in zip(value.shape, value.planned_shape()):
                 fates[full].add(now)
