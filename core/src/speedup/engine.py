@@ -569,8 +569,6 @@ def _skip_cached_constants(original: list[Node], position: int, new: Node) -> in
     def resumes(old: Node) -> bool:  # the same call from the same line of code
         return _same_call(old, new) and old.location == new.location
 
-    if position == len(original) or resumes(original[position]):
-        return position
     ahead = position
     while ahead < len(original) and not resumes(original[ahead]) and _makes_constants(original[ahead]):
         ahead += 1

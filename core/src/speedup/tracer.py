@@ -75,7 +75,7 @@ def trace(
     rather than as the operators it runs. The root module is never claimed: its forward is the
     graph. ``observe(module)`` marks unclaimed modules whose boundary values are noted (for
     ``customized_replace_func``); ``boundaries`` notes those of every unclaimed module holding
-    parameters or modules (for :mod:`speedup.refill`). ``known`` lists extra ``(name, owner,
+    parameters or modules, or written outside torch (for :mod:`speedup.refill`). ``known`` lists extra ``(name, owner,
     attribute)`` tensors that count as parameters. Objects in the output for which ``is_state`` holds
     (a key/value cache) are not outputs of the graph: their tensors need not keep their shapes. Runs
     under ``torch.no_grad``; the caller chooses train or eval mode.
@@ -338,13 +338,11 @@ class _Recorder(TorchDispatchMode):
             Node(len(self.graph.nodes), NodeKind.OPAQUE, ALIAS_WRITE, tuple(inputs), {"aligned": aligned}, inputs, [],
                  *self._caller())
         )
-        if _derived_origin(inputs) is Origin.CONSTANT:  # constants written into a constant (an index built in place)
-            value = self._constant(tensor)
-            value.producer = node
-        else:
-            value = self.graph.new_value(tensor, Origin.OPAQUE, producer=node)
+        # Constants written into a constant (an index built in place) make a constant.
+        constant = _derived_origin(inputs) is Origin.CONSTANT
+        value = self._record_output(tensor, Origin.CONSTANT if constant else Origin.OPAQUE, node)
         node.outputs.append(value)
-        return self._remember(tensor, value)
+        return value
 
     # -- operators ------------------------------------------------------------------------
 
