@@ -153,11 +153,11 @@ def test_where_outputs_differ_and_no_call_is_to_blame_the_last_refill_is_undone(
 
     verify, forced = engine._verify, []
 
-    def failing_once_refilled(model, *rest):
+    def failing_once_refilled(model, *rest, **options):
         if not forced and model.blocks[0].attn._forward_pre_hooks:
             forced.append(True)
             return engine._Check(False, None, "forced difference")
-        return verify(model, *rest)
+        return verify(model, *rest, **options)
 
     monkeypatch.setattr(engine, "_verify", failing_once_refilled)
     model = _model()

@@ -102,3 +102,66 @@ def test_a_size_checked_before_a_known_module_is_called_is_set_in_the_module_cal
     report = _check(model, [0, 1, 4, 5], shrunk=["0.weight", "2.projection.weight"])
     assert report.attributes == {"2.num_channels": (8, 4)} and not report.kept_for_verification
     assert model[2].projection.in_channels == 4
+
+
+class SplitAndScale(SplitInHalves):
+    """Splits by its stored size and multiplies by it too: a size read outside shapes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.in_channels
+
+
+class PoolByStoredWidth(nn.Module):
+    """Averages each channel, reshaping with the channel count it stored."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.channels, -1).mean(-1)
+
+
+def test_outputs_differing_with_no_call_to_blame_blame_each_size_set_latest_first():
+    """The first size set (``in_channels``, read as a factor too) makes the outputs differ, the
+    later one (``channels``) is innocent: once the later call is kept whole, the earlier size is
+    blamed and goes back, where before the speedup gave up with an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SplitAndScale(8), nn.Conv2d(8, 8, 1), PoolByStoredWidth(8),
+                          nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    masks = _first_conv_keeps([0, 1, 4, 5])
+    masks["2"] = {"weight": rows(torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool), (8, 8, 1, 1))}
+    masks["4"] = {"weight": rows(torch.arange(16) % 2 == 0, (16, 8))}
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7), shrunk=["4.weight", "6.weight"])
+    assert model[1].in_channels == 8 and not report.attributes
+    assert [reason for reason in report.kept_for_verification if "split" in reason]
+
+
+class CachedOffsets(nn.Module):
+    """Adds offsets made from its buffer and the input's size, made on the first call and kept until
+    the size changes (as YOLO's detection head keeps its anchors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("stride", torch.tensor([8.0, 16.0]))
+        self.size, self.offsets = None, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size != x.shape[-1]:
+            self.size = x.shape[-1]
+            self.offsets = torch.cat([x.new_full((1, x.shape[-1]), float(self.stride[i])) for i in range(2)])
+        return x + self.offsets.sum(0)
+
+
+def test_calls_a_module_makes_on_its_first_call_only_do_not_take_the_blame():
+    """The recording made the offsets; the sped-up model, run after it, reuses them: the calls that
+    made them are passed over, and the size read as a factor is blamed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SplitAndScale(8), nn.Conv2d(8, 8, 1), CachedOffsets(),
+                          nn.Flatten(), nn.Linear(8 * 36, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    masks = _first_conv_keeps([0, 1, 4, 5])
+    masks["5"] = {"weight": rows(torch.arange(16) % 2 == 0, (16, 8 * 36))}
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6), shrunk=["5.weight", "7.weight"])
+    assert model[1].in_channels == 8 and not report.attributes
+    assert [reason for reason in report.kept_for_verification if "split" in reason]
+    assert not [reason for reason in report.kept_for_verification if "'3'" in reason]

@@ -17,6 +17,7 @@ import gc
 import math
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -253,7 +254,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("replace")
         if not verify:
             break
-        check = _verify(model, args, kwargs, recorded, rules, replaced, draws)
+        check = _verify(model, args, kwargs, recorded, rules, replaced, draws, stored_sizes_set=bool(sizes.fixes))
         clock.lap("verify")
         if check.ok:
             report.max_abs_diff = check.max_abs_diff
@@ -480,9 +481,15 @@ class _Check:
     """The blamed call as the sped-up model made it (None where that is not known)."""
 
 
-def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws: RandomDraws) -> _Check:
+def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws: RandomDraws,
+            stored_sizes_set: bool = False) -> _Check:
     """Runs the sped-up model on the dummy input, drawing the random numbers the trace drew; on any
-    difference, finds the node responsible."""
+    difference, finds the node responsible.
+
+    Where stored sizes were set (:mod:`speedup.stale_sizes`), equal outputs are not enough: code may
+    read such a size outside shapes too (``self.head_dim ** -0.5``), and with small random weights
+    the changed scale can hide within the tolerance on the dummy input. The sped-up model is then
+    recorded again, and every number with a fraction it passes must be the one recorded."""
     try:
         draws.replay()
         with torch.no_grad(), fused_attention_off():
@@ -493,19 +500,33 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     difference, worst = _compare(recorded.output, output, is_state)
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
+    if stored_sizes_set:  # it ran above: recording it again raises nothing
+        changed = _first_changed_fraction(_recorded_calls(recorded), _record_again(model, args, kwargs, rules,
+                                                                                    replaced, draws).graph.nodes)
+        if changed is not None:
+            return changed
     return _Check(True, max_abs_diff=worst)
+
+
+def _recorded_calls(recorded: Trace) -> list[Node]:
+    return [n for n in recorded.graph.nodes if n.kind is not NodeKind.REFILL]  # the sped-up model records none
+
+
+def _record_again(model, args, kwargs, rules: _Rules, replaced, draws: RandomDraws) -> Trace:
+    """Records the sped-up model as the model was (its new modules claimed as the old ones were)."""
+    new_modules = {id(new) for _, new in replaced.pairs}
+    claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
+    _reset_mode_caches(_mode_aware(model))  # filled by the run
+    draws.replay()
+    return trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
 
 
 def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str,
             draws: RandomDraws) -> _Check:
     """Re-records the sped-up model to find the first node whose result is not the planned one."""
-    new_modules = {id(new) for _, new in replaced.pairs}
-    claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
-    original = [n for n in recorded.graph.nodes if n.kind is not NodeKind.REFILL]  # the sped-up model records none
-    _reset_mode_caches(_mode_aware(model))  # filled by the run
-    draws.replay()
+    original = _recorded_calls(recorded)
     try:
-        again = trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
+        again = _record_again(model, args, kwargs, rules, replaced, draws)
     except TracingFailed as failure:
         # The first call that went off-plan is to blame, even if the error comes later (a view
         # with -1 silently makes the wrong shape; an operator further on raises).
@@ -524,7 +545,9 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
     departs otherwise (see :meth:`~speedup.rule.Rule.departs`).
 
     Recorded calls making constants the second run did not make are passed over: a helper cached with
-    ``functools.lru_cache`` (BEiT's relative position index) computes them on the first call only."""
+    ``functools.lru_cache`` (BEiT's relative position index) computes them on the first call only, as
+    does a module caching what it derives from its buffers and the input's shape (YOLO's detection
+    head keeps its anchors, made from ``self.stride[i]``, until the input's size changes)."""
     for position, new in _aligned(original, again):
         old = original[position]
         if not _same_call(old, new):
@@ -534,8 +557,44 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
                 return _Check(False, old, f"produced shape {produced.shape} where {value.planned_shape()} was planned",
                               again=new)
         reason = old.rule.departs(old, new) if old.rule is not None else None
+        if reason is None and not (old.reads_input_numbers or new.reads_input_numbers):
+            reason = _changed_fraction(old, new)
         if reason is not None:
             return _Check(False, old, reason, again=new)
+    return None
+
+
+def _first_changed_fraction(original: list[Node], again: list[Node]) -> Optional[_Check]:
+    """The first re-recorded operator call passing a number with a fraction other than its recorded
+    counterpart did (see :func:`_changed_fraction`); None if none did.
+
+    The outputs were equal: calls may still differ where that changes nothing (a ``contiguous()``
+    copying in one run is a no-op in the other), so counterparts are the calls of the same operator
+    from the same line of code, the first with the first, and so on."""
+    def numbered(nodes: list[Node]) -> Iterator[tuple[tuple, Node]]:
+        seen: Counter = Counter()
+        for node in nodes:
+            if node.kind is NodeKind.OP and not node.reads_input_numbers:
+                seen[node.target, node.location] += 1
+                yield (node.target, node.location, seen[node.target, node.location]), node
+
+    recorded = dict(numbered(original))
+    for key, new in numbered(again):
+        old = recorded.get(key)
+        reason = _changed_fraction(old, new) if old is not None else None
+        if reason is not None:
+            return _Check(False, old, reason, again=new)
+    return None
+
+
+def _changed_fraction(old: Node, new: Node) -> Optional[str]:
+    """Why ``new`` departs in the numbers with a fraction it passes (None if it does not): shapes,
+    sizes and indices are integers and may shrink, but a scale or a fill value is the code's, and one
+    that changed was computed from a size that shrank."""
+    passed = lambda node: [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]  # noqa: E731
+    for before, after in zip(passed(old), passed(new)):
+        if before != after and not (math.isnan(before) and math.isnan(after)):
+            return f"the code passed {after:.6g} where {before:.6g} was recorded (computed from a size that shrank)"
     return None
 
 
@@ -576,7 +635,10 @@ def _skip_cached_constants(original: list[Node], position: int, new: Node) -> in
 
 
 def _makes_constants(node: Node) -> bool:
-    return bool(node.outputs) and all(v.origin is Origin.CONSTANT for v in node.outputs)
+    """Whether every output of ``node`` is the same for every input (read from parameters, buffers
+    and factories only), or it returns no tensor and reads only such (``float(self.stride[i])``)."""
+    values = node.outputs or node.inputs
+    return bool(values) and all(v.origin.input_independent for v in values)
 
 
 def _count_flops(model, args, kwargs) -> int:

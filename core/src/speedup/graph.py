@@ -175,6 +175,10 @@ class Node:
     rule: Any = None
     paths: list[tuple] = field(default_factory=list)
     """Module nodes: where each of ``outputs`` is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
+    reads_input_numbers: bool = False
+    """Operator nodes: the call passes a number the model read out of a tensor that depends on the
+    input (``torch.full(shape, h.sum().item())``). Its results hold no constant: no rule may take
+    the number for a literal."""
 
     @property
     def module(self) -> nn.Module:

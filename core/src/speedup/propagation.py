@@ -56,7 +56,7 @@ class Analysis:
         self._barrier = barrier
         self._unknown: set[int] = set()
         for node in graph.nodes:
-            rule = rule_for(node)
+            rule = barrier if node.reads_input_numbers else rule_for(node)  # kept whole, not reported
             if rule is None:
                 rule = barrier
                 self._unknown.add(node.index)

@@ -12,8 +12,10 @@ lists of them, as split sizes) that equal the full size of a dimension that shra
 set to that dimension's new size, in every module of the same class (the same code reads them), and
 the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
 ``out_channels`` both 64, only the input losing channels), each attribute is tried on its own, then
-all together. Only a verified result is kept: when no choice makes the call meet its plan, the sizes
-go back and the engine keeps the call whole instead.
+all together. Only a verified result is kept (equal outputs, and every number with a fraction passed
+to an operator as recorded: a size may be read outside shapes too, as an attention's scale
+``self.head_dim ** -0.5``): when no choice makes the call meet its plan, the sizes go back and the
+engine keeps the call whole instead.
 """
 
 from __future__ import annotations
@@ -43,15 +45,16 @@ class StoredSizes:
         self.choices: dict[int, list[list[SizeFix]]] = {}
         self.fixes: dict[int, list[SizeFix]] = {}
         self.nodes: dict[int, Node] = {}
-        self.latest: Optional[Node] = None
 
     def next_choice(self, departed: Optional[Node]) -> tuple[bool, Optional[Node]]:
         """``(tried, blamed)``: whether the next attempt tries another choice of sizes, and the call
         blamed for the departure. A departure inside a module whose sizes a choice changed blames
         that choice (a size read in two places may fit only one; a call inside it may be another call
         because a branch read a size), and so do outputs that differ with
-        no call departing (``departed`` None: the latest choice). When no choice is left, the blamed
-        call is the one to keep whole."""
+        no call departing (``departed`` None: the latest choice still set; once its call is kept whole,
+        the one before: a size may be read outside shapes, as YOLO-World's attention divides by
+        ``self.hc ** 0.5``, and only the values tell). When no choice is left, the blamed call is
+        the one to keep whole."""
         node = self._blamed(departed)
         if node is None:
             return False, departed
@@ -61,13 +64,13 @@ class StoredSizes:
         self.fixes.pop(node.index, None)
         if not left:
             return False, node
-        self.fixes[node.index] = left.pop(0)
-        self.nodes[node.index] = self.latest = node
+        self.fixes[node.index] = left.pop(0)  # last in order: the latest choice
+        self.nodes[node.index] = node
         return True, node
 
     def _blamed(self, departed: Optional[Node]) -> Optional[Node]:
         if departed is None:
-            return self.latest if self.latest is not None and self.latest.index in self.fixes else None
+            return self.nodes[next(reversed(self.fixes))] if self.fixes else None
         for index, fixes in self.fixes.items():
             if index != departed.index and any(within_scope(departed.scope, name) for _, name, _, _, _ in fixes):
                 return self.nodes[index]

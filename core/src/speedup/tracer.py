@@ -251,6 +251,8 @@ class _Recorder(TorchDispatchMode):
             self._names.setdefault(id(module), name)
         self._constant_storages: dict[int, list[TensorValue]] = {}
         self._writes: dict[int, list[TensorValue]] = {}
+        self._read_numbers: set = set()
+        """Python numbers the model read out of tensors that depend on the input (``.item()``, ``float(t)``)."""
         self.suppress = 0
         self.failed_call: Optional[Node] = None
         self._pending: list[tuple[list[TensorValue], tuple, dict, Optional[set[int]]]] = []
@@ -377,7 +379,11 @@ class _Recorder(TorchDispatchMode):
             raise
         if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
-        origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs)
+        origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs[1:] if facts.made_new else inputs)
+        if self._read_numbers and facts.passes_number(args, kwargs, self._read_numbers):
+            node.reads_input_numbers, origin = True, Origin.COMPUTED  # though every tensor it reads may be constant
+        elif origin is not Origin.CONSTANT and type(out) in (int, float):
+            self._read_numbers.add(out)
         self.graph.add_node(node)
         # Autograd makes the outputs of a view operator views of the argument it passed us (not of a
         # masked copy we ran the operator on): they share its version counter.
@@ -745,10 +751,19 @@ class _OperatorFacts:
     """FLOPs are counted for it."""
     seeded: bool
     """It draws random numbers: its result is not a constant even from constant inputs."""
+    made_new: bool
+    """It reads only the dtype and device of its first argument (``x.new_full(shape, 1.0)``)."""
+    lifts: bool
+    """It takes in a tensor Python made of numbers (``torch.tensor(s)``)."""
     view: bool
     """Its outputs are views of its first argument (``slice``, ``expand``, ``split``...)."""
     writes: tuple[tuple[int, str], ...]
     """(position, name) of the arguments it writes in place (``self`` of ``add_``, ``out=``)."""
+    numbers: tuple[tuple[int, str], ...]
+    """(position, name) of the arguments that may be a number standing for a value, not for a
+    dimension or a shape: a fill value, an index, the end of a range, the other operand of ``mul``
+    (Python passes ``x * 0.5`` as a float where the schema says Tensor). A dtype passed where the
+    schema says ``int`` is a ``torch.dtype``, which no number equals."""
 
     @classmethod
     def of(cls, func: Any) -> "_OperatorFacts":
@@ -756,10 +771,35 @@ class _OperatorFacts:
         return cls(
             counted=flop_count.counted(func),
             seeded=torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()),
+            made_new=func._opname in ("new_zeros", "new_ones", "new_full"),
+            lifts=func._opname in ("lift_fresh", "lift_fresh_copy"),
             view=any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns),
             writes=tuple((i, a.name) for i, a in enumerate(schema.arguments)
                          if a.alias_info is not None and a.alias_info.is_write),
+            numbers=tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                          if "dim" not in a.name and "List" not in str(a.type)),
         )
+
+    def passes_number(self, args: tuple, kwargs: dict, numbers: set) -> bool:
+        """Whether the call passes one of ``numbers`` as a value argument.
+
+        A model may read a number out of a tensor that depends on the input and make a tensor of it
+        (``torch.full(shape, h.sum().item())``): the result is not a constant, though every tensor
+        the call reads is. The number itself is all the recording can follow (one computed from it
+        in Python is not seen); an equal number written in the code is taken for it, which only
+        keeps more."""
+        for i, name in self.numbers:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            if type(value) in (int, float) and value in numbers:
+                return True
+        if self.lifts and args[0].numel() <= _FEW_NUMBERS:  # torch.tensor([s, 1.0])
+            return any(number in numbers for number in args[0].detach().cpu().reshape(-1).tolist())
+        return False
+
+
+_FEW_NUMBERS = 64
+"""Entries up to which a tensor made of Python numbers is read for numbers the input decided: more
+are not written out one by one in a model's code."""
 
 
 _FACTS: dict[Any, _OperatorFacts] = {}
