@@ -542,3 +542,28 @@ def test_a_change_the_trace_cannot_see_is_caught_even_where_it_is_small():
     with pytest.raises(speedup.VerificationError, match="does not compute what the masked model computes"):
         speedup.shrink(model, masks, torch.randn(2, 5, 8))
     assert_unchanged(model, before)
+
+
+class PicksByRank(nn.Module):
+    """Keeps the two largest features of each sample (as a detector keeps its best-scored queries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(2, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h.gather(1, h.topk(2, dim=1).indices))
+
+
+def test_a_model_that_does_not_verify_and_picks_by_rank_is_told_why_that_may_be(monkeypatch):
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
+    torch.manual_seed(0)
+    model = PicksByRank().eval()
+    before = state_and_structure(model)
+    masks = {"a": {"weight": rows(keep_mask(8, 0.5, torch.Generator().manual_seed(0)), (8, 4))}}
+    with pytest.raises(speedup.VerificationError, match=r"picks entries by rank \(aten\.topk\.default .*another dummy input"):
+        speedup.shrink(model, masks, torch.randn(2, 4))
+    assert_unchanged(model, before)

@@ -352,13 +352,13 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
             undone = refills.pop()
             undone.undo(graph)
             return reason + f" ('{undone.boundary.name}' no longer refilled)"
-        raise _unverifiable(reason)
+        raise _unverifiable(reason, graph)
     if node.index in pinned:
         # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
         # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole.
         scope = _enclosing_unpinned_scope(graph, node, pinned)
         if scope is None:
-            raise _unverifiable(reason)
+            raise _unverifiable(reason, graph)
         kept = [scope]
         found = refill(graph, graph.observed.get(scope)) if refills is not None else None
         if found is not None:
@@ -389,10 +389,20 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
 
 
-def _unverifiable(reason: str) -> VerificationError:
+def _unverifiable(reason: str, graph: Graph) -> VerificationError:
+    """The error where nothing more can be kept; it names the calls picking entries by rank, if any
+    (round-off can pick others where values tie, as RT-DETR's top-k query selection does on random
+    weights: then another dummy input, or trained weights, may verify)."""
+    ranking = [n for n in graph.nodes if n.kind is NodeKind.OP and n.rule is not None and n.rule.picks_by_rank(n)]
+    hint = ""
+    if ranking:
+        hint = (f" The model picks entries by rank ({ranking[0].describe()}"
+                f"{f' and {len(ranking) - 1} more' if len(ranking) > 1 else ''}): where the masked model's values "
+                "tie, round-off alone makes the sped-up model pick others; try another dummy input. If that does not "
+                "help,")
     return VerificationError(
         f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
-        "unchanged. Please report this with the model's code."
+        f"unchanged.{hint or ''} {'please' if hint else 'Please'} report this with the model's code."
     )
 
 

@@ -71,6 +71,12 @@ class Rule:
         code). The call is then kept as :meth:`keep_after_departure` says."""
         return None
 
+    def picks_by_rank(self, node: "Node") -> bool:
+        """Whether the call picks entries by the order of their values and the model reads what it
+        picked (``topk`` and its indices): where values tie, round-off alone picks others, and a
+        model that equals the masked one may still not verify. Only said when verification fails."""
+        return False
+
     @property
     def label(self) -> str:
         return self.name or type(self).__name__

@@ -69,6 +69,10 @@ class Reduction(OpRule):
             for d in reduced:
                 ctx.accept(x, d)
 
+    def picks_by_rank(self, node: Node) -> bool:
+        name, indices = node.target._opname, node.outputs[-1]
+        return name in ("argmax", "argmin") or (name in ("max", "min") and len(node.outputs) == 2 and bool(indices.consumers))
+
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
         result = _constant_result(node)
@@ -125,6 +129,9 @@ class AlongOneDim(Reduction):
         x = node.args[0]
         dim = bind(node).get("dim", -1) % max(x.ndim, 1)
         return x, [dim], {d: d for d in range(x.ndim) if d != dim}
+
+    def picks_by_rank(self, node: Node) -> bool:
+        return node.target._opname in ("topk", "sort") and bool(node.outputs[1].consumers)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         name = node.target._opname.rstrip("_")
