@@ -132,7 +132,8 @@ def test_outputs_differing_with_no_call_to_blame_blame_each_size_set_latest_firs
     masks = _first_conv_keeps([0, 1, 4, 5])
     masks["2"] = {"weight": rows(torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool), (8, 8, 1, 1))}
     masks["4"] = {"weight": rows(torch.arange(16) % 2 == 0, (16, 8))}
-    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7), shrunk=["4.weight", "6.weight"])
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7),
+                           shrunk=["4.weight", "6.weight"])
     assert model[1].in_channels == 8 and not report.attributes
     assert [reason for reason in report.kept_for_verification if "split" in reason]
 
@@ -161,7 +162,8 @@ def test_calls_a_module_makes_on_its_first_call_only_do_not_take_the_blame():
                           nn.Flatten(), nn.Linear(8 * 36, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     masks = _first_conv_keeps([0, 1, 4, 5])
     masks["5"] = {"weight": rows(torch.arange(16) % 2 == 0, (16, 8 * 36))}
-    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6), shrunk=["5.weight", "7.weight"])
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6),
+                           shrunk=["5.weight", "7.weight"])
     assert model[1].in_channels == 8 and not report.attributes
     assert [reason for reason in report.kept_for_verification if "split" in reason]
     assert not [reason for reason in report.kept_for_verification if "'3'" in reason]

@@ -30,7 +30,7 @@ from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
-from .graph import Graph, Node, NodeKind, Origin, within_scope
+from .graph import Graph, Node, NodeKind, within_scope
 from .lazy_masks import LazyMasks
 from .leftovers import masked_but_kept
 from .masks import MaskSource, load_masks
@@ -394,15 +394,15 @@ def _unverifiable(reason: str, graph: Graph) -> VerificationError:
     (round-off can pick others where values tie, as RT-DETR's top-k query selection does on random
     weights: then another dummy input, or trained weights, may verify)."""
     ranking = [n for n in graph.nodes if n.kind is NodeKind.OP and n.rule is not None and n.rule.picks_by_rank(n)]
-    hint = ""
+    advice = "Please report this with the model's code."
     if ranking:
-        hint = (f" The model picks entries by rank ({ranking[0].describe()}"
-                f"{f' and {len(ranking) - 1} more' if len(ranking) > 1 else ''}): where the masked model's values "
-                "tie, round-off alone makes the sped-up model pick others; try another dummy input. If that does not "
-                "help,")
+        more = f" and {len(ranking) - 1} more" if len(ranking) > 1 else ""
+        advice = (f"The model picks entries by rank ({ranking[0].describe()}{more}): where the masked model's values "
+                  "tie, round-off alone makes the sped-up model pick others; try another dummy input. If that does not "
+                  "help, please report this with the model's code.")
     return VerificationError(
         f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
-        f"unchanged.{hint or ''} {'please' if hint else 'Please'} report this with the model's code."
+        f"unchanged. {advice}"
     )
 
 

@@ -70,8 +70,10 @@ class Reduction(OpRule):
                 ctx.accept(x, d)
 
     def picks_by_rank(self, node: Node) -> bool:
-        name, indices = node.target._opname, node.outputs[-1]
-        return name in ("argmax", "argmin") or (name in ("max", "min") and len(node.outputs) == 2 and bool(indices.consumers))
+        name = node.target._opname
+        if name in ("argmax", "argmin"):
+            return True
+        return name in ("max", "min") and len(node.outputs) == 2 and bool(node.outputs[1].consumers)  # max.dim
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
