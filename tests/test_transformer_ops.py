@@ -749,3 +749,39 @@ def test_constants_a_cached_helper_makes_on_the_first_call_only_do_not_confuse_v
     masks.update(output_channel_masks(model, ["fc1"]))
     report = check_speedup(model, masks, torch.randn(2, 8, 16), torch.randn(3, 8, 16), shrunk=["fc1.weight", "fc2.weight"])
     assert report.kept_for_verification and all("aten.view" in r for r in report.kept_for_verification)
+
+
+class AttentionOfRank(nn.Module):
+    """Scaled dot-product attention on inputs of 3 (heads folded into the batch) or 5 dimensions,
+    which torch runs on its math path, as several operators; ``scale`` given or not."""
+
+    def __init__(self, rank: int, scale: bool, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.rank, self.heads, self.scale = rank, heads, 0.25 if scale else None
+
+    def forward(self, x):
+        b, n, _ = x.shape
+
+        def split(t):
+            t = t.reshape(b, n, self.heads, -1).transpose(1, 2)
+            return t.reshape(b * self.heads, n, -1) if self.rank == 3 else t.unsqueeze(2)
+
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), scale=self.scale)
+        return self.out(out.reshape(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+@pytest.mark.parametrize("scale", [False, True])
+def test_attention_on_its_math_path_keeps_its_scale(rank, scale):
+    """The default scale is ``E ** -0.5``: features within heads of ``q`` and ``k`` may go only where
+    the call gives its scale. Recorded as its operators, ``E ** -0.25`` multiplying both looked like a
+    number of the code's, and the scale changed."""
+    torch.manual_seed(0)
+    model = AttentionOfRank(rank, scale).eval()
+    keep = torch.arange(32) % 4 != 0
+    masks = {name: {"weight": rows(keep, (32, 32)), "bias": keep} for name in ("q", "k")}
+    report = check_speedup(model, masks, torch.randn(2, 6, 32), torch.randn(3, 7, 32),
+                           shrunk=["q.weight", "k.weight"] if scale else [])
+    assert not report.kept_for_verification
+    assert model.q.out_features == (24 if scale else 32)

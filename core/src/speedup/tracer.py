@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode
 
 from . import flops as flop_count
@@ -99,7 +100,7 @@ def trace(
     handles += _observe_modules(model, modules, recorder, claims, observe, boundaries)
     try:
         recorder.bind_inputs(args, kwargs)
-        with torch.no_grad(), fused_attention_off(), recorder:
+        with torch.no_grad(), fused_attention_off(), recorder, _WholeAttention(recorder):
             output = model(*args, **kwargs)
         recorder.bind_outputs(output, is_state)
     except Exception as exc:
@@ -212,6 +213,29 @@ def iter_tensor_paths(obj: Any, skip: Optional[Callable[[Any], bool]] = None, _p
         return
     for step, child in children:
         yield from iter_tensor_paths(child, skip, _path + ((step,) if step else ()), _seen)
+
+
+class _WholeAttention(TorchFunctionMode):
+    """Records ``F.scaled_dot_product_attention`` as one call where torch would run it as several
+    operators: its math path (inputs that are not 4-D on CPU, some dtypes and masks) multiplies
+    ``q`` and ``k`` by ``E ** -0.25`` for the default scale, a number that would not follow the
+    size ``E`` if it shrank. The whole call's rule knows that (see ``speedup.rules.contraction``).
+    The fused kernels are single operators already and pass through."""
+
+    def __init__(self, recorder: "_Recorder"):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _ATTENTION and not self.recorder.suppress and self.recorder.runs_attention_math(args, kwargs):
+            return self.recorder.record_whole(torch.ops.aten.scaled_dot_product_attention.default, func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+_ATTENTION = torch.nn.functional.scaled_dot_product_attention
+_MATH = 0
+"""``torch._fused_sdp_choice``'s answer for the math path (``SDPBackend.MATH``)."""
 
 
 class _Recorder(TorchDispatchMode):
@@ -502,6 +526,34 @@ class _Recorder(TorchDispatchMode):
             size = max(like.numel(), largest if slot == 0 else 0)
             buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buffer.as_strided(like.shape, like.stride())
+
+    def runs_attention_math(self, args: tuple, kwargs: dict) -> bool:
+        """Whether ``F.scaled_dot_product_attention(*args, **kwargs)`` would take the math path."""
+        self.suppress += 1  # the choice is an operator too; not a call of the model's
+        try:
+            return torch._fused_sdp_choice(*args, **kwargs) == _MATH
+        except Exception:  # noqa: BLE001 - arguments it does not take: the call itself will say
+            return False
+        finally:
+            self.suppress -= 1
+
+    def record_whole(self, target: Any, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs ``func`` as one recorded call of the operator ``target``, the operators it runs unrecorded."""
+        inputs: list[TensorValue] = []
+        call_args = tuple(self._substitute(a, inputs) for a in args)
+        call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
+        node = Node(len(self.graph.nodes), NodeKind.OP, target, call_args, call_kwargs, inputs, [], *self._caller())
+        self.suppress += 1
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed_call = node
+            raise
+        finally:
+            self.suppress -= 1
+        self.graph.add_node(node)
+        node.outputs = [self._record_output(tensor, _derived_origin(inputs), node) for tensor in _tensors(out)]
+        return out
 
     def _substitute(self, arg: Any, found: list) -> Any:
         """An argument with every tensor replaced by its value (arguments nest one level: lists);
