@@ -266,6 +266,15 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> int:
     return count
 
 
+def randomize_zero_parameters(model: nn.Module, generator: torch.Generator, scale: float) -> None:
+    """Gives every parameter that is all zeros (a zero-initialised output layer, gate or layer scale)
+    random values of standard deviation ``scale``, so that the model's outputs depend on every layer."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.numel() and float(param.abs().max()) == 0:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 # --------------------------------------------------------------------------------------------
 # Model facts
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import random_channel_masks, randomize_batchnorm  # noqa: E402
+from _common import random_channel_masks, randomize_batchnorm, randomize_zero_parameters  # noqa: E402
 from _sweep import sweep_main, sweep_row  # noqa: E402
 
 from speedup.groups import consistent_masks  # noqa: E402
@@ -90,10 +90,8 @@ def _diffusers(name: str) -> tuple[nn.Module, Inputs]:
                                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
         inputs = lambda b, g: (torch.randn(b, 4, 8, 8, generator=g), steps(b), torch.tensor([1] * b))  # noqa: E731
     generator = torch.Generator().manual_seed(3)
+    randomize_zero_parameters(model, generator, 0.05)  # zero-initialised output layers and gates
     with torch.no_grad():
-        for param in model.parameters():
-            if param.numel() and float(param.abs().max()) == 0:  # zero-initialised output layers and gates
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
         for norm in model.modules():
             if isinstance(norm, nn.GroupNorm) and norm.affine:
                 norm.weight.copy_(1 + 0.2 * torch.randn(norm.weight.shape, generator=generator))

@@ -36,7 +36,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from _common import random_channel_masks, randomize_batchnorm  # noqa: E402
+from _common import random_channel_masks, randomize_batchnorm, randomize_zero_parameters  # noqa: E402
 from _sweep import sweep_main, sweep_row  # noqa: E402
 
 from speedup.groups import consistent_masks  # noqa: E402
@@ -57,11 +57,7 @@ hiera_tiny_224 convnext_atto_rms eca_nfnet_l0
 def build(name: str, seed: int = 3) -> nn.Module:
     model = timm.create_model(name, pretrained=False).eval()
     randomize_batchnorm(model, seed=1)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.numel() and float(param.abs().max()) == 0:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    randomize_zero_parameters(model, torch.Generator().manual_seed(seed), 0.02)
     return model
 
 

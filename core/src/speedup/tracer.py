@@ -398,9 +398,7 @@ class _Recorder(TorchDispatchMode):
             for tensor in _tensors(out):
                 self._hidden[id(tensor)] = weakref.ref(tensor)
             return out
-        inputs: list[TensorValue] = []
-        call_args = tuple(self._substitute(a, inputs) for a in args)
-        call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()} if kwargs else {}
+        inputs, call_args, call_kwargs = self._substituted(args, kwargs)
         written = _written_tensors(facts, args, kwargs) if facts.writes else ()
         for tensor in written:
             self._protect_before_write(tensor)
@@ -548,9 +546,7 @@ class _Recorder(TorchDispatchMode):
 
     def record_whole(self, target: Any, func: Callable, args: tuple, kwargs: dict) -> Any:
         """Runs ``func`` as one recorded call of the operator ``target``, the operators it runs unrecorded."""
-        inputs: list[TensorValue] = []
-        call_args = tuple(self._substitute(a, inputs) for a in args)
-        call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
+        inputs, call_args, call_kwargs = self._substituted(args, kwargs)
         node = Node(len(self.graph.nodes), NodeKind.OP, target, call_args, call_kwargs, inputs, [], *self._caller())
         self.suppress += 1
         try:
@@ -563,6 +559,13 @@ class _Recorder(TorchDispatchMode):
         self.graph.add_node(node)
         node.outputs = [self._record_output(tensor, _derived_origin(inputs), node) for tensor in _tensors(out)]
         return out
+
+    def _substituted(self, args: tuple, kwargs: dict) -> tuple[list[TensorValue], tuple, dict]:
+        """``(values of the tensors passed, args, kwargs)`` of a call, every tensor replaced by its value."""
+        inputs: list[TensorValue] = []
+        call_args = tuple(self._substitute(a, inputs) for a in args)
+        call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()} if kwargs else {}
+        return inputs, call_args, call_kwargs
 
     def _substitute(self, arg: Any, found: list) -> Any:
         """An argument with every tensor replaced by its value (arguments nest one level: lists);
@@ -624,9 +627,7 @@ class _Recorder(TorchDispatchMode):
         if id(module) in self.own_flops:
             self._recounting += 1
         if self.suppress == 0:
-            inputs: list[TensorValue] = []
-            call_args = tuple(self._substitute(a, inputs) for a in args)
-            call_kwargs = {k: self._substitute(v, inputs) for k, v in kwargs.items()}
+            inputs, call_args, call_kwargs = self._substituted(args, kwargs)
             self._pending.append((inputs, call_args, call_kwargs, _storages((args, kwargs)) if self._writes else None))
             own = self.self_masking.get(id(module))
             # A module masking its own output reads its weights as they are (set aside until it returns).
