@@ -22,21 +22,29 @@ USES = {
 }
 
 
+READS = {
+    "item": lambda x: x.abs().mean().item(),
+    "float": lambda x: float(x.abs().mean()),
+    "tolist": lambda x: x.abs().mean().tolist(),
+    "list entry": lambda x: x.abs().mean(0).tolist()[1],
+}
+
+
 class ReadsANumber(nn.Module):
-    def __init__(self, use):
+    def __init__(self, use, read="item"):
         super().__init__()
         self.a, self.norm, self.b = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
-        self.use = use
+        self.use, self.read = use, read
 
     def forward(self, x):
         h = self.norm(self.a(x))  # the masked rows of a hold the norm's shift: constants
-        return self.b(USES[self.use](h, x.abs().mean().item()))
+        return self.b(USES[self.use](h, READS[self.read](x)))
 
 
-@pytest.mark.parametrize("use", USES)
-def test_a_number_read_from_the_input_is_not_folded_as_a_constant(use):
+@pytest.mark.parametrize("use, read", [(use, "item") for use in USES] + [("scaled", read) for read in READS if read != "item"])
+def test_a_number_read_from_the_input_is_not_folded_as_a_constant(use, read):
     torch.manual_seed(0)
-    model = randomize_norms(ReadsANumber(use), 0).eval()
+    model = randomize_norms(ReadsANumber(use, read), 0).eval()
     keep = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
     masks = {"a": {"weight": keep[:, None].expand(8, 4), "bias": keep}}
     reference = masked_copy(model, masks).eval()

@@ -99,7 +99,7 @@ def trace(
     handles += _observe_modules(model, modules, recorder, claims, observe, boundaries)
     try:
         recorder.bind_inputs(args, kwargs)
-        with torch.no_grad(), fused_attention_off(), recorder, _attention_recorded_whole(recorder):
+        with torch.no_grad(), fused_attention_off(), recorder, _attention_recorded_whole(recorder), _lists_read(recorder):
             output = model(*args, **kwargs)
         recorder.bind_outputs(output, is_state)
     except Exception as exc:
@@ -245,6 +245,30 @@ def _attention_recorded_whole(recorder: "_Recorder") -> Iterator[None]:
 
 _MATH = 0
 """``torch._fused_sdp_choice``'s answer for the math path (``SDPBackend.MATH``)."""
+
+
+@contextlib.contextmanager
+def _lists_read(recorder: "_Recorder") -> Iterator[None]:
+    """Notes the numbers ``Tensor.tolist`` reads, while recording: it reads the tensor's memory
+    without an operator, so the recorder would not see a model take numbers out of a tensor that
+    depends on the input (``scale = x.abs().amax(0).tolist()``), as ``.item()`` does through one."""
+    own = torch.Tensor.__dict__.get("tolist")
+    tolist = torch.Tensor.tolist
+
+    def read(tensor: torch.Tensor) -> Any:
+        numbers = tolist(tensor)
+        if _get_current_dispatch_mode() is recorder and not recorder.suppress:
+            recorder.note_numbers_read(tensor, numbers)
+        return numbers
+
+    torch.Tensor.tolist = read
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.tolist
+        else:
+            torch.Tensor.tolist = own
 
 
 class _Recorder(TorchDispatchMode):
@@ -533,6 +557,19 @@ class _Recorder(TorchDispatchMode):
             size = max(like.numel(), largest if slot == 0 else 0)
             buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buffer.as_strided(like.shape, like.stride())
+
+    def note_numbers_read(self, tensor: torch.Tensor, numbers: Any) -> None:
+        """Python numbers the model read out of ``tensor`` (``tensor.tolist()``): followed as the
+        numbers ``.item()`` returns, where the tensor depends on the input."""
+        if self.value_of(tensor).origin.input_independent:
+            return
+        stack = [numbers]
+        while stack:
+            number = stack.pop()
+            if type(number) is list:
+                stack.extend(number)
+            elif type(number) in (int, float):
+                self._read_numbers.add(number)
 
     def runs_attention_math(self, args: tuple, kwargs: dict) -> bool:
         """Whether ``F.scaled_dot_product_attention(*args, **kwargs)`` would take the math path."""
