@@ -428,6 +428,26 @@ def test_group_norm_folds_non_zero_constants_of_any_channels_and_trains_like_the
     torch.testing.assert_close(y.grad, x.grad, rtol=1e-4, atol=1e-5)
 
 
+class ChunkedNorm(nn.Module):
+    """A group norm over one chunk of the channels: a view that is not contiguous beyond batch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 12, 3), nn.GroupNorm(1, 6), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        first, second = self.conv(x).chunk(2, 1)
+        return self.head(torch.cat([self.norm(first), second], 1))
+
+
+def test_group_norm_counting_constants_takes_a_chunk_of_channels_at_any_batch():
+    model = randomize_norms(ChunkedNorm())
+    kept = torch.tensor([True, False, True, True, False, True])
+    masks = {"conv": {"weight": rows(kept.repeat(2), (12, 3, 3, 3))}, "norm": {"weight": kept, "bias": kept}}
+    check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(3, 3, 5, 7), shrunk=["conv.weight", "head.weight"])
+    assert isinstance(model.norm, ConstantAwareGroupNorm) and model.norm.num_channels == 4
+
+
 def test_group_norm_of_one_group_keeps_varying_channels_it_zeroes():
     # A scale of zero makes the output channel its shift, but the input channel still counts in the
     # statistics of every other channel: the conv before keeps it (and so does the norm).

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .slicing import memory_format_of
+
 _REDUCED = (torch.float16, torch.bfloat16)
 """Dtypes whose statistics the constant-aware norms take in float32."""
 
@@ -256,6 +258,7 @@ class ConstantAwareGroupNorm(_CountingNorm, nn.GroupNorm):
         return torch.index_add(totals, 1, self.group_index, per_channel)
 
     def _fused(self, input: torch.Tensor, weight, bias) -> torch.Tensor:
+        input = input.contiguous(memory_format=memory_format_of(input))  # the fused kernel reads it so (a channel slice is not)
         batch, channels = input.shape[0], input.shape[1]
         count, s1, s2 = self._removed(input.dtype)
         full, index = self.channels_per_group, self.group_index
