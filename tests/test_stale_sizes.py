@@ -167,3 +167,65 @@ def test_calls_a_module_makes_on_its_first_call_only_do_not_take_the_blame():
     assert model[1].in_channels == 8 and not report.attributes
     assert [reason for reason in report.kept_for_verification if "split" in reason]
     assert not [reason for reason in report.kept_for_verification if "'3'" in reason]
+
+
+class PartialConvolution(nn.Module):
+    """FasterNet's partial convolution: a convolution over the first channels only, the others passed
+    through, split by sizes it stored (or written in the code)."""
+
+    def __init__(self, channels: int, convolved: int, literal: bool = False):
+        super().__init__()
+        self.dim_conv, self.dim_untouched, self.literal = convolved, channels - convolved, literal
+        self.conv = nn.Conv2d(convolved, convolved, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = [3, 5] if self.literal else [self.dim_conv, self.dim_untouched]
+        first, rest = torch.split(x, sizes, 1)
+        return torch.cat([self.conv(first), rest], 1)
+
+
+class PartialBlock(nn.Module):
+    def __init__(self, literal: bool = False):
+        super().__init__()
+        self.mix, self.mlp = PartialConvolution(8, 3, literal), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.mix(x))
+
+
+def _partial_model(literal: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PartialBlock(literal), nn.Conv2d(8, 4, 1)).eval()
+
+
+def _stream_keeps(kept: list[int], **more: torch.Tensor) -> dict:
+    keep = torch.zeros(8, dtype=torch.bool)
+    keep[kept] = True
+    masks = {"0": {"weight": rows(keep, (8, 3, 3, 3)), "bias": keep}, "1.mlp": {"weight": rows(keep, (8, 8, 1, 1)), "bias": keep}}
+    masks.update({name: {"weight": rows(k, (k.numel(), 3, 3, 3)), "bias": k} for name, k in more.items()})
+    return masks
+
+
+def test_parts_of_a_split_of_different_sizes_each_lose_their_own_channels():
+    model = _partial_model()
+    masks = _stream_keeps([0, 1, 2, 3, 5, 7])  # the convolved part keeps its 3 channels, the rest 3 of 5
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7), shrunk=["0.weight", "1.mlp.weight"])
+    assert report.attributes == {"1.mix.dim_untouched": (5, 3)} and not report.kept_for_verification
+    assert model[1].mix.conv.weight.shape == (3, 3, 3, 3)
+
+
+def test_a_part_of_a_split_takes_the_size_of_that_part_where_a_layer_inside_shrank_to_another():
+    model = _partial_model()
+    # the convolved part keeps 2 of its 3 channels, the convolution 1 of its 3 outputs
+    masks = _stream_keeps([0, 2, 3, 4, 5, 6, 7], **{"1.mix.conv": torch.tensor([1, 0, 0], dtype=torch.bool)})
+    report = check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7),
+                           shrunk=["0.weight", "1.mix.conv.weight"])
+    assert report.attributes == {"1.mix.dim_conv": (3, 2)} and not report.kept_for_verification
+    assert model[1].mix.conv.weight.shape == (1, 2, 3, 3)
+
+
+def test_a_split_by_sizes_written_in_the_code_keeps_its_input_whole():
+    model = _partial_model(literal=True)
+    report = check_speedup(model, _stream_keeps([0, 1, 2, 3, 5, 7]), torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7))
+    assert [reason for reason in report.kept_for_verification if "split" in reason]
+    assert model[0].weight.shape[0] == 8

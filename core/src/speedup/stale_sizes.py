@@ -8,9 +8,10 @@ departs from the plan when the sped-up model is verified.
 
 When that happens, the module running the departing call (for the call of a module a rule knows,
 the module calling it) is looked at: its integer attributes (and
-lists of them, as split sizes) that equal the full size of a dimension that shrank inside it are
-set to that dimension's new size, in every module of the same class (the same code reads them), and
-the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
+short lists of them, as split sizes) that equal the full size of a dimension that shrank inside it
+are set to that dimension's new size (that of the departing call's own dimensions first, where a
+dimension of the same full size shrank to another elsewhere in the module), in every module of the
+same class (the same code reads them), and the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
 ``out_channels`` both 64, only the input losing channels), each attribute is tried on its own, then
 all together. Only a verified result is kept (equal outputs, and every number with a fraction passed
 to an operator as recorded: a size may be read outside shapes too, as an attention's scale
@@ -21,7 +22,7 @@ engine keeps the call whole instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -94,14 +95,24 @@ def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[
     scopes = _nodes_by_scope(graph)
     if node.kind is NodeKind.MODULE:  # the sizes the caller's code reads: its own calls', and those it passes
         caller = node.scope.rpartition(".")[0]
-        return _choices_in(model, scopes, caller, {caller: [node]})
-    return _choices_in(model, scopes, node.scope, {})
+        return _choices_in(model, scopes, caller, {caller: [node]}, lambda other: other is node)
+    return _choices_in(model, scopes, node.scope, {}, lambda other: _same_code(other, node))
 
 
-def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str,
-                passed: dict[str, list[Node]]) -> list[list[SizeFix]]:
+def _same_code(a: Node, b: Node) -> bool:
+    """Whether two calls are the same operator issued by the same line of code (in modules of one class)."""
+    return a.kind is b.kind and a.target == b.target and a.location == b.location
+
+
+def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, passed: dict[str, list[Node]],
+                departing: Callable[[Node], bool]) -> list[list[SizeFix]]:
     """:func:`stale_size_choices` for the module named ``scope`` and every module of its class, the
-    sizes they read being those of their own calls and of the module calls in ``passed``."""
+    sizes they read being those of their own calls and of the module calls in ``passed``.
+
+    A size among the dimensions of the departing call (``departing`` says which calls are that call,
+    in each module) takes the size they shrank to, or keeps its own where they kept theirs: a part of
+    a split may shrink to one size, or none, while another dimension of the same full size in the
+    module (a convolution's output) shrank to another."""
     if not scope:
         return []
     try:
@@ -114,17 +125,19 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str,
     for name, module in model.named_modules():
         if type(module) is not type(owner):
             continue
-        fates = _fates(scopes.get(name, []) + passed.get(name, []))
+        calls = scopes.get(name, []) + passed.get(name, [])
+        fates = _fates(calls)
+        own = _fates([call for call in calls if departing(call)])
         for attr, before in vars(module).items():
             sizes = _sizes(before)
             if sizes is None or attr.startswith("_"):
                 continue
-            after = [_new_size(fates, size) for size in sizes]
+            after = [_new_size(own if size in own else fates, size) for size in sizes]
             if any(new is None for new in after) or after == sizes:
                 continue
             candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
-            if any(size in fates.get(size, ()) for size, new in zip(sizes, after) if new != size):
-                ambiguous.add(attr)
+            if any(fates[size] != {new} for size, new in zip(sizes, after) if new != size):
+                ambiguous.add(attr)  # another dimension of that size kept it, or shrank to another
     sure = [attr for attr in candidates if attr not in ambiguous]
     unsure = [attr for attr in candidates if attr in ambiguous]
     chosen = [sure] if sure else []
@@ -134,11 +147,16 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str,
     return [_fixes(candidates, attrs) for attrs in chosen[:_MOST_CHOICES]]
 
 
+_MOST_SIZES = 16
+"""Entries of a list of integers beyond which it is a table (LeViT's attention offsets), not sizes."""
+
+
 def _sizes(attribute: object) -> Optional[list[int]]:
-    """The sizes an attribute may hold: an integer, or a list or tuple of them (split sizes)."""
+    """The sizes an attribute may hold: an integer, or a short list or tuple of them (split sizes)."""
     if type(attribute) is int:
         return [attribute]
-    if type(attribute) in (list, tuple) and attribute and all(type(a) is int for a in attribute):
+    if (type(attribute) in (list, tuple) and 0 < len(attribute) <= _MOST_SIZES
+            and all(type(a) is int for a in attribute)):
         return list(attribute)
     return None
 

@@ -13,7 +13,11 @@ entries that are removable for another reason.
 ``split`` into equal parts (which is what ``chunk`` becomes) is treated like ``view(k, s)``:
 removing position ``e`` removes it from every part, so the parts shrink equally and ``chunk``
 still cuts at the right places. A literal ``split(58)`` would not adapt; the verification of the
-sped-up model catches that and keeps the dimension instead.
+sped-up model catches that and keeps the dimension instead. Parts of different sizes
+(``split(x, [self.dim_conv, self.dim_untouched])``, FasterNet's partial convolution) each lose their
+own entries, as the inputs of a ``cat`` do: the sizes the code passes must then follow, which they do
+where the module stored them (see :mod:`speedup.stale_sizes`); otherwise verification keeps the
+dimension whole.
 """
 
 from __future__ import annotations
@@ -336,7 +340,8 @@ def _set_common_const(ctx: Analysis, parts: list[TensorValue], d: int, out: Tens
 
 
 class Split(OpRule):
-    """``split`` / ``split_with_sizes``: equal parts shrink equally (see the module docstring)."""
+    """``split`` / ``split_with_sizes``: equal parts shrink equally, parts of different sizes each on
+    their own (see the module docstring)."""
 
     def _layout(self, node: Node):
         x = node.args[0]
@@ -353,7 +358,10 @@ class Split(OpRule):
                 if d != dim:
                     ctx.link(x, d, out, d)
         if not equal:
-            ctx.pin(x, dim)
+            atoms = ctx.atoms(x, dim)
+            starts = [sum(sizes[:i]) for i in range(len(sizes))]
+            for out, start, size in zip(node.outputs, starts, sizes):
+                ctx.assign(out, dim, atoms[start:start + size] if atoms is not None else None)
             return
         position = _positions(ctx, x, dim, sizes[0])
         for out in node.outputs:
