@@ -99,7 +99,8 @@ def trace(
     handles += _observe_modules(model, modules, recorder, claims, observe, boundaries)
     try:
         recorder.bind_inputs(args, kwargs)
-        with torch.no_grad(), fused_attention_off(), recorder, _attention_recorded_whole(recorder), _lists_read(recorder):
+        with torch.no_grad(), fused_attention_off(), recorder, _attention_recorded_whole(recorder), \
+                _lists_read(recorder):
             output = model(*args, **kwargs)
         recorder.bind_outputs(output, is_state)
     except Exception as exc:
@@ -309,7 +310,8 @@ class _Recorder(TorchDispatchMode):
         self._constant_storages: dict[int, list[TensorValue]] = {}
         self._writes: dict[int, list[TensorValue]] = {}
         self._read_numbers: set = set()
-        """Python numbers the model read out of tensors that depend on the input (``.item()``, ``float(t)``)."""
+        """Python numbers the model read out of tensors that depend on the input (``.item()``, ``float(t)``,
+        ``.tolist()``)."""
         self.suppress = 0
         self.failed_call: Optional[Node] = None
         self._pending: list[tuple[list[TensorValue], tuple, dict, Optional[set[int]]]] = []
