@@ -6,17 +6,17 @@ attention layer reshapes with ``self.num_heads``. Plugins keep the sizes of the 
 step (``RuleRegistry.add_sizes``); a module no plugin knows keeps its stale size, and its call
 departs from the plan when the sped-up model is verified.
 
-When that happens, the module running the departing call (for the call of a module a rule knows,
-the module calling it) is looked at: its integer attributes (and
-short lists of them, as split sizes) that equal the full size of a dimension that shrank inside it
-are set to that dimension's new size (that of the departing call's own dimensions first, where a
-dimension of the same full size shrank to another elsewhere in the module), in every module of the
-same class (the same code reads them), and the attempt is verified again. Where such a size also belongs to a dimension that kept its size (``in_channels`` and
-``out_channels`` both 64, only the input losing channels), each attribute is tried on its own, then
-all together. Only a verified result is kept (equal outputs, and every number with a fraction passed
-to an operator as recorded: a size may be read outside shapes too, as an attention's scale
-``self.head_dim ** -0.5``): when no choice makes the call meet its plan, the sizes go back and the
-engine keeps the call whole instead.
+When that happens, the module running the departing call (for the call of a module a rule knows, the
+module calling it) is looked at: its integer attributes (and short lists of them, as split sizes)
+that equal the full size of a dimension that shrank inside it are set to that dimension's new size
+(that of the departing call's own dimensions first, where they shrank and a dimension of the same
+full size shrank to another elsewhere in the module), in every module of the same class (the same
+code reads them), and the attempt is verified again. Where such a size also belongs to a dimension
+that kept its size (``in_channels`` and ``out_channels`` both 64, only the input losing channels),
+each attribute is tried on its own, then all together. Only a verified result is kept (equal
+outputs, and every number with a fraction passed to an operator as recorded: a size may be read
+outside shapes too, as an attention's scale ``self.head_dim ** -0.5``): when no choice makes the
+call meet its plan, the sizes go back and the engine keeps the call whole instead.
 """
 
 from __future__ import annotations
@@ -109,10 +109,12 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
     """:func:`stale_size_choices` for the module named ``scope`` and every module of its class, the
     sizes they read being those of their own calls and of the module calls in ``passed``.
 
-    A size among the dimensions of the departing call (``departing`` says which calls are that call,
-    in each module) takes the size they shrank to, or keeps its own where they kept theirs: a part of
-    a split may shrink to one size, or none, while another dimension of the same full size in the
-    module (a convolution's output) shrank to another."""
+    A size that the departing call's own dimensions shrank to one other size (``departing`` says which
+    calls are that call, in each module) takes that size: a part of a split may shrink to one size
+    while another dimension of the same full size in the module (a convolution's output) shrank to
+    another. Elsewhere a size takes the one size its dimensions in the module shrank to: where the
+    departing call kept a dimension of that size, another call may read it (an attention's width,
+    equal to its token count)."""
     if not scope:
         return []
     try:
@@ -132,7 +134,7 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
             sizes = _sizes(before)
             if sizes is None or attr.startswith("_"):
                 continue
-            after = [_new_size(own if size in own else fates, size) for size in sizes]
+            after = [_new_size(own if _new_size(own, size) not in (None, size) else fates, size) for size in sizes]
             if any(new is None for new in after) or after == sizes:
                 continue
             candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
