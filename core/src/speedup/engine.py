@@ -410,8 +410,7 @@ def _same_calls(graph: Graph, node: Node, pinned: set[int]) -> list[Node]:
     """Other calls of the same operator made by the same line of code, not pinned yet."""
     if node.kind is not NodeKind.OP or node.location is None:
         return []
-    return [n for n in graph.nodes if n is not node and n.location == node.location and n.target is node.target
-            and n.kind is NodeKind.OP and n.index not in pinned and n.outputs]
+    return [n for n in graph.nodes if n is not node and n.same_code(node) and n.index not in pinned and n.outputs]
 
 
 def _same_modules(graph: Graph, scope: str, pinned: set[int]) -> list[str]:
@@ -638,13 +637,10 @@ def _same_call(old: Node, new: Node) -> bool:
 def _skip_cached_constants(original: list[Node], position: int, new: Node) -> int:
     """Where the recorded calls resume matching ``new``: after the constants recorded at ``position``
     that the second run did not make, if any, else ``position``."""
-    def resumes(old: Node) -> bool:  # the same call from the same line of code
-        return _same_call(old, new) and old.location == new.location
-
     ahead = position
-    while ahead < len(original) and not resumes(original[ahead]) and _makes_constants(original[ahead]):
+    while ahead < len(original) and not original[ahead].same_code(new) and _makes_constants(original[ahead]):
         ahead += 1
-    return ahead if ahead < len(original) and resumes(original[ahead]) else position
+    return ahead if ahead < len(original) and original[ahead].same_code(new) else position
 
 
 def _makes_constants(node: Node) -> bool:

@@ -198,6 +198,12 @@ class Node:
             return str(self.target)
         return f"aten.{self.target._opname}.{self.target._overloadname}" if _is_aten(self.target) else str(self.target)
 
+    def same_code(self, other: "Node") -> bool:
+        """Whether ``other`` is the same call made by the same line of code (in another block of a
+        network, or in another run of the model): the same kind, operator (for operator calls) and line."""
+        return (self.kind is other.kind and (self.kind is not NodeKind.OP or self.target is other.target)
+                and self.location == other.location)
+
     def describe(self) -> str:
         where = f" at {self.location}" if self.location else ""
         scope = f" in '{self.scope}'" if self.scope else ""

@@ -96,12 +96,7 @@ def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[
     if node.kind is NodeKind.MODULE:  # the sizes the caller's code reads: its own calls', and those it passes
         caller = node.scope.rpartition(".")[0]
         return _choices_in(model, scopes, caller, {caller: [node]}, lambda other: other is node)
-    return _choices_in(model, scopes, node.scope, {}, lambda other: _same_code(other, node))
-
-
-def _same_code(a: Node, b: Node) -> bool:
-    """Whether two calls are the same operator issued by the same line of code (in modules of one class)."""
-    return a.kind is b.kind and a.target == b.target and a.location == b.location
+    return _choices_in(model, scopes, node.scope, {}, node.same_code)
 
 
 def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, passed: dict[str, list[Node]],
@@ -134,7 +129,7 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
             sizes = _sizes(before)
             if sizes is None or attr.startswith("_"):
                 continue
-            after = [_new_size(own if _new_size(own, size) not in (None, size) else fates, size) for size in sizes]
+            after = [_size_after(own, fates, size) for size in sizes]
             if any(new is None for new in after) or after == sizes:
                 continue
             candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
@@ -170,6 +165,13 @@ def _new_size(fates: dict[int, set[int]], size: int) -> Optional[int]:
     if len(shrunk) > 1:
         return None
     return next(iter(shrunk)) if shrunk else size
+
+
+def _size_after(own: dict[int, set[int]], fates: dict[int, set[int]], size: int) -> Optional[int]:
+    """The size a stored ``size`` is set to: the one its dimensions in the departing call (``own``)
+    shrank to, where they shrank, else the one its dimensions in the module (``fates``) shrank to."""
+    new = _new_size(own, size)
+    return new if new not in (None, size) else _new_size(fates, size)
 
 
 def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:

@@ -232,16 +232,12 @@ def _attention_recorded_whole(recorder: "_Recorder") -> Iterator[None]:
     function = torch.nn.functional.scaled_dot_product_attention
 
     def attention(*args: Any, **kwargs: Any) -> Any:
-        if (_get_current_dispatch_mode() is recorder and not recorder.suppress
-                and recorder.runs_attention_math(args, kwargs)):
+        if recorder.sees_the_model() and recorder.runs_attention_math(args, kwargs):
             return recorder.record_whole(torch.ops.aten.scaled_dot_product_attention.default, function, args, kwargs)
         return function(*args, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = attention
-    try:
+    with _replaced(torch.nn.functional, "scaled_dot_product_attention", attention):
         yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = function
 
 
 _MATH = 0
@@ -253,23 +249,31 @@ def _lists_read(recorder: "_Recorder") -> Iterator[None]:
     """Notes the numbers ``Tensor.tolist`` reads, while recording: it reads the tensor's memory
     without an operator, so the recorder would not see a model take numbers out of a tensor that
     depends on the input (``scale = x.abs().amax(0).tolist()``), as ``.item()`` does through one."""
-    own = torch.Tensor.__dict__.get("tolist")
     tolist = torch.Tensor.tolist
 
     def read(tensor: torch.Tensor) -> Any:
         numbers = tolist(tensor)
-        if _get_current_dispatch_mode() is recorder and not recorder.suppress:
+        if recorder.sees_the_model():
             recorder.note_numbers_read(tensor, numbers)
         return numbers
 
-    torch.Tensor.tolist = read
+    with _replaced(torch.Tensor, "tolist", read):
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+    """``owner.name`` is ``replacement`` inside, as before after (an attribute ``owner`` inherited
+    is inherited again)."""
+    own = vars(owner).get(name)
+    setattr(owner, name, replacement)
     try:
         yield
     finally:
         if own is None:
-            del torch.Tensor.tolist
+            delattr(owner, name)
         else:
-            torch.Tensor.tolist = own
+            setattr(owner, name, own)
 
 
 class _Recorder(TorchDispatchMode):
@@ -559,6 +563,11 @@ class _Recorder(TorchDispatchMode):
             size = max(like.numel(), largest if slot == 0 else 0)
             buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buffer.as_strided(like.shape, like.stride())
+
+    def sees_the_model(self) -> bool:
+        """Whether the code running now is the model's, recorded by this recorder (not the recorder's
+        own work, nor code the recorder runs unrecorded)."""
+        return _get_current_dispatch_mode() is self and not self.suppress
 
     def note_numbers_read(self, tensor: torch.Tensor, numbers: Any) -> None:
         """Python numbers the model read out of ``tensor`` (``tensor.tolist()``): followed as the
