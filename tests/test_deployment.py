@@ -28,7 +28,9 @@ class ConvThenTokens(nn.Module):
         return self.head(self.norm(self.embed(tokens)))
 
 
-def sped_up() -> nn.Module:
+def conv_then_tokens() -> tuple[nn.Module, dict]:
+    """The model and masks that give each of the product's own modules: a convolution folding
+    constants at its borders, a group norm and a layer norm counting removed constants."""
     torch.manual_seed(0)
     model = ConvThenTokens().eval()
     with torch.no_grad():
@@ -40,6 +42,11 @@ def sped_up() -> nn.Module:
              "group_norm": {"weight": mapped, "bias": mapped},
              "embed": {"weight": rows(keep, (16, 6))},  # its bias stays: constants reach the norm
              "norm": {"weight": keep, "bias": keep}}
+    return model, masks
+
+
+def sped_up() -> nn.Module:
+    model, masks = conv_then_tokens()
     check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6),
                   shrunk=["conv.0.weight", "conv.3.weight", "group_norm.weight", "embed.weight"])
     assert isinstance(model.conv[3], FoldedConv2d) and isinstance(model.norm, ConstantAwareLayerNorm)

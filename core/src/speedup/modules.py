@@ -34,6 +34,13 @@ def _float32(tensor):
     return tensor.float() if tensor is not None else None
 
 
+def _statistics_dtype(norm: nn.Module, values: torch.Tensor) -> torch.dtype:
+    """The dtype a norm keeps the removed constants' statistics in: its parameters' (the values'
+    where it has none), float32 at least, so that a float64 model counts them in float64."""
+    reference = next(iter(norm.parameters()), values)
+    return torch.promote_types(reference.dtype, torch.float32)
+
+
 class _ConstantMap:
     """Adds the exact contribution of folded constant input channels to a convolution's output.
 
@@ -144,10 +151,10 @@ class _RemovedConstants:
 
     def _remember(self, full_size: int, values: torch.Tensor) -> None:
         self.full_size = full_size
-        device = next(iter(self.parameters()), values).device
-        self.register_buffer("removed_sum", values.sum().to(device=device, dtype=torch.float32).reshape(()))
-        self.register_buffer("removed_square_sum",
-                             values.pow(2).sum().to(device=device, dtype=torch.float32).reshape(()))
+        device, dtype = next(iter(self.parameters()), values).device, _statistics_dtype(self, values)
+        values = values.to(torch.float64)
+        self.register_buffer("removed_sum", values.sum().to(device=device, dtype=dtype).reshape(()))
+        self.register_buffer("removed_square_sum", values.pow(2).sum().to(device=device, dtype=dtype).reshape(()))
         self.removed_count = int(values.numel())
         self.zero_constants = not bool(values.any())
 
@@ -239,10 +246,10 @@ class ConstantAwareGroupNorm(_CountingNorm, nn.GroupNorm):
         counted = torch.isin(removed_groups.cpu(), left)
         position = torch.searchsorted(left, removed_groups.cpu()[counted])
         values = removed_values.cpu().to(torch.float64)[counted]
-        device = next(iter(norm.parameters()), removed_values).device
+        device, dtype = next(iter(norm.parameters()), removed_values).device, _statistics_dtype(norm, removed_values)
 
         def per_group(entries: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(left.numel(), dtype=torch.float64).index_add_(0, position, entries).float().to(device)
+            return torch.zeros(left.numel(), dtype=torch.float64).index_add_(0, position, entries).to(device, dtype)
 
         norm.__class__ = cls
         norm.channels_per_group, norm.num_groups = channels_per_group, int(left.numel())
