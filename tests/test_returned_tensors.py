@@ -13,7 +13,7 @@ from torch import nn
 from speedup import SpeedupWarning
 from speedup.groups import find_groups
 from speedup.output_constants import PutBackConstants
-from support.checks import check_speedup, keep_mask, rows
+from support.checks import check_speedup, keep_mask, output_channel_masks, rows
 
 Pair = namedtuple("Pair", ["scores", "hidden"])
 
@@ -110,3 +110,26 @@ def test_groups_offer_a_returned_hidden_state_but_not_the_scores():
     touched = {(m.parameter, m.dim) for g in groups for m in g.members}
     assert ("up.weight", 0) in touched
     assert ("down.weight", 0) not in touched
+
+
+class AttendsOverKeptKeys(nn.Module):
+    """Attention over the keys ``keep`` marks: a sample that keeps none gets NaN (a softmax over -inf)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, keep):
+        scores = (self.q(x) @ self.k(x).transpose(1, 2)).masked_fill(~keep[:, None, :], float("-inf"))
+        return self.out(scores.softmax(-1) @ self.v(x))
+
+
+def test_outputs_that_are_nan_where_the_masked_models_are_count_as_equal():
+    torch.manual_seed(0)
+    model = AttendsOverKeptKeys().eval()
+    masks = output_channel_masks(model, ["q", "k", "v"])
+    masks["k"] = masks["q"]  # the features the scores sum over
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0] = False  # the first sample attends to nothing
+    check_speedup(model, masks, (torch.randn(2, 5, 8), keep), (torch.randn(2, 7, 8), keep[:, :1].expand(2, 7)),
+                  shrunk=["q.weight", "k.weight", "v.weight"])
