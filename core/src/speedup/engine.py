@@ -17,7 +17,6 @@ import gc
 import math
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -44,6 +43,8 @@ from .refill import install as install_refills
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
+from .size_numbers import (changed_number, first_changed_number, may_pass_shrunk_sizes, numbers_passed,
+                           shrunk_sizes, sizes_behind)
 from .stale_sizes import StoredSizes
 from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode, trace
 from .transaction import Transaction
@@ -254,7 +255,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         clock.lap("replace")
         if not verify:
             break
-        check = _verify(model, args, kwargs, recorded, rules, replaced, draws, stored_sizes_set=bool(sizes.fixes))
+        at_risk = bool(sizes.fixes) or may_pass_shrunk_sizes(graph)
+        check = _verify(model, args, kwargs, recorded, rules, replaced, draws, numbers_at_risk=at_risk)
         clock.lap("verify")
         if check.ok:
             report.max_abs_diff = check.max_abs_diff
@@ -347,6 +349,10 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     that can be done (``refills``, see :mod:`speedup.refill`); returns the reason, saying what was
     kept. Raises when nothing more can be kept."""
     node, reason = check.node, check.reason
+    if check.number_changed and node is not None:
+        scopes = _keep_sizes_behind(graph, node, pinned, pinned_dims)
+        if scopes:
+            return reason + f" (the dimensions of that size in {', '.join(scopes)} kept)"
     if node is None:
         if refills:  # the outputs differ where no call departed: keep the last refilled module's inputs whole
             undone = refills.pop()
@@ -387,6 +393,26 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     if dims is None:
         return reason
     return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
+
+
+def _keep_sizes_behind(graph: Graph, node: Node, pinned: set[int], pinned_dims: dict[int, set[int]]) -> list[str]:
+    """Keeps whole the dimensions whose size the numbers ``node`` passes may have been computed from
+    (see :mod:`speedup.size_numbers`), wherever the plan shrank them in the module that ran ``node``
+    and in those running the same line of code: the code reads the size of one of them. Returns those
+    modules' names (none where nothing more was kept)."""
+    sizes = set().union(*(sizes_behind(n, shrunk_sizes(graph)) for n in numbers_passed(node)))
+    scopes = sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
+    found = False
+    for call in graph.nodes:
+        if call.index in pinned or not call.outputs or not any(within_scope(call.scope, s) for s in scopes):
+            continue
+        value = call.outputs[0]
+        dims = {d for d, kept in enumerate(value.kept)
+                if kept is not None and value.shape[d] in sizes and int(kept.numel()) < value.shape[d]}
+        if dims - pinned_dims.get(call.index, set()):
+            pinned_dims[call.index] = pinned_dims.get(call.index, set()) | dims
+            found = True
+    return [f"'{scope or '<model>'}'" for scope in scopes] if found else []
 
 
 def _unverifiable(reason: str, graph: Graph) -> VerificationError:
@@ -488,17 +514,20 @@ class _Check:
     max_abs_diff: float = 0.0
     again: Optional[Node] = None
     """The blamed call as the sped-up model made it (None where that is not known)."""
+    number_changed: bool = False
+    """The blamed call passed another number than the one recorded (see :mod:`speedup.size_numbers`)."""
 
 
 def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws: RandomDraws,
-            stored_sizes_set: bool = False) -> _Check:
+            numbers_at_risk: bool = False) -> _Check:
     """Runs the sped-up model on the dummy input, drawing the random numbers the trace drew; on any
     difference, finds the node responsible.
 
-    Where stored sizes were set (:mod:`speedup.stale_sizes`), equal outputs are not enough: code may
-    read such a size outside shapes too (``self.head_dim ** -0.5``), and with small random weights
-    the changed scale can hide within the tolerance on the dummy input. The sped-up model is then
-    recorded again, and every number with a fraction it passes must be the one recorded."""
+    Where ``numbers_at_risk`` (stored sizes were set, see :mod:`speedup.stale_sizes`, or the code
+    passes a number a shrunk size may have given, see :mod:`speedup.size_numbers`), equal outputs
+    are not enough: code may compute a scale from a size (``self.head_dim ** -0.5``), and with small
+    random weights the changed scale can hide within the tolerance on the dummy input. The sped-up
+    model is then recorded again, and every number it passes must be the one recorded."""
     try:
         draws.replay()
         with torch.no_grad(), fused_attention_off():
@@ -509,11 +538,11 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     difference, worst = _compare(recorded.output, output, is_state)
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
-    if stored_sizes_set:  # it ran above: recording it again raises nothing
-        changed = _first_changed_fraction(_recorded_calls(recorded), _record_again(model, args, kwargs, rules,
-                                                                                    replaced, draws).graph.nodes)
+    if numbers_at_risk:  # it ran above: recording it again raises nothing
+        again = _record_again(model, args, kwargs, rules, replaced, draws)
+        changed = first_changed_number(_recorded_calls(recorded), again.graph.nodes)
         if changed is not None:
-            return changed
+            return _Check(False, changed[0], changed[2], again=changed[1], number_changed=True)
     return _Check(True, max_abs_diff=worst)
 
 
@@ -566,47 +595,11 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
                 return _Check(False, old, f"produced shape {produced.shape} where {value.planned_shape()} was planned",
                               again=new)
         reason = old.rule.departs(old, new) if old.rule is not None else None
-        if reason is None:
-            reason = _changed_fraction(old, new)
         if reason is not None:
             return _Check(False, old, reason, again=new)
-    return None
-
-
-def _first_changed_fraction(original: list[Node], again: list[Node]) -> Optional[_Check]:
-    """The first re-recorded operator call passing a number with a fraction other than its recorded
-    counterpart did (see :func:`_changed_fraction`); None if none did.
-
-    The outputs were equal: calls may still differ where that changes nothing (a ``contiguous()``
-    copying in one run is a no-op in the other), so counterparts are the calls of the same operator
-    from the same line of code, the first with the first, and so on."""
-    def numbered(nodes: list[Node]) -> Iterator[tuple[tuple, Node]]:
-        seen: Counter = Counter()
-        for node in nodes:
-            if node.kind is NodeKind.OP:
-                seen[node.target, node.location] += 1
-                yield (node.target, node.location, seen[node.target, node.location]), node
-
-    recorded = dict(numbered(original))
-    for key, new in numbered(again):
-        old = recorded.get(key)
-        reason = _changed_fraction(old, new) if old is not None else None
+        reason = changed_number(old, new)
         if reason is not None:
-            return _Check(False, old, reason, again=new)
-    return None
-
-
-def _changed_fraction(old: Node, new: Node) -> Optional[str]:
-    """Why ``new`` departs in the numbers with a fraction it passes (None if it does not): shapes,
-    sizes and indices are integers and may shrink, but a scale or a fill value is the code's, and one
-    that changed was computed from a size that shrank. Numbers the model read out of its tensors
-    differ by round-off: those calls are passed over."""
-    if old.reads_input_numbers or new.reads_input_numbers:
-        return None
-    passed = lambda node: [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]  # noqa: E731
-    for before, after in zip(passed(old), passed(new)):
-        if before != after and not (math.isnan(before) and math.isnan(after)):
-            return f"the code passed {after:.6g} where {before:.6g} was recorded (computed from a size that shrank)"
+            return _Check(False, old, reason, again=new, number_changed=True)
     return None
 
 
