@@ -23,11 +23,9 @@ from typing import Iterator, Optional
 import torch
 
 from .graph import Graph, Node, NodeKind, TensorValue
+from .tracer import FEW_NUMBERS
 
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
-
-_FEW_NUMBERS = 64
-"""Entries up to which a tensor Python made of numbers is read for them (more are a table, not a scale)."""
 
 _FACTORS = (1, 2, 3, 4)
 """Small integer factors a size may be multiplied by before its square root is taken (DeBERTa: 3)."""
@@ -43,7 +41,7 @@ def numbers_passed(node: Node) -> list[float]:
     numbers = [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]
     if node.target in _LIFTS and node.args and isinstance(node.args[0], TensorValue):
         lifted = node.args[0].tensor
-        if lifted is not None and lifted.is_floating_point() and lifted.numel() <= _FEW_NUMBERS:
+        if lifted is not None and lifted.is_floating_point() and lifted.numel() <= FEW_NUMBERS:
             numbers += lifted.detach().cpu().reshape(-1).tolist()
     return numbers
 

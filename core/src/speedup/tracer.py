@@ -902,14 +902,15 @@ class _OperatorFacts:
             value = args[i] if i < len(args) else kwargs.get(name)
             if type(value) in (int, float) and value in numbers:
                 return True
-        if self.lifts and args[0].numel() <= _FEW_NUMBERS:  # torch.tensor([s, 1.0])
+        if self.lifts and args[0].numel() <= FEW_NUMBERS:  # torch.tensor([s, 1.0])
             return any(number in numbers for number in args[0].detach().cpu().reshape(-1).tolist())
         return False
 
 
-_FEW_NUMBERS = 64
-"""Entries up to which a tensor made of Python numbers is read for numbers the input decided: more
-are not written out one by one in a model's code."""
+FEW_NUMBERS = 64
+"""Entries up to which a tensor made of Python numbers is read for its numbers (those the input
+decided, here; scales, in :mod:`speedup.size_numbers`): more are not written out one by one in a
+model's code."""
 
 
 _FACTS: dict[Any, _OperatorFacts] = {}
