@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from speedup.size_numbers import sizes_behind
 from speedup.testing import masked_copy
 from support.checks import check_speedup, keep_mask, rows
 
@@ -63,3 +64,11 @@ def test_features_a_scale_counts_stay_and_the_others_go(scale):
     with torch.no_grad():
         torch.testing.assert_close(model(fresh), reference(fresh), rtol=1e-12, atol=1e-12)
     assert any("computed from a size that shrank" in reason for reason in report.kept_for_verification)
+
+
+def test_numbers_far_from_any_size_are_passed_over():
+    """A float64 model passes its dtype's extremes (an attention mask's fill value): no size is behind them."""
+    sizes = {16, 64}
+    assert sizes_behind(4.0, sizes) == {16} and 64 in sizes_behind(0.125, sizes)  # sqrt(16); 1 / sqrt(64)
+    for number in (torch.finfo(torch.float64).min, torch.finfo(torch.float64).tiny, 1e-5, 0.5, math.inf):
+        assert not sizes_behind(number, sizes)

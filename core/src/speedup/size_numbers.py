@@ -103,7 +103,10 @@ def sizes_behind(number: float, sizes: set[int]) -> set[int]:
     if not number or not math.isfinite(number):
         return set()
     found = set()
-    for candidate in (number, number * number, 1 / number, 1 / (number * number)):
+    square = number * number  # 0 or inf at a float64 model's extremes (an attention mask's fill value)
+    for candidate in (number, square, 1 / number, 1 / square if square else math.inf):
+        if not math.isfinite(candidate) or candidate < 1:
+            continue
         for factor in _FACTORS:
             size = candidate / factor
             nearest = round(size)
