@@ -43,8 +43,8 @@ from .refill import install as install_refills
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
 from .rule import ModuleRule, OpRule
-from .size_numbers import (changed_number, first_changed_number, may_pass_shrunk_sizes, numbers_passed,
-                           shrunk_sizes, sizes_behind)
+from .size_numbers import (changed_number, counterparts, may_pass_shrunk_sizes, numbers_passed, shrunk_sizes,
+                           sizes_behind)
 from .stale_sizes import StoredSizes
 from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode, trace
 from .transaction import Transaction
@@ -527,7 +527,8 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     passes a number a shrunk size may have given, see :mod:`speedup.size_numbers`), equal outputs
     are not enough: code may compute a scale from a size (``self.head_dim ** -0.5``), and with small
     random weights the changed scale can hide within the tolerance on the dummy input. The sped-up
-    model is then recorded again, and every number it passes must be the one recorded."""
+    model is then recorded again: every call must pass the numbers recorded, and those whose rule
+    asks (:attr:`~speedup.rule.Rule.rechecks_shapes`) must make their planned shapes."""
     try:
         draws.replay()
         with torch.no_grad(), fused_attention_off():
@@ -540,9 +541,13 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
     if numbers_at_risk:  # it ran above: recording it again raises nothing
         again = _record_again(model, args, kwargs, rules, replaced, draws)
-        changed = first_changed_number(_recorded_calls(recorded), again.graph.nodes)
-        if changed is not None:
-            return _Check(False, changed[0], changed[2], again=changed[1], number_changed=True)
+        for old, new in counterparts(_recorded_calls(recorded), again.graph.nodes):
+            reason = _unplanned_shape(old, new) if old.rule is not None and old.rule.rechecks_shapes else None
+            if reason is not None:
+                return _Check(False, old, reason, again=new)
+            reason = changed_number(old, new)
+            if reason is not None:
+                return _Check(False, old, reason, again=new, number_changed=True)
     return _Check(True, max_abs_diff=worst)
 
 
@@ -590,16 +595,23 @@ def _first_departure(original: list[Node], again: list[Node]) -> Optional[_Check
         old = original[position]
         if not _same_call(old, new):
             return _Check(False, old, f"the model ran {new.op_name} where {old.op_name} was recorded")
-        for value, produced in zip(old.outputs, new.outputs):
-            if value.planned_shape() != produced.shape:
-                return _Check(False, old, f"produced shape {produced.shape} where {value.planned_shape()} was planned",
-                              again=new)
+        reason = _unplanned_shape(old, new)
+        if reason is not None:
+            return _Check(False, old, reason, again=new)
         reason = old.rule.departs(old, new) if old.rule is not None else None
         if reason is not None:
             return _Check(False, old, reason, again=new)
         reason = changed_number(old, new)
         if reason is not None:
             return _Check(False, old, reason, again=new, number_changed=True)
+    return None
+
+
+def _unplanned_shape(old: Node, new: Node) -> Optional[str]:
+    """Why the re-recorded ``new`` departs from the plan for ``old`` in its output shapes (None if it does not)."""
+    for value, produced in zip(old.outputs, new.outputs):
+        if value.planned_shape() != produced.shape:
+            return f"produced shape {produced.shape} where {value.planned_shape()} was planned"
     return None
 
 

@@ -42,6 +42,12 @@ class Rule:
     name: str = ""
     """Shown in reports and in ``speedup plugins``; defaults to the class name."""
 
+    rechecks_shapes: bool = False
+    """Whether the call must make its planned shapes whenever the sped-up model is recorded again
+    (where a size it stored or a number from a size may have changed), though the outputs verified:
+    an attention whose code splits a width by a count it stored may split it otherwise and compute
+    something else by little, where a small layer scale follows (timm's CaiT starts at 1e-5)."""
+
     def couple(self, node: "Node", ctx: "Analysis") -> None:
         """Declares corresponding dimensions. Default: none (a barrier)."""
 

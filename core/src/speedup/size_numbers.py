@@ -57,20 +57,16 @@ def changed_number(old: Node, new: Node) -> Optional[str]:
     return None
 
 
-def first_changed_number(original: list[Node], again: list[Node]) -> Optional[tuple[Node, Node, str]]:
-    """The first re-recorded operator call passing other numbers than its recorded counterpart
-    (see :func:`changed_number`), as (recorded call, re-recorded call, reason); None if none does.
-
-    Calls may differ where that changes nothing (a ``contiguous()`` copying in one run is a no-op in
-    the other), so counterparts are the calls of the same operator from the same line of code, the
-    first with the first, and so on."""
+def counterparts(original: list[Node], again: list[Node]) -> Iterator[tuple[Node, Node]]:
+    """Each re-recorded operator call with its recorded counterpart: the call of the same operator
+    from the same line of code, the first with the first, and so on. The outputs were equal: calls
+    may still differ where that changes nothing (a ``contiguous()`` copying in one run is a no-op in
+    the other), which this passes over."""
     recorded = dict(_numbered(original))
     for key, new in _numbered(again):
         old = recorded.get(key)
-        reason = changed_number(old, new) if old is not None else None
-        if reason is not None:
-            return old, new, reason
-    return None
+        if old is not None:
+            yield old, new
 
 
 def _numbered(nodes: list[Node]) -> Iterator[tuple[tuple, Node]]:

@@ -146,6 +146,8 @@ class Attention(OpRule):
     ``E`` may only shrink when the call passes ``scale`` (the default scale is ``1/sqrt(E)``).
     """
 
+    rechecks_shapes = True
+
     def _args(self, node: Node):
         a = bind(node)
         mask = a.get("attn_mask", a.get("attn_bias"))
