@@ -126,6 +126,16 @@ def distinct_parameters(model: nn.Module) -> nn.Module:
     return model
 
 
+def sped_up_beside_masked(model: nn.Module, masks: dict, dummy: torch.Tensor) -> tuple:
+    """The model (in float64, with distinct parameters) sped up, its masked copy, its parameters as
+    they were, and the report."""
+    model = distinct_parameters(model)
+    reference = masked_copy(model, masks).eval()
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = speedup.shrink(model, masks, dummy.double())
+    return model, reference, original, report
+
+
 def assert_close(expected: torch.Tensor, actual: torch.Tensor, what: str) -> None:
     assert expected.shape == actual.shape, f"{what}: shape {tuple(actual.shape)} instead of {tuple(expected.shape)}"
     scale = float(expected.abs().max()) or 1.0
@@ -136,17 +146,14 @@ def assert_close(expected: torch.Tensor, actual: torch.Tensor, what: str) -> Non
 @pytest.mark.parametrize("case", CASES)
 def test_a_sped_up_model_gets_the_gradients_of_the_masked_model(case):
     model, masks, dummy, fresh = CASES[case]()
-    model = distinct_parameters(model)
-    reference = masked_copy(model, masks).eval()
-    original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    report = speedup.shrink(model, masks, dummy.double())
+    model, reference, original, report = sped_up_beside_masked(model, masks, dummy)
     assert report.param_ratio < 0.8
     expected, actual = gradients(reference, fresh.double()), gradients(model, fresh.double())
     assert_close(expected.output, actual.output, "the output")
     assert_close(expected.input, actual.input, "the gradient of the input")
     parameters = dict(model.named_parameters())
     compared = 0
-    for name, param in parameters.items():
+    for name in parameters:
         grad = actual.parameters[name]
         assert grad is not None, f"{name} gets no gradient"
         if name in original:  # else in a module put in another form (nn.MultiheadAttention as its projections)
@@ -160,10 +167,7 @@ def test_a_norm_counting_removed_constants_trains_behind_frozen_layers(trained):
     """Behind frozen layers no gradient flows into a norm's input, and it runs its fused kernels,
     whose weights must still get the masked model's gradients."""
     model, masks, dummy, fresh = own_modules()
-    model = distinct_parameters(model)
-    reference = masked_copy(model, masks).eval()
-    original = {name: p.detach().clone() for name, p in model.named_parameters()}
-    speedup.shrink(model, masks, dummy.double())
+    model, reference, original, _ = sped_up_beside_masked(model, masks, dummy)
     for net in (model, reference):
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith((f"{trained}.", "head.")))

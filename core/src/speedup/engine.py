@@ -400,7 +400,8 @@ def _keep_sizes_behind(graph: Graph, node: Node, pinned: set[int], pinned_dims: 
     (see :mod:`speedup.size_numbers`), wherever the plan shrank them in the module that ran ``node``
     and in those running the same line of code: the code reads the size of one of them. Returns those
     modules' names (none where nothing more was kept)."""
-    sizes = set().union(*(sizes_behind(n, shrunk_sizes(graph)) for n in numbers_passed(node)))
+    shrunk = shrunk_sizes(graph)
+    sizes = set().union(*(sizes_behind(number, shrunk) for number in numbers_passed(node)))
     scopes = sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
     found = False
     for call in graph.nodes:
