@@ -252,6 +252,22 @@ def test_dummy_input_with_wrong_arguments_raises_trace_error():
     assert "TypeError" in message and "dummy_input" in message
 
 
+def test_a_rule_failing_on_inputs_the_module_takes_raises_rule_error_naming_both(monkeypatch):
+    """A masked convolution's input the convolution rejects is the dummy input's fault (above); one it
+    takes but the rule's masked forward fails on is the rule's: said so, and the model is unchanged."""
+    from speedup.rules import conv
+
+    def broken(self, x):
+        raise RuntimeError("an index out of range")
+
+    monkeypatch.setattr(conv.KeptChannelsConv, "__call__", broken)
+    model = small_net()
+    message = expect_failure(model, good_masks(model), speedup.RuleError)
+    assert "'conv1' (Conv2d)" in message and "speedup.rules.conv" in message and "an index out of range" in message
+    assert "report" in message and "unchanged" in message
+    assert "forward" not in model.conv1.__dict__
+
+
 def test_model_rejecting_dummy_input_keeps_speedup_usable_afterwards():
     model = small_net()
     masks = good_masks(model)

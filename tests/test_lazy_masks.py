@@ -268,6 +268,21 @@ def test_convolutions_compute_their_masked_output_from_their_kept_channels(monke
     assert report.flops_before == counter.total
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_convolution_whose_mask_keeps_nothing_is_recorded_as_its_bias(monkeypatch, bias):
+    """A weight mask removing every output channel keeps no row and no column to gather: the masked
+    layer outputs its bias (or zeros) everywhere, and what follows it shrinks."""
+    from speedup.rules import conv
+
+    monkeypatch.setattr(conv, "_GATHER_WORTH", 0)  # small layers: take the gathering path
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=bias), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    masks = {"1": {"weight": torch.zeros(8, 8, 3, 3, dtype=torch.bool)}}
+    check_speedup(model, masks, torch.randn(1, 3, 6, 6), torch.randn(2, 3, 6, 6),
+                  shrunk=["0.weight", "1.weight", "3.weight"])
+
+
 def test_a_module_holding_a_lazily_masked_weight_is_recorded_though_its_rule_allows_otherwise(monkeypatch):
     """``unrecorded_forward`` spares the recorder a module's operators, but not where one of them must
     read the module's weight masked: a scattered mask leaves the weight unmasked in the model."""

@@ -12,7 +12,8 @@ or, with a report of what changed:
 from .batchnorm_folding import fold_batchnorm
 from .compat import ModelSpeedup
 from .engine import SpeedupWarning, shrink
-from .errors import MaskError, PluginConflictError, PluginLoadError, SpeedupError, TraceError, VerificationError
+from .errors import (MaskError, PluginConflictError, PluginLoadError, RuleError, SpeedupError, TraceError,
+                     VerificationError)
 from .plugins.hookspec import hookimpl
 from .report import ShrinkReport
 from .rule import DimConst, ModuleRule, OpRule, Rule
@@ -29,6 +30,7 @@ __all__ = [
     "MaskError",
     "TraceError",
     "VerificationError",
+    "RuleError",
     "PluginConflictError",
     "PluginLoadError",
     "hookimpl",

@@ -27,7 +27,7 @@ from . import tensor_masks
 from .alias_writes import alias_write_rule
 from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
-from .errors import SpeedupError, TraceError, VerificationError
+from .errors import RuleError, SpeedupError, TraceError, VerificationError
 from .flops import FlopCounter
 from .graph import Graph, Node, NodeKind, within_scope
 from .lazy_masks import LazyMasks
@@ -46,7 +46,8 @@ from .rule import ModuleRule, OpRule
 from .size_numbers import (changed_number, counterparts, may_pass_shrunk_sizes, numbers_passed, shrunk_sizes,
                            sizes_behind)
 from .stale_sizes import StoredSizes
-from .tracer import Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode, trace
+from .tracer import (RuleFailed, Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode,
+                     trace)
 from .transaction import Transaction
 from .wrappers import eager_model
 
@@ -217,6 +218,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
                          lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False),
                          boundaries=verify)
     except TracingFailed as failure:
+        if isinstance(failure.error, RuleFailed):
+            raise _rule_error(failure.error, model, rules) from failure.error.error
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")
     graph = recorded.graph
@@ -488,6 +491,17 @@ class _Clock:
 
 def _count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _rule_error(failure: RuleFailed, model: nn.Module, rules: _Rules) -> RuleError:
+    name = next((n for n, m in model.named_modules() if m is failure.module), "?")
+    rule = type(rules.module_rule(failure.module))
+    return RuleError(
+        f"the rule {rule.__module__}.{rule.__qualname__} failed to compute the masked output of module '{name}' "
+        f"({type(failure.module).__name__}) with {failure}, though the module itself accepts its inputs. This is a "
+        "bug in that rule (speedup's own, or the plugin's that gives it): please report it with this message. The "
+        "model was left unchanged."
+    )
 
 
 def _trace_error(failure: TracingFailed, args, kwargs) -> SpeedupError:

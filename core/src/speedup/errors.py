@@ -13,6 +13,10 @@ class TraceError(SpeedupError):
     """The model could not be run on the dummy input."""
 
 
+class RuleError(SpeedupError):
+    """A rule (core's or a plugin's) failed on a module that accepts its inputs: a bug in the rule."""
+
+
 class VerificationError(SpeedupError):
     """The sped-up model did not compute what the masked model computes."""
 

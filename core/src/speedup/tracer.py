@@ -770,12 +770,36 @@ def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int
         if fn is None or "forward" in module.__dict__:
             continue
         own = list(module.parameters())  # its submodules' too: its masked forward reads them
-        module.__dict__["forward"] = fn  # never a submodule, even where fn is a module
+        module.__dict__["forward"] = _judged_by_own_forward(module, fn)
         recorder.self_masking[id(module)] = own
         if hasattr(fn, "flops"):
             recorder.own_flops[id(module)] = fn.flops
         handles.append(_Undo(lambda module=module: module.__dict__.pop("forward", None)))
     return handles
+
+
+def _judged_by_own_forward(module: nn.Module, masked_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``masked_forward``, where a failure is the inputs' fault only if the module's own ``forward``
+    rejects them too (its error is raised then, as when recording without masked forwards); if it
+    takes them, the rule's masked forward is at fault, which :class:`RuleFailed` says."""
+
+    def masked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return masked_forward(*args, **kwargs)
+        except Exception as error:
+            with _disable_current_modes(), torch.no_grad():
+                type(module).forward(module, *args, **kwargs)
+            raise RuleFailed(module, error) from error
+
+    return masked
+
+
+class RuleFailed(Exception):
+    """A rule's masked forward raised on inputs the module's own ``forward`` takes."""
+
+    def __init__(self, module: nn.Module, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.module, self.error = module, error
 
 
 @dataclasses.dataclass

@@ -315,8 +315,8 @@ class KeptChannelsConv:
             kept_pairs = (rows.numel() if rows is not None else out_channels) * (
                 columns.numel() if columns is not None else in_channels)
             per_pair = x.numel() // in_channels * weight[0, 0].numel()  # positions times kernel taps
-            if per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
-                rows = columns = None
+            if kept_pairs == 0 or per_pair * (out_channels * in_channels - kept_pairs) < _GATHER_WORTH:
+                rows = columns = None  # nothing kept: no kernel of zero channels, the bias fills every one
         if rows is None and columns is None:
             # Whole output channels masked, fewer of their outputs (samples times input positions
             # each) than weights: computed with the weight as it is, then set to their bias.
