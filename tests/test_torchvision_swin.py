@@ -69,8 +69,12 @@ def test_unpruned_replacement_computes_what_torchvision_computes(v2, shift):
                                                 original.relative_coords_table)
     else:
         pruned = PrunedShiftedWindowAttention(*common, original.relative_position_bias_table)
-    x = maps(2, 9, 10)
-    for training in (False, True):  # the same dropouts, drawn in the same order
+    assert_computes_the_same(original, pruned, maps(2, 9, 10))
+
+
+def assert_computes_the_same(original: nn.Module, pruned: nn.Module, x: torch.Tensor) -> None:
+    """In eval and training mode, the same outputs (the same dropouts, drawn in the same order)."""
+    for training in (False, True):
         original.train(training)
         pruned.train(training)
         torch.manual_seed(1)
@@ -152,3 +156,64 @@ def test_whole_swin_under_consistent_masks(v2):
     assert attn.num_heads == 2 and attn.qkv.in_features == 32 and attn.proj.out_features == 32
     if v2:
         assert attn.cpb_mlp[0].out_features == 256
+
+
+# -- video Swin: windows over time, height and width -------------------------------------------
+
+video_swin = pytest.importorskip("torchvision.models.video.swin_transformer")
+from speedup_torchvision.swin import PrunedShiftedWindowAttention3d  # noqa: E402
+
+WINDOW_3D = [2, 4, 4]
+SHIFTS_3D = {"shifted": [1, 2, 2], "unshifted": [0, 0, 0]}
+
+
+def attention_3d(shift: list, **options) -> nn.Module:
+    module = video_swin.ShiftedWindowAttention3d(C, list(WINDOW_3D), list(shift), HEADS, **options)
+    with torch.no_grad():
+        module.qkv.bias.uniform_(-1, 1)
+        module.proj.bias.uniform_(-1, 1)
+        module.relative_position_bias_table.normal_()
+    return module
+
+
+def clips(batch: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """``(B, T, H, W, C)``; one frame (shorter than the window) makes the window adapt to it."""
+    return torch.randn(batch, frames, height, width, C)
+
+
+@pytest.mark.parametrize("shift", SHIFTS_3D.values(), ids=SHIFTS_3D.keys())
+@pytest.mark.parametrize("frames", [3, 1])
+def test_unpruned_3d_replacement_computes_what_torchvision_computes(shift, frames):
+    original = attention_3d(shift, attention_dropout=0.3, dropout=0.2)
+    pruned = PrunedShiftedWindowAttention3d(original.qkv, original.proj, HEADS, HEAD_DIM, WINDOW_3D, shift, 0.3, 0.2,
+                                            original.relative_position_index, original.relative_position_bias_table)
+    assert_computes_the_same(original, pruned, clips(2, frames, 9, 6))  # 6 wide: whole windows; 9 high: padded
+
+
+@pytest.mark.parametrize("shift", SHIFTS_3D.values(), ids=SHIFTS_3D.keys())
+def test_3d_heads_and_features_go(shift):
+    model = Block(attention_3d(shift))
+    heads = torch.tensor([False, True, True, False])
+    outputs = torch.rand(C, generator=torch.Generator().manual_seed(0)) < 0.5
+    masks = {"attn.qkv": {"weight": rows(head_rows(heads), (3 * C, C)), "bias": head_rows(heads)},
+             "attn.proj": {"weight": rows(outputs, (C, C))}}
+    check_speedup(model, masks, clips(2, 3, 9, 10), clips(1, 5, 7, 11),
+                  shrunk=["attn.qkv.weight", "attn.proj.weight", "attn.relative_position_bias_table", "out.weight"])
+    assert isinstance(model.attn, PrunedShiftedWindowAttention3d)
+    assert model.attn.num_heads == 2 and model.attn.proj.out_features == int(outputs.sum())
+
+
+def test_whole_video_swin_under_consistent_masks():
+    torch.manual_seed(0)
+    model = video_swin.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                         window_size=[2, 4, 4], num_classes=10).eval()
+    dummy = torch.randn(1, 3, 6, 36, 36)  # 3x9x9 then 3x5x5 patches: padded and shifted in both stages
+    masks = speedup.groups.consistent_masks(model, dummy)
+    reference = masked_copy(model, masks).eval()
+    before = parameter_count(model)
+    report = speedup.shrink(model, masks, dummy)
+    assert_same_outputs(reference, model, torch.randn(2, 3, 4, 44, 28))
+    assert not report.barriers and not report.kept_for_verification
+    assert parameter_count(model) / before < 0.3
+    attn = model.features[2][0].attn
+    assert isinstance(attn, PrunedShiftedWindowAttention3d) and attn.num_heads == 2 and attn.qkv.in_features == 32

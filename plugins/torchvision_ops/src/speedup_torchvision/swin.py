@@ -1,4 +1,5 @@
-"""torchvision's Swin attention (``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``).
+"""torchvision's Swin attention (``ShiftedWindowAttention``, ``ShiftedWindowAttentionV2``, and the video
+models' ``ShiftedWindowAttention3d``).
 
 Each attention module is recorded as one node: inside it, torchvision pads, rolls and partitions
 windows with operators that cannot shrink on their own, and it derives ``head_dim`` from the input
@@ -6,7 +7,8 @@ width (``C // num_heads``), which is wrong as soon as heads or features go. The 
 whole heads (their rows of ``qkv``, columns of ``proj``, column of the position bias table and, in
 V2, entry of ``logit_scale`` and row of the last ``cpb_mlp`` layer), input features (columns of
 ``qkv``) and output features (rows of ``proj``) independently, and rebuilds the module as a
-:class:`PrunedShiftedWindowAttention` that keeps ``num_heads`` and ``head_dim`` explicit.
+:class:`PrunedShiftedWindowAttention` (or its V2 and 3D kinds) that keeps ``num_heads`` and ``head_dim``
+explicit.
 
 As for ``nn.MultiheadAttention``, a head whose value rows are all masked outputs its value bias at
 every token (softmax rows sum to one), so it goes and its contribution is folded into
@@ -75,35 +77,38 @@ class PrunedShiftedWindowAttention(nn.Module):
         return (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, _ = x.shape
-        window_h, window_w = self.window_size
-        x = F.pad(x, (0, 0, 0, (-width) % window_w, 0, (-height) % window_h))
-        padded_h, padded_w = x.shape[1], x.shape[2]
+        height, width = x.shape[1:3]
+        x = F.pad(x, _padding_to_windows([height, width], self.window_size))
         # A window as large as the (padded) map covers all of it: shifting would only wrap it around.
-        shift = [s if w < n else 0 for s, w, n in zip(self.shift_size, self.window_size, (padded_h, padded_w))]
+        shift = [s if w < n else 0 for s, w, n in zip(self.shift_size, self.window_size, x.shape[1:3])]
+        out = self._attend_in_windows(x, self.window_size, shift, self.position_bias())
+        return out[:, :height, :width, :].contiguous()
+
+    def _attend_in_windows(self, x: torch.Tensor, window: list[int], shift: list[int],
+                           position_bias: torch.Tensor) -> torch.Tensor:
+        """Attention within the windows of ``x`` (``(batch, *map, features)``, the map a whole number of
+        windows), cyclically shifted by ``shift`` first and back after."""
+        axes = tuple(range(1, x.dim() - 1))
         if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        rows, cols = padded_h // window_h, padded_w // window_w
-        windows = x.view(batch, rows, window_h, cols, window_w, -1).permute(0, 1, 3, 2, 4, 5)
-        windows = windows.reshape(batch * rows * cols, window_h * window_w, -1)
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
+        windows, grid = _partition(x, window)
         count, tokens = windows.shape[0], windows.shape[1]
 
         qkv = F.linear(windows, self.qkv.weight, self.qkv_bias())
         q, k, v = qkv.reshape(count, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        attention = self.logits(q, k) + self.position_bias()
+        attention = self.logits(q, k) + position_bias
         if sum(shift) > 0:
-            mask = _region_mask(padded_h, padded_w, self.window_size, shift, x)
-            attention = attention.view(batch, rows * cols, self.num_heads, tokens, tokens) + mask[None, :, None]
+            mask = _region_mask(list(x.shape[1:-1]), window, shift, x)
+            attention = attention.view(x.shape[0], mask.shape[0], self.num_heads, tokens, tokens) + mask[None, :, None]
             attention = attention.view(count, self.num_heads, tokens, tokens)
         attention = F.dropout(F.softmax(attention, dim=-1), p=self.attention_dropout, training=self.training)
         out = (attention @ v).transpose(1, 2).reshape(count, tokens, self.num_heads * self.head_dim)
         out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
-        out = out.view(batch, rows, cols, window_h, window_w, -1).permute(0, 1, 3, 2, 4, 5)
-        out = out.reshape(batch, padded_h, padded_w, -1)
+        out = _merged(out, x.shape[0], grid, window)
         if sum(shift) > 0:
-            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return out[:, :height, :width, :].contiguous()
+            out = torch.roll(out, shifts=tuple(shift), dims=axes)
+        return out
 
 
 class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
@@ -137,24 +142,70 @@ class PrunedShiftedWindowAttentionV2(PrunedShiftedWindowAttention):
         return cosine * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
 
 
-def _region_mask(height: int, width: int, window_size: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
+class PrunedShiftedWindowAttention3d(PrunedShiftedWindowAttention):
+    """Video Swin window attention (over time, height and width) after heads or features were removed.
+
+    As torchvision's ``ShiftedWindowAttention3d``: along an axis no longer than its window, the window
+    is the whole axis and does not shift, and the position bias is read from the top-left corner of
+    the full window's index table."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = list(x.shape[1:4])
+        window = [min(w, n) for w, n in zip(self.window_size, sizes)]
+        shift = [s if w < n else 0 for s, w, n in zip(self.shift_size, self.window_size, sizes)]
+        x = F.pad(x, _padding_to_windows(sizes, window))
+        out = self._attend_in_windows(x, window, shift, self.position_bias_within(window))
+        return out[:, :sizes[0], :sizes[1], :sizes[2], :].contiguous()
+
+    def position_bias_within(self, window: list[int]) -> torch.Tensor:
+        tokens = math.prod(window)
+        bias = self.relative_position_bias_table[self.relative_position_index[:tokens, :tokens].flatten()]
+        return bias.view(tokens, tokens, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def _padding_to_windows(sizes: list[int], window: list[int]) -> list[int]:
+    """``F.pad``'s argument padding the map axes of a ``(batch, *map, features)`` tensor at their ends to
+    whole windows (the features not at all)."""
+    padding = [0, 0]
+    for size, length in zip(reversed(sizes), reversed(window)):
+        padding += [0, (-size) % length]
+    return padding
+
+
+def _partition(x: torch.Tensor, window: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """``(batch * windows, tokens per window, features)``: the windows of ``x`` (``(batch, *map,
+    features)``, the map a whole number of windows), in row-major order; and the windows per axis."""
+    grid = [size // length for size, length in zip(x.shape[1:-1], window)]
+    axes = len(window)
+    split = x.view([x.shape[0]] + [n for pair in zip(grid, window) for n in pair] + [x.shape[-1]])
+    order = [0] + [1 + 2 * i for i in range(axes)] + [2 + 2 * i for i in range(axes)] + [2 * axes + 1]
+    return split.permute(order).reshape(x.shape[0] * math.prod(grid), math.prod(window), x.shape[-1]), grid
+
+
+def _merged(windows: torch.Tensor, batch: int, grid: list[int], window: list[int]) -> torch.Tensor:
+    """The map the windows of :func:`_partition` came from: ``(batch, *map, features)``."""
+    axes = len(window)
+    split = windows.view([batch] + list(grid) + list(window) + [-1])
+    order = [0] + [n for i in range(axes) for n in (1 + i, 1 + axes + i)] + [2 * axes + 1]
+    return split.permute(order).reshape([batch] + [g * w for g, w in zip(grid, window)] + [-1])
+
+
+def _region_mask(sizes: list[int], window_size: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
     """``(windows, tokens, tokens)``: -100 between tokens that the cyclic shift brought together from
     different regions of the map, 0 elsewhere.
 
     Along each axis the shifted map has three regions, ``[0, -window)``, ``[-window, -shift)`` and
     ``[-shift, end)``, assigned in that order (a later region wins where they overlap, and with no
-    shift the last one is the whole axis); a token's region is the pair of its two axes' regions.
+    shift the last one is the whole axis); a token's region is the tuple of its axes' regions.
     """
-    regions = []
-    for size, window, offset in zip((height, width), window_size, shift):
+    label = torch.zeros(sizes, dtype=torch.long, device=like.device)
+    for axis, (size, window, offset) in enumerate(zip(sizes, window_size, shift)):
         region = torch.zeros(size, dtype=torch.long, device=like.device)
         for index, (start, stop) in enumerate(((0, -window), (-window, -offset), (-offset, None))):
             region[start:stop] = index
-        regions.append(region)
-    label = regions[0][:, None] * 3 + regions[1][None, :]
-    window_h, window_w = window_size
-    label = label.view(height // window_h, window_h, width // window_w, window_w).permute(0, 2, 1, 3)
-    label = label.reshape(-1, window_h * window_w)
+        label = label * 3 + region.view([-1] + [1] * (len(sizes) - 1 - axis))
+    label, _ = _partition(label[None, ..., None], window_size)
+    label = label.squeeze(-1)
     apart = label[:, None, :] != label[:, :, None]
     return torch.zeros(apart.shape, dtype=like.dtype, device=like.device).masked_fill(apart, -100.0)
 
@@ -192,7 +243,7 @@ class ShiftedWindowAttentionRule(ModuleRule):
         if layout.cosine:  # the hidden units of cpb_mlp
             ctx.link(params["cpb_mlp.0.weight"], 0, params["cpb_mlp.2.weight"], 1)
             ctx.link(params["cpb_mlp.0.bias"], 0, params["cpb_mlp.0.weight"], 0)
-        for d in range(3):  # batch, height, width
+        for d in range(layout.x.ndim - 1):  # batch and the map's axes
             ctx.link(layout.x, d, layout.out, d)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
@@ -224,7 +275,8 @@ class ShiftedWindowAttentionRule(ModuleRule):
             new = PrunedShiftedWindowAttentionV2(*common, plan.param("logit_scale"), cpb_mlp,
                                                  module.relative_coords_table)
         else:
-            new = PrunedShiftedWindowAttention(*common, plan.param("relative_position_bias_table"))
+            kind = PrunedShiftedWindowAttention3d if len(module.window_size) == 3 else PrunedShiftedWindowAttention
+            new = kind(*common, plan.param("relative_position_bias_table"))
         new.train(module.training)
         return new
 
@@ -268,6 +320,7 @@ def register(registry: RuleRegistry) -> None:
     rule = ShiftedWindowAttentionRule()
     registry.add_module(f"{_SWIN}.ShiftedWindowAttention", rule)
     registry.add_module(f"{_SWIN}.ShiftedWindowAttentionV2", rule)
+    registry.add_module("torchvision.models.video.swin_transformer.ShiftedWindowAttention3d", rule)
     # The rebuilt modules keep the same attributes, so a sped-up model can be sped up again.
-    registry.add_module(PrunedShiftedWindowAttention, rule)
-    registry.add_module(PrunedShiftedWindowAttentionV2, rule)
+    for kind in (PrunedShiftedWindowAttention, PrunedShiftedWindowAttentionV2, PrunedShiftedWindowAttention3d):
+        registry.add_module(kind, rule)
