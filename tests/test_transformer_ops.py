@@ -451,6 +451,27 @@ def test_an_embedding_tied_under_another_name_shrinks_with_the_one_called():
     assert model.shared is not model.encoder["embed"] and model.shared.embedding_dim == int(hidden.sum())
 
 
+@pytest.mark.parametrize("same", [True, False], ids=["same masks", "different masks"])
+def test_masks_naming_one_tied_tensor_under_several_names_all_apply(same):
+    """The weight is one tensor: the masked model multiplies it by every mask given for it, whatever
+    name each mask uses; different masks are said to be combined."""
+    model = SharedEmbeddingUnderTwoNames()
+    first = keep_mask(E, generator=torch.Generator().manual_seed(1))
+    second = first if same else keep_mask(E, generator=torch.Generator().manual_seed(2))
+    masks = {"shared": {"weight": first[None, :].expand(40, E)},
+             "encoder.embed": {"weight": second[None, :].expand(40, E)}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_speedup(model, masks, torch.randint(0, 40, (2, 5)), torch.randint(0, 40, (3, 7)),
+                      shrunk=["shared.weight", "encoder.body.weight"])
+    assert model.shared.embedding_dim == int((first & second).sum())
+    combined = [str(w.message) for w in caught if "tied" in str(w.message)]
+    if same:
+        assert not combined
+    else:
+        assert len(combined) == 1 and "'shared.weight', 'encoder.embed.weight'" in combined[0]
+
+
 class ShapeControlFlow(nn.Module):
     """Python branches on tensor shapes: symbolic tracers cannot follow this; a real run can."""
 

@@ -280,7 +280,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
     report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms + plain}
-    report.warnings = (plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
+    report.warnings = (masks.warnings + plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
                        + _training_warning(model, flags, replaced))
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)

@@ -54,6 +54,7 @@ class Masks:
     tensors: list[TensorMask] = field(default_factory=list)
     carried: set[str] = field(default_factory=set)
     """Names whose only mask is one the model carries itself (see :meth:`join`)."""
+    warnings: list[str] = field(default_factory=list)
     _patterns: dict[str, "MaskPattern"] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -119,7 +120,37 @@ def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, b
                 tensor = _parameter(module, module_name, target)
                 masks.parameters[qualified] = _fitted(mask, tensor, qualified)
                 masks.masked[qualified] = tensor
+    _join_tied(masks, model)
     return masks
+
+
+def _join_tied(masks: Masks, model: nn.Module) -> None:
+    """Masks given for one tensor under several names (weights tied between modules) become one, under
+    the name the model lists first: the masked model multiplies the tensor by each of them, so an entry
+    any of them masks is masked. Left apart, the recording and the model would each take another."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in masks.masked.items():
+        names.setdefault(id(tensor), []).append(name)
+    tied = [found for found in names.values() if len(found) > 1]
+    if not tied:
+        return
+    first: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                first.setdefault(id(tensor), f"{module_name}.{attr}" if module_name else attr)
+    for found in tied:
+        tensor, given = masks.masked[found[0]], [masks.parameters[name] for name in found]
+        joined = functools.reduce(torch.logical_and, given)
+        if not all(torch.equal(mask, given[0]) for mask in given[1:]):
+            listed = ", ".join(f"'{name}'" for name in found)
+            masks.warnings.append(
+                f"the masks for {listed} differ, but name one tensor (weights tied between modules): it is masked "
+                "where any of them masks it, as the masked model multiplies it by each."
+            )
+        for name in found:
+            masks.drop(name)
+        masks.put(first[id(tensor)], joined, tensor)
 
 
 def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:
