@@ -105,6 +105,10 @@ def test_a_mask_for_what_a_weight_is_computed_from_says_to_mask_the_weight():
     with pytest.raises(speedup.MaskError, match="name that tensor \\('weight'\\)"):
         speedup.shrink(model, v, torch.randn(1, 3, 8, 8))
     assert_unchanged(model, snapshot)
+    for key, target in (("0.parametrizations.weight", "original1"), ("0.parametrizations.weight", "_output_0")):
+        with pytest.raises(speedup.MaskError, match="inside the parametrization of '0'.*name that tensor \\({'0'"):
+            speedup.shrink(model, {key: {target: torch.ones(1)}}, torch.randn(1, 3, 8, 8))
+        assert_unchanged(model, snapshot)
 
 
 def pruned_network() -> nn.Module:

@@ -173,6 +173,13 @@ def _module_name(modules: dict[str, nn.Module], name: str) -> str:
         return name
     if name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX):] in modules:
         return name[len(COMPILED_PREFIX):]
+    owner, found, _ = name.partition(".parametrizations.")
+    if found and owner in modules:  # frozen for the call (see speedup.parametrized)
+        raise MaskError(
+            f"masks name '{name}', inside the parametrization of '{owner}' (weight norm, spectral norm...). A "
+            f"parametrized tensor is masked as the layer computes it: name that tensor ({{'{owner}': {{'weight': "
+            "mask}}), not what it is computed from."
+        )
     wrapped = [n for n in modules if n.endswith(f".{name}")][:3]  # DataParallel's 'module.conv' for 'conv'
     close = wrapped or difflib.get_close_matches(name, list(modules), n=3)
     hint = f" Close names: {', '.join(repr(c) for c in close)}." if close else ""
