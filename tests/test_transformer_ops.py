@@ -4,6 +4,7 @@ import copy
 import functools
 import math
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -648,6 +649,50 @@ def test_rms_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
                   shrunk=["embed.weight", "down.weight", "head.weight", "norm.weight"] if recognised else [])
     assert type(model.norm) is norm  # the model's own class, its weight and epsilon rescaled
     assert model.embed.out_features == (8 if recognised else 16)
+
+
+class NormBetweenLinears(nn.Module):
+    def __init__(self, norm: Callable[[int], nn.Module]):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(6, 16), norm(16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+NORMS = {"layer norm": nn.LayerNorm, "rms norm": nn.RMSNorm, "rms norm written by hand": HandWrittenRMSNorm}
+
+
+@pytest.mark.parametrize("masked", ["norm weights", "consumer columns"])
+@pytest.mark.parametrize("norm", NORMS.values(), ids=NORMS.keys())
+def test_a_norm_passes_on_fewer_outputs_than_its_statistics_read(norm, masked):
+    """Every input entry of a norm feeds its statistics, but an output entry whose scale is masked is a
+    constant (its shift) the consumer folds, and one the consumer does not read is unused: the norm
+    passes on only the others, and the consumer loses those columns."""
+    torch.manual_seed(0)
+    model = NormBetweenLinears(norm).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        if getattr(model.norm, "bias", None) is not None:
+            model.norm.bias.uniform_(-1, 1)
+    keep = keep_mask(16)
+    masks = ({"norm": {"weight": keep}} if masked == "norm weights"
+             else {"b": {"weight": keep[None, :].expand(5, 16)}})
+    check_speedup(model, masks, torch.randn(2, 3, 6), torch.randn(4, 5, 6), shrunk=["b.weight"])
+    assert model.a.out_features == 16 and model.b.in_features == 8
+    assert isinstance(model.norm, nn.Sequential) and model.norm[1].index.numel() == 8
+    again = {"b": {"weight": rows(keep_mask(5), (5, 8))}, "a": {"weight": rows(keep_mask(16), (16, 6))}}
+    check_speedup(model, again, torch.randn(2, 3, 6), torch.randn(4, 5, 6), shrunk=["b.weight"])  # sped up again
+
+
+def test_a_norm_output_kept_whole_keeps_the_input_entries_it_is_computed_from():
+    """Half the inputs hold zeros the norm counts without reading, but the model returns the norm's
+    output whole: each output entry is computed from its input entry, which stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16)).eval()
+    keep = keep_mask(16)
+    check_speedup(model, {"0": {"weight": rows(keep, (16, 6)), "bias": keep}}, torch.randn(2, 6), torch.randn(3, 6))
+    assert model[0].out_features == 16
 
 
 class GroupedExperts(nn.Module):

@@ -9,7 +9,10 @@ kept. Rules describe operators by relating atoms, never by deciding removals:
 * **define** an atom as the conjunction of others: a reshape of 768 features into 12 heads of 64
   defines feature ``h * 64 + e`` as "head ``h`` and position ``e``", so removing a head removes
   its 64 features and nothing else can remove half a head;
-* **pin** atoms that must stay (graph inputs and outputs, operators nobody understands).
+* **pin** atoms that must stay (graph inputs and outputs, operators nobody understands);
+* **require** one atom array of another, entry by entry: an entry is kept only with the entry it
+  requires, which may stay alone (a norm's output entry needs its input entry, whose statistics
+  need it whether or not the output entry goes).
 
 Because a removal is decided per atom, any set of removed atoms gives shapes that agree at every
 operator: legality holds by construction, and the engine needs no legalisation fixpoint. The
@@ -39,6 +42,7 @@ class AtomTable:
         self._defined: list[torch.Tensor] = []
         self._parts: list[torch.Tensor] = []
         self._offered: list[torch.Tensor] = []
+        self._requires: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def fresh(self, n: int) -> torch.Tensor:
         atoms = torch.arange(self.count, self.count + n, dtype=torch.long)
@@ -54,6 +58,11 @@ class AtomTable:
 
     def pin(self, atoms: torch.Tensor) -> None:
         self._pins.append(atoms.reshape(-1))
+
+    def require(self, dependent: torch.Tensor, required: torch.Tensor) -> None:
+        if dependent.shape != required.shape:
+            raise ValueError(f"cannot require atom arrays of sizes {tuple(dependent.shape)} and {tuple(required.shape)}")
+        self._requires.append((dependent.reshape(-1), required.reshape(-1)))
 
     def define(self, atoms: torch.Tensor, parts: torch.Tensor, offered: int = 0) -> None:
         """``atoms[i]`` is kept exactly when every atom of ``parts[i]`` is kept; ``offered`` is the
@@ -85,6 +94,9 @@ class AtomSolution:
     parts: torch.Tensor
     offered: torch.Tensor
     """Per defined atom: the column of ``parts`` offered to pruning algorithms as the unit to pick."""
+    dependent: torch.Tensor
+    """Atoms kept only with the matching atom of ``required`` (see :meth:`AtomTable.require`)."""
+    required: torch.Tensor
 
     @classmethod
     def build(cls, table: AtomTable) -> "AtomSolution":
@@ -109,11 +121,25 @@ class AtomSolution:
         pinned[expansion[cyclic].reshape(-1)] = True
         pinned[UNIT] = True
         offered = torch.cat(table._offered) if table._offered else torch.empty(0, dtype=torch.long)
-        return cls(root, expansion, pinned, defined, parts, offered)
+        none = torch.empty(0, dtype=torch.long)
+        dependent = torch.cat([d for d, _ in table._requires]) if table._requires else none
+        required = torch.cat([r for _, r in table._requires]) if table._requires else none
+        return cls(root, expansion, pinned, defined, parts, offered, dependent, required)
 
     def primitives(self, atoms: torch.Tensor) -> torch.Tensor:
         """``(n, width)`` primitive classes of each atom of a 1-D array."""
         return self.expansion[self.root[atoms]]
+
+    def meet_requirements(self, keep: torch.Tensor) -> None:
+        """Keeps (in ``keep``, over primitive classes) what every kept dependent atom requires."""
+        if not self.dependent.numel():
+            return
+        dependent, required = self.primitives(self.dependent), self.primitives(self.required)
+        while True:
+            missing = keep[dependent].all(1) & ~keep[required].all(1)
+            if not bool(missing.any()):
+                return
+            keep[required[missing].reshape(-1)] = True
 
 
 def _pad_cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -73,6 +73,8 @@ class TensorValue:
     """For parameters and buffers: the qualified name in the model."""
     strides: tuple[int, ...] = ()
     """The strides it had when it was created (empty for layouts without strides)."""
+    device: Optional[torch.device] = None
+    """Where it was (a module without tensors of its own is rebuilt there)."""
     mask: Any = None
     """For a parameter the masked model multiplies by a mask the model does not hold applied (a
     :class:`~speedup.masks.MaskPattern`, see :mod:`speedup.lazy_masks`): ``tensor`` holds the
@@ -265,7 +267,7 @@ class Graph:
     def new_value(self, of: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
         """A new value recording the shape, dtype and strides of the tensor ``of``."""
         value = TensorValue(len(self.values), tuple(of.shape), of.dtype, origin,
-                            strides=of.stride() if of.layout is torch.strided else (), **fields)
+                            strides=of.stride() if of.layout is torch.strided else (), device=of.device, **fields)
         self.values.append(value)
         return value
 

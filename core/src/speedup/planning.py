@@ -54,6 +54,7 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     keep[primitives[torch.cat(needs)].reshape(-1)] = True
     segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     while True:
+        solution.meet_requirements(keep)
         kept = keep[primitives].all(1)
         kept_counts = torch.zeros(len(sizes), dtype=torch.long).index_add_(0, segment, kept.long())
         empty = (kept_counts == 0).nonzero().reshape(-1).tolist()

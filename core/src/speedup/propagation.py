@@ -269,6 +269,11 @@ class Analysis:
         """Atom arrays of equal length whose entries live or go together (many-to-one by repeating)."""
         self.table.tie(a, b)
 
+    def require(self, dependent: torch.Tensor, required: torch.Tensor) -> None:
+        """Atom arrays of equal length: an entry of ``dependent`` is kept only with the matching entry of
+        ``required``, which may be kept without it. Unlike :meth:`define`, this says nothing of sizes."""
+        self.table.require(dependent, required)
+
     def define(self, atoms: torch.Tensor, parts: torch.Tensor, offered: int = 0) -> None:
         """``atoms[i]`` exists exactly when every atom of row ``parts[i]`` does.
 

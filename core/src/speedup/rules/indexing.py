@@ -456,7 +456,8 @@ class ChannelShuffleRule(ChannelGatherRule):
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
         if plan.kept(plan.input(), 1) is None and plan.kept(plan.output(), 1) is None:
             return module
-        return super().replace(ChannelGather(_shuffled(plan.input().shape[1], module.groups), 1), plan)
+        shuffled = _shuffled(plan.input().shape[1], module.groups).to(plan.input().device)
+        return super().replace(ChannelGather(shuffled, 1), plan)
 
 
 class ChannelShuffleOp(DescribedByMaps, OpRule):

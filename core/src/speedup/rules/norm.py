@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm
+from ..modules import ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
@@ -179,13 +179,20 @@ class LayerNormRule(ModuleRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
         dim = self.normalized_dim(node)
+        normalized = None if dim is None else dim % x.ndim
         for d in self._free_dims(node, x.ndim):
-            ctx.link(x, d, out, d)
+            # Outputs may go where their inputs stay (see replace); pruning offers them together.
+            if d != normalized or ctx.offering:
+                ctx.link(x, d, out, d)
         if dim is None:
             return
         for name in ("weight", "bias"):
             if name in node.params:
-                ctx.link(node.params[name], 0, out, dim)
+                ctx.link(node.params[name], 0, x, dim)
+        if not ctx.offering:  # an output entry may go alone; it is computed from its input entry
+            inputs, own = ctx.atoms(x, dim), ctx.atoms(out, dim)
+            if inputs is not None:
+                ctx.require(own, inputs)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         out = node.outputs[0]
@@ -208,17 +215,35 @@ class LayerNormRule(ModuleRule):
         ctx.demand(x, masks)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
+        """The norm over the kept input entries (counting removed constants in its statistics), followed
+        by a gather of the outputs kept where fewer are: every varying input entry feeds the statistics,
+        while an output entry goes where it is unused or a constant its consumers fold (its weight is
+        masked), and those consumers then shrink."""
         new = _with_sliced_affine(module, plan)
         dim = self.normalized_dim(plan.calls[0])
         new.normalized_shape = (plan.count(plan.input(), dim),)
         removed, values = plan.removed_input_constants(dim)
-        if removed.numel() == 0:
-            return new
-        return self.constant_aware(new, plan.input().shape[dim], values)
+        if removed.numel():
+            new = self.constant_aware(new, plan.input().shape[dim], values)
+        return _passing_kept_outputs(new, plan, dim)
 
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
         """``new`` made to count the removed constant entries ``values`` in its statistics."""
         return ConstantAwareLayerNorm.convert(new, full_size, values)
+
+
+def _passing_kept_outputs(norm: nn.Module, plan: ModulePlan, dim: int) -> nn.Module:
+    """``norm``, followed by a :class:`~speedup.modules.ChannelGather` of its kept outputs along ``dim``
+    where it keeps fewer outputs than inputs there."""
+    kept_in, kept_out = plan.kept(plan.input(), dim), plan.kept(plan.output(), dim)
+    if kept_out is None or (kept_in is not None and kept_in.numel() == kept_out.numel()):
+        return norm  # the outputs kept are the inputs kept: an output entry needs its input entry
+    position = torch.arange(plan.input().shape[dim])
+    if kept_in is not None:
+        position = torch.full_like(position, -1)
+        position[kept_in.cpu()] = torch.arange(kept_in.numel())
+    picked = position[kept_out.cpu()]
+    return nn.Sequential(norm, ChannelGather(picked.to(plan.input().device), dim))
 
 
 def _rms_norm_zeros(node: Node, ctx: Analysis, scale: Optional[torch.Tensor], dim: int = -1) -> None:
@@ -356,12 +381,12 @@ class ScaledRMSNormRule(LayerNormRule):
             new.normalized_shape = type(module.normalized_shape)([kept])
         if kept == full or kept == 0:
             new.weight = weight
-            return new
+            return _passing_kept_outputs(new, plan, self.dim)
         scaled = (weight.detach() + self.offset) * math.sqrt(full / kept) - self.offset
         new.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
         eps = getattr(module, self.eps_attribute)
         setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
-        return new
+        return _passing_kept_outputs(new, plan, self.dim)
 
 
 def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:

@@ -53,16 +53,17 @@ def gathered_inverted_residual(block: nn.Module) -> Optional[GatheredInvertedRes
     if not isinstance(first, nn.Conv2d):
         return None
     half = first.out_channels  # each of the two parts the output is shuffled from
+    device = first.weight.device
     if block.stride == 1:
         inputs = 2 * first.in_channels
-        branch_input = ChannelGather(torch.arange(inputs - first.in_channels, inputs))
+        branch_input = ChannelGather(torch.arange(inputs - first.in_channels, inputs, device=device))
         part_start = torch.tensor([0, inputs])  # the passed half of x, then branch2's output
     else:
         inputs = first.in_channels
         branch_input = None
         part_start = torch.tensor([0, half])
     shuffled = channel_shuffle(torch.arange(2 * half).view(1, 2 * half, 1, 1), 2).reshape(-1)
-    order = ChannelGather(part_start[shuffled // half] + shuffled % half)
+    order = ChannelGather((part_start[shuffled // half] + shuffled % half).to(device))
     form = GatheredInvertedResidual(block.stride, block.branch1, block.branch2, branch_input, order)
     build = _build(block, inputs)
     if build is not None and build in _CHECKED_BUILDS:
