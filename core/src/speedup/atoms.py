@@ -61,7 +61,8 @@ class AtomTable:
 
     def require(self, dependent: torch.Tensor, required: torch.Tensor) -> None:
         if dependent.shape != required.shape:
-            raise ValueError(f"cannot require atom arrays of sizes {tuple(dependent.shape)} and {tuple(required.shape)}")
+            raise ValueError(f"cannot require atom arrays of sizes {tuple(dependent.shape)} and "
+                             f"{tuple(required.shape)}")
         self._requires.append((dependent.reshape(-1), required.reshape(-1)))
 
     def define(self, atoms: torch.Tensor, parts: torch.Tensor, offered: int = 0) -> None:

@@ -46,8 +46,8 @@ from .rule import ModuleRule, OpRule
 from .size_numbers import (changed_number, counterparts, may_pass_shrunk_sizes, numbers_passed, shrunk_sizes,
                            sizes_behind)
 from .stale_sizes import StoredSizes
-from .tracer import (RuleFailed, Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs, ordinary_mode,
-                     trace)
+from .tracer import (RuleFailed, Trace, TracingFailed, fused_attention_off, iter_tensors, ordinary_inputs,
+                     ordinary_mode, trace)
 from .transaction import Transaction
 from .wrappers import eager_model
 
@@ -280,8 +280,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     _restore_training(model, flags, replaced)
     report.modules, report.parameters, report.attributes = replaced.modules, replaced.parameters, replaced.attributes
     report.forms = {f.name: (type(f.module).__name__, type(f.form).__name__) for f in forms + plain}
-    report.warnings = (masks.warnings + plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced) + frozen_warnings
-                       + _training_warning(model, flags, replaced))
+    report.warnings = (masks.warnings + plan.warnings + replaced.warnings + _unused_warning(model, graph, replaced)
+                       + frozen_warnings + _training_warning(model, flags, replaced))
     report.params_after = _count_parameters(model)
     report.count_flops_after = lambda: _count_flops(model, args, kwargs)
     report.find_masked_but_kept = lambda: masked_but_kept(model, masks.parameters)
