@@ -17,7 +17,7 @@ import difflib
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -134,11 +134,7 @@ def _join_tied(masks: Masks, model: nn.Module) -> None:
     tied = [found for found in names.values() if len(found) > 1]
     if not tied:
         return
-    first: dict[int, str] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is not None:
-                first.setdefault(id(tensor), f"{module_name}.{attr}" if module_name else attr)
+    first = held_tensors(model.named_modules(remove_duplicate=False))
     for found in tied:
         tensor, given = masks.masked[found[0]], [masks.parameters[name] for name in found]
         joined = functools.reduce(torch.logical_and, given)
@@ -150,7 +146,19 @@ def _join_tied(masks: Masks, model: nn.Module) -> None:
             )
         for name in found:
             masks.drop(name)
-        masks.put(first[id(tensor)], joined, tensor)
+        masks.put(first[id(tensor)][1], joined, tensor)
+
+
+def held_tensors(named_modules: Iterable[tuple[str, nn.Module]]) -> dict[int, tuple[torch.Tensor, str, nn.Module, str]]:
+    """Every parameter and buffer of the modules (``named_modules(remove_duplicate=False)``) by id:
+    the tensor, its qualified name, its module and attribute, under the first name listed (a weight
+    tied between modules has one name)."""
+    held: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = {}
+    for module_name, module in named_modules:
+        for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None and id(tensor) not in held:
+                held[id(tensor)] = (tensor, f"{module_name}.{attr}" if module_name else attr, module, attr)
+    return held
 
 
 def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from . import flops as flop_count
 from .errors import TraceError
 from .graph import ALIAS_WRITE, Boundary, Graph, Node, NodeKind, Origin, TensorValue
+from .masks import held_tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -297,13 +298,8 @@ class _Recorder(TorchDispatchMode):
         self.flops = 0
         self._values: dict[int, tuple] = {}  # id(tensor) -> (weak reference, TensorValue, version)
         self._hidden: dict[int, weakref.ref] = {}  # tensors made inside claimed modules
-        self._known: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = {}
         named = list(model.named_modules(remove_duplicate=False))
-        for module_name, module in named:
-            for attr, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-                if tensor is not None and id(tensor) not in self._known:
-                    name = f"{module_name}.{attr}" if module_name else attr
-                    self._known[id(tensor)] = (tensor, name, module, attr)
+        self._known: dict[int, tuple[torch.Tensor, str, nn.Module, str]] = held_tensors(named)
         for name, owner, attr in known:
             tensor = getattr(owner, attr)
             self._known[id(tensor)] = (tensor, name, owner, attr)

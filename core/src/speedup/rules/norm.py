@@ -381,11 +381,11 @@ class ScaledRMSNormRule(LayerNormRule):
             new.normalized_shape = type(module.normalized_shape)([kept])
         if kept == full or kept == 0:
             new.weight = weight
-            return _passing_kept_outputs(new, plan, self.dim)
-        scaled = (weight.detach() + self.offset) * math.sqrt(full / kept) - self.offset
-        new.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
-        eps = getattr(module, self.eps_attribute)
-        setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
+        else:
+            scaled = (weight.detach() + self.offset) * math.sqrt(full / kept) - self.offset
+            new.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
+            eps = getattr(module, self.eps_attribute)
+            setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
         return _passing_kept_outputs(new, plan, self.dim)
 
 

@@ -65,9 +65,7 @@ class PrunedShiftedWindowAttention(nn.Module):
 
     def _by_token_pair(self, table: torch.Tensor) -> torch.Tensor:
         """Looks a ``(relative positions, heads)`` table up for every pair of tokens of a window."""
-        tokens = self.window_size[0] * self.window_size[1]
-        bias = table[self.relative_position_index].view(tokens, tokens, -1)
-        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _per_head(table[self.relative_position_index], self.window_size[0] * self.window_size[1])
 
     def qkv_bias(self) -> Optional[torch.Tensor]:
         return self.qkv.bias
@@ -159,8 +157,13 @@ class PrunedShiftedWindowAttention3d(PrunedShiftedWindowAttention):
 
     def position_bias_within(self, window: list[int]) -> torch.Tensor:
         tokens = math.prod(window)
-        bias = self.relative_position_bias_table[self.relative_position_index[:tokens, :tokens].flatten()]
-        return bias.view(tokens, tokens, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _per_head(self.relative_position_bias_table[self.relative_position_index[:tokens, :tokens].flatten()],
+                         tokens)
+
+
+def _per_head(looked_up: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``(1, heads, tokens, tokens)`` from a bias looked up for every pair of tokens, ``(pairs, heads)``."""
+    return looked_up.view(tokens, tokens, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
 def _padding_to_windows(sizes: list[int], window: list[int]) -> list[int]:
