@@ -278,3 +278,30 @@ def test_an_attention_splitting_heads_otherwise_than_planned_is_found_below_roun
     assert report.attributes == {"a.num_heads": (4, 2), "b.num_heads": (4, 2)}
     with torch.no_grad():
         torch.testing.assert_close(model(fresh), reference(fresh), rtol=1e-12, atol=1e-12)
+
+
+class AttentionWithoutSelf(nn.Module):
+    """Self-attention whose methods name their module ``this``, splitting heads by sizes read in Python."""
+
+    def __init__(this, dim: int, heads: int):
+        super().__init__()
+        this.heads, this.qkv, this.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(this, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = this.qkv(x).reshape(batch, tokens, 3, this.heads, width // this.heads).permute(2, 0, 3, 1, 4)
+        mixed = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return this.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def test_code_of_a_module_naming_itself_otherwise_than_self_is_known_as_that_module_s():
+    """The operators a module's ``forward`` issues belong to that module whatever its first parameter is
+    called: a call failing verification is kept within its own module. Before, ops of a ``forward(this,
+    x)`` were the whole model's, and one view whose sizes follow the stream kept every layer whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), AttentionWithoutSelf(8, 2), AttentionWithoutSelf(8, 2), nn.Linear(8, 3))
+    dummy = torch.randn(1, 5, 6)
+    masks = consistent_masks(model.eval(), dummy, sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, dummy, torch.randn(2, 7, 6),
+                           shrunk=["0.weight", "1.qkv.weight", "2.proj.weight"], max_param_ratio=0.4)
+    assert not report.kept_for_verification

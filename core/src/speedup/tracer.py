@@ -32,8 +32,20 @@ from .masks import held_tensors
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
-_LIBRARY_CODE: dict[Any, bool] = {}
-"""Code objects by whether they are torch's or speedup's (skipped when looking for the caller)."""
+_CODE_OWNER_ARGUMENT: dict[Any, Optional[str]] = {}
+"""Code objects: None for torch's and speedup's (skipped when looking for the caller), else the name of
+the first parameter, which holds the module running the code where a method has one (``self``, or
+whatever a user named it), '' where there is none."""
+
+
+def _owner_argument(code: Any) -> Optional[str]:
+    """See :data:`_CODE_OWNER_ARGUMENT`."""
+    found = _CODE_OWNER_ARGUMENT.get(code, False)
+    if found is False:
+        library = code.co_filename.startswith((_TORCH_DIR, _OWN_DIR))
+        found = None if library else code.co_varnames[0] if code.co_argcount else ""
+        _CODE_OWNER_ARGUMENT[code] = found
+    return found
 
 
 @dataclasses.dataclass
@@ -631,17 +643,14 @@ class _Recorder(TorchDispatchMode):
         ...)``): the module is then the nearest caller that is one.
         """
         frame = sys._getframe(2)
-        skipped = _LIBRARY_CODE
         location = None
         while frame is not None:
             code = frame.f_code
-            inside = skipped.get(code)
-            if inside is None:
-                inside = skipped[code] = code.co_filename.startswith((_TORCH_DIR, _OWN_DIR))
-            if not inside:
+            first = _owner_argument(code)
+            if first is not None:
                 if location is None:
                     location = f"{code.co_filename}:{frame.f_lineno}"
-                owner = frame.f_locals.get("self") if code.co_varnames[:1] == ("self",) else None
+                owner = frame.f_locals.get(first) if first else None
                 if isinstance(owner, nn.Module):
                     return self._names.get(id(owner), ""), location
             frame = frame.f_back
