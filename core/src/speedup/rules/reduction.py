@@ -83,7 +83,10 @@ class Reduction(OpRule):
         for d, od in kept.items():
             consts = ctx.const(x, d)
             if consts is not None and result is not None:
-                ctx.set_const(out, od, DimConst.where(consts.mask, result(consts.value, count)))
+                value = result(consts.value, count)
+                # The reduced dimensions may have other sizes on other inputs (tokens, pixels, the
+                # batch): a constant that the count changes (a sum of a non-zero constant) is not one.
+                ctx.set_const(out, od, DimConst.where(consts.mask & (value == result(consts.value, count + 1)), value))
                 if len(node.outputs) > 1 and node.target._opname in _WITH_MEAN:  # the mean of a constant is it
                     ctx.set_const(node.outputs[1], od, consts)
 
@@ -157,19 +160,23 @@ class Softmax(OpRule):
             if d != dim:
                 ctx.link(x, d, out, d)
 
+    def hides_layout(self, node: Node) -> bool:
+        x = node.args[0]
+        return x.ndim > 0 and x.shape[node.args[1] % x.ndim] == 1
+
     def forward(self, node: Node, ctx: Analysis) -> None:
+        """A constant slice gives ``1 / n`` for its ``n`` entries, which other inputs may change (tokens,
+        pixels): not a constant. A slice of ``-inf`` only gives zeros whatever ``n`` (``_safe_softmax``,
+        where a mask hides every key)."""
+        if node.target._opname != "_safe_softmax":
+            return
         x, out = node.args[0], node.outputs[0]
         dim = node.args[1] % x.ndim
-        n = x.shape[dim]
-        uniform = -math.log(n) if "log" in node.target._opname else 1.0 / n
         for d in range(x.ndim):
-            if d != dim:
-                consts: Optional[DimConst] = ctx.const(x, d)
-                if consts is not None:
-                    value = torch.full_like(consts.value, uniform)
-                    if node.target._opname == "_safe_softmax":  # a slice of -inf only is zeros
-                        value = torch.where(consts.value == -math.inf, 0.0, value)
-                    ctx.set_const(out, d, DimConst.where(consts.mask, value))
+            consts: Optional[DimConst] = ctx.const(x, d) if d != dim else None
+            if consts is not None:
+                hidden = consts.mask & (consts.value == -math.inf)
+                ctx.set_const(out, d, DimConst.where(hidden, torch.zeros_like(consts.value)))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, out = node.args[0], node.outputs[0]

@@ -70,6 +70,8 @@ class Spatial(OpRule):
             a = bind(node)
             padding = a.get("padding", 0)
             padded = any(p for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+            if a.get("divisor_override") is not None:  # a sum of the window's entries, divided by a number
+                return False
             return not padded or not a.get("count_include_pad", True)
         return not name.startswith(("lp_pool", "max_unpool"))
 
