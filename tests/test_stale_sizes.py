@@ -1,6 +1,8 @@
 """Sizes a module stored when it was built and reads in ``forward`` follow the dimensions that shrank."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speedup.groups import consistent_masks
@@ -305,3 +307,35 @@ def test_code_of_a_module_naming_itself_otherwise_than_self_is_known_as_that_mod
     report = check_speedup(model, masks, dummy, torch.randn(2, 7, 6),
                            shrunk=["0.weight", "1.qkv.weight", "2.proj.weight"], max_param_ratio=0.4)
     assert not report.kept_for_verification
+
+
+class StoredHeadsAttention(nn.Module):
+    """Attention splitting heads by a count it stored, by hand or with ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, fused: bool):
+        super().__init__()
+        self.num_heads, self.fused = heads, fused
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.fused:
+            mixed = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mixed = (q @ k.transpose(-2, -1) * 0.3).softmax(-1) @ v
+        return self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax", "scaled_dot_product_attention"])
+def test_a_dummy_of_one_token_still_finds_the_head_count_the_code_stored(fused):
+    """Over one key, attention gives each query its value whatever the heads: the sped-up model, still
+    splitting its width into the 4 heads it stored where 2 remain, gave the masked model's outputs on a
+    one-token dummy and was off by 0.4 of 34 on longer inputs. Verification now compares every call's
+    shapes with the plan where a call hides its input's layout, and sets the stored count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), StoredHeadsAttention(16, 4, fused), StoredHeadsAttention(16, 4, fused))
+    masks = consistent_masks(model.eval(), torch.randn(2, 5, 6), sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, torch.randn(2, 1, 6), torch.randn(3, 7, 6), shrunk=["1.qkv.weight"])
+    assert report.attributes == {"1.num_heads": (4, 2), "2.num_heads": (4, 2)}

@@ -77,6 +77,14 @@ class Rule:
         code). The call is then kept as :meth:`keep_after_departure` says."""
         return None
 
+    def hides_layout(self, node: "Node") -> bool:
+        """Whether the call, as recorded on the dummy input, gives the same result however its input is
+        laid out: a softmax over a single entry gives 1 whatever the heads (a dummy of one token).
+        Equal outputs then cannot show that the sped-up model splits its heads otherwise than planned
+        (a head count the code stored went stale), so verification records the sped-up model again
+        and compares every call's shapes with the plan."""
+        return False
+
     def picks_by_rank(self, node: "Node") -> bool:
         """Whether the call picks entries by the order of their values and the model reads what it
         picked (``topk`` and its indices): where values tie, round-off alone picks others, and a

@@ -148,6 +148,10 @@ class Attention(OpRule):
 
     rechecks_shapes = True
 
+    def hides_layout(self, node: Node) -> bool:
+        key = bind(node)["key"]
+        return key.shape[-2] == 1  # one key: each query reads its value whatever the heads
+
     def _args(self, node: Node):
         a = bind(node)
         mask = a.get("attn_mask", a.get("attn_bias"))
