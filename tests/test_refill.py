@@ -194,12 +194,16 @@ class GatedResidualNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_a_convolution_along_the_channels_is_refilled_and_no_longer_keeps_the_channels_of_the_network():
+@pytest.mark.parametrize("gate_mask", [False, True], ids=["gate unmasked", "gate masked with ones"])
+def test_a_convolution_along_the_channels_is_refilled_and_no_longer_keeps_the_channels_of_the_network(gate_mask):
+    """Also where the gate's conv has a mask keeping everything, as a per-layer pruner gives every layer."""
     torch.manual_seed(0)
     model = randomize_norms(GatedResidualNet()).eval()
     dummy = torch.randn(1, 3, 8, 8)
     masks = consistent_masks(model, dummy, sparsity=0.5)
     assert "stem.0" in masks and "branch.5.conv" not in masks  # the stream is offered, the gate's conv is not
+    if gate_mask:
+        masks["branch.5.conv"] = {"weight": torch.ones(1, 1, 3)}
     report = check_speedup(model, masks, dummy, torch.randn(2, 3, 11, 9), shrunk=["stem.0.weight", "head.weight"])
     assert report.refilled == ["branch.5.conv"]
     assert model.stem[0].out_channels == 8 and model.branch[3].out_channels == 8

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speedup.modules import ConstantAwareLayerNorm, ConstantAwareRMSNorm, PrunedMultiheadAttention
+from speedup.groups import consistent_masks
+from speedup.modules import ConstantAwareLayerNorm, ConstantAwareRMSNorm, GatheredNorm, PrunedMultiheadAttention
+from speedup.testing import masked_copy
 from support.checks import check_speedup, keep_mask, output_channel_masks, rows
 
 E, H = 32, 4
@@ -77,6 +79,54 @@ def test_transformer_encoder_heads_and_feed_forward_with_padding_mask():
     padding[1, -2:] = True
     check_speedup(model, masks, torch.randn(2, 5, E), {"src": torch.randn(3, 6, E), "src_key_padding_mask": padding},
                   shrunk=["layers.0.linear1.weight", "layers.1.linear2.weight", "layers.0.self_attn.out_proj.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the masked model's nested path
+def test_transformer_encoder_with_masked_norm_scales_leaves_its_fused_path_where_a_part_was_rebuilt():
+    """Masked norm scales make constant outputs the next layer folds: the norms are rebuilt (counting
+    removed constants, passing on fewer outputs). Inference then ran torch's fused path, which reads the
+    norms' tensors and bypasses their ``forward``: it failed on the gathered norm (no ``eps``). Layers
+    with a rebuilt part now take their ordinary path, and the encoder packs no nested tensors for them."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 64, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    generator = torch.Generator().manual_seed(0)
+    masks = {name: {"weight": torch.rand(E, generator=generator) > 0.5}
+             for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)}
+    reference = masked_copy(model, masks)
+    check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 6, E))
+    rebuilt = [i for i, part in enumerate(model.layers) if type(part.norm2) is not nn.LayerNorm]
+    assert rebuilt and all(model.layers[i].activation_relu_or_gelu == 0 for i in rebuilt)
+    # A padded batch: the masked model's nested path gives zeros at padded positions, the ordinary path
+    # computes them; every other position is equal.
+    assert not model.use_nested_tensor
+    src, padding = torch.randn(3, 6, E), torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    with torch.no_grad():
+        expected, actual = reference(src, src_key_padding_mask=padding), model(src, src_key_padding_mask=padding)
+    torch.testing.assert_close(actual[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+    model(src).sum().backward()  # the ordinary path, with gradients too
+
+
+def test_torch_transformer_takes_the_width_its_layers_now_have():
+    """``nn.Transformer`` checks its inputs against ``d_model``: it follows the stream's new width."""
+    torch.manual_seed(0)
+
+    class Translator(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(6, E), nn.Linear(E, 5)
+            self.transformer = nn.Transformer(E, H, 1, 1, 64, 0.0, batch_first=True)
+
+        def forward(self, src, tgt):
+            return self.head(self.transformer(self.embed(src), self.embed(tgt)))
+
+    model = Translator().eval()
+    dummy = (torch.randn(2, 7, 6), torch.randn(2, 5, 6))
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, dummy, (torch.randn(3, 9, 6), torch.randn(3, 4, 6)),
+                           shrunk=["embed.weight", "transformer.decoder.layers.0.multihead_attn.out_proj.weight"])
+    assert report.attributes["transformer.d_model"] == (E, E // 2) and not report.kept_for_verification
 
 
 class HandAttention(nn.Module):
@@ -680,7 +730,8 @@ def test_a_norm_passes_on_fewer_outputs_than_its_statistics_read(norm, masked):
              else {"b": {"weight": keep[None, :].expand(5, 16)}})
     check_speedup(model, masks, torch.randn(2, 3, 6), torch.randn(4, 5, 6), shrunk=["b.weight"])
     assert model.a.out_features == 16 and model.b.in_features == 8
-    assert isinstance(model.norm, nn.Sequential) and model.norm[1].index.numel() == 8
+    assert isinstance(model.norm, GatheredNorm) and model.norm.gather.index.numel() == 8
+    assert model.norm.weight is model.norm.norm.weight  # code around a norm reads its attributes
     again = {"b": {"weight": rows(keep_mask(5), (5, 8))}, "a": {"weight": rows(keep_mask(16), (16, 6))}}
     check_speedup(model, again, torch.randn(2, 3, 6), torch.randn(4, 5, 6), shrunk=["b.weight"])  # sped up again
 

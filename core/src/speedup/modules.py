@@ -11,6 +11,8 @@ because removing channels that hold constants changes something the torch module
 * :class:`ChannelGather`: entries picked by an index tensor, which a rule renumbers when entries go,
   where code picks them at fixed places (a channel split, a channel shuffle) that would not adapt;
   plugins' equivalent forms of such modules are built from it (see ``RuleRegistry.add_rewrite``).
+* :class:`GatheredNorm`: a norm passing on fewer entries than its statistics read (not a subclass:
+  it wraps any norm, and passes reads of the norm's attributes on to it).
 
 They are importable by name, so a pickled sped-up model loads wherever speedup is installed.
 """
@@ -371,6 +373,28 @@ class ChannelGather(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, entries={self.index.numel()}"
+
+
+class GatheredNorm(nn.Module):
+    """A norm whose statistics read more entries than it passes on: ``norm`` over the kept inputs,
+    then ``gather`` of the outputs kept.
+
+    Code around a norm reads its attributes (``nn.TransformerEncoderLayer`` compares ``norm1.eps``
+    with ``norm2.eps``): reads of attributes this module lacks go to ``norm``.
+    """
+
+    def __init__(self, norm: nn.Module, gather: ChannelGather):
+        super().__init__()
+        self.norm, self.gather = norm, gather
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.gather(self.norm(input))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("norm"), name)
 
 
 class PrunedMultiheadAttention(nn.Module):

@@ -341,10 +341,13 @@ def _retie(model: nn.Module, places, shapes: dict[int, tuple], tx: Transaction, 
     """
     rebuilt = {(type(old), _own_tensors(old)): (old, new) for old, new in report.pairs if new is not old}
     held = {tensor_id for _, tensors in rebuilt for _, tensor_id in tensors}
+    parts = {id(part) for _, new in rebuilt.values() for part in new.modules()}  # a norm inside its GatheredNorm
     for name, module in list(model.named_modules()) if rebuilt else ():
         if not any(id(t) in held for t in module._parameters.values()) and \
                 not any(id(t) in held for t in module._buffers.values()):
             continue  # holds none of the rebuilt modules' tensors: the usual case, decided without sorting
+        if id(module) in parts:
+            continue
         old, new = rebuilt.get((type(module), _own_tensors(module)), (None, None))
         if old is not None and module is not old and _own_tensors(module):
             _put(model, module, _twin(new), places, tx, report)

@@ -217,5 +217,46 @@ def _out_projection(module: nn.MultiheadAttention, plan: ModulePlan, layout: _La
     return _linear(weight, added_to_bias(bias, extra, full))
 
 
+_ENCODER_LAYER_PARTS = {"self_attn": nn.MultiheadAttention, "linear1": nn.Linear, "linear2": nn.Linear,
+                        "norm1": nn.LayerNorm, "norm2": nn.LayerNorm}
+
+
+def _fused_path_fits(layer: nn.Module) -> bool:
+    """Whether the parts of an ``nn.TransformerEncoderLayer`` are still torch's own modules: its fused
+    path (in inference) reads their tensors and would bypass the ``forward`` of a part rebuilt as another
+    module (a norm counting removed constants, an attention without some heads)."""
+    return all(type(getattr(layer, name, None)) is kind for name, kind in _ENCODER_LAYER_PARTS.items())
+
+
+def _encoder_layer_fused_path(layer: nn.Module) -> dict[str, Any]:
+    """``activation_relu_or_gelu``, which only the fused path reads, 0 (the path off) where it no longer fits."""
+    return {} if _fused_path_fits(layer) else {"activation_relu_or_gelu": 0}
+
+
+def _encoder_nested_tensors(encoder: nn.Module) -> dict[str, Any]:
+    """An ``nn.TransformerEncoder`` no longer packs a padded batch into nested tensors for layers whose
+    fused path is off: their ordinary path takes ordinary tensors only (before, such a model failed on a
+    padded batch). At padded positions the output is then what the layers compute there, where the
+    nested path gave zeros; every other position is the masked model's."""
+    return {} if all(_fused_path_fits(layer) for layer in encoder.layers) else {"use_nested_tensor": False}
+
+
+def _transformer_width(transformer: nn.Module) -> dict[str, Any]:
+    """``nn.Transformer`` checks that its inputs are ``d_model`` wide: the width its encoder's and its
+    decoder's first norms now take (where they differ, the check fails and verification keeps them)."""
+    widths = {_stream_width(stack) for stack in (transformer.encoder, transformer.decoder)}
+    return {"d_model": widths.pop()} if len(widths) == 1 and None not in widths else {}
+
+
+def _stream_width(stack: nn.Module) -> Optional[int]:
+    """The width the first layer of torch's encoder or decoder stack normalises (None for another stack)."""
+    layers = getattr(stack, "layers", None)
+    shape = getattr(getattr(layers[0], "norm1", None), "normalized_shape", None) if layers else None
+    return shape[0] if shape else None
+
+
 def register(registry) -> None:
     registry.add_module(nn.MultiheadAttention, MultiheadAttentionRule())
+    registry.add_sizes(nn.TransformerEncoderLayer, _encoder_layer_fused_path)
+    registry.add_sizes(nn.TransformerEncoder, _encoder_nested_tensors)
+    registry.add_sizes(nn.Transformer, _transformer_width)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm
+from ..modules import (ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm,
+                       GatheredNorm)
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
@@ -234,7 +235,7 @@ class LayerNormRule(ModuleRule):
 
 def _passing_kept_outputs(norm: nn.Module, plan: ModulePlan, dim: int) -> nn.Module:
     """``norm``, followed by a :class:`~speedup.modules.ChannelGather` of its kept outputs along ``dim``
-    where it keeps fewer outputs than inputs there."""
+    (a :class:`~speedup.modules.GatheredNorm`) where it keeps fewer outputs than inputs there."""
     kept_in, kept_out = plan.kept(plan.input(), dim), plan.kept(plan.output(), dim)
     if kept_out is None or (kept_in is not None and kept_in.numel() == kept_out.numel()):
         return norm  # the outputs kept are the inputs kept: an output entry needs its input entry
@@ -243,7 +244,7 @@ def _passing_kept_outputs(norm: nn.Module, plan: ModulePlan, dim: int) -> nn.Mod
         position = torch.full_like(position, -1)
         position[kept_in.cpu()] = torch.arange(kept_in.numel())
     picked = position[kept_out.cpu()]
-    return nn.Sequential(norm, ChannelGather(picked.to(plan.input().device), dim))
+    return GatheredNorm(norm, ChannelGather(picked.to(plan.input().device), dim))
 
 
 def _rms_norm_zeros(node: Node, ctx: Analysis, scale: Optional[torch.Tensor], dim: int = -1) -> None:
