@@ -547,9 +547,9 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     are not enough: code may compute a scale from a size (``self.head_dim ** -0.5``), and with small
     random weights the changed scale can hide within the tolerance on the dummy input. The sped-up
     model is then recorded again: every call must pass the numbers recorded, and those whose rule
-    asks (:attr:`~speedup.rule.Rule.rechecks_shapes`) must make their planned shapes. Where
-    ``layout_hidden`` (a call's result on the dummy does not show how its input is laid out, see
-    :meth:`~speedup.rule.Rule.hides_layout`), every call must make its planned shapes."""
+    asks (:attr:`~speedup.rule.Rule.rechecks_shapes`) must make their planned shapes. So must, where
+    ``layout_hidden``, the calls whose result on the dummy does not show how their input is laid out
+    (see :meth:`~speedup.rule.Rule.hides_layout`)."""
     try:
         draws.replay()
         with torch.no_grad(), fused_attention_off():
@@ -560,14 +560,11 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     difference, worst = _compare(recorded.output, output, is_state)
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
-    if layout_hidden:  # it ran above: recording it again raises nothing
-        departed = _first_departure(_recorded_calls(recorded), _record_again(model, args, kwargs, rules, replaced,
-                                                                                draws).graph.nodes)
-        return departed or _Check(True, max_abs_diff=worst)
-    if numbers_at_risk:
+    if numbers_at_risk or layout_hidden:  # it ran above: recording it again raises nothing
         again = _record_again(model, args, kwargs, rules, replaced, draws)
         for old, new in counterparts(_recorded_calls(recorded), again.graph.nodes):
-            reason = _unplanned_shape(old, new) if old.rule is not None and old.rule.rechecks_shapes else None
+            rechecked = old.rule is not None and (old.rule.rechecks_shapes or layout_hidden and old.rule.hides_layout(old))
+            reason = _unplanned_shape(old, new) if rechecked else None
             if reason is not None:
                 return _Check(False, old, reason, again=new)
             reason = changed_number(old, new)

@@ -82,7 +82,7 @@ class Rule:
         laid out: a softmax over a single entry gives 1 whatever the heads (a dummy of one token).
         Equal outputs then cannot show that the sped-up model splits its heads otherwise than planned
         (a head count the code stored went stale), so verification records the sped-up model again
-        and compares every call's shapes with the plan."""
+        and such a call must make its planned shapes."""
         return False
 
     def picks_by_rank(self, node: "Node") -> bool:
