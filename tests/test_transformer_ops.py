@@ -902,3 +902,41 @@ def test_attention_on_its_math_path_keeps_its_scale(rank, scale):
                            shrunk=["q.weight", "k.weight"] if scale else [])
     assert not report.kept_for_verification
     assert model.q.out_features == (24 if scale else 32)
+
+
+POOLINGS = {  # picks one token per sequence, by index tensors on batch and tokens
+    "adjacent": lambda h, tokens: h[torch.arange(h.shape[0]), tokens.argmax(-1)],
+    "apart": lambda h, tokens: h.permute(1, 2, 0)[tokens.argmax(-1), :, torch.arange(h.shape[0])],
+}
+
+
+class PooledEncoder(nn.Module):
+    """Token embeddings plus a learned position table read up to the length (``pos[:T]``), a residual
+    feed-forward block, and a pooling by index tensors (CLIP's end-of-text token)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(20, E), nn.Parameter(torch.randn(12, E))
+        self.up, self.down, self.head = nn.Linear(E, 64), nn.Linear(64, E), nn.Linear(E, 5)
+        self.pool = pool
+
+    def forward(self, tokens):
+        h = self.tokens(tokens) + self.positions[: tokens.shape[1]]
+        h = h + self.down(F.gelu(self.up(h)))
+        return self.head(self.pool(h, tokens))
+
+
+@pytest.mark.parametrize("pool", POOLINGS.values(), ids=POOLINGS.keys())
+def test_pooling_by_index_tensors_passes_the_features_and_positions_beyond_the_dummy_stay(pool):
+    """Several index tensors (batch and token) pick rows; the features pass through, so the stream
+    shrinks (it was kept whole). The position table's rows past the dummy's length are not channels:
+    ``consistent_masks`` masked half of them (the masked model broke on longer inputs) and the speedup
+    kept them; they are neither masked nor removed now."""
+    torch.manual_seed(0)
+    model = PooledEncoder(pool).eval()
+    dummy = torch.randint(0, 20, (2, 6))
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    assert bool(masks[""]["positions"].any(1).all())  # no whole position row masked
+    report = check_speedup(model, masks, dummy, torch.randint(0, 20, (3, 11)),
+                           shrunk=["tokens.weight", "positions", "up.weight"], max_param_ratio=0.45)
+    assert model.positions.shape == (12, E // 2) and not report.masked_but_kept

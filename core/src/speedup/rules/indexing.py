@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..graph import Node, TensorValue
+from ..graph import Node, Origin, TensorValue
 from ..propagation import Analysis
 from ..modules import ChannelGather
 from ..replacement import ModulePlan
@@ -49,6 +49,17 @@ def _pin_suffix(ctx: Analysis, x: TensorValue, dim: int, count: int) -> None:
     atoms = ctx.atoms(x, dim)
     if atoms is not None and count > 0:
         ctx.table.pin(atoms[-count:])
+
+
+def _pin_held(ctx: Analysis, x: TensorValue, dim: int) -> bool:
+    """Pins a dimension of a tensor the model holds (or computes from what it holds) that a call reads
+    only part of: the entries the dummy input did not reach are still there for other inputs
+    (``self.pos[:length]`` reads more rows of longer inputs), so no grouping of channels may offer
+    them (:func:`~speedup.groups.find_groups`); the speedup keeps them anyway. False for other tensors."""
+    if x.origin not in (Origin.PARAMETER, Origin.CONSTANT):
+        return False
+    _pin_prefix(ctx, x, dim, x.shape[dim])
+    return True
 
 
 class _IndexingRule(MapRule):
@@ -89,6 +100,9 @@ class Slice(_IndexingRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
         x, dim, n, start, end, step = self._bounds(node)
+        whole = step == 1 and 0 <= start and end >= n  # open-ended: the selected entries may go
+        if not whole and _pin_held(ctx, x, dim):
+            return
         if step != 1:
             ctx.pin(x, dim)
         elif start < 0:
@@ -117,6 +131,8 @@ class Select(_IndexingRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
         x, dim, index = self._args(node)
+        if _pin_held(ctx, x, dim):
+            return
         if index < 0:
             _pin_suffix(ctx, x, dim, -index)
         else:
@@ -238,42 +254,45 @@ class Im2col(MapRule):
 
 
 class Index(MapRule):
-    """``x[index]`` (``aten.index.Tensor``) with one integer index tensor: the indexed dimension gives
-    way to the index's, and the dimensions before and after pass through. An index known before the
-    call (a buffer of positions, as a relative position bias table is read) names literal positions,
-    kept like ``index_select``'s; one computed during the call (tokens sorted by expert in a mixture
-    of experts) may name any, so the indexed dimension keeps every entry. Boolean or several index
-    tensors keep everything."""
+    """``x[i, j]`` (``aten.index.Tensor``) with integer index tensors: the indexed dimensions give way
+    to the indices' (broadcast together), where the first of them was when they are adjacent, else in
+    front; the other dimensions pass through (CLIP pools ``x[torch.arange(n), tokens.argmax(-1)]``, its
+    features passing). An index known before the call (a buffer of positions, as a relative position
+    bias table is read) names literal positions, kept like ``index_select``'s; one computed during the
+    call (tokens sorted by expert in a mixture of experts) may name any, so its dimension keeps every
+    entry. A boolean index keeps everything."""
 
-    def _indexed(self, node: Node) -> Optional[tuple[int, TensorValue]]:
-        """(position, index) of the one integer index tensor; else None."""
+    def _indexed(self, node: Node) -> Optional[list[tuple[int, TensorValue]]]:
+        """(position, index) of each index tensor, all integer; else None."""
         present = [(p, i) for p, i in enumerate(node.args[1]) if i is not None]
-        if len(present) != 1:
+        if not present or any(not isinstance(i, TensorValue) or i.dtype not in (torch.long, torch.int)
+                              for _, i in present):
             return None
-        position, index = present[0]
-        if not isinstance(index, TensorValue) or index.dtype not in (torch.long, torch.int):
-            return None
-        return position, index
+        return present
 
     def maps(self, node: Node) -> list[DimMap]:
         indexed = self._indexed(node)
         if indexed is None:
             return []
-        (position, index), x, out = indexed, node.args[0], node.outputs[0]
-        return [DimMap(x, d, out, d if d < position else d - 1 + index.ndim) for d in range(x.ndim) if d != position]
+        x, out = node.args[0], node.outputs[0]
+        positions = [p for p, _ in indexed]
+        width = out.ndim - (x.ndim - len(positions))  # the dimensions of the broadcast indices
+        adjacent = positions == list(range(positions[0], positions[-1] + 1))
+        passing = [d for d in range(x.ndim) if d not in positions]
+        if adjacent:
+            return [DimMap(x, d, out, d if d < positions[0] else d - len(positions) + width) for d in passing]
+        return [DimMap(x, d, out, width + rank) for rank, d in enumerate(passing)]
 
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
-        indexed = self._indexed(node)
-        if indexed is None:
-            return
-        (position, index), x = indexed, node.args[0]
-        if index.data is None:
-            ctx.pin(x, position)
-            return
-        positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
-        if positions.numel():
-            _pin_prefix(ctx, x, position, int(positions.max()) + 1)
+        x = node.args[0]
+        for position, index in self._indexed(node) or []:
+            if index.data is None:
+                ctx.pin(x, position)
+                continue
+            positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
+            if positions.numel():
+                _pin_prefix(ctx, x, position, int(positions.max()) + 1)
 
 
 class Cat(OpRule):
