@@ -109,10 +109,11 @@ def test_a_size_checked_before_a_known_module_is_called_is_set_in_the_module_cal
 
 
 class SplitAndScale(SplitInHalves):
-    """Splits by its stored size and multiplies by it too: a size read outside shapes."""
+    """Splits by its stored size and multiplies by it too, made an integer tensor: a size read outside
+    shapes that no call's numbers show (a Python integer operand would, see ``HandWrittenMean``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.in_channels
+        return super().forward(x) * torch.tensor(self.in_channels)
 
 
 class PoolByStoredWidth(nn.Module):
@@ -339,3 +340,28 @@ def test_a_dummy_of_one_token_still_finds_the_head_count_the_code_stored(fused):
     masks = consistent_masks(model.eval(), torch.randn(2, 5, 6), sparsity=0.5, seed=0)
     report = check_speedup(model, masks, torch.randn(2, 1, 6), torch.randn(3, 7, 6), shrunk=["1.qkv.weight"])
     assert report.attributes == {"1.num_heads": (4, 2), "2.num_heads": (4, 2)}
+
+
+class HandWrittenMean(nn.Module):
+    """Features and their mean written out: a sum divided by the width the code reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2, self.head = nn.Linear(6, 16), nn.Linear(16, 6), nn.Linear(7, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x)
+        mean = z.sum(-1, keepdim=True) / z.shape[-1]
+        return self.head(torch.cat([self.fc2(F.gelu(z)), mean], -1))
+
+
+def test_an_integer_operand_read_from_a_size_that_shrank_keeps_that_size():
+    """``z.sum(-1) / z.shape[-1]`` divides by 8 in the sped-up model where 16 was recorded: the call is
+    found by that number (integer operands count as the floats do) and the width is kept; before, no
+    call was to blame and the speedup failed. Layers elsewhere still shrink."""
+    torch.manual_seed(0)
+    model = HandWrittenMean().eval()
+    keep = torch.arange(16) % 2 == 0
+    masks = {"fc": {"weight": rows(keep, (16, 6)), "bias": keep}, "fc2": {"weight": rows(keep[:6], (6, 16))}}
+    report = check_speedup(model, masks, torch.randn(2, 5, 6), torch.randn(3, 7, 6), shrunk=["fc2.weight"])
+    assert model.fc.out_features == 16 and any("the code passed 8 where 16" in r for r in report.kept_for_verification)

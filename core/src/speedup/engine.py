@@ -563,7 +563,8 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     if numbers_at_risk or layout_hidden:  # it ran above: recording it again raises nothing
         again = _record_again(model, args, kwargs, rules, replaced, draws)
         for old, new in counterparts(_recorded_calls(recorded), again.graph.nodes):
-            rechecked = old.rule is not None and (old.rule.rechecks_shapes or layout_hidden and old.rule.hides_layout(old))
+            rule = old.rule
+            rechecked = rule is not None and (rule.rechecks_shapes or layout_hidden and rule.hides_layout(old))
             reason = _unplanned_shape(old, new) if rechecked else None
             if reason is not None:
                 return _Check(False, old, reason, again=new)

@@ -36,9 +36,16 @@ size of many small dimensions."""
 
 
 def numbers_passed(node: Node) -> list[float]:
-    """The numbers with a fraction a call passes: its float arguments, and the values of a
-    floating-point tensor Python made of a few numbers that it lifts (``torch.tensor(16.0)``)."""
+    """The numbers a call computes with: its float arguments, the integers it takes for a tensor
+    operand (``z.sum(-1) / z.shape[-1]`` divides by an integer the code read from a size), and the values of
+    a floating-point tensor Python made of a few numbers that it lifts (``torch.tensor(16.0)``).
+    Integers passed as sizes, dimensions or indices are not among them: they follow the plan."""
     numbers = [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        operands = {argument.name for argument in schema.arguments if str(argument.type) == "Tensor"}
+        named = list(zip((argument.name for argument in schema.arguments), node.args)) + list(node.kwargs.items())
+        numbers += [float(a) for name, a in named if type(a) is int and name in operands]
     if node.target in _LIFTS and node.args and isinstance(node.args[0], TensorValue):
         lifted = node.args[0].tensor
         if lifted is not None and lifted.is_floating_point() and lifted.numel() <= FEW_NUMBERS:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import (ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm, ConstantAwareLayerNorm,
-                       GatheredNorm)
+from ..modules import (ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm,
+                       ConstantAwareLayerNorm, GatheredNorm)
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
