@@ -610,6 +610,19 @@ class WrittenOutLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class EpsilonInTheCode(WrittenOutLayerNorm):
+    """The statistics written out with the epsilon in the code (no attribute)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        del self.eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt((x - mean).pow(2).mean(1, keepdim=True) + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
 class RootMeanSquare(WrittenOutLayerNorm):
     """Has a LayerNorm's parameters but computes something else: not recognised, traced through."""
 
@@ -617,8 +630,10 @@ class RootMeanSquare(WrittenOutLayerNorm):
         return self.weight[:, None, None] * x / torch.sqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
 
 
-@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, WrittenOutLayerNorm, RootMeanSquare])
+@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, WrittenOutLayerNorm, EpsilonInTheCode, RootMeanSquare])
 def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
+    """Also with the epsilon written in the code, found on small probes (where it weighs): the norm
+    counting removed channels uses it, and kept the stream whole before."""
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.Conv2d(8, 4, 1)))
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
@@ -632,6 +647,21 @@ def test_layer_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
         assert model[1].weight.shape == (4,) and not report.barriers
     else:
         assert model[2].weight.shape == (4, 8, 1, 1)
+
+
+def test_a_layer_norm_with_the_epsilon_in_its_code_counts_removed_channels_with_that_epsilon():
+    """In float64, where 1e-5 for 1e-6 shows: the epsilon is found on probes small enough that it weighs
+    (on ordinary ones any usual epsilon matches)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), EpsilonInTheCode(8), nn.Conv2d(8, 4, 1)).double().eval()
+    masks = output_channel_masks(model, ["0"])
+    masks["1"] = {"weight": masks["0"]["bias"], "bias": masks["0"]["bias"]}  # the channel goes everywhere
+    reference = masked_copy(model, masks).eval()
+    dummy, fresh = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(3, 3, 5, 7, dtype=torch.float64)
+    check_speedup(model, masks, dummy, fresh, shrunk=["0.weight", "2.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(fresh), reference(fresh), rtol=1e-12, atol=1e-12)
+    assert model[1].eps == 1e-6
 
 
 class SequenceChannelsLayerNorm(nn.LayerNorm):

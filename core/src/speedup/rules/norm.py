@@ -272,20 +272,20 @@ class RMSNormRule(LayerNormRule):
 
 
 class RecognisedLayerNormRule(LayerNormRule):
-    """A module found to compute a LayerNorm over dimension ``dim`` (1 or -1) by
-    :func:`recognise_layer_norm`, its epsilon in the attribute ``eps_attribute``. It keeps its own
-    ``forward`` on fewer entries; where removed entries held constants it becomes an ``nn.LayerNorm``
-    counting them (over dimension 1: :class:`ConstantAwareChannelsFirstLayerNorm`)."""
+    """A module found to compute a LayerNorm over dimension ``dim`` (1 or -1) with epsilon ``eps`` by
+    :func:`recognise_layer_norm`. It keeps its own ``forward`` on fewer entries; where removed entries
+    held constants it becomes an ``nn.LayerNorm`` counting them (over dimension 1:
+    :class:`ConstantAwareChannelsFirstLayerNorm`)."""
 
-    def __init__(self, dim: int, eps_attribute: str = "eps"):
-        self.dim, self.eps_attribute = dim, eps_attribute
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.dim, self.eps = dim, eps
 
     def normalized_dim(self, node: Node) -> Optional[int]:
         return self.dim
 
     def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
         new.elementwise_affine = new.weight is not None  # what nn.LayerNorm's methods read
-        new.eps = float(getattr(new, self.eps_attribute))
+        new.eps = self.eps
         if not hasattr(new, "bias"):  # a norm without shift may not have the attribute at all
             new.register_parameter("bias", None)
         kind = ConstantAwareLayerNorm if self.dim == -1 else ConstantAwareChannelsFirstLayerNorm
@@ -293,6 +293,10 @@ class RecognisedLayerNormRule(LayerNormRule):
 
 
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+_USUAL_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 1e-3, 1e-4, 1e-7, 1e-10)
+"""Epsilons code writes in: a norm holding no epsilon attribute is tried with each."""
+_SMALL_PROBES = (1e-2, 1e-4)
+"""Scales of further probes, whose variance is near such epsilons, so that only the right one matches."""
 
 
 def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
@@ -301,47 +305,54 @@ def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
     ``ConvNextLayerNorm`` and Cohere's ``CohereLayerNorm`` (the statistics written out), SqueezeBERT's
     ``nn.LayerNorm`` subclass permuting ``(N, C, L)`` around its parent's ``forward``.
 
-    Candidates hold a vector ``weight``, an optional ``bias`` like it, a float epsilon (``eps``,
-    ``variance_epsilon`` or ``epsilon``) and nothing else; each is run on a probe laid out channels
-    first and one laid out channels last, and claimed for the layout whose result is ``F.layer_norm``'s.
+    Candidates hold a vector ``weight``, an optional ``bias`` like it, and nothing else; each is run
+    on a probe laid out channels first and one laid out channels last, and claimed for the layout
+    whose result is ``F.layer_norm``'s with the epsilon it holds (``eps``, ``variance_epsilon`` or
+    ``epsilon``). One holding no such attribute has its epsilon written in its code: it is claimed
+    where one usual epsilon gives its results on small probes too (where the epsilon weighs).
     """
-    for attribute in _norm_candidate(module, shift=True):
+    attributes = _norm_candidate(module, shift=True)
+    if attributes is None:
+        return None
+    scales = (1.0,) + (() if attributes else _SMALL_PROBES)
+    for eps in [module.__dict__[name] for name in attributes] or _USUAL_EPS:
         for dim in (1, -1):
-            if _computes_layer_norm(module, dim, module.__dict__[attribute]):
-                return RecognisedLayerNormRule(dim, attribute)
+            if all(_computes_layer_norm(module, dim, eps, scale) for scale in scales):
+                return RecognisedLayerNormRule(dim, eps)
     return None
 
 
-def _norm_candidate(module: nn.Module, shift: bool) -> list[str]:
-    """The float epsilon attributes of a module that may be a norm written by hand: a leaf holding a
-    vector ``weight``, an optional ``bias`` like it where ``shift``, and nothing else; none otherwise."""
+def _norm_candidate(module: nn.Module, shift: bool) -> Optional[list[str]]:
+    """The float epsilon attributes of a module that may be a norm written by hand (a leaf holding a
+    vector ``weight``, an optional ``bias`` like it where ``shift``, and nothing else); None for another."""
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None) if shift else None
     if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
-        return []
+        return None
     if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
-        return []
+        return None
     held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
     if any(t is not weight and t is not bias for t in held):
-        return []
+        return None
     return [name for name in _EPS_ATTRIBUTES if isinstance(module.__dict__.get(name), float)]
 
 
-def _computes_layer_norm(module: nn.Module, dim: int, eps: float) -> bool:
+def _computes_layer_norm(module: nn.Module, dim: int, eps: float, scale: float = 1.0) -> bool:
     """Channels first, a module may take images or sequences only (SqueezeBERT's norm permutes ``(N, C, L)``)."""
     channels = module.weight.numel()
     shapes = ((2, channels, 3, 5), (2, channels, 5)) if dim == 1 else ((2, 3, channels),)
     return any(_forward_matches(module, shape, lambda probe: F.layer_norm(
-        probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps).movedim(-1, dim))
-        for shape in shapes)
+        probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps).movedim(-1, dim),
+        scale) for shape in shapes)
 
 
-def _forward_matches(module: nn.Module, shape: tuple, reference: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+def _forward_matches(module: nn.Module, shape: tuple, reference: Callable[[torch.Tensor], torch.Tensor],
+                     scale: float = 1.0) -> bool:
     """Whether the module's own ``forward`` gives ``reference``'s result on a random probe of ``shape``
-    (False where it does not take such a probe, or cannot run here: meta tensors)."""
+    and ``scale`` (False where it does not take such a probe, or cannot run here: meta tensors)."""
     tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
     try:
         with torch.no_grad():
-            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(module.weight)
+            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).mul_(scale).to(module.weight)
             expected, result = reference(probe), type(module).forward(module, probe)
             return (isinstance(result, torch.Tensor) and result.shape == expected.shape
                     and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance)))
@@ -401,7 +412,7 @@ def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
     probe; it is claimed where the result is ``(offset + weight) * x * rsqrt(mean(x^2) + eps)`` for an
     offset of 0 or 1. The module itself is not touched.
     """
-    for attribute in _norm_candidate(module, shift=False):
+    for attribute in _norm_candidate(module, shift=False) or []:
         for dim in (-1, 1):
             offset = _rms_norm_offset(module, attribute, dim)
             if offset is not None:
