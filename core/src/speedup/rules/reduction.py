@@ -4,6 +4,10 @@ A reduction over a dimension reads every entry of it. Only ``sum`` (and norms) i
 so only there may zero entries of the reduced dimension go; a mean would divide by a different
 count and a max might lose its argument, so their reduced dimensions keep their size. Reduced
 dimensions that are not prunable (spatial, sequence) are the common case and cost nothing.
+
+A constant slice stays a constant where its result does not depend on how many entries were reduced
+(a mean, a maximum): those dimensions may have other sizes on other inputs, so a sum of a non-zero
+constant, or a softmax's ``1 / n``, is not folded as one.
 """
 
 from __future__ import annotations
