@@ -891,6 +891,8 @@ POOLS_OVER_TOKENS = {  # the pooling, and whether a constant channel pools to a 
     "einsum": (lambda h: torch.einsum("btc->bc", h), False),
     "sum over the batch": (lambda h: h.mean(1) - h.mean(1).sum(0, keepdim=True), False),
     "softmax over the batch": (lambda h: h.mean(1).softmax(0), False),
+    "mean times the length": (lambda h: h.mean(1) * h.shape[1], False),
+    "one minus the mean": (lambda h: 1 - h.mean(1), True),
     "prod of ones": (lambda h: (h * 0 + 1).prod(1) * h.mean(1), True),
     "mean": (lambda h: h.mean(1), True),
     "amax": (lambda h: h.amax(1), True),
@@ -910,9 +912,9 @@ class PooledTokens(nn.Module):
 def test_a_constant_reduced_over_entries_whose_count_varies_is_not_folded(pool, keeps_constants):
     """A channel holding its bias, summed over the tokens, is the bias times their count: folded with
     the dummy's count, the sped-up model was off on any other length or batch size (by 0.2 of an output
-    of 1.2) while its verification, on the dummy, passed; so with a softmax (1 / count). Such a channel
-    now stays; where the result does not depend on the count (a mean, a maximum, a product of ones) it
-    is still folded."""
+    of 1.2) while its verification, on the dummy, passed; so with a softmax (1 / count), or a count the
+    code reads (``h.shape[1]``). Such a channel now stays; where the result does not depend on the count
+    (a mean, a maximum, a product of ones) it is still folded."""
     torch.manual_seed(0)
     model = PooledTokens(pool).eval()
     keep = torch.arange(8) % 2 == 0

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-from ..graph import Node, TensorValue
+from ..graph import Node, Origin, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule
 
@@ -139,7 +139,11 @@ def _input_const(ctx: Analysis, x: TensorValue, out: TensorValue, d: int) -> Opt
 
 
 def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimConst]], out: TensorValue, n: int) -> torch.Tensor:
-    """Runs the operator itself on the constant entries, one element per entry."""
+    """Runs the operator itself on the constant entries, one element per entry.
+
+    An integer the code passes as an operand may be a size it read from the input
+    (``h.mean(1) * h.shape[1]``), another on other inputs: an entry whose result changes with it is
+    not a constant (NaN here). 0 and 1 are taken for what the code wrote (``1 - gate``)."""
     stand_ins = {}
     for x, c in zip(inputs, consts):
         values = c.value if c is not None else torch.zeros(n, dtype=torch.float64)
@@ -147,6 +151,14 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
 
     args = _substituted(node.args, stand_ins)
     kwargs = {k: _substituted(v, stand_ins) for k, v in node.kwargs.items()}
+    result = _run(node, args, kwargs, n)
+    for position in _integer_operands(node):
+        bumped = args[:position] + (args[position] + 1,) + args[position + 1:]
+        result = torch.where(_run(node, bumped, kwargs, n) == result, result, float("nan"))
+    return result
+
+
+def _run(node: Node, args: tuple, kwargs: dict, n: int) -> torch.Tensor:
     if node.target._opname.endswith("_"):
         args = (args[0].clone(),) + tuple(args[1:])
     try:
@@ -159,6 +171,16 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
         result = torch.where(result == 0, 0.0, float("nan"))
     result = result.to(torch.float64).reshape(-1)
     return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
+
+
+def _integer_operands(node: Node) -> list[int]:
+    """Positions of the integers other than 0 and ±1 that the call takes for a tensor operand, where
+    it computes with a tensor depending on the input (whose sizes may depend on it too)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not any(x.origin is Origin.COMPUTED for x in _tensor_args(node)):
+        return []
+    return [i for i, (argument, a) in enumerate(zip(schema.arguments, node.args))
+            if type(a) is int and abs(a) > 1 and str(argument.type) == "Tensor"]
 
 
 _KEEPS_ZERO: dict[tuple, bool] = {}
