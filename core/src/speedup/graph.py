@@ -200,6 +200,16 @@ class Node:
             return str(self.target)
         return f"aten.{self.target._opname}.{self.target._overloadname}" if _is_aten(self.target) else str(self.target)
 
+    def integer_operands(self) -> list[int]:
+        """Positions in ``args`` of the Python integers an operator call takes for a tensor operand
+        (``x / x.shape[-1]``): numbers the code computes with, which it may have read from a size;
+        not the sizes, dimensions or indices it passes, which follow the plan."""
+        schema = getattr(self.target, "_schema", None) if self.kind is NodeKind.OP else None
+        if schema is None:
+            return []
+        return [i for i, (argument, a) in enumerate(zip(schema.arguments, self.args))
+                if type(a) is int and str(argument.type) == "Tensor"]
+
     def same_code(self, other: "Node") -> bool:
         """Whether ``other`` is the same call made by the same line of code (in another block of a
         network, or in another run of the model): the same kind, operator (for operator calls) and line."""

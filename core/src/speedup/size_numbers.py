@@ -41,11 +41,7 @@ def numbers_passed(node: Node) -> list[float]:
     a floating-point tensor Python made of a few numbers that it lifts (``torch.tensor(16.0)``).
     Integers passed as sizes, dimensions or indices are not among them: they follow the plan."""
     numbers = [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        operands = {argument.name for argument in schema.arguments if str(argument.type) == "Tensor"}
-        named = list(zip((argument.name for argument in schema.arguments), node.args)) + list(node.kwargs.items())
-        numbers += [float(a) for name, a in named if type(a) is int and name in operands]
+    numbers += [float(node.args[i]) for i in node.integer_operands()]
     if node.target in _LIFTS and node.args and isinstance(node.args[0], TensorValue):
         lifted = node.args[0].tensor
         if lifted is not None and lifted.is_floating_point() and lifted.numel() <= FEW_NUMBERS:

@@ -152,7 +152,7 @@ def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimCo
     args = _substituted(node.args, stand_ins)
     kwargs = {k: _substituted(v, stand_ins) for k, v in node.kwargs.items()}
     result = _run(node, args, kwargs, n)
-    for position in _integer_operands(node):
+    for position in _size_like_operands(node):
         bumped = args[:position] + (args[position] + 1,) + args[position + 1:]
         result = torch.where(_run(node, bumped, kwargs, n) == result, result, float("nan"))
     return result
@@ -173,14 +173,13 @@ def _run(node: Node, args: tuple, kwargs: dict, n: int) -> torch.Tensor:
     return result if result.numel() == n else torch.full((n,), float("nan"), dtype=torch.float64)
 
 
-def _integer_operands(node: Node) -> list[int]:
-    """Positions of the integers other than 0 and ±1 that the call takes for a tensor operand, where
-    it computes with a tensor depending on the input (whose sizes may depend on it too)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or not any(x.origin is Origin.COMPUTED for x in _tensor_args(node)):
+def _size_like_operands(node: Node) -> list[int]:
+    """Positions of the integers other than 0 and ±1 the call takes for a tensor operand (see
+    :meth:`~speedup.graph.Node.integer_operands`), where it computes with a tensor depending on the
+    input (whose sizes may depend on it too)."""
+    if not any(x.origin is Origin.COMPUTED for x in _tensor_args(node)):
         return []
-    return [i for i, (argument, a) in enumerate(zip(schema.arguments, node.args))
-            if type(a) is int and abs(a) > 1 and str(argument.type) == "Tensor"]
+    return [i for i in node.integer_operands() if abs(node.args[i]) > 1]
 
 
 _KEEPS_ZERO: dict[tuple, bool] = {}
