@@ -664,6 +664,63 @@ def test_a_layer_norm_with_the_epsilon_in_its_code_counts_removed_channels_with_
     assert model[1].eps == 1e-6
 
 
+class VectorsNamedByTheCode(nn.Module):
+    """ConvNeXt's norm as research code writes it: the vectors named and laid out as the code likes (a
+    shift may be a buffer, or absent), the epsilon in the code."""
+
+    def __init__(self, c, scale="gamma", shift="beta", shape=(1, -1, 1, 1), shift_is_buffer=False):
+        super().__init__()
+        self.names = (scale, shift)
+        setattr(self, scale, nn.Parameter((torch.rand(c) + 0.5).reshape(shape)))
+        if shift is not None:
+            vector = (torch.rand(c) - 0.5).reshape(shape)
+            if shift_is_buffer:
+                self.register_buffer(shift, vector)
+            else:
+                setattr(self, shift, nn.Parameter(vector))
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-6)
+        x = getattr(self, self.names[0]).reshape(1, -1, 1, 1) * x
+        return x + getattr(self, self.names[1]).reshape(1, -1, 1, 1) if self.names[1] is not None else x
+
+
+class NormedResidual(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 8, 3, padding=1), norm(8)
+        self.conv, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.conv(F.gelu(self.norm(x)))
+        return self.head(x.mean((2, 3)))
+
+
+WRITTEN_NORMS = {
+    "gamma-beta (1, C, 1, 1)": lambda c: VectorsNamedByTheCode(c),
+    "g-b (C,)": lambda c: VectorsNamedByTheCode(c, "g", "b", (-1,)),
+    "shift a buffer (C, 1, 1)": lambda c: VectorsNamedByTheCode(c, "scale", "offset", (-1, 1, 1), shift_is_buffer=True),
+    "no shift": lambda c: VectorsNamedByTheCode(c, "alpha", None, (-1,)),
+}
+
+
+@pytest.mark.parametrize("norm", WRITTEN_NORMS.values(), ids=WRITTEN_NORMS.keys())
+def test_a_layer_norm_written_by_hand_is_recognised_whatever_its_vectors_are_called(norm):
+    """Which vector scales and which shifts is told by running the module, not by the names: each kept
+    the residual stream whole (parameters 1.0 under consistent masks)."""
+    torch.manual_seed(0)
+    model = NormedResidual(norm).eval()
+    dummy = torch.randn(2, 3, 6, 6)
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    scale = model.norm.names[0]
+    report = check_speedup(model, masks, dummy, torch.randn(3, 3, 5, 7),
+                           shrunk=["stem.weight", "conv.weight", "head.weight"], max_param_ratio=0.5)
+    assert model.stem.out_channels == 4 and not report.barriers
+    assert getattr(model.norm, scale, None) is None or getattr(model.norm, scale).numel() == 4
+
+
 class SequenceChannelsLayerNorm(nn.LayerNorm):
     """SqueezeBERT's norm: sequences laid out ``(N, C, L)``, permuted around ``nn.LayerNorm.forward``."""
 
@@ -747,6 +804,31 @@ def test_a_global_response_norm_loses_hidden_channels_and_still_counts_them(chan
     assert model[1].grn.weight.numel() == 8 and not report.barriers
     assert isinstance(model[1].grn, ConstantAwareResponseNorm)
     assert (float(model[1].grn.removed_norm_sum) > 0) == (constants == "counted")
+
+
+class OfficialResponseNorm(nn.Module):
+    """ConvNeXt V2's own GRN, channels last: ``gamma`` and ``beta`` shaped ``(1, 1, 1, C)``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(1, 1, 1, dim) + 0.5)
+        self.beta = nn.Parameter(torch.rand(1, 1, 1, dim) - 0.5)
+
+    def forward(self, x):
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+def test_a_response_norm_with_vectors_of_its_own_names_loses_hidden_channels():
+    """It kept the hidden channels of every block (the vectors were looked for as ``weight`` and ``bias``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResponseNormMlp(True)).eval()
+    model[1].grn = OfficialResponseNorm(16)
+    masks = output_channel_masks(model, ["1.fc1"])
+    check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 5, 9),
+                  shrunk=["1.fc1.weight", "1.fc2.weight"])
+    assert isinstance(model[1].grn, ConstantAwareResponseNorm) and model[1].grn.weight.numel() == 8
 
 
 def test_a_module_with_a_response_norms_vectors_computing_something_else_is_not_recognised():

@@ -701,6 +701,48 @@ def test_rms_norms_written_by_hand_are_recognised_by_what_they_compute(norm):
     assert model.embed.out_features == (8 if recognised else 16)
 
 
+class FunctionalRMSNorm(nn.Module):
+    """``F.rms_norm`` with its epsilon in the call, the scale called ``g``."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.g = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return F.rms_norm(x, x.shape[-1:], self.g, 1e-6)
+
+
+class GammaBetaLayerNorm(nn.Module):
+    """x-transformers' layer norm: ``gamma`` learned, ``beta`` a buffer of zeros."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(width) + 0.5)
+        self.register_buffer("beta", torch.zeros(width))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta)
+
+
+@pytest.mark.parametrize("norm", [FunctionalRMSNorm, GammaBetaLayerNorm])
+@pytest.mark.parametrize("constants", ["zeros", "counted"])
+def test_norms_written_with_their_own_names_and_epsilons_count_the_channels_they_lose(norm, constants):
+    """Traced through, their mean over the stream kept it whole; with an epsilon in the code, the norm
+    counting removed constants is torch's, with that epsilon. Counted: the removed channels hold the
+    embedding's bias."""
+    model = Stream(norm)
+    keep = keep_mask(16)
+    scale = next(name for name, _ in model.norm.named_parameters())
+    masks = {"embed": {"weight": rows(keep, (16, 6))}, "down": {"weight": rows(keep, (16, 32)), "bias": keep},
+             "norm": {scale: keep}}  # a layer norm's output is its shift where its scale is zero
+    if constants == "zeros":
+        masks["embed"]["bias"] = keep
+    check_speedup(model, masks, torch.randn(4, 6), torch.randn(7, 6),
+                  shrunk=["embed.weight", "down.weight", "head.weight"])
+    assert model.embed.out_features == 8 and model.norm.weight.numel() == 8
+    assert model.norm.eps == {FunctionalRMSNorm: 1e-6, GammaBetaLayerNorm: 1e-5}[norm]  # found on small probes
+
+
 class NormBetweenLinears(nn.Module):
     def __init__(self, norm: Callable[[int], nn.Module]):
         super().__init__()

@@ -318,6 +318,12 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
                 out = out * self.weight.to(x.dtype)
             return out.to(input.dtype)
 
+    class ConstantAwareChannelsFirstRMSNorm(ConstantAwareRMSNorm):
+        """:class:`ConstantAwareRMSNorm` over dimension 1 (channels first, ``(N, C, ...)``)."""
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            return super().forward(input.movedim(1, -1)).movedim(-1, 1)
+
 
 class ConstantAwareResponseNorm(nn.Module):
     """Global response normalisation (ConvNeXt V2's GRN: ``weight * (x * r) + bias + x``, ``r`` the

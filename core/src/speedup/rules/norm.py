@@ -10,20 +10,18 @@ torch's own.
 
 from __future__ import annotations
 
-import math
-
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Node, TensorValue
-from ..modules import (ChannelGather, ConstantAwareChannelsFirstLayerNorm, ConstantAwareGroupNorm,
-                       ConstantAwareLayerNorm, GatheredNorm)
+from ..modules import ChannelGather, ConstantAwareGroupNorm, ConstantAwareLayerNorm, GatheredNorm
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
+from .norm_vectors import TORCH_LAYOUT, NormVectors, held_vectors, run_with
 from .toolkit import clone_module, equal_parts, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -166,6 +164,7 @@ class LayerNormRule(ModuleRule):
 
     subclasses = True
     lazy_masks = True  # reads parameters through the node's values and the plan only
+    vectors = TORCH_LAYOUT
 
     def normalized_dim(self, node: Node) -> Optional[int]:
         """The one dimension normalised over (negative: from the end), or None for several."""
@@ -187,9 +186,7 @@ class LayerNormRule(ModuleRule):
                 ctx.link(x, d, out, d)
         if dim is None:
             return
-        for name in ("weight", "bias"):
-            if name in node.params:
-                ctx.link(node.params[name], 0, x, dim)
+        self.vectors.link(node, lambda vector, axis: ctx.link(vector, axis, x, dim))
         if not ctx.offering:  # an output entry may go alone; it is computed from its input entry
             inputs, own = ctx.atoms(x, dim), ctx.atoms(out, dim)
             if inputs is not None:
@@ -197,7 +194,7 @@ class LayerNormRule(ModuleRule):
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         out = node.outputs[0]
-        weight, bias = param_data(node, "weight"), param_data(node, "bias")
+        weight, bias = self.vectors.values(node)
         dim = self.normalized_dim(node)
         if dim is None or weight is None:
             return
@@ -220,7 +217,7 @@ class LayerNormRule(ModuleRule):
         by a gather of the outputs kept where fewer are: every varying input entry feeds the statistics,
         while an output entry goes where it is unused or a constant its consumers fold (its weight is
         masked), and those consumers then shrink."""
-        new = _with_sliced_affine(module, plan)
+        new = _with_sliced_affine(module, plan, self.vectors)
         dim = self.normalized_dim(plan.calls[0])
         new.normalized_shape = (plan.count(plan.input(), dim),)
         removed, values = plan.removed_input_constants(dim)
@@ -269,181 +266,6 @@ class RMSNormRule(LayerNormRule):
         from ..modules import ConstantAwareRMSNorm
 
         return ConstantAwareRMSNorm.convert(new, full_size, values)
-
-
-class RecognisedLayerNormRule(LayerNormRule):
-    """A module found to compute a LayerNorm over dimension ``dim`` (1 or -1) with epsilon ``eps`` by
-    :func:`recognise_layer_norm`. It keeps its own ``forward`` on fewer entries; where removed entries
-    held constants it becomes an ``nn.LayerNorm`` counting them (over dimension 1:
-    :class:`ConstantAwareChannelsFirstLayerNorm`)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        self.dim, self.eps = dim, eps
-
-    def normalized_dim(self, node: Node) -> Optional[int]:
-        return self.dim
-
-    def constant_aware(self, new: nn.Module, full_size: int, values: torch.Tensor) -> nn.Module:
-        new.elementwise_affine = new.weight is not None  # what nn.LayerNorm's methods read
-        new.eps = self.eps
-        if not hasattr(new, "bias"):  # a norm without shift may not have the attribute at all
-            new.register_parameter("bias", None)
-        kind = ConstantAwareLayerNorm if self.dim == -1 else ConstantAwareChannelsFirstLayerNorm
-        return kind.convert(new, full_size, values)
-
-
-_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
-_USUAL_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 1e-3, 1e-4, 1e-7, 1e-10)
-"""Epsilons code writes in: a norm holding no epsilon attribute is tried with each."""
-_SMALL_PROBES = (1e-2, 1e-4)
-"""Scales of further probes, whose variance is near such epsilons, so that only the right one matches."""
-
-
-def recognise_layer_norm(module: nn.Module) -> Optional[ModuleRule]:
-    """A LayerNorm over one dimension written without being a type the rules claim: timm's
-    ``LayerNorm`` and ``LayerNorm2d`` (``F.layer_norm`` in a ``forward`` of their own), Hugging Face's
-    ``ConvNextLayerNorm`` and Cohere's ``CohereLayerNorm`` (the statistics written out), SqueezeBERT's
-    ``nn.LayerNorm`` subclass permuting ``(N, C, L)`` around its parent's ``forward``.
-
-    Candidates hold a vector ``weight``, an optional ``bias`` like it, and nothing else; each is run
-    on a probe laid out channels first and one laid out channels last, and claimed for the layout
-    whose result is ``F.layer_norm``'s with the epsilon it holds (``eps``, ``variance_epsilon`` or
-    ``epsilon``). One holding no such attribute has its epsilon written in its code: it is claimed
-    where one usual epsilon gives its results on small probes too (where the epsilon weighs).
-    """
-    attributes = _norm_candidate(module, shift=True)
-    if attributes is None:
-        return None
-    scales = (1.0,) + (() if attributes else _SMALL_PROBES)
-    for eps in [module.__dict__[name] for name in attributes] or _USUAL_EPS:
-        for dim in (1, -1):
-            if all(_computes_layer_norm(module, dim, eps, scale) for scale in scales):
-                return RecognisedLayerNormRule(dim, eps)
-    return None
-
-
-def _norm_candidate(module: nn.Module, shift: bool) -> Optional[list[str]]:
-    """The float epsilon attributes of a module that may be a norm written by hand (a leaf holding a
-    vector ``weight``, an optional ``bias`` like it where ``shift``, and nothing else); None for another."""
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None) if shift else None
-    if module._modules or not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not weight.is_floating_point():
-        return None
-    if bias is not None and not (isinstance(bias, nn.Parameter) and bias.shape == weight.shape):
-        return None
-    held = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
-    if any(t is not weight and t is not bias for t in held):
-        return None
-    return [name for name in _EPS_ATTRIBUTES if isinstance(module.__dict__.get(name), float)]
-
-
-def _computes_layer_norm(module: nn.Module, dim: int, eps: float, scale: float = 1.0) -> bool:
-    """Channels first, a module may take images or sequences only (SqueezeBERT's norm permutes ``(N, C, L)``)."""
-    channels = module.weight.numel()
-    shapes = ((2, channels, 3, 5), (2, channels, 5)) if dim == 1 else ((2, 3, channels),)
-    return any(_forward_matches(module, shape, lambda probe: F.layer_norm(
-        probe.movedim(dim, -1), (channels,), module.weight, getattr(module, "bias", None), eps).movedim(-1, dim),
-        scale) for shape in shapes)
-
-
-def _forward_matches(module: nn.Module, shape: tuple, reference: Callable[[torch.Tensor], torch.Tensor],
-                     scale: float = 1.0) -> bool:
-    """Whether the module's own ``forward`` gives ``reference``'s result on a random probe of ``shape``
-    and ``scale`` (False where it does not take such a probe, or cannot run here: meta tensors)."""
-    tolerance = 1e-4 if module.weight.dtype in (torch.float32, torch.float64) else 2e-2
-    try:
-        with torch.no_grad():
-            probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).mul_(scale).to(module.weight)
-            expected, result = reference(probe), type(module).forward(module, probe)
-            return (isinstance(result, torch.Tensor) and result.shape == expected.shape
-                    and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance)))
-    except Exception:  # noqa: BLE001 - a module this does not describe
-        return False
-
-
-class ScaledRMSNormRule(LayerNormRule):
-    """An RMS norm written in Python: ``(offset + weight) * x * rsqrt(mean(x^2, dim) + eps)``, its epsilon
-    in the attribute ``eps_attribute`` (Llama's ``LlamaRMSNorm``: offset 0, ``variance_epsilon``;
-    Gemma's: offset 1, ``eps``; timm's ``RmsNorm2d``: dimension 1, channels first).
-
-    A hidden entry may go where it holds a constant, which must still count in the mean square. The
-    replacement stays an instance of the module's own class, so a saved model needs no new code: with
-    ``N`` entries before, ``n`` kept and ``s`` the sum of squares of the removed constants,
-    ``g * x * rsqrt((sum x^2 + s) / N + eps) == (g * sqrt(N / n)) * x * rsqrt(sum x^2 / n + (eps * N + s) / n)``,
-    so the scale ``g = offset + weight`` grows by ``sqrt(N / n)`` and the epsilon becomes ``(eps * N + s) / n``.
-    """
-
-    subclasses = False
-
-    def __init__(self, offset: float = 0.0, eps_attribute: str = "variance_epsilon", dim: int = -1):
-        self.offset, self.eps_attribute, self.dim = offset, eps_attribute, dim
-
-    def normalized_dim(self, node: Node) -> Optional[int]:
-        return self.dim
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        weight = param_data(node, "weight")
-        _rms_norm_zeros(node, ctx, weight.to(torch.float64) + self.offset if weight is not None else None, self.dim)
-
-    def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
-        new = clone_module(module)
-        weight = plan.param("weight")
-        full, kept = plan.input().shape[self.dim], plan.count(plan.input(), self.dim)
-        _, removed_values = plan.removed_input_constants(self.dim)
-        if isinstance(getattr(module, "normalized_shape", None), (tuple, list)):  # timm's RmsNorm2d checks it
-            new.normalized_shape = type(module.normalized_shape)([kept])
-        if kept == full or kept == 0:
-            new.weight = weight
-        else:
-            scaled = (weight.detach() + self.offset) * math.sqrt(full / kept) - self.offset
-            new.weight = nn.Parameter(scaled, requires_grad=weight.requires_grad)
-            eps = getattr(module, self.eps_attribute)
-            setattr(new, self.eps_attribute, (eps * full + float(removed_values.pow(2).sum())) / kept)
-        return _passing_kept_outputs(new, plan, self.dim)
-
-
-def recognise_rms_norm(module: nn.Module) -> Optional[ModuleRule]:
-    """An RMS norm written in Python under a name no plugin lists (over the last dimension, or over
-    channels first as timm's ``RmsNorm2d``): every Hugging Face model family
-    copies ``LlamaRMSNorm`` as its own class (``MixtralRMSNorm``, ``Qwen3RMSNorm``...), Gemma's scales by
-    ``1 + weight``.
-
-    Candidates hold one vector ``weight`` and nothing else, and a float epsilon attribute. A copy
-    holding a random weight and a large epsilon (so that the forward must read both) is run on a
-    probe; it is claimed where the result is ``(offset + weight) * x * rsqrt(mean(x^2) + eps)`` for an
-    offset of 0 or 1. The module itself is not touched.
-    """
-    for attribute in _norm_candidate(module, shift=False) or []:
-        for dim in (-1, 1):
-            offset = _rms_norm_offset(module, attribute, dim)
-            if offset is not None:
-                return ScaledRMSNormRule(offset, attribute, dim)
-    return None
-
-
-def _rms_norm_offset(module: nn.Module, eps_attribute: str, dim: int) -> Optional[float]:
-    """0 or 1 where ``module`` computes ``(offset + weight) * x * rsqrt(mean(x^2, dim) + eps)`` over
-    dimension ``dim`` (-1, or 1 laid out channels first), else None."""
-    channels = module.weight.numel()
-    generator = torch.Generator().manual_seed(0)
-    shape = (2, 3, channels) if dim == -1 else (2, channels, 3, 5)
-    probe = (torch.randn(shape, generator=generator) * 0.1).to(module.weight.device)
-    weight = torch.rand(channels, generator=generator).add_(0.5).to(module.weight.device)
-    copy_ = clone_module(module)
-    copy_.weight = nn.Parameter(weight, requires_grad=False)
-    setattr(copy_, eps_attribute, 0.5)
-    try:
-        with torch.no_grad():
-            result = type(module).forward(copy_, probe)
-    except Exception:  # noqa: BLE001 - not a norm over this dimension (or not runnable here: meta tensors)
-        return None
-    if not isinstance(result, torch.Tensor) or result.shape != probe.shape:
-        return None
-    normalized = probe * torch.rsqrt(probe.pow(2).mean(dim, keepdim=True) + 0.5)
-    scale = weight if dim == -1 else weight.reshape(-1, 1, 1)
-    for offset in (0.0, 1.0):
-        if bool(torch.allclose(result.float(), (offset + scale) * normalized, rtol=1e-4, atol=1e-5)):
-            return offset
-    return None
 
 
 class GroupNormRule(ModuleRule):
@@ -505,13 +327,20 @@ def recognise_group_norm(module: nn.Module) -> Optional[ModuleRule]:
     claimed where the result is ``F.group_norm``'s. A subclass that adds work (an activation) is
     traced through (:class:`GroupNormOpRule`).
     """
-    if not isinstance(module, nn.GroupNorm) or not _norm_candidate(module, shift=True):
+    if not isinstance(module, nn.GroupNorm) or set(held_vectors(module)) != {"weight", "bias"}:
         return None
-    shape = (2, module.num_channels, 3, 5)
-    if _forward_matches(module, shape, lambda probe: F.group_norm(probe, module.num_groups, module.weight,
-                                                                  module.bias, module.eps)):
-        return _GROUP_NORM
-    return None
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, module.num_channels, 3, 5, generator=generator)
+    weight, bias = torch.rand(2, module.num_channels, generator=generator).add_(0.5)
+    result = run_with(module, {"weight": weight, "bias": bias}, probe)
+    expected = F.group_norm(probe, module.num_groups, weight, bias, module.eps).to(module.weight)
+    return _GROUP_NORM if result is not None and _close(result, expected) else None
+
+
+def _close(result: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether a probe's result is the expected one, within the round-off of the module's dtype."""
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    return result.shape == expected.shape and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance))
 
 
 class GroupNormOpRule(OpRule):
@@ -668,7 +497,7 @@ class BatchNormOpRule(OpRule):
 class LayerNormOpRule(OpRule):
     """``F.layer_norm`` called in a module's own code (``aten.native_layer_norm``): the normalised
     dimensions keep their size (the call would normalise fewer entries: only a module can count removed
-    ones, see :class:`LayerNormRule` and :func:`recognise_layer_norm`); the others pass through. A
+    ones, see :class:`LayerNormRule` and :func:`~.written_norms.recognise_layer_norm`); the others pass through. A
     constant row normalises to the bias."""
 
     def _layout(self, node: Node) -> tuple[TensorValue, int]:
@@ -724,9 +553,9 @@ def _updates_statistics(args: dict) -> bool:
     return bool(args.get("training", False)) and isinstance(args.get("running_mean"), TensorValue)
 
 
-def _with_sliced_affine(module: nn.Module, plan: ModulePlan) -> nn.Module:
+def _with_sliced_affine(module: nn.Module, plan: ModulePlan, vectors: NormVectors = TORCH_LAYOUT) -> nn.Module:
     new = clone_module(module)
-    for name in ("weight", "bias"):
+    for name in vectors.names():
         if getattr(module, name, None) is not None:
             setattr(new, name, plan.param(name))
     return new
@@ -741,9 +570,7 @@ def register(registry) -> None:
     if hasattr(nn, "RMSNorm"):
         registry.add_module(nn.RMSNorm, RMSNormRule())
     registry.add_module(nn.GroupNorm, _GROUP_NORM)
-    registry.add_recogniser(recognise_layer_norm)
     registry.add_recogniser(recognise_group_norm)
-    registry.add_recogniser(recognise_rms_norm)
     registry.add_op("aten.native_batch_norm", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit_no_training", BatchNormOpRule())
     registry.add_op("aten._native_batch_norm_legit", BatchNormOpRule())

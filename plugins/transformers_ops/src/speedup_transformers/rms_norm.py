@@ -2,7 +2,7 @@
 
 Traced as operators, their ``mean`` over the hidden dimension would keep that dimension whole (a
 mean over fewer entries divides by another count), so no hidden channel could go. Recorded as one
-module instead, they follow core's :class:`~speedup.rules.norm.ScaledRMSNormRule`: a hidden channel
+module instead, they follow core's :class:`~speedup.rules.written_norms.ScaledRMSNormRule`: a hidden channel
 may go where it holds a constant (zero, for a masked residual stream), which still counts in the
 mean square, and the replacement stays an instance of the model's own class.
 
@@ -13,7 +13,7 @@ model families define under their own names (``MixtralRMSNorm``, Gemma's ``1 + w
 from __future__ import annotations
 
 from speedup.plugins.registry import RuleRegistry
-from speedup.rules.norm import ScaledRMSNormRule
+from speedup.rules.written_norms import ScaledRMSNormRule
 
 RMS_NORMS = (
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",
