@@ -502,6 +502,20 @@ def test_an_embedding_tied_under_another_name_shrinks_with_the_one_called():
     assert model.shared is not model.encoder["embed"] and model.shared.embedding_dim == int(hidden.sum())
 
 
+@pytest.mark.parametrize("masked", ["table columns", "consumer columns"])
+def test_an_embedding_with_max_norm_loses_only_the_columns_it_holds_zero(masked):
+    """It renormalises each row it looks up by the row's norm over every column: a column the consumer
+    does not read still counts (it went, and rows the dummy did not look up were off by 0.19)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 16, max_norm=1.0), nn.Linear(16, 4))
+    keep = keep_mask(16)
+    masks = ({"0": {"weight": keep[None, :].expand(30, 16)}} if masked == "table columns"
+             else {"1": {"weight": keep[None, :].expand(4, 16)}})
+    check_speedup(model, masks, torch.arange(10).view(2, 5), torch.arange(10, 30).view(4, 5),
+                  shrunk=["0.weight"] if masked == "table columns" else [])
+    assert model[0].embedding_dim == (8 if masked == "table columns" else 16)
+
+
 @pytest.mark.parametrize("same", [True, False], ids=["same masks", "different masks"])
 def test_masks_naming_one_tied_tensor_under_several_names_all_apply(same):
     """The weight is one tensor: the masked model multiplies it by every mask given for it, whatever

@@ -216,7 +216,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
                          lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule),
                          lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False),
-                         boundaries=verify)
+                         boundaries=verify, keep_values=tx.keep_values)
     except TracingFailed as failure:
         if isinstance(failure.error, RuleFailed):
             raise _rule_error(failure.error, model, rules) from failure.error.error

@@ -110,7 +110,8 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         freeze_parametrized(model, tx)  # masks name the tensors the model computes, as the speedup reads them
         freeze_computed_weights(model, Masks(), tx, rules.claims_or_replaces)
         put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
-        graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state, boundaries=True).graph
+        graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state, boundaries=True,
+                      keep_values=tx.keep_values).graph
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     finally:

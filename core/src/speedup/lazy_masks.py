@@ -65,10 +65,11 @@ class LazyMasks:
                 forwards[id(module)] = fn
         return forwards
 
-    def mask_for_good(self, tensor: torch.Tensor) -> None:
-        """Masks one of the weights in the model (undoably): something reads it there."""
+    def mask_for_good(self, tensor: torch.Tensor, in_place: bool = False) -> None:
+        """Masks one of the weights in the model (undoably): something reads it there (``in_place``:
+        through a view, which must see the masked values)."""
         self._masked_for_good.add(id(tensor))
-        self._tx.zero_masked(tensor, self.by_id[id(tensor)][1])
+        self._tx.zero_masked(tensor, self.by_id[id(tensor)][1], in_place)
 
     def mask_where_modules_are_read(self, graph: Graph, module_rule: Callable) -> None:
         """Masks in the model the weights of modules whose rules may read the module's attributes."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import weakref
@@ -26,7 +27,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode
 
 from . import flops as flop_count
-from .errors import TraceError
 from .graph import ALIAS_WRITE, Boundary, Graph, Node, NodeKind, Origin, TensorValue
 from .masks import held_tensors
 
@@ -81,6 +81,7 @@ def trace(
     masked_forwards: Optional[Mapping[int, Callable[..., Any]]] = None,
     unrecorded: Callable[[nn.Module], bool] = lambda module: False,
     boundaries: bool = False,
+    keep_values: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -97,15 +98,17 @@ def trace(
     every operator reading one gets a masked copy instead, made for that call and dropped after it,
     so the model computes what the masked model does without a masked copy of every weight held at
     once (nor the model's own values overwritten). Their values get the pattern as ``mask``. An
-    operator that writes one in place calls ``apply_mask(tensor)`` first, which must mask the
-    tensor itself. ``masked_forwards`` (``id(module) -> fn``) are claimed modules that compute
+    operator that writes one in place calls ``apply_mask(tensor, through_view)`` first, which must mask the
+    tensor itself (in its own memory where ``through_view``). ``keep_values(tensor)`` is called with
+    each parameter or buffer the model writes in place, before its first write: the caller keeps its
+    values to undo the write. ``masked_forwards`` (``id(module) -> fn``) are claimed modules that compute
     their masked output themselves from their unmasked weights (see
     :meth:`~speedup.rule.ModuleRule.masked_forward`): ``fn`` runs instead of their ``forward``, and
     their weights are not masked for them. Claimed modules for which ``unrecorded(module)`` holds
     run their ``forward`` unrecorded unless they hold a lazily masked weight (see
     :attr:`~speedup.rule.ModuleRule.unrecorded_forward`).
     """
-    recorder = _Recorder(model, known, masked, apply_mask)
+    recorder = _Recorder(model, known, masked, apply_mask, keep_values)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _masked_forwards(modules, recorder, masked_forwards or {})
     handles += _claim_modules(model, modules, recorder, claims, unrecorded)  # around the masked forwards
@@ -298,13 +301,19 @@ class _Recorder(TorchDispatchMode):
         return False
 
     def __init__(self, model: nn.Module, known: tuple = (), masked: Optional[Mapping[int, tuple]] = None,
-                 apply_mask: Optional[Callable[[torch.Tensor], None]] = None):
+                 apply_mask: Optional[Callable[[torch.Tensor, bool], None]] = None,
+                 keep_values: Optional[Callable[[torch.Tensor], None]] = None):
         super().__init__()
         self._masked: dict[int, tuple] = {key: (t, pattern, None, None) for key, (t, pattern) in (masked or {}).items()}
         """``id(tensor) -> (tensor, pattern, base, rebuild)``: the lazily masked weights, and views of them
         made in claimed modules (``base``: the weight they view; ``rebuild``: the same view of another
         tensor laid out like it)."""
         self._apply_mask = apply_mask
+        self._keep_values = keep_values
+        self._state: dict[int, torch.Tensor] = {} if keep_values is None else {
+            _storage_key(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        """The model's parameters and buffers (and masked copies of its weights that views are made of)
+        by memory, until it first writes one in place."""
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.graph = Graph()
         self.flops = 0
@@ -429,6 +438,8 @@ class _Recorder(TorchDispatchMode):
             if self.suppress and facts.view and not facts.writes and self.lazily_masked(args[0]):
                 return self._masked_view(func, args, kwargs)
             run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
+        if facts.writes and self._state:
+            self._keep_state(_written_tensors(facts, args, kwargs))
         if self.suppress:
             out = func(*run_args, **run_kwargs)
             if facts.counted:
@@ -470,6 +481,14 @@ class _Recorder(TorchDispatchMode):
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
 
+    def _keep_state(self, written: Iterable[torch.Tensor]) -> None:
+        """The model writes in place into its own parameters or buffers (an embedding with ``max_norm``
+        renormalises the rows it looks up): their values are kept first, once each, to be undone."""
+        for tensor in written:
+            held = self._state.pop(_storage_key(tensor), None)
+            if held is not None:
+                self._keep_values(held)
+
     def _forget_writes(self, results: list[torch.Tensor], read: set[int]) -> None:
         """A new tensor (made by an operator or a claimed module, in no memory it ``read``) lives in
         memory of its own: writes noted at that address were made to a tensor freed since, and say
@@ -485,13 +504,12 @@ class _Recorder(TorchDispatchMode):
         if facts.writes:
             for tensor in _written_tensors(facts, args, kwargs):
                 if self.lazily_masked(tensor):
-                    if self._masked[id(tensor)][2] is not None:
-                        raise TraceError(
-                            f"{func} writes in place into a view of a masked weight, inside a module a rule claims. "
-                            "speedup cannot follow that; mask the weight in the model before calling speedup."
-                        )
-                    del self._masked[id(tensor)]
-                    self._apply_mask(tensor)
+                    # A view shares the weight's memory (F.embedding renormalises rows through
+                    # ``weight.detach()``): the weight is masked there, which the view then reads.
+                    base = self._masked.pop(id(tensor))[2]
+                    if base is not None:
+                        self._masked.pop(id(base), None)
+                    self._apply_mask(tensor if base is None else base, base is not None)
         # An operator that returns no view of its arguments is done with the copies when it returns:
         # they go in scratch memory the next operator reuses (fresh memory for each would be as much
         # as the weights, page faults included). A view operator's copies live on in its outputs.
@@ -540,6 +558,10 @@ class _Recorder(TorchDispatchMode):
             _, pattern, base, rebuild = self._masked[id(arg)]
             data = (base if base is not None else arg).detach()
             masked = pattern.apply(data, None if slots is None else self._scratch(next(slots), data))
+            if slots is None and self._keep_values is not None:
+                # Views of the copy live on: a write into them stands for one into the weight (which
+                # the model, run again, makes there: F.embedding_bag renormalising max_norm rows).
+                self._state.setdefault(_storage_key(masked), base if base is not None else arg)
             return masked if rebuild is None else rebuild(masked)
         if isinstance(arg, (tuple, list)) and any(isinstance(a, torch.Tensor) for a in arg):
             return type(arg)(self._masked_operand(a, slots) for a in arg)

@@ -48,8 +48,9 @@ class Transaction:
         tensor.data = data
         self._undo.append(lambda: setattr(tensor, "data", previous))
 
-    def zero_masked(self, tensor: torch.Tensor, pattern: MaskPattern) -> None:
-        """Zeroes ``tensor`` where its mask (``pattern.mask``) is False, undoably.
+    def zero_masked(self, tensor: torch.Tensor, pattern: MaskPattern, in_place: bool = False) -> None:
+        """Zeroes ``tensor`` where its mask (``pattern.mask``) is False, undoably; ``in_place``: in its
+        own memory, which views of it share (the whole tensor kept for the undo).
 
         Whole rows of a weight (dimension 0, the usual case) are zeroed in place, keeping only those
         rows for the undo. Any other mask writes the masked tensor into new storage that the parameter then
@@ -60,6 +61,10 @@ class Transaction:
         data = tensor.data
         if pattern.dim is not None and bool(pattern.line.all()):
             return
+        if in_place:
+            self.keep_values(tensor)
+            data.copy_(pattern.apply(data))
+            return
         if pattern.dim != 0 or data.dim() == 1:  # a vector: a masked copy takes fewer operations
             self.set_data(tensor, pattern.apply(data))
             return
@@ -67,6 +72,12 @@ class Transaction:
         saved = data.index_select(0, removed)
         data.index_fill_(0, removed, 0)
         self._undo.append(lambda: data.index_copy_(0, removed, saved))
+
+    def keep_values(self, tensor: torch.Tensor) -> None:
+        """Keeps a copy of ``tensor``'s values, written back on rollback: something is about to write
+        into its memory (the model itself, renormalising an embedding's rows in place)."""
+        saved = tensor.detach().clone()
+        self._undo.append(lambda: tensor.data.copy_(saved))
 
     def set_training(self, model: nn.Module, mode: bool) -> None:
         flags = [(m, m.training) for m in model.modules()]

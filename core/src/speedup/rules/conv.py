@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from .. import flops as flop_count
-from ..graph import Node, TensorValue
+from ..graph import Node, Origin, TensorValue
 from ..boolean import any_along
 from ..propagation import Analysis
 from ..replacement import ModulePlan, masked_entries
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ..modules import FoldedConv1d, FoldedConv2d, FoldedConv3d
 from ..slicing import memory_format_of
-from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
+from .toolkit import NonzeroPattern, added_to_bias, clone_module, demand_computed, first_input, foldable
 
 
 
@@ -427,12 +427,33 @@ class ConvolutionOpRule(OpRule):
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         spec = self._spec(node)
-        if spec.weight.data is None:
+        if spec.weight.data is None:  # computed from the input (StyleGAN's modulated convolution)
             ctx.demand_all(spec.x)
+            if ctx.is_demanded(spec.out):
+                demand_computed(ctx, spec.weight)
+                demand_computed(ctx, spec.bias)
             return
         consts = ctx.const(spec.x, spec.cdim)
         zero = consts.zero if consts is not None else torch.zeros(spec.x.shape[spec.cdim], dtype=torch.bool)
         backward_conv(spec, ctx, zero)
+        _demand_filters(spec, ctx, zero)
+
+
+def _demand_filters(spec: _Spec, ctx: Analysis, zero_inputs: torch.Tensor) -> None:
+    """A weight or bias the model computes (standardised, sliced, scaled) is needed where the outputs
+    kept read it, from whatever computed it: the filters of the kept outputs, and (ungrouped) their
+    columns meeting inputs that are not zero."""
+    if not ctx.is_demanded(spec.out):
+        return
+    need_out = ctx.demanded(spec.out, spec.cdim)
+    if spec.weight.origin is not Origin.PARAMETER:
+        masks = {}
+        if spec.groups == 1 or not spec.transposed:
+            masks[spec.out_dim] = need_out
+        if spec.groups == 1:
+            masks[spec.in_dim] = _nonzero(spec, ctx).columns_read_by(need_out) & ~zero_inputs
+        ctx.demand(spec.weight, masks)
+    demand_computed(ctx, spec.bias, {0: need_out})
 
 
 def _forward_zero_filters(spec: _Spec, ctx: Analysis) -> None:

@@ -1,6 +1,8 @@
 """``nn.Embedding`` and ``aten.embedding``: a lookup whose last output dimension is the table's columns.
 
-The vocabulary dimension is indexed by token ids, literal positions: it keeps its size.
+The vocabulary dimension is indexed by token ids, literal positions: it keeps its size. A table with
+``max_norm`` renormalises the rows it looks up by their norm over every column, in place: only its
+zero columns may go.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import ModuleRule, OpRule
-from .toolkit import clone_module, first_input
+from .toolkit import clone_module, demand_computed, first_input
 
 
 def _couple(ctx: Analysis, weight: TensorValue, indices: TensorValue, out: TensorValue) -> None:
@@ -45,6 +47,12 @@ class EmbeddingRule(ModuleRule):
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         _backward(ctx, first_input(node), node.outputs[0])
+        if node.module.max_norm is not None:
+            # Rows looked up are renormalised by their norm over every column: one not zero counts.
+            weight = node.params["weight"]
+            consts = ctx.const(weight, 1)
+            zero = consts.zero if consts is not None else torch.zeros(weight.shape[1], dtype=torch.bool)
+            ctx.keep(weight, 1, ~zero)
 
     def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., torch.Tensor]]:
         """``embedding(ids, W) * kept_columns * kept_rows[ids]`` for a table losing rows times columns:
@@ -79,6 +87,8 @@ class EmbeddingOpRule(OpRule):
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         _backward(ctx, node.args[1], node.outputs[0])
+        if ctx.is_demanded(node.outputs[0]):  # a table the model computes: the columns looked up
+            demand_computed(ctx, node.args[0], {1: ctx.demanded(node.outputs[0], -1)})
 
 
 def register(registry) -> None:

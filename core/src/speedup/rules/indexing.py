@@ -34,7 +34,7 @@ from ..modules import ChannelGather
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from ._maps import DescribedByMaps, DimMap
-from .toolkit import equal_parts, first_input
+from .toolkit import demand_computed, equal_parts, first_input
 from .shape import MapRule
 
 
@@ -158,6 +158,11 @@ class IndexSelect(_IndexingRule):
         x, dim, index = node.args[0], node.args[1] % node.args[0].ndim, node.args[2]
         ctx.pin(x, dim) if index.data is None or index.data.numel() == 0 else _pin_prefix(
             ctx, x, dim, int(index.host().max()) + 1)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        super().backward(node, ctx)
+        if ctx.is_demanded(node.outputs[0]):
+            demand_computed(ctx, node.args[2])  # every position it names is read
 
 
 class ChannelGatherRule(DescribedByMaps, ModuleRule):
@@ -293,6 +298,12 @@ class Index(MapRule):
             positions = index.host().long().reshape(-1) % max(x.shape[position], 1)
             if positions.numel():
                 _pin_prefix(ctx, x, position, int(positions.max()) + 1)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        super().backward(node, ctx)
+        if ctx.is_demanded(node.outputs[0]):
+            for index in node.args[1]:  # every position an index names is read (a mask's every entry)
+                demand_computed(ctx, index)
 
 
 class Cat(OpRule):

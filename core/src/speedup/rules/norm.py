@@ -22,7 +22,7 @@ from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
 from .norm_vectors import TORCH_LAYOUT, NormVectors, held_vectors, run_with
-from .toolkit import clone_module, equal_parts, first_input, foldable, param_data
+from .toolkit import clone_module, demand_computed, equal_parts, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
@@ -371,6 +371,7 @@ class GroupNormOpRule(OpRule):
     def backward(self, node: Node, ctx: Analysis) -> None:
         args = bind(node)
         _demand_whole_groups(ctx, args["input"], node.outputs[0], args["group"])
+        _demand_computed_vectors(ctx, args, node.outputs[0], ("weight", "bias"))
 
     def departs(self, node: Node, again: Node) -> Optional[str]:
         args = bind(node)
@@ -492,6 +493,15 @@ class BatchNormOpRule(OpRule):
         elif ctx.is_demanded(out):
             batch_statistics = args.get("training", False)
             ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim) if d == 1 or not batch_statistics})
+        _demand_computed_vectors(ctx, args, out, _CHANNEL_PARAMS)
+
+
+def _demand_computed_vectors(ctx: Analysis, args: dict, out: TensorValue, names: tuple[str, ...]) -> None:
+    """A norm's per-channel vectors the model computes (a scale modulated by the input) are needed for
+    the channels of the output kept."""
+    if ctx.is_demanded(out):
+        for name in names:
+            demand_computed(ctx, args.get(name), {0: ctx.demanded(out, 1)})
 
 
 class LayerNormOpRule(OpRule):
@@ -537,6 +547,9 @@ class LayerNormOpRule(OpRule):
         (x, first), out = self._layout(node), node.outputs[0]
         if ctx.is_demanded(out):
             ctx.demand(x, {d: ctx.demanded(out, d) for d in range(first)})
+            args = bind(node)
+            demand_computed(ctx, args.get("weight"))  # over the normalised dimensions, which keep their sizes
+            demand_computed(ctx, args.get("bias"))
 
 
 def _vector(arg, absent: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

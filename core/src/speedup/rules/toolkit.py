@@ -14,11 +14,12 @@ from torch import nn
 
 from ..boolean import any_along
 from ..cloning import clone_module
-from ..graph import Node, TensorValue
+from ..graph import Node, Origin, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst
 
-__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "equal_parts", "first_input", "foldable", "param_data"]
+__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "demand_computed", "equal_parts", "first_input", "foldable",
+           "param_data"]
 
 
 def first_input(node: Node) -> TensorValue:
@@ -26,6 +27,15 @@ def first_input(node: Node) -> TensorValue:
         if isinstance(arg, TensorValue):
             return arg
     raise ValueError(f"{node.describe()} was called without a tensor input")
+
+
+def demand_computed(ctx: Analysis, operand: object, masks: Optional[dict[int, torch.Tensor]] = None) -> None:
+    """Needs the entries ``masks`` selects (unnamed dimensions whole) of a weight-like operand the model
+    computes during the call (a modulated scale, a standardised filter, a table made from the input):
+    what computed it must keep them. An operand the model holds (a parameter, kept by its links) or no
+    tensor at all needs nothing."""
+    if isinstance(operand, TensorValue) and operand.origin is not Origin.PARAMETER:
+        ctx.demand(operand, masks)
 
 
 def foldable(ctx: Analysis, node: Node, x: TensorValue, dim: int) -> torch.Tensor:
