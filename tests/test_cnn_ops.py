@@ -575,6 +575,30 @@ class LiteralSplit(nn.Module):
         return torch.cat([first, self.b(second)], 1)
 
 
+class SlicedParts(nn.Module):
+    """A layer's output cut into two parts with slices, each read by its own layer (TabNet's split)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.a, self.b = nn.Linear(6, 16), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.a(h[:, :8]) + self.b(h[:, 8:])
+
+
+def test_parts_cut_with_slices_lose_the_entries_of_the_open_ended_part():
+    """The first part's literal end pins its entries, but the entries it does not select are the second
+    part's, which adapts to a shorter dimension (both were kept whole: the first slice kept every entry
+    it did not select, for bounds that might depend on the input)."""
+    model = SlicedParts()
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[9, 11, 13, 15]] = False
+    masks = {"fc": {"weight": rows(keep, (16, 6)), "bias": keep}}
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6), shrunk=["fc.weight", "b.weight"])
+    assert model.fc.out_features == 12 and model.b.in_features == 4 and model.a.in_features == 8
+
+
 def test_a_literal_split_kept_after_verification_is_kept_in_every_block_at_once():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 1), LiteralSplit(), LiteralSplit(), LiteralSplit(),
                                           nn.Conv2d(8, 2, 1)))

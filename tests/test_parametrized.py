@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import speedup
+from speedup.groups import consistent_masks
 from support.checks import assert_unchanged, check_speedup, rows, state_and_structure
 
 KEEP = torch.tensor([True, False, True, True, False, True, False, True])
@@ -35,6 +36,30 @@ def test_weight_norm_and_spectral_norm_layers_lose_entries_of_their_computed_wei
     assert model[6] is untouched and parametrize.is_parametrized(model[6], "weight")
     assert report.forms == {"0": ("ParametrizedConv2d", "Conv2d"), "2": ("ParametrizedConv2d", "Conv2d")}
     assert sum("through a parametrization" in w for w in report.warnings) == 2
+
+
+def test_the_old_spectral_norm_hook_is_frozen_alike():
+    """``weight_orig`` and its power-iteration vectors, ``weight`` a plain attribute the hook sets: masks
+    name the weight, and finding groups no longer raises KeyError('weight')."""
+    model = network().eval()
+    torch.nn.utils.spectral_norm(model[0])
+    torch.nn.utils.spectral_norm(model[4])
+    untouched = model[4]
+    assert consistent_masks(model, torch.randn(1, 3, 8, 8), sparsity=0.5, seed=0)
+    check_speedup(model, masks(), torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["2.weight"])
+    assert model[0].weight.shape[0] == 5 and "weight_orig" not in dict(model[0].named_parameters())
+    assert model[4] is untouched and "weight_orig" in dict(model[4].named_parameters())
+    model.load_state_dict(model.state_dict())  # no hook looks for the vectors the plain layer lost
+
+
+def test_the_report_counts_the_parameters_a_parametrized_layer_holds():
+    """A weight norm holds a magnitude and a direction, not the weight it computes (the report said
+    122 -> 130 parameters where nothing changed)."""
+    model = network().eval()
+    parametrizations.weight_norm(model[0])
+    held = sum(p.numel() for p in model.parameters())
+    report = speedup.shrink(model, {}, torch.randn(1, 3, 8, 8))
+    assert report.params_before == report.params_after == held
 
 
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")

@@ -155,6 +155,27 @@ def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
                   shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
 
 
+class MatmulAttention(HandAttention):
+    """The same written with ``softmax(q @ k^T) @ v`` (latent diffusion's and lucidrains' attention)."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, D).transpose(1, 2) for f in (self.q, self.k, self.v))
+        out = (q @ k.transpose(-2, -1) * D ** -0.5).softmax(-1) @ v
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_head_whose_values_are_masked_goes_from_attention_written_with_matmuls():
+    """Its output is zero: a matrix of the batch that is zero in one operand of a product gives zeros
+    (only its rows and columns were followed, and nothing went)."""
+    model = MatmulAttention()
+    feature = torch.tensor([False, True, True, False]).repeat_interleave(D)
+    masks = {"v": {"weight": rows(feature, (E, E)), "bias": feature}}
+    check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 7, E),
+                  shrunk=["q.weight", "k.weight", "v.weight", "o.weight"])
+    assert model.o.in_features == E // 2
+
+
 class FusedQKV(nn.Module):
     """timm's attention: one qkv projection split with ``unbind``, its head size computed from the stream."""
 

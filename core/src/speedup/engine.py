@@ -138,13 +138,14 @@ def shrink(
     try:
         with ordinary_mode(), _collector_paused():
             args, kwargs = split_inputs(example_inputs)
+            params_before = _count_parameters(model)  # as the user holds them (a weight norm's two tensors)
             frozen = freeze_parametrized(model, tx)  # masks name the tensors the model computes
             checked_masks = load_masks(masks, model, map_location, batch_dim)
             for f in frozen:  # torch.nn.utils.prune's masks, carried by the model
                 for name, mask in f.twin.masks.items():
                     checked_masks.join(f"{f.form.name}.{name}", mask, getattr(f.form.form, name))
             frozen += freeze_computed_weights(model, checked_masks, tx, rules.claims_or_replaces)
-            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen, draws)
+            report = _run(model, checked_masks, args, kwargs, rules, tx, timings, verify, frozen, draws, params_before)
     except BaseException:
         tx.rollback()
         raise
@@ -194,7 +195,7 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, verify: bool,
-         frozen: list[Frozen], draws: RandomDraws) -> ShrinkReport:
+         frozen: list[Frozen], draws: RandomDraws, params_before: int) -> ShrinkReport:
     clock = _Clock(timings)
     flags = {id(m): m.training for m in model.modules()}
     forms = put_equivalent_forms(model, rules.registry, tx, lambda module: rules.custom_for(module) is not None)
@@ -209,7 +210,6 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
     holders = tensor_masks.install(model, masks.tensors, tx)
     clock.lap("zero masked")
     known = tuple((name, holder, "mask") for name, holder in holders)
-    params_before = _count_parameters(model)
     observe = lambda m: rules.custom_for(m) is not None  # noqa: E731 - a tiny predicate
     try:
         draws.replay()

@@ -10,8 +10,9 @@ leave_parametrized=True)`` or ``remove_weight_norm`` make, as deployment code do
 tensors as the model shows them (``conv.weight``) and apply to the computed values.
 
 After the speedup, a module of which nothing changed is put back with its parametrization; one that
-lost entries stays plain, and the report says so. The old weight norm hook
-(``torch.nn.utils.weight_norm``: ``weight_g``, ``weight_v`` and a forward pre-hook) is frozen alike.
+lost entries stays plain, and the report says so. The old weight norm and spectral norm hooks
+(``torch.nn.utils.weight_norm``: ``weight_g``, ``weight_v`` and a forward pre-hook;
+``torch.nn.utils.spectral_norm``: ``weight_orig`` and the vectors ``weight_u``, ``weight_v``) are frozen alike.
 
 A tensor pruned with ``torch.nn.utils.prune`` (``weight_orig``, ``weight_mask`` and a forward pre-hook
 computing ``weight = weight_orig * weight_mask``) is frozen alike, and its mask joins the masks given
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .cloning import clone_module
@@ -133,18 +135,29 @@ def frozen_twin(module: nn.Module) -> Optional[Twin]:
                 original = original if original is not None else originals.original0
                 _put(twin, name, getattr(module, name), isinstance(original, nn.Parameter), original.requires_grad)
         return Twin(twin, names, {}, "through a parametrization", "torch.nn.utils.parametrize.remove_parametrizations")
-    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, BasePruningMethod))]
+    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))]
     if not hooks:
         return None
     twin = clone_module(module)
     twin._forward_pre_hooks = OrderedDict((key, h) for key, h in module._forward_pre_hooks.items()
                                           if not any(h is hook for hook in hooks))
+    # The spectral norm's hooks saving and loading its vectors would look for them in the twin.
+    twin._state_dict_hooks = OrderedDict((key, h) for key, h in module._state_dict_hooks.items()
+                                         if not isinstance(h, SpectralNormStateDictHook))
+    twin._load_state_dict_pre_hooks = OrderedDict(
+        (key, h) for key, h in module._load_state_dict_pre_hooks.items()
+        if not isinstance(getattr(h, "hook", h), SpectralNormLoadStateDictPreHook))
     names, masks = [], {}
+    how, undone_by = "through a weight norm hook", "torch.nn.utils.remove_weight_norm"
     with torch.no_grad():
         for hook in hooks:
             if isinstance(hook, WeightNorm):
                 name, sources = hook.name, [f"{hook.name}_g", f"{hook.name}_v"]
                 computed = hook.compute_weight(module)
+            elif isinstance(hook, SpectralNorm):  # as in eval mode: no power iteration
+                name, sources = hook.name, [f"{hook.name}_orig", f"{hook.name}_u", f"{hook.name}_v"]
+                computed = hook.compute_weight(module, do_power_iteration=False)
+                how, undone_by = "through a spectral norm hook", "torch.nn.utils.remove_spectral_norm"
             else:
                 name, sources = hook._tensor_name, [f"{hook._tensor_name}_orig", f"{hook._tensor_name}_mask"]
                 computed = hook.apply_mask(module)
@@ -158,7 +171,7 @@ def frozen_twin(module: nn.Module) -> Optional[Twin]:
             names.append(name)
     if masks:
         return Twin(twin, names, masks, "through a pruning hook", "torch.nn.utils.prune.remove")
-    return Twin(twin, names, masks, "through a weight norm hook", "torch.nn.utils.remove_weight_norm")
+    return Twin(twin, names, masks, how, undone_by)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -48,7 +48,9 @@ class MatMul(OpRule):
     def forward(self, node: Node, ctx: Analysis) -> None:
         bias, x, w, out = self._operands(node)
         rows, cols = _zero(ctx, x, -2), _zero(ctx, w, -1)
-        for d, zero in ((out.ndim - 2, rows), (out.ndim - 1, cols)):
+        # A matrix of the batch (a head of attention) that is zero in either operand gives zeros.
+        batch = [(d, _zero(ctx, x, d) | _zero(ctx, w, d)) for d in range(out.ndim - 2)]
+        for d, zero in batch + [(out.ndim - 2, rows), (out.ndim - 1, cols)]:
             value = torch.zeros(out.shape[d], dtype=torch.float64)
             mask = zero.clone()
             if isinstance(bias, TensorValue):

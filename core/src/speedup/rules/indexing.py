@@ -8,7 +8,10 @@ open-ended slice (``x[:, 2:]``) adapts to a shorter dimension, so its selected e
 Entries a slice did not select are still needed: the bounds may depend on the input
 (``self.position_ids[:, :seq_len]`` reads more of the buffer for a longer input), and nothing at
 the dispatcher tells such bounds from literal ones. A sliced dimension therefore loses only
-entries that are removable for another reason.
+entries that are removable for another reason, unless the bounds cannot move: an open-ended slice
+reads to the end (the entries before it are pinned), and slices cutting a tensor the model computes
+into parts that together read all of it (``x[..., :d]`` and ``x[..., d:]``) are the code's parts, each
+needing its own entries.
 
 ``split`` into equal parts (which is what ``chunk`` becomes) is treated like ``view(k, s)``:
 removing position ``e`` removes it from every part, so the parts shrink equally and ``chunk``
@@ -97,10 +100,42 @@ class Slice(_IndexingRule):
         index = torch.arange(lo, max(hi, lo), step)[: out.shape[dim]]
         return [DimMap(x, d, out, d, index if d == dim else None) for d in range(x.ndim)]
 
+    def _open_ended(self, node: Node) -> bool:
+        """``x[:, 2:]``: the selected entries may go (those before them keep their places)."""
+        _, _, n, start, end, step = self._bounds(node)
+        return step == 1 and 0 <= start and end >= n
+
+    def _partitions(self, node: Node) -> bool:
+        """Whether the slices of the tensor along this dimension together read every entry of a tensor
+        the model computes (``x[..., :d]`` and ``x[..., d:]``, a gate written with slices): bounds that
+        cut a dimension into parts are the code's, not the input's."""
+        x, dim, n, _, _, _ = self._bounds(node)
+        if x.origin in (Origin.PARAMETER, Origin.CONSTANT):
+            return False
+        read = torch.zeros(n, dtype=torch.bool)
+        for other in x.consumers:
+            if other.target is node.target and other.args and other.args[0] is x:
+                _, other_dim, _, start, end, step = self._bounds(other)
+                if other_dim == dim:
+                    read[slice(*slice(start, end, step).indices(n))] = True
+        return bool(read.all())
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        open_ended = self._open_ended(node)
+        if not open_ended and not self._partitions(node):
+            super().backward(node, ctx)
+            return
+        # It reads the same entries for every input: an entry it selects is needed where its output's
+        # is, and one it does not select where another part needs it.
+        MapRule.backward(self, node, ctx)
+        if open_ended and ctx.is_demanded(node.outputs[0]):
+            x, dim, n, start, _, _ = self._bounds(node)
+            ctx.keep(x, dim, torch.arange(n) < start)
+
     def couple(self, node: Node, ctx: Analysis) -> None:
         super().couple(node, ctx)
         x, dim, n, start, end, step = self._bounds(node)
-        whole = step == 1 and 0 <= start and end >= n  # open-ended: the selected entries may go
+        whole = self._open_ended(node)
         if not whole and _pin_held(ctx, x, dim):
             return
         if step != 1:
