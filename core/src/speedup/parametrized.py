@@ -135,7 +135,8 @@ def frozen_twin(module: nn.Module) -> Optional[Twin]:
                 original = original if original is not None else originals.original0
                 _put(twin, name, getattr(module, name), isinstance(original, nn.Parameter), original.requires_grad)
         return Twin(twin, names, {}, "through a parametrization", "torch.nn.utils.parametrize.remove_parametrizations")
-    hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))]
+    hooks = [h for h in module._forward_pre_hooks.values()
+             if isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))]
     if not hooks:
         return None
     twin = clone_module(module)
