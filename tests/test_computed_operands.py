@@ -52,3 +52,30 @@ def test_an_operand_the_model_computes_keeps_what_computes_it(call):
     masks = {"map": {"weight": rows(kept, (16, 8)), "bias": kept}}
     check_speedup(model, masks, torch.randn(2, 8), torch.randn(3, 8), shrunk=["map.weight"])
     assert model.map.out_features == 8 and model.scale.out_features == 8
+
+
+class DepthwiseFromVectors(nn.Module):
+    """H3's and S4's shift convolution: a depthwise filter made in forward as ``kernel.unsqueeze(1)``,
+    the group count read from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.kernel = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, u):
+        k = self.proj(u).transpose(1, 2)
+        k = F.conv1d(F.pad(k, (3, 0)), self.kernel.unsqueeze(1), groups=k.shape[1])
+        return self.out(k.transpose(1, 2))
+
+
+def test_a_depthwise_filter_made_from_a_parameter_loses_the_channels_its_input_loses():
+    """Its dimension of one could not shrink, and the input's channels went alone: with verify=False
+    the output was off by 1.4 (the groups followed the input, the filter did not)."""
+    torch.manual_seed(0)
+    model = DepthwiseFromVectors().eval()
+    kept = keep_mask(16)
+    masks = {"proj": {"weight": rows(kept, (16, 16)), "bias": kept}}
+    check_speedup(model, masks, torch.randn(2, 10, 16), torch.randn(3, 7, 16), shrunk=["proj.weight", "kernel"],
+                  verify=False)
+    assert model.kernel.shape == (8, 4) and model.out.in_features == 8

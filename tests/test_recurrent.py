@@ -81,3 +81,38 @@ def test_a_packed_sequence_keeps_everything():
     report = check_speedup(model, {"a": {"weight": rows(~MASKED, (8, 4)), "bias": ~ZERO}}, torch.randn(2, 5, 4),
                            torch.randn(2, 6, 4))
     assert model.rnn.input_size == 8 and isinstance(report, speedup.ShrinkReport)
+
+
+class ScanFromZeros(nn.Module):
+    """A diagonal recurrence written in Python (Mamba's and RWKV's scans), its state started as
+    ``torch.zeros`` of sizes read from the input, or written in the code."""
+
+    def __init__(self, literal: bool = False):
+        super().__init__()
+        self.literal = literal
+        self.enc, self.dec = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.decay = nn.Parameter(torch.rand(16) * 0.9)
+
+    def forward(self, x):
+        u = self.enc(x)
+        h = torch.zeros(u.shape[0], 16 if self.literal else u.shape[2])
+        states = []
+        for t in range(u.shape[1]):
+            h = self.decay * h + u[:, t]
+            states.append(h)
+        return self.dec(torch.stack(states, 1))
+
+
+@pytest.mark.parametrize("literal", [False, True], ids=["sizes read", "sizes written"])
+def test_a_state_made_of_zeros_loses_the_channels_of_what_it_meets(literal):
+    """Made from nothing, the state kept its size and every channel of the recurrence (708 parameters
+    stayed 708); a size written in the code makes another shape than planned, which the verification
+    finds, keeping the state's size."""
+    torch.manual_seed(0)
+    model = ScanFromZeros(literal).eval()
+    keep = torch.arange(16) % 2 == 1
+    masks = {"enc": {"weight": rows(keep, (16, 6)), "bias": keep}}
+    report = check_speedup(model, masks, torch.randn(2, 5, 6), torch.randn(3, 7, 6),
+                           shrunk=[] if literal else ["enc.weight", "decay", "dec.weight"])
+    assert model.enc.out_features == (16 if literal else 8)
+    assert bool(report.kept_for_verification) == literal

@@ -133,3 +133,28 @@ def test_outputs_that_are_nan_where_the_masked_models_are_count_as_equal():
     keep[0] = False  # the first sample attends to nothing
     check_speedup(model, masks, (torch.randn(2, 5, 8), keep), (torch.randn(2, 7, 8), keep[:, :1].expand(2, 7)),
                   shrunk=["q.weight", "k.weight", "v.weight"])
+
+
+class AnchorHead(nn.Module):
+    """RetinaNet's class head: ``(N, anchors * classes, H, W)`` returned as ``(N, H * W * anchors, classes)``,
+    every logit's bias the same prior."""
+
+    def __init__(self):
+        super().__init__()
+        self.sub, self.logits = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 3 * 5, 3, padding=1)
+        nn.init.constant_(self.logits.bias, -4.6)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        logits = self.logits(torch.relu(self.sub(x)))
+        return logits.view(n, -1, 5, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 5)
+
+
+def test_a_returned_dimension_repeating_channels_over_positions_keeps_every_entry():
+    """Masked away, the branch leaves every logit its bias: the anchors went inside and the hook put
+    them back at the dummy's resolution only (at another, the sped-up model returned a tensor a third
+    as long)."""
+    model = AnchorHead().eval()
+    masks = {"sub": {"weight": torch.zeros(8, 4, 3, 3), "bias": torch.zeros(8)}}
+    check_speedup(model, masks, torch.randn(2, 4, 8, 8), torch.randn(1, 4, 12, 10), shrunk=["sub.weight"])
+    assert model.logits.out_channels == 15

@@ -365,3 +365,58 @@ def test_an_integer_operand_read_from_a_size_that_shrank_keeps_that_size():
     masks = {"fc": {"weight": rows(keep, (16, 6)), "bias": keep}, "fc2": {"weight": rows(keep[:6], (6, 16))}}
     report = check_speedup(model, masks, torch.randn(2, 5, 6), torch.randn(3, 7, 6), shrunk=["fc2.weight"])
     assert model.fc.out_features == 16 and any("the code passed 8 where 16" in r for r in report.kept_for_verification)
+
+
+class RootAttention(nn.Module):
+    """Attention splitting its projections into the heads it stored, the head size following."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (f(x).reshape(b, n, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_model_whose_own_forward_reads_a_stored_head_count_has_it_set():
+    """The model itself is the attention: its own forward's sizes are looked at as a module's are (its
+    heads were all kept, the verification failing for the count it stored)."""
+    torch.manual_seed(0)
+    model = RootAttention().eval()
+    head = torch.tensor([False, True]).repeat_interleave(8)
+    masks = {name: {"weight": rows(head, (16, 16)), "bias": head} for name in ("q", "k", "v")}
+    masks["out"] = {"weight": head[None, :].expand(16, 16)}
+    report = check_speedup(model, masks, torch.randn(2, 5, 16), torch.randn(3, 7, 16), shrunk=["q.weight", "out.weight"])
+    assert report.attributes == {"heads": (2, 1)}
+
+
+class SplitByStreamWidth(nn.Module):
+    """A projection to queries, keys and values split by the stream's width ``D``, which the code reads
+    from the stream (wav2vec2's and Hugging Face's way), in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.qkv, self.out, self.head = nn.Linear(6, 16), nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        q, k, v = self.qkv(h).split(h.shape[-1], dim=-1)
+        h = h + self.out(F.scaled_dot_product_attention(q, k, v))
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+def test_a_split_by_a_size_read_from_another_tensor_keeps_that_size_only():
+    """The split cannot follow the plan (the stream and the features it cuts shrink apart): the
+    dimensions of the stream's size are kept whole, not the whole model (which nothing can refill)."""
+    torch.manual_seed(0)
+    model = SplitByStreamWidth().eval()
+    dummy = torch.randn(2, 5, 6)
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, dummy, torch.randn(3, 7, 6), shrunk=["up.weight"])
+    assert any("dimensions of size 16 in '<model>' kept" in reason for reason in report.kept_for_verification)
+    assert model.inp.out_features == 16 and model.up.out_features == 16

@@ -126,7 +126,10 @@ def shrink(
         weight_masks)``, 1 where an entry is kept, as NNI documents it).
     :param map_location: where to load mask tensors, as in ``torch.load``.
     :param batch_dim: the batch dimension of the inputs (input/output masks must not vary along it).
-    :param verify: compare the result with the masked model on ``example_inputs`` (recommended).
+    :param verify: compare the result with the masked model on ``example_inputs`` (recommended). It is
+        also what keeps code that reads sizes in step: sizes a module stored (``self.num_heads``), shapes
+        written in the code, scales computed from a size (``C ** -0.5``) are found where the verification
+        fails, and set or kept whole. Without it, such a model may raise or compute otherwise.
     :returns: a :class:`~speedup.report.ShrinkReport` of what changed.
     """
     started = time.perf_counter()
@@ -357,7 +360,9 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     kept. Raises when nothing more can be kept."""
     node, reason = check.node, check.reason
     if check.number_changed and node is not None:
-        scopes = _keep_sizes_behind(graph, node, pinned, pinned_dims)
+        shrunk = shrunk_sizes(graph)
+        sizes = set().union(*(sizes_behind(number, shrunk) for number in numbers_passed(node)))
+        scopes = _keep_dims_of_sizes(graph, node, sizes, pinned, pinned_dims)
         if scopes:
             return reason + f" (the dimensions of that size in {', '.join(scopes)} kept)"
     if node is None:
@@ -368,12 +373,20 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
         raise _unverifiable(reason, graph)
     if node.index in pinned:
         # Keeping the call whole was not enough: its sizes come from elsewhere (a literal computed
-        # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole.
+        # from another tensor's shape, as ``C // self.num_heads``). Keep the code around it whole,
+        # refilled; where it cannot be refilled (the model's own forward), first the dimensions of the
+        # sizes it passed otherwise (``qkv.split(D)``, ``D`` read from the stream).
         scope = _enclosing_unpinned_scope(graph, node, pinned)
+        found = refill(graph, graph.observed.get(scope)) if refills is not None and scope is not None else None
+        if found is None:
+            sizes = _sizes_read_elsewhere(node, check.again) & shrunk_sizes(graph)
+            scopes = _keep_dims_of_sizes(graph, node, sizes, pinned, pinned_dims)
+            if scopes:
+                listed = ", ".join(map(str, sorted(sizes)))
+                return reason + f" (the dimensions of size {listed} in {', '.join(scopes)} kept)"
         if scope is None:
             raise _unverifiable(reason, graph)
         kept = [scope]
-        found = refill(graph, graph.observed.get(scope)) if refills is not None else None
         if found is not None:
             refills.append(found)
             # Modules of the same class and sizes run the same code: what one needed, those that can
@@ -402,13 +415,36 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     return reason + f" (dimension{'s' if len(dims) > 1 else ''} {', '.join(map(str, sorted(dims)))} kept)"
 
 
-def _keep_sizes_behind(graph: Graph, node: Node, pinned: set[int], pinned_dims: dict[int, set[int]]) -> list[str]:
-    """Keeps whole the dimensions whose size the numbers ``node`` passes may have been computed from
-    (see :mod:`speedup.size_numbers`), wherever the plan shrank them in the module that ran ``node``
-    and in those running the same line of code: the code reads the size of one of them. Returns those
-    modules' names (none where nothing more was kept)."""
-    shrunk = shrunk_sizes(graph)
-    sizes = set().union(*(sizes_behind(number, shrunk) for number in numbers_passed(node)))
+def _sizes_read_elsewhere(node: Node, again: Optional[Node]) -> set[int]:
+    """The integers ``node`` passed (sizes, split sizes, shapes) that its call in the sped-up model,
+    ``again``, passed otherwise though the call was to keep its sizes: sizes the code read elsewhere."""
+    if again is None:
+        return set()
+    before, after = _integers(list(node.args) + list(node.kwargs.values())), _integers(
+        list(again.args) + list(again.kwargs.values()))
+    if len(before) != len(after):
+        return set()
+    return {b for b, a in zip(before, after) if a != b}
+
+
+def _integers(args: list) -> list[int]:
+    found: list[int] = []
+    for arg in args:
+        if type(arg) is int:
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found += _integers(list(arg))
+    return found
+
+
+def _keep_dims_of_sizes(graph: Graph, node: Node, sizes: set[int], pinned: set[int],
+                        pinned_dims: dict[int, set[int]]) -> list[str]:
+    """Keeps whole the dimensions of the given full ``sizes`` (those a number or size ``node`` passes
+    was read or computed from, see :mod:`speedup.size_numbers`), wherever the plan shrank them in the
+    module that ran ``node`` and in those running the same line of code: the code reads the size of one
+    of them. Returns those modules' names (none where nothing more was kept)."""
+    if not sizes:
+        return []
     scopes = sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
     found = False
     for call in graph.nodes:

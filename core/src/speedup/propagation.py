@@ -85,10 +85,13 @@ class Analysis:
 
     def _returned_demand(self, value: TensorValue) -> dict[int, torch.Tensor]:
         """What the caller needs of a returned tensor: every entry but the constant ones along
-        dimensions that may shrink (those are put back after the model)."""
+        dimensions that may shrink (those are put back after the model). A dimension repeating its
+        channels (anchors times positions, as a detection head returns them) keeps every entry: on
+        another input they repeat another number of times, where nothing could put them back."""
         demand = {}
         for d in range(value.ndim):
-            if value.atoms and value.atoms[d] is not None:
+            atoms = value.atoms[d] if value.atoms else None
+            if atoms is not None and torch.unique(atoms).numel() == atoms.numel():
                 consts = self.const(value, d)
                 if consts is not None and consts.any():
                     demand[d] = ~consts.mask

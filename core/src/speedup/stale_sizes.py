@@ -110,10 +110,8 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
     another. Elsewhere a size takes the one size its dimensions in the module shrank to: where the
     departing call kept a dimension of that size, another call may read it (an attention's width,
     equal to its token count)."""
-    if not scope:
-        return []
     try:
-        owner = model.get_submodule(scope)
+        owner = model.get_submodule(scope)  # the model itself for its own forward (scope "")
     except AttributeError:
         return []
     # attribute -> [(module, its name, value before, value after)], and the attributes whose value is ambiguous

@@ -104,8 +104,15 @@ def _couple_groups(spec: _Spec, ctx: Analysis) -> None:
     local_in = ctx.atoms(weight, 1) if not spec.transposed else ctx.fresh(spec.in_per_group)
     local_out = ctx.atoms(weight, 1) if spec.transposed else ctx.fresh(spec.out_per_group)
     ctx.accept(weight, 1)
+    if weight.shape[1] == 1 and (local_in is None or local_out is None):
+        # A filter of one channel per group (depthwise) whose dimension of one cannot shrink (a
+        # weight computed as ``kernel.unsqueeze(1)``): nothing to lose there but whole groups.
+        one = ctx.fresh(1)
+        ctx.table.pin(one)
+        local_in, local_out = (one, local_out) if local_in is None else (local_in, one)
     if local_in is None or local_out is None:
         ctx.pin(weight, 1)
+        ctx.pin(x, spec.cdim)  # the groups cannot follow its channels
         ctx.assign(out, spec.cdim, None)
         return
     # Pruning picks positions in every group where groups are wider than one channel (the layer

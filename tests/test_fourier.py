@@ -1,0 +1,35 @@
+"""Fourier transforms: channels pass through a long convolution computed by FFT (S4, Hyena, H3)."""
+
+import pytest
+import torch
+from torch import nn
+
+from support.checks import check_speedup, keep_mask, rows
+
+
+class LongConvolution(nn.Module):
+    """``irfft(rfft(u) * rfft(k))`` along time, a filter per channel (S4D's convolution mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.kernel = nn.Parameter(torch.randn(32, 12))
+
+    def forward(self, x):
+        u = self.enc(x).transpose(1, 2)
+        length = u.shape[-1]
+        spectrum = torch.fft.rfft(u, n=2 * length) * torch.fft.rfft(self.kernel[:, :length], n=2 * length)
+        y = torch.fft.irfft(spectrum, n=2 * length)[..., :length]
+        return self.dec(y.transpose(1, 2) + u.transpose(1, 2))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_channels_of_a_long_convolution_by_fft_go(verify):
+    """The transforms run along time only; they were barriers, keeping every channel."""
+    torch.manual_seed(0)
+    model = LongConvolution().eval()
+    kept = keep_mask(32)
+    masks = {"enc": {"weight": rows(kept, (32, 16)), "bias": kept}}
+    report = check_speedup(model, masks, torch.randn(2, 8, 16), torch.randn(3, 11, 16),
+                           shrunk=["enc.weight", "kernel", "dec.weight"], verify=verify)
+    assert model.kernel.shape == (16, 12) and not report.barriers
