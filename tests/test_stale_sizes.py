@@ -420,3 +420,33 @@ def test_a_split_by_a_size_read_from_another_tensor_keeps_that_size_only():
     report = check_speedup(model, masks, dummy, torch.randn(3, 7, 6), shrunk=["up.weight"])
     assert any("dimensions of size 16 in '<model>' kept" in reason for reason in report.kept_for_verification)
     assert model.inp.out_features == 16 and model.up.out_features == 16
+
+
+class Correlation(nn.Module):
+    """RAFT's correlation, divided by the square root of the features' width read from their shape,
+    next to a context branch as wide that has nothing to do with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 1))
+        self.context = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 1, 1))
+        self.head = nn.Conv2d(17, 2, 3, padding=1)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        f1, f2 = self.features(torch.cat([first, second], dim=0)).chunk(2, dim=0)
+        b, c, h, w = f1.shape
+        corr = torch.einsum("bchw,bcuv->bhwuv", f1, f2) / c ** 0.5
+        corr = corr.reshape(b, h * w, h, w).amax(1, keepdim=True)
+        return self.head(torch.cat([corr, torch.relu(self.context(first))], 1))
+
+
+def test_a_scale_read_from_a_size_keeps_that_size_where_the_call_reads_it_first():
+    """The scale's size is looked for among what the call computes from before the whole module: the
+    context branch, as wide, kept its channels too (3796 parameters stayed 3796)."""
+    torch.manual_seed(0)
+    model = Correlation().eval()
+    dummy = (torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    check_speedup(model, masks, dummy, (torch.randn(3, 3, 12, 20), torch.randn(3, 3, 12, 20)),
+                  shrunk=["context.0.weight"])
+    assert model.features[2].out_channels == 16 and model.context[0].out_channels == 8

@@ -362,7 +362,10 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     if check.number_changed and node is not None:
         shrunk = shrunk_sizes(graph)
         sizes = set().union(*(sizes_behind(number, shrunk) for number in numbers_passed(node)))
-        scopes = _keep_dims_of_sizes(graph, node, sizes, pinned, pinned_dims)
+        # The size read is most likely one of what the call computes from (RAFT's correlation divided
+        # by the square root of its features' width): those dimensions first, then the module's.
+        scopes = (_keep_dims_of_sizes(graph, node, sizes, pinned, pinned_dims, _ancestors(node))
+                  or _keep_dims_of_sizes(graph, node, sizes, pinned, pinned_dims))
         if scopes:
             return reason + f" (the dimensions of that size in {', '.join(scopes)} kept)"
     if node is None:
@@ -438,17 +441,20 @@ def _integers(args: list) -> list[int]:
 
 
 def _keep_dims_of_sizes(graph: Graph, node: Node, sizes: set[int], pinned: set[int],
-                        pinned_dims: dict[int, set[int]]) -> list[str]:
+                        pinned_dims: dict[int, set[int]], among: Optional[set[int]] = None) -> list[str]:
     """Keeps whole the dimensions of the given full ``sizes`` (those a number or size ``node`` passes
     was read or computed from, see :mod:`speedup.size_numbers`), wherever the plan shrank them in the
-    module that ran ``node`` and in those running the same line of code: the code reads the size of one
-    of them. Returns those modules' names (none where nothing more was kept)."""
+    module that ran ``node`` and in those running the same line of code (only the calls ``among``
+    where given): the code reads the size of one of them. Returns those modules' names (none where
+    nothing more was kept)."""
     if not sizes:
         return []
     scopes = sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
     found = False
     for call in graph.nodes:
         if call.index in pinned or not call.outputs or not any(within_scope(call.scope, s) for s in scopes):
+            continue
+        if among is not None and call.index not in among:
             continue
         value = call.outputs[0]
         dims = {d for d, kept in enumerate(value.kept)
@@ -457,6 +463,18 @@ def _keep_dims_of_sizes(graph: Graph, node: Node, sizes: set[int], pinned: set[i
             pinned_dims[call.index] = pinned_dims.get(call.index, set()) | dims
             found = True
     return [f"'{scope or '<model>'}'" for scope in scopes] if found else []
+
+
+def _ancestors(node: Node) -> set[int]:
+    """The calls whose results ``node`` is computed from, itself included."""
+    seen, todo = {node.index}, [node]
+    while todo:
+        for value in todo.pop().inputs:
+            producer = value.producer
+            if producer is not None and producer.index not in seen:
+                seen.add(producer.index)
+                todo.append(producer)
+    return seen
 
 
 def _unverifiable(reason: str, graph: Graph) -> VerificationError:
