@@ -24,13 +24,13 @@ UNARY = [
     "sqrt", "rsqrt", "reciprocal", "sin", "cos", "erf", "erfc", "erfinv", "sign", "sgn", "floor", "ceil",
     "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "square", "logical_not", "bitwise_not",
     "nan_to_num", "threshold", "hardshrink", "softshrink", "isnan", "isinf", "isfinite", "logit", "_to_copy",
-    "lift_fresh_copy", "positive", "signbit", "relu6", "log_sigmoid_forward",
+    "lift_fresh_copy", "positive", "signbit", "relu6", "log_sigmoid_forward", "angle",
 ]
 BINARY = [
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
     "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
-    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar",
+    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar", "complex",
 ]
 _ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
 
