@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import speedup
@@ -560,7 +561,29 @@ def test_a_model_that_does_not_verify_and_picks_by_rank_is_told_why_that_may_be(
     model = PicksByRank().eval()
     before = state_and_structure(model)
     masks = {"a": {"weight": rows(keep_mask(8, 0.5, torch.Generator().manual_seed(0)), (8, 4))}}
-    expected = r"picks entries by rank \(aten\.topk\.default .*another dummy input"
+    expected = r"picks entries by rank or compares values exactly \(aten\.topk\.default .*another dummy input"
     with pytest.raises(speedup.VerificationError, match=expected):
         speedup.shrink(model, masks, torch.randn(2, 4))
     assert_unchanged(model, before)
+
+
+class Peaks(nn.Module):
+    """CenterNet's peaks: a heatmap where it equals its local maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        heat = self.b(torch.relu(self.a(x)))
+        return heat * (F.max_pool2d(heat, 3, 1, 1) == heat)
+
+
+def test_a_model_that_does_not_verify_and_compares_values_exactly_is_told_why_that_may_be(monkeypatch):
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
+    model = Peaks().eval()
+    masks = output_channel_masks(model, ["a"])
+    with pytest.raises(speedup.VerificationError, match=r"compares values exactly \(aten\.eq\.Tensor"):
+        speedup.shrink(model, masks, torch.randn(2, 3, 8, 8))

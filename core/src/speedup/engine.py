@@ -485,9 +485,9 @@ def _unverifiable(reason: str, graph: Graph) -> VerificationError:
     advice = "Please report this with the model's code."
     if ranking:
         more = f" and {len(ranking) - 1} more" if len(ranking) > 1 else ""
-        advice = (f"The model picks entries by rank ({ranking[0].describe()}{more}): where the masked model's values "
-                  "tie, round-off alone makes the sped-up model pick others; try another dummy input. If that does not "
-                  "help, please report this with the model's code.")
+        advice = (f"The model picks entries by rank or compares values exactly ({ranking[0].describe()}{more}): "
+                  "where the masked model's values tie, round-off alone makes the sped-up model pick others; try "
+                  "another dummy input. If that does not help, please report this with the model's code.")
     return VerificationError(
         f"the sped-up model does not compute what the masked model computes: {reason}. The model was left "
         f"unchanged. {advice}"

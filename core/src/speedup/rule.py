@@ -87,8 +87,9 @@ class Rule:
 
     def picks_by_rank(self, node: "Node") -> bool:
         """Whether the call picks entries by the order of their values and the model reads what it
-        picked (``topk`` and its indices): where values tie, round-off alone picks others, and a
-        model that equals the masked one may still not verify. Only said when verification fails."""
+        picked (``topk`` and its indices), or compares computed values exactly (CenterNet's peaks,
+        ``max_pool(h) == h``): where values tie, round-off alone picks others, and a model that equals
+        the masked one may still not verify. Only said when verification fails."""
         return False
 
     @property

@@ -112,6 +112,16 @@ class Elementwise(OpRule):
             ctx.demand(x, masks)
 
 
+    def picks_by_rank(self, node: Node) -> bool:
+        """An exact comparison of two values the input computes (``max_pool(h) == h``)."""
+        inputs = _tensor_args(node)
+        return (node.target._opname in _COMPARISONS and len(inputs) == 2
+                and all(x.dtype.is_floating_point and x.origin is Origin.COMPUTED for x in inputs))
+
+
+_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
+
+
 def _tensor_args(node: Node) -> list[TensorValue]:
     seen: list[TensorValue] = []
     for arg in list(node.args) + list(node.kwargs.values()):
