@@ -120,3 +120,27 @@ def test_a_convolution_applying_its_parameter_as_it_is_leaves_the_original_untou
     masks = {"2": {"weight": rows(KEEP, (8, 8, 3, 3)), "bias": KEEP}}
     check_speedup(model, masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["2.weight", "4.weight"])
     assert model[2] is not original and torch.equal(original.weight, before)
+
+
+class OverParameterised(nn.Conv2d):
+    """DO-Conv: the kernel made of two parameters in forward, the inherited ``weight`` deleted."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 3, 1, 1)
+        self.W = nn.Parameter(torch.randn(cout, cin, 9) / (cin * 9) ** 0.5)
+        self.D = nn.Parameter(torch.eye(9).repeat(cin, 1, 1))
+        del self.weight
+
+    def forward(self, x):
+        w = torch.einsum("ims,ois->oim", self.D, self.W).reshape(self.out_channels, self.in_channels, 3, 3)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_convolution_without_a_weight_of_its_own_is_frozen_from_what_it_computes():
+    """It raised AttributeError('weight') from the probe, whatever the masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OverParameterised(3, 8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    keep = torch.tensor([True, False, True, True, False, True, False, True])
+    masks = {"0": {"W": rows(keep, (8, 3, 9)), "bias": keep}}
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 7, 9), shrunk=["2.weight"])
+    assert model[0].weight.shape == (5, 3, 3, 3)

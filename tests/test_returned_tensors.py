@@ -158,3 +158,28 @@ def test_a_returned_dimension_repeating_channels_over_positions_keeps_every_entr
     masks = {"sub": {"weight": torch.zeros(8, 4, 3, 3), "bias": torch.zeros(8)}}
     check_speedup(model, masks, torch.randn(2, 4, 8, 8), torch.randn(1, 4, 12, 10), shrunk=["sub.weight"])
     assert model.logits.out_channels == 15
+
+
+class Contrastive(nn.Module):
+    """BLIP-2's image-text similarity: every query against every text, squeezed, its best query kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision, self.text = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, queries, text):
+        image = nn.functional.normalize(self.vision(queries), dim=-1)
+        words = nn.functional.normalize(self.text(text), dim=-1)
+        return torch.matmul(image.unsqueeze(1), words.unsqueeze(-1)).squeeze().max(-1)[0]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_constant_output_squeezed_to_other_dimensions_is_left_as_computed(batch):
+    """Masked away, the image side makes every similarity zero. A batch of one squeezes the result to
+    a number, where the hook putting constants back raised IndexError: a tensor without the planned
+    entries is left as computed (on the dummy input, it fails verification)."""
+    model = Contrastive().eval()
+    masks = {"vision": {"weight": torch.zeros(4, 8), "bias": torch.zeros(4)}}
+    with pytest.warns(SpeedupWarning, match="one entry is kept"):
+        check_speedup(model, masks, (torch.randn(2, 3, 8), torch.randn(2, 8)),
+                      (torch.randn(batch, 3, 8), torch.randn(batch, 8)))

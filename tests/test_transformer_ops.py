@@ -293,6 +293,26 @@ class LiteralHeads(HandAttention):
         return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
 
 
+class CausalMaskMadeInForward(MatmulAttention):
+    """nanoGPT's attention with its causal mask made in forward by ``torch.tril``."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, D).transpose(1, 2) for f in (self.q, self.k, self.v))
+        causal = torch.tril(torch.ones(t, t)).view(1, 1, t, t)
+        scores = (q @ k.transpose(-2, -1) * D ** -0.5).masked_fill(causal == 0, float("-inf"))
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_causal_mask_made_with_tril_is_no_barrier():
+    """``tril`` and ``triu`` zero entries by their positions: they were barriers, with a warning."""
+    model = CausalMaskMadeInForward()
+    feature = torch.tensor([False, True, True, False]).repeat_interleave(D)
+    masks = {name: {"weight": rows(feature, (E, E)), "bias": feature} for name in ("q", "k", "v")}
+    report = check_speedup(model, masks, torch.randn(2, 5, E), torch.randn(3, 7, E), shrunk=["q.weight", "o.weight"])
+    assert not report.barriers
+
+
 def test_a_literal_head_count_in_view_keeps_the_heads_after_verification():
     model = LiteralHeads()
     heads = torch.tensor([False, True, True, False])

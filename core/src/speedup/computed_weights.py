@@ -77,16 +77,19 @@ def _twin(module: nn.Module, base: type, masks: dict[str, torch.Tensor]) -> Opti
     None where its ``forward`` runs anything but one convolution of its input by a weight that
     depends on its parameters alone (two probes must give the same weight: a dynamic convolution
     mixing kernels by its input gives another, and the recording would trust the twin)."""
+    reference = next(module.parameters(), None)  # its weight, or what it computes one from (DO-Conv deletes it)
+    if reference is None:
+        return None
     masked = {attr: t.detach() * masks[attr].to(device=t.device, dtype=t.dtype) if attr in masks else t.detach()
               for attr, t in module.named_parameters()}
-    runs = [_run(module, masked, _probe(module, seed)) for seed in (0, 1)]
+    runs = [_run(module, masked, _probe(module, seed, reference)) for seed in (0, 1)]
     if any(run is None for run in runs):
         return None
     (_, weight, bias, _), (_, other_weight, other_bias, _) = runs
     if not torch.equal(weight, other_weight) or (bias is None) != (other_bias is None) or (
             bias is not None and not torch.equal(bias, other_bias)):
         return None
-    requires_grad = module.weight.requires_grad
+    requires_grad = reference.requires_grad
     held = {t.untyped_storage().data_ptr() for t in module.parameters()}
     if weight.untyped_storage().data_ptr() in held:  # a parameter passed as it is: the twin gets its own copy
         weight = weight.clone()
@@ -121,10 +124,10 @@ def _run(module: nn.Module, parameters: dict, probe: torch.Tensor) -> Optional[t
     return probe, weight.detach(), None if bias is None else bias.detach(), output
 
 
-def _probe(module: nn.Module, seed: int) -> torch.Tensor:
-    """A random input the convolution reads every tap of at least once; each seed gives another batch
-    size and image size too (a weight depending on the input's sizes is no fixed weight either)."""
-    weight = module.weight
+def _probe(module: nn.Module, seed: int, weight: torch.Tensor) -> torch.Tensor:
+    """A random input the convolution reads every tap of at least once, on ``weight``'s device and in
+    its dtype; each seed gives another batch size and image size too (a weight depending on the input's
+    sizes is no fixed weight either)."""
     spatial = [(k - 1) * d + s + seed for k, d, s in zip(module.kernel_size, module.dilation, module.stride)]
     generator = torch.Generator().manual_seed(seed)
     probe = torch.randn(1 + seed, module.in_channels, *spatial, generator=generator, dtype=torch.float32)

@@ -604,6 +604,9 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     asks (:attr:`~speedup.rule.Rule.rechecks_shapes`) must make their planned shapes. So must, where
     ``layout_hidden``, the calls whose result on the dummy does not show how their input is laid out
     (see :meth:`~speedup.rule.Rule.hides_layout`)."""
+    put_back = replaced.put_back
+    if put_back is not None:
+        put_back.unfit = False
     try:
         draws.replay()
         with torch.no_grad(), fused_attention_off():
@@ -612,6 +615,8 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
         return _locate(model, args, kwargs, recorded, rules, replaced, "", draws)
     is_state = rules.registry.is_state
     difference, worst = _compare(recorded.output, output, is_state)
+    if difference is None and put_back is not None and put_back.unfit:
+        difference = "a returned tensor lacks the entries planned, which its constants were to be put back around"
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
     if numbers_at_risk or layout_hidden:  # it ran above: recording it again raises nothing

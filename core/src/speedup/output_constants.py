@@ -41,9 +41,11 @@ class DimensionRestore:
     values: torch.Tensor
     """float64, one per constant entry."""
 
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` has the kept entries along the dimension (``squeeze()`` may have dropped it)."""
+        return tensor.ndim > self.dim and tensor.shape[self.dim] == self.kept.numel()
+
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.shape[self.dim] != self.kept.numel():
-            return tensor  # not the shape this model returns here: leave it
         shape = list(tensor.shape)
         if self.kept.numel() == self.size:
             full = tensor.clone()  # the model's own tensor is not written to
@@ -59,15 +61,23 @@ class DimensionRestore:
 
 
 class PutBackConstants:
-    """Forward hook: the returned tensors at ``restores``' paths get their removed constant channels back."""
+    """Forward hook: the returned tensors at ``restores``' paths get their removed constant channels back.
+
+    A tensor without the planned entries is not this model's return value there (another output
+    option was set) and is left as it is; ``unfit`` notes it, for the verification, where the dummy
+    input must give the planned shapes."""
 
     def __init__(self, restores: list[tuple[tuple, list[DimensionRestore]]]):
         self.restores = restores
+        self.unfit = False
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         for path, dims in self.restores:
             tensor = value_at(output, path)
             if isinstance(tensor, torch.Tensor):
+                if not all(dim.fits(tensor) for dim in dims):
+                    self.unfit = True
+                    continue
                 for dim in dims:
                     tensor = dim.apply(tensor)
                 output = with_value_at(output, path, tensor)

@@ -45,6 +45,14 @@ def forward_maps(ctx: Analysis, maps: list[DimMap]) -> None:
         ctx.set_const(m.out, m.odim, consts)
 
 
+def forward_zeros(ctx: Analysis, maps: list[DimMap]) -> None:
+    """Constants of a call mixing the entries of the dimensions its maps leave out (a transform, a
+    triangle's positions): along the others, a slice that is zero stays zero, nothing else is known."""
+    for m in maps:
+        consts = ctx.const(m.x, m.idim)
+        ctx.set_const(m.out, m.odim, consts.only_zeros() if consts is not None else None)
+
+
 def backward_maps(ctx: Analysis, maps: list[DimMap]) -> None:
     """Demands, per input, the entries some demanded output entry copies."""
     by_input: dict[int, tuple[TensorValue, dict[int, torch.Tensor]]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..graph import Node
 from ..propagation import Analysis
-from ._maps import DimMap
+from ._maps import DimMap, forward_zeros
 from .shape import MapRule
 
 
@@ -24,9 +24,7 @@ class FourierTransform(MapRule):
         return [DimMap(x, d, out, d) for d in range(x.ndim) if d not in transformed]
 
     def forward(self, node: Node, ctx: Analysis) -> None:
-        for m in self.maps(node):
-            consts = ctx.const(m.x, m.idim)
-            ctx.set_const(m.out, m.odim, consts.only_zeros() if consts is not None else None)
+        forward_zeros(ctx, self.maps(node))
 
 
 def register(registry) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
-from ._maps import DescribedByMaps, DimMap, uniform_const
+from ._maps import DescribedByMaps, DimMap, forward_zeros, uniform_const
 
 
 class MapRule(DescribedByMaps, OpRule):
@@ -43,9 +43,19 @@ class ComplexView(MapRule):
         return [DimMap(x, d, out, d) for d in range(min(x.ndim, out.ndim))]
 
     def forward(self, node: Node, ctx: Analysis) -> None:
-        for m in self.maps(node):
-            consts = ctx.const(m.x, m.idim)
-            ctx.set_const(m.out, m.odim, consts.only_zeros() if consts is not None else None)
+        forward_zeros(ctx, self.maps(node))
+
+
+class Triangle(MapRule):
+    """``triu`` and ``tril``: the entries of the last two dimensions are zeroed by their positions, so
+    those keep their size (a causal mask made in forward); the dimensions before pass through."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, out = node.args[0], node.outputs[0]
+        return [DimMap(x, d, out, d) for d in range(x.ndim - 2)]
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        forward_zeros(ctx, self.maps(node))
 
 
 class Restride(MapRule):
@@ -422,6 +432,7 @@ def register(registry) -> None:
     )
     registry.add_ops(["aten.as_strided", "aten.as_strided_"], Restride())
     registry.add_ops(["aten.view_as_complex", "aten.view_as_real"], ComplexView())
+    registry.add_ops(["aten.triu", "aten.tril"], Triangle())
     registry.add_ops(["aten.permute", "aten.transpose.int", "aten.t", "aten.swapaxes", "aten.swapdims"], Permute())
     registry.add_op("aten.unsqueeze", Unsqueeze())
     registry.add_op("aten.squeeze", Squeeze())
