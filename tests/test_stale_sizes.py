@@ -389,7 +389,8 @@ def test_a_model_whose_own_forward_reads_a_stored_head_count_has_it_set():
     head = torch.tensor([False, True]).repeat_interleave(8)
     masks = {name: {"weight": rows(head, (16, 16)), "bias": head} for name in ("q", "k", "v")}
     masks["out"] = {"weight": head[None, :].expand(16, 16)}
-    report = check_speedup(model, masks, torch.randn(2, 5, 16), torch.randn(3, 7, 16), shrunk=["q.weight", "out.weight"])
+    report = check_speedup(model, masks, torch.randn(2, 5, 16), torch.randn(3, 7, 16),
+                           shrunk=["q.weight", "out.weight"])
     assert report.attributes == {"heads": (2, 1)}
 
 
@@ -399,8 +400,8 @@ class SplitByStreamWidth(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inp, self.qkv, self.out, self.head = nn.Linear(6, 16), nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 3)
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.inp, self.qkv, self.out = nn.Linear(6, 16), nn.Linear(16, 48), nn.Linear(16, 16)
+        self.head, self.up, self.down = nn.Linear(16, 3), nn.Linear(16, 32), nn.Linear(32, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)

@@ -18,8 +18,8 @@ from ..graph import Node, Origin, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst
 
-__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "demand_computed", "equal_parts", "first_input", "foldable",
-           "param_data"]
+__all__ = ["NonzeroPattern", "added_to_bias", "clone_module", "demand_computed", "equal_parts", "first_input",
+           "foldable", "param_data"]
 
 
 def first_input(node: Node) -> TensorValue:
