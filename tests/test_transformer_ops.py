@@ -1047,3 +1047,49 @@ def test_pooling_by_index_tensors_passes_the_features_and_positions_beyond_the_d
     report = check_speedup(model, masks, dummy, torch.randint(0, 20, (3, 11)),
                            shrunk=["tokens.weight", "positions", "up.weight"], max_param_ratio=0.45)
     assert model.positions.shape == (12, E // 2) and not report.masked_but_kept
+
+
+class MergedImageTokens(nn.Module):
+    """LLaVA's merge of projected image features into the token embeddings at the image tokens."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.embed, self.projector, self.fc, self.head = nn.Embedding(20, 16), nn.Linear(8, 16), nn.Linear(16, 32), \
+            nn.Linear(32, 20)
+
+    def forward(self, features, ids):
+        tokens, images = self.embed(ids), self.projector(features)
+        is_image = ids == 19
+        if self.how == "masked_scatter":
+            tokens = tokens.masked_scatter(is_image.unsqueeze(-1).expand_as(tokens), images)
+        elif self.how == "index_put":
+            tokens = tokens.clone()
+            tokens[is_image] = images.reshape(-1, images.shape[-1])
+        else:  # a number written at the padding, integer rows written
+            tokens = tokens.clone()
+            tokens[ids == 0] = 0.0
+            rows = torch.arange(ids.shape[0])[:, None].expand(-1, images.shape[1])
+            tokens[rows, torch.arange(1, 1 + images.shape[1]).expand_as(rows)] = images
+        return self.head(torch.relu(self.fc(tokens)))
+
+
+def _image_tokens(batch: int, length: int) -> tuple:
+    ids = torch.randint(0, 19, (batch, length))
+    ids[:, 1:4] = 19
+    return torch.randn(batch, 3, 8), ids
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("how", ["masked_scatter", "index_put", "scalar and integer rows"])
+def test_features_written_into_selected_positions_pass_through(how, verify):
+    """``masked_scatter`` and ``index_put`` were barriers: the hidden channels masked in the table, the
+    projector and the next layer all stayed (1668 parameters; 1180 with the merge written with ``where``)."""
+    torch.manual_seed(0)
+    model = MergedImageTokens(how).eval()
+    keep = torch.arange(16) % 2 == 0
+    masks = {"embed": {"weight": keep[None, :].expand(20, 16)}, "projector": {"weight": rows(keep, (16, 8)), "bias": keep},
+             "fc": {"weight": keep[None, :].expand(32, 16)}}
+    report = check_speedup(model, masks, _image_tokens(2, 8), _image_tokens(3, 11),
+                           shrunk=["embed.weight", "projector.weight", "fc.weight"], verify=verify)
+    assert model.fc.in_features == 8 and not report.barriers

@@ -341,6 +341,90 @@ class Index(MapRule):
                 demand_computed(ctx, index)
 
 
+class RowsWritten(OpRule):
+    """Rows of features written into the positions a mask or an index selects, the features passing
+    through: LLaVA merges its image features into the token embeddings with
+    ``emb.masked_scatter(is_image[..., None].expand_as(emb), features)`` or ``emb[is_image] = features``
+    (``index_put``). Where every selected position takes a whole row (a mask the same along the last
+    dimension, indices for all the dimensions before it) of a source as wide, or one number
+    (``x[padding] = 0``), the last dimension of the tensor, of the source and of the result are one: a
+    feature may go from all three. The positions keep their size; anything else keeps everything."""
+
+    def _parts(self, node: Node) -> Optional[tuple[TensorValue, TensorValue, list[TensorValue], TensorValue]]:
+        """(tensor written into, rows written, masks or indices, result) where rows pass whole, else None."""
+        args = bind(node)
+        x, out = args["self"], node.outputs[0]
+        if node.target._opname.startswith("masked_scatter"):
+            mask, rows = args["mask"], args["source"]
+            selectors = [mask] if isinstance(mask, TensorValue) else []
+            whole = (len(selectors) == 1 and mask.ndim == x.ndim and
+                     (mask.shape[-1] == 1 or (len(mask.strides) == mask.ndim and mask.strides[-1] == 0)))
+        else:
+            rows = args["values"]
+            selectors = [i for i in args["indices"] if i is not None]
+            indexed = sum(i.ndim if i.dtype == torch.bool else 1 for i in selectors if isinstance(i, TensorValue))
+            whole = (indexed == x.ndim - 1 and len(selectors) == len(args["indices"])
+                     and all(isinstance(i, TensorValue) for i in selectors))
+        if not (whole and isinstance(rows, TensorValue) and x.shape == out.shape
+                and (rows.ndim == 0 or rows.shape[-1] == x.shape[-1])):
+            return None
+        return x, rows, selectors, out
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        parts = self._parts(node)
+        if parts is None:
+            return
+        x, rows, selectors, out = parts
+        for d in range(x.ndim - 1):
+            ctx.link(x, d, out, d)
+        ctx.link(x, -1, out, -1)
+        if rows.ndim:
+            ctx.link(rows, -1, out, -1)
+        for selector in selectors:
+            if selector.ndim == x.ndim and selector.shape[-1] == x.shape[-1]:
+                ctx.link(selector, -1, out, -1)  # the mask broadcast along the features follows them
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        parts = self._parts(node)
+        if parts is None:
+            return
+        x, rows, _, out = parts
+        kept = ctx.const(x, -1)
+        if rows.ndim:
+            written = ctx.const(rows, -1)
+            zero = written.zero if written is not None else None
+        else:  # one number written (``x[mask] = 0``)
+            value = rows.host()
+            zero = torch.full((x.shape[-1],), value is not None and float(value) == 0.0)
+        if kept is not None and zero is not None:
+            ctx.set_const(out, -1, DimConst.where(zero & kept.zero, torch.zeros(x.shape[-1], dtype=torch.float64)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        parts = self._parts(node)
+        out = node.outputs[0]
+        if parts is None or not ctx.is_demanded(out):
+            if ctx.is_demanded(out):
+                for arg in _tensor_operands(node):
+                    ctx.demand_all(arg)
+            return
+        x, rows, selectors, out = parts
+        need = ctx.demanded(out, -1)
+        ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim - 1)} | {x.ndim - 1: need})
+        ctx.demand(rows, {rows.ndim - 1: need} if rows.ndim else None)
+        for selector in selectors:
+            along = selector.ndim == x.ndim and selector.shape[-1] == x.shape[-1]
+            demand_computed(ctx, selector, {selector.ndim - 1: need} if along else None)
+
+
+def _tensor_operands(node: Node) -> list[TensorValue]:
+    found: list[TensorValue] = []
+    for arg in list(node.args) + list(node.kwargs.values()):
+        for item in (arg if isinstance(arg, (list, tuple)) else [arg]):
+            if isinstance(item, TensorValue):
+                found.append(item)
+    return found
+
+
 class Cat(OpRule):
     """``cat(tensors, dim)``: the output dimension is the inputs' dimensions one after another."""
 
@@ -650,6 +734,8 @@ class Gather(OpRule):
 
 
 def register(registry) -> None:
+    registry.add_ops(["aten.masked_scatter", "aten.masked_scatter_", "aten.index_put", "aten.index_put_"],
+                     RowsWritten())
     registry.add_op("aten.gather", Gather())
     registry.add_op("aten.slice.Tensor", Slice())
     registry.add_op("aten.select.int", Select())
