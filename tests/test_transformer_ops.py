@@ -1055,8 +1055,8 @@ class MergedImageTokens(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
-        self.embed, self.projector, self.fc, self.head = nn.Embedding(20, 16), nn.Linear(8, 16), nn.Linear(16, 32), \
-            nn.Linear(32, 20)
+        self.embed, self.projector = nn.Embedding(20, 16), nn.Linear(8, 16)
+        self.fc, self.head = nn.Linear(16, 32), nn.Linear(32, 20)
 
     def forward(self, features, ids):
         tokens, images = self.embed(ids), self.projector(features)
@@ -1088,7 +1088,8 @@ def test_features_written_into_selected_positions_pass_through(how, verify):
     torch.manual_seed(0)
     model = MergedImageTokens(how).eval()
     keep = torch.arange(16) % 2 == 0
-    masks = {"embed": {"weight": keep[None, :].expand(20, 16)}, "projector": {"weight": rows(keep, (16, 8)), "bias": keep},
+    masks = {"embed": {"weight": keep[None, :].expand(20, 16)},
+             "projector": {"weight": rows(keep, (16, 8)), "bias": keep},
              "fc": {"weight": keep[None, :].expand(32, 16)}}
     report = check_speedup(model, masks, _image_tokens(2, 8), _image_tokens(3, 11),
                            shrunk=["embed.weight", "projector.weight", "fc.weight"], verify=verify)
