@@ -587,3 +587,60 @@ def test_a_model_that_does_not_verify_and_compares_values_exactly_is_told_why_th
     masks = output_channel_masks(model, ["a"])
     with pytest.raises(speedup.VerificationError, match=r"compares values exactly \(aten\.eq\.Tensor"):
         speedup.shrink(model, masks, torch.randn(2, 3, 8, 8))
+
+
+class CountsItsCalls(nn.Module):
+    """Writes plain attributes in forward: a call counter and a cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.calls, self.cache = 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        self.cache = h = torch.relu(self.fc1(x))
+        return self.fc2(h)
+
+
+def test_attributes_a_model_writes_while_speedup_runs_it_are_restored_on_failure(monkeypatch):
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
+    model = CountsItsCalls().eval()
+    expect_failure(model, {"fc1": {"weight": rows(keep_mask(16), (16, 8))}}, speedup.VerificationError,
+                   inputs=torch.randn(3, 8))
+    assert model.calls == 0 and model.cache is None
+
+
+def test_a_replacement_function_changing_its_module_in_place_leaves_the_model_unchanged_on_failure(monkeypatch):
+    """It is given a copy: one slicing the module it gets and returning it changed the model for good."""
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
+
+    def slice_in_place(module, masks):
+        module.weight = nn.Parameter(module.weight[:4].clone())
+        return module
+
+    model = small_net()
+    expect_failure(model, good_masks(model), speedup.VerificationError,
+                   customized_replace_func={nn.Conv2d: slice_in_place})
+
+
+class ReturnsItsWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h), h.shape[-1]
+
+
+def test_a_number_the_model_returns_keeps_the_size_it_was_read_from():
+    """A width returned as a Python number changed silently (16 -> 8): verification compared tensors only."""
+    model = ReturnsItsWidth()
+    masks = {"fc1": {"weight": rows(keep_mask(16), (16, 8))}}
+    report = check_speedup(model, masks, torch.randn(3, 8), torch.randn(5, 8))
+    assert model(torch.randn(2, 8))[1] == 16 and report.kept_for_verification

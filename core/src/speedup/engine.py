@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from . import tensor_masks
@@ -137,6 +138,7 @@ def shrink(
     model = eager_model(model)
     rules = _Rules(dict(customized_replace_func or {}))
     tx = Transaction()
+    tx.keep_attributes(model)
     draws = RandomDraws()
     try:
         with ordinary_mode(), _collector_paused():
@@ -359,6 +361,8 @@ def _keep_more(graph: Graph, check: "_Check", pinned: set[int], pinned_dims: dic
     that can be done (``refills``, see :mod:`speedup.refill`); returns the reason, saying what was
     kept. Raises when nothing more can be kept."""
     node, reason = check.node, check.reason
+    if check.returned_sizes and _keep_dims_of_sizes(graph, None, set(check.returned_sizes), pinned, pinned_dims):
+        return reason + f" (the dimensions of size {', '.join(map(str, sorted(check.returned_sizes)))} kept)"
     if check.number_changed and node is not None:
         shrunk = shrunk_sizes(graph)
         sizes = set().union(*(sizes_behind(number, shrunk) for number in numbers_passed(node)))
@@ -440,16 +444,16 @@ def _integers(args: list) -> list[int]:
     return found
 
 
-def _keep_dims_of_sizes(graph: Graph, node: Node, sizes: set[int], pinned: set[int],
+def _keep_dims_of_sizes(graph: Graph, node: Optional[Node], sizes: set[int], pinned: set[int],
                         pinned_dims: dict[int, set[int]], among: Optional[set[int]] = None) -> list[str]:
     """Keeps whole the dimensions of the given full ``sizes`` (those a number or size ``node`` passes
     was read or computed from, see :mod:`speedup.size_numbers`), wherever the plan shrank them in the
     module that ran ``node`` and in those running the same line of code (only the calls ``among``
-    where given): the code reads the size of one of them. Returns those modules' names (none where
-    nothing more was kept)."""
+    where given): the code reads the size of one of them; without ``node``, in the whole model. Returns
+    those modules' names (none where nothing more was kept)."""
     if not sizes:
         return []
-    scopes = sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
+    scopes = [""] if node is None else sorted({call.scope for call in [node] + _same_calls(graph, node, pinned)})
     found = False
     for call in graph.nodes:
         if call.index in pinned or not call.outputs or not any(within_scope(call.scope, s) for s in scopes):
@@ -589,6 +593,8 @@ class _Check:
     """The blamed call as the sped-up model made it (None where that is not known)."""
     number_changed: bool = False
     """The blamed call passed another number than the one recorded (see :mod:`speedup.size_numbers`)."""
+    returned_sizes: frozenset = frozenset()
+    """Sizes that shrank which the model returned as numbers (``return y, h.shape[-1]``)."""
 
 
 def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws: RandomDraws,
@@ -615,6 +621,13 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
         return _locate(model, args, kwargs, recorded, rules, replaced, "", draws)
     is_state = rules.registry.is_state
     difference, worst = _compare(recorded.output, output, is_state)
+    if difference is None:
+        changed = _changed_numbers(recorded.output, output)
+        if changed:
+            sizes = frozenset(int(a) for a, _ in changed if type(a) is int) & shrunk_sizes(recorded.graph)
+            before, after = changed[0]
+            return _Check(False, None, f"the model returned the number {after} where {before} was recorded",
+                          returned_sizes=sizes)
     if difference is None and put_back is not None and put_back.unfit:
         difference = "a returned tensor lacks the entries planned, which its constants were to be put back around"
     if difference is not None:
@@ -765,6 +778,16 @@ def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool
             return f"output {i} differs by up to {difference:.3g}", difference
         worst = max(worst, difference)
     return None, worst
+
+
+def _changed_numbers(expected: Any, actual: Any) -> list[tuple[Any, Any]]:
+    """The Python numbers a model returned (a count, a width read from a shape) that differ, as
+    ``(recorded, now)`` pairs."""
+    def numbers(output: Any) -> list:
+        return [leaf for leaf in pytree.tree_leaves(output) if type(leaf) in (int, float, bool)]
+
+    before, after = numbers(expected), numbers(actual)
+    return [(a, b) for a, b in zip(before, after) if a != b and not (a != a and b != b)]
 
 
 def outputs_close(expected: torch.Tensor, actual: torch.Tensor) -> bool:

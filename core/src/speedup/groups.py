@@ -104,6 +104,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
     model = eager_model(model)
     rules = _Rules({})
     tx = Transaction()
+    tx.keep_attributes(model)
     tx.set_training(model, False)
     draws = RandomDraws()  # a model drawing random numbers in forward: the user's generator left as it was
     try:

@@ -247,6 +247,13 @@ class ReplacementReport:
 CustomReplace = Callable[[nn.Module, tuple], nn.Module]
 
 
+def _given(module: nn.Module, tx: Transaction) -> nn.Module:
+    """The module, given to a user's replacement function: one that changes it in place and returns it
+    (slicing its weight, setting ``out_features``: a common way to write them) is undone on failure."""
+    tx.keep_modules(module)
+    return module
+
+
 def replace(
     model: nn.Module,
     graph: Graph,
@@ -266,7 +273,10 @@ def replace(
         if not plan.changed:
             continue
         custom = custom_of(module)
-        new = custom(module, plan.seed_masks()) if custom is not None else rule_of(module).replace(module, plan)
+        if custom is not None:
+            new = custom(_given(module, tx), plan.seed_masks())
+        else:
+            new = rule_of(module).replace(module, plan)
         report.warnings.extend(plan.warnings)
         _put(model, module, new, places, tx, report)
         report.modules[name] = shapes[id(module)] = (type(module).__name__, _param_shapes(calls[0], new))
@@ -276,7 +286,7 @@ def replace(
             continue
         prefix = f"{name}." if name else ""
         params = {key[len(prefix):]: v for key, v in graph.parameters.items() if key.startswith(prefix)}
-        new = custom(boundary.module, seed_masks(boundary.inputs, boundary.outputs, params))
+        new = custom(_given(boundary.module, tx), seed_masks(boundary.inputs, boundary.outputs, params))
         _put(model, boundary.module, new, places, tx, report)
         report.modules[name] = shapes[id(boundary.module)] = (type(boundary.module).__name__, {})
     _retie(model, places, shapes, tx, report)

@@ -79,6 +79,44 @@ class Transaction:
         saved = tensor.detach().clone()
         self._undo.append(lambda: tensor.data.copy_(saved))
 
+    def keep_attributes(self, model: nn.Module) -> None:
+        """Restores on rollback the plain attributes of every module of ``model`` (what its ``forward``
+        writes there while it is run: a call counter, a cache held as an attribute), adding back those
+        it removed and removing those it added. Nothing else tracks them."""
+        saved = [(module, {k: v for k, v in module.__dict__.items() if not k.startswith("_")})
+                 for module in model.modules()]
+
+        def undo() -> None:
+            for module, attributes in saved:
+                for name in [k for k in module.__dict__ if not k.startswith("_") and k not in attributes]:
+                    del module.__dict__[name]
+                module.__dict__.update(attributes)
+
+        self._undo.append(undo)
+
+    def keep_modules(self, module: nn.Module) -> None:
+        """Restores on rollback ``module`` and its submodules as they are now: their attributes, their
+        tables of parameters, buffers and submodules, and which data each tensor holds (code outside
+        speedup, a user's replacement function, may change any of them in place)."""
+        saved = []
+        for part in module.modules():
+            tables = [part.__dict__[name] for name in ("_parameters", "_buffers", "_modules")]
+            tensors = [(t, t.data) for t in list(part._parameters.values()) + list(part._buffers.values())
+                       if t is not None]
+            saved.append((part, dict(part.__dict__), [(table, dict(table)) for table in tables], tensors))
+
+        def undo() -> None:
+            for part, attributes, tables, tensors in saved:
+                part.__dict__.clear()
+                part.__dict__.update(attributes)
+                for table, entries in tables:
+                    table.clear()
+                    table.update(entries)
+                for tensor, data in tensors:
+                    tensor.data = data
+
+        self._undo.append(undo)
+
     def set_training(self, model: nn.Module, mode: bool) -> None:
         flags = [(m, m.training) for m in model.modules()]
         model.train(mode)
