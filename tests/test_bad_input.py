@@ -141,6 +141,13 @@ def test_mask_with_values_other_than_0_and_1_raises_mask_error(bad):
     assert "threshold" in message  # says what to do
 
 
+def test_a_mask_on_the_meta_device_raises_mask_error_saying_where_to_load_it():
+    model = small_net()
+    mask = torch.ones(8, 3, 3, 3, device="meta")
+    message = expect_failure(model, {"conv1": {"weight": mask}}, speedup.MaskError)
+    assert "'conv1'" in message and "meta device" in message and "map_location" in message
+
+
 def test_nan_mask_raises_mask_error():
     model = small_net()
     mask = torch.ones(8)

@@ -232,6 +232,9 @@ def _checked_values(mask: Any, module_name: str, target: str, map_location: Any)
             raise MaskError(f"{where} is a {type(mask).__name__}, not a tensor of 0 and 1.") from None
     if map_location is not None and not isinstance(map_location, (dict,)) and not callable(map_location):
         mask = mask.to(map_location)
+    if mask.is_meta:
+        raise MaskError(f"{where} is on the meta device, which holds no values; load the masks with "
+                        "map_location='cpu' (or the model's device).")
     if mask.dtype != torch.bool:
         if mask.is_complex():
             raise MaskError(f"{where} is complex; a mask holds 0 and 1.")
