@@ -651,3 +651,29 @@ def test_a_number_the_model_returns_keeps_the_size_it_was_read_from():
     masks = {"fc1": {"weight": rows(keep_mask(16), (16, 8))}}
     report = check_speedup(model, masks, torch.randn(3, 8), torch.randn(5, 8))
     assert model(torch.randn(2, 8))[1] == 16 and report.kept_for_verification
+
+
+class AppliedTwice(nn.Module):
+    """A layer applied to its own output: an output mask on it cannot go structurally, and stays a hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.fc1(x)))))
+
+
+def test_a_model_keeping_an_output_mask_hook_still_pickles():
+    """The hook was a closure: torch.save of the sped-up model raised "Can't pickle local object"."""
+    import io
+
+    model = AppliedTwice()
+    keep = torch.cat([torch.zeros(4), torch.ones(4)])
+    check_speedup(model, {"fc1": {"_output_0": keep}}, torch.randn(3, 8), torch.randn(5, 8))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(again(x), model(x))

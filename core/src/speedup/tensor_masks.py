@@ -86,9 +86,9 @@ def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[
         module = modules[spec.module]
         holder = TensorMaskHolder(spec.mask, spec.target, spec.module, spec.batch_dim)
         if spec.kind == "input":
-            handle = module.register_forward_pre_hook(_input_hook(holder, spec.key), with_kwargs=True)
+            handle = module.register_forward_pre_hook(_InputMask(holder, spec.key), with_kwargs=True)
         else:
-            handle = module.register_forward_hook(_output_hook(holder, spec.key))
+            handle = module.register_forward_hook(_OutputMask(holder, spec.key))
         tx.on_rollback(handle.remove)
         holder.handle = handle
         name = f"{spec.module}.{spec.target}" if spec.module else spec.target
@@ -96,11 +96,16 @@ def install(model: nn.Module, masks: list[TensorMask], tx: Transaction) -> list[
     return holders
 
 
-def _input_hook(holder: TensorMaskHolder, key):
-    """``_input_<i>`` masks positional input ``i``; ``_input_<name>`` the argument ``name`` of
-    ``forward``, whether it was passed by position or by keyword."""
+class _InputMask:
+    """Forward pre-hook: ``_input_<i>`` masks positional input ``i``; ``_input_<name>`` the argument
+    ``name`` of ``forward``, whether it was passed by position or by keyword. A plain object of this
+    module, so that a model keeping it still pickles."""
 
-    def hook(module, args, kwargs):
+    def __init__(self, holder: TensorMaskHolder, key):
+        self.holder, self.key = holder, key
+
+    def __call__(self, module, args, kwargs):
+        holder, key = self.holder, self.key
         position = key if isinstance(key, int) else _position_of(module, key)
         if position is not None and position < len(args):
             args = args[:position] + (holder.apply(args[position]),) + args[position + 1:]
@@ -110,8 +115,6 @@ def _input_hook(holder: TensorMaskHolder, key):
             raise MaskError(f"'{holder.module_name}' was not called with input '{key}' for the mask '{holder.target}' "
                             f"(it got {len(args)} positional and {sorted(kwargs)} keyword arguments).")
         return args, kwargs
-
-    return hook
 
 
 def _position_of(module: nn.Module, name: str):
@@ -127,8 +130,14 @@ def _position_of(module: nn.Module, name: str):
     return None
 
 
-def _output_hook(holder: TensorMaskHolder, key):
-    def hook(module, args, output):
+class _OutputMask:
+    """Forward hook: ``_output_<i>`` masks output ``i`` (a tensor, an entry of a tuple or a dict)."""
+
+    def __init__(self, holder: TensorMaskHolder, key):
+        self.holder, self.key = holder, key
+
+    def __call__(self, module, args, output):
+        holder, key = self.holder, self.key
         if isinstance(output, torch.Tensor) and key == 0:
             return holder.apply(output)
         if isinstance(output, tuple) and isinstance(key, int) and key < len(output):
@@ -137,8 +146,6 @@ def _output_hook(holder: TensorMaskHolder, key):
             output[key] = holder.apply(output[key])
             return output
         raise MaskError(f"'{holder.module_name}' has no output '{key}' for the mask '{holder.target}'.")
-
-    return hook
 
 
 def drop_all_ones(holders: list[tuple[str, TensorMaskHolder]], tx: Transaction) -> None:
