@@ -438,8 +438,9 @@ class _Recorder(TorchDispatchMode):
             if self.suppress and facts.view and not facts.writes and self.lazily_masked(args[0]):
                 return self._masked_view(func, args, kwargs)
             run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
-        if facts.writes and self._state:
-            self._keep_state(_written_tensors(facts, args, kwargs))
+        written = _written_tensors(facts, args, kwargs) if facts.writes else ()
+        if written and self._state:
+            self._keep_state(written)
         if self.suppress:
             out = func(*run_args, **run_kwargs)
             if facts.counted:
@@ -448,7 +449,6 @@ class _Recorder(TorchDispatchMode):
                 self._hidden[id(tensor)] = weakref.ref(tensor)
             return out
         inputs, call_args, call_kwargs = self._substituted(args, kwargs)
-        written = _written_tensors(facts, args, kwargs) if facts.writes else ()
         for tensor in written:
             self._protect_before_write(tensor)
         node = Node(len(self.graph.nodes), NodeKind.OP, func, call_args, call_kwargs, inputs, [], *self._caller())

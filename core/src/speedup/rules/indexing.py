@@ -401,28 +401,18 @@ class RowsWritten(OpRule):
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         parts = self._parts(node)
-        out = node.outputs[0]
-        if parts is None or not ctx.is_demanded(out):
-            if ctx.is_demanded(out):
-                for arg in _tensor_operands(node):
-                    ctx.demand_all(arg)
+        if parts is None:
+            super().backward(node, ctx)  # every input whole
             return
         x, rows, selectors, out = parts
+        if not ctx.is_demanded(out):
+            return
         need = ctx.demanded(out, -1)
         ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim - 1)} | {x.ndim - 1: need})
         ctx.demand(rows, {rows.ndim - 1: need} if rows.ndim else None)
         for selector in selectors:
             along = selector.ndim == x.ndim and selector.shape[-1] == x.shape[-1]
             demand_computed(ctx, selector, {selector.ndim - 1: need} if along else None)
-
-
-def _tensor_operands(node: Node) -> list[TensorValue]:
-    found: list[TensorValue] = []
-    for arg in list(node.args) + list(node.kwargs.values()):
-        for item in (arg if isinstance(arg, (list, tuple)) else [arg]):
-            if isinstance(item, TensorValue):
-                found.append(item)
-    return found
 
 
 class Cat(OpRule):

@@ -21,7 +21,7 @@ from ..modules import ChannelGather, ConstantAwareGroupNorm, ConstantAwareLayerN
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import DimConst, ModuleRule, OpRule, bind
-from .norm_vectors import TORCH_LAYOUT, NormVectors, held_vectors, run_with
+from .norm_vectors import TORCH_LAYOUT, NormVectors, held_vectors, probe_matches, run_with
 from .toolkit import clone_module, demand_computed, equal_parts, first_input, foldable, param_data
 
 _CHANNEL_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -334,13 +334,7 @@ def recognise_group_norm(module: nn.Module) -> Optional[ModuleRule]:
     weight, bias = torch.rand(2, module.num_channels, generator=generator).add_(0.5)
     result = run_with(module, {"weight": weight, "bias": bias}, probe)
     expected = F.group_norm(probe, module.num_groups, weight, bias, module.eps).to(module.weight)
-    return _GROUP_NORM if result is not None and _close(result, expected) else None
-
-
-def _close(result: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether a probe's result is the expected one, within the round-off of the module's dtype."""
-    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
-    return result.shape == expected.shape and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance))
+    return _GROUP_NORM if probe_matches(result, expected) else None
 
 
 class GroupNormOpRule(OpRule):

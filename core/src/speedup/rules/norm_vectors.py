@@ -97,3 +97,11 @@ def run_with(module: nn.Module, vectors: dict[str, torch.Tensor], probe: torch.T
     except Exception:  # noqa: BLE001 - see above
         return None
     return result if isinstance(result, torch.Tensor) else None
+
+
+def probe_matches(result: Optional[torch.Tensor], expected: torch.Tensor, scale: float = 1.0) -> bool:
+    """Whether a probe's result (None: the module did not take the probe) is the expected one, within
+    the round-off of the dtype, on a probe of magnitude ``scale``."""
+    tolerance = 1e-4 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    return (result is not None and result.shape == expected.shape
+            and bool(torch.allclose(result, expected, rtol=tolerance, atol=tolerance * scale)))

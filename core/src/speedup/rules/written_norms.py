@@ -27,7 +27,7 @@ from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import ModuleRule
 from .norm import LayerNormRule, _passing_kept_outputs, _rms_norm_zeros
-from .norm_vectors import TORCH_LAYOUT, NormVectors, readings, run_with
+from .norm_vectors import TORCH_LAYOUT, NormVectors, probe_matches, readings, run_with
 from .toolkit import clone_module
 
 _USUAL_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 1e-3, 1e-4, 1e-7, 1e-10)
@@ -116,20 +116,14 @@ def _computes(module: nn.Module, vectors: NormVectors, dim: int,
     scale = torch.rand(channels, generator=generator).add_(0.5)
     shift = torch.rand(channels, generator=generator).sub_(0.5) if vectors.shift is not None else None
     given = {vectors.scale: scale} if shift is None else {vectors.scale: scale, vectors.shift: shift}
-    tolerance = 1e-4 if reference.dtype in (torch.float32, torch.float64) else 2e-2
-    for shape in ((2, channels, 3, 5), (2, channels, 5)) if dim == 1 else ((2, 3, channels),):
-        matched = True
-        for size in scales:
-            probe = torch.randn(shape, generator=generator).mul_(size)
-            expected = norm(probe, scale, shift).to(reference)
-            result = run_with(module, given, probe, attributes)
-            if result is None or result.shape != expected.shape or not bool(torch.allclose(
-                    result, expected, rtol=tolerance, atol=tolerance * size)):
-                matched = False
-                break
-        if matched:
-            return True
-    return False
+
+    def matches(shape: tuple, size: float) -> bool:
+        probe = torch.randn(shape, generator=generator).mul_(size)
+        expected = norm(probe, scale, shift).to(reference)
+        return probe_matches(run_with(module, given, probe, attributes), expected, size)
+
+    shapes = ((2, channels, 3, 5), (2, channels, 5)) if dim == 1 else ((2, 3, channels),)
+    return any(all(matches(shape, size) for size in scales) for shape in shapes)
 
 
 class ScaledRMSNormRule(LayerNormRule):
