@@ -192,6 +192,38 @@ def test_a_dummy_input_made_in_inference_mode_is_accepted():
     check_speedup(folding_network(), FOLDING_MASKS, dummy, torch.randn(2, 3, 9, 7), shrunk=["0.weight"])
 
 
+def test_a_model_made_in_inference_mode_is_shrunk():
+    """A model built or loaded under torch.inference_mode holds inference tensors, which track no
+    versions: reading one's version raised, and the call blamed the dummy input."""
+    with torch.inference_mode():
+        model = folding_network()
+    reference = masked_copy(model, FOLDING_MASKS)
+    check_speedup(model, FOLDING_MASKS, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7), shrunk=["0.weight"])
+    fresh = torch.randn(2, 3, 9, 7)
+    with torch.inference_mode():
+        assert_same_outputs(reference, model, fresh)
+
+
+class InferenceModeForward(nn.Module):
+    """A forward decorated with torch.inference_mode, writing its activations in place (through a view too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = folding_network()
+
+    @torch.inference_mode()
+    def forward(self, x):
+        y = self.body(x).relu_()
+        y[:, :2].mul_(2)
+        return y
+
+
+def test_a_forward_running_in_inference_mode_is_shrunk():
+    masks = {"body." + name: entry for name, entry in FOLDING_MASKS.items()}
+    check_speedup(InferenceModeForward(), masks, torch.randn(1, 3, 8, 8), torch.randn(2, 3, 9, 7),
+                  shrunk=["body.0.weight"])
+
+
 class SamplingAutoencoder(nn.Module):
     """A variational autoencoder: it samples its latent in ``forward``, in eval mode too."""
 

@@ -363,7 +363,8 @@ class _Recorder(TorchDispatchMode):
     def _remember(self, tensor: torch.Tensor, value: TensorValue, written: bool = False) -> TensorValue:
         # An in-place operator's version bump happens after the dispatcher returns from this mode
         # (in the ADInplaceOrView kernel), so a tensor written here is one version ahead when next read.
-        self._values[id(tensor)] = (weakref.ref(tensor), value, tensor._version + (1 if written else 0))
+        version = _version(tensor)
+        self._values[id(tensor)] = (weakref.ref(tensor), value, version + 1 if written and version is not None else version)
         return value
 
     def _lookup(self, tensor: torch.Tensor) -> Optional[tuple]:
@@ -373,13 +374,13 @@ class _Recorder(TorchDispatchMode):
     def known_value(self, tensor: torch.Tensor) -> Optional[TensorValue]:
         """The tensor's value if the recording knows it as it is now, else ``None`` (adds nothing)."""
         entry = self._lookup(tensor)
-        return entry[1] if entry is not None and tensor._version == entry[2] else None
+        return entry[1] if entry is not None and _version(tensor) == entry[2] else None
 
     def value_of(self, tensor: torch.Tensor) -> TensorValue:
         entry = self._values.get(id(tensor))
         if entry is not None and entry[0]() is tensor:
             _, value, version = entry
-            if tensor._version == version:
+            if _version(tensor) == version:
                 return value
             return self._refresh_after_alias_write(tensor, value)
         known = self._known.get(id(tensor))
@@ -688,7 +689,7 @@ class _Recorder(TorchDispatchMode):
         self._remember(tensor, value, written)
         if base is not None and not written:
             # Once the dispatcher returns, a view shares its base's version counter.
-            self._values[id(tensor)] = (weakref.ref(tensor), value, base._version)
+            self._values[id(tensor)] = (weakref.ref(tensor), value, _version(base))
         return value
 
     def _protect_before_write(self, tensor: torch.Tensor) -> None:
@@ -1028,6 +1029,13 @@ def _storages(tree: Any) -> set[int]:
         elif not isinstance(item, (int, float, bool, str, type(None))):
             keys.update(_storage_key(t) for t in pytree.tree_leaves(item) if isinstance(t, torch.Tensor))
     return keys
+
+
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    """The tensor's version counter, which in-place writes bump; None for an inference tensor
+    (made under ``torch.inference_mode``, a model loaded so holds them), which has none: outside
+    inference mode it cannot be written in place at all."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
