@@ -2,7 +2,7 @@
 
 Attention scales its scores by a number computed in Python from the size of the queries
 (``math.sqrt(q.size(-1))``, ``q.shape[-1] ** -0.5``, DeBERTa's ``torch.sqrt(torch.tensor(q.size(-1),
-dtype=torch.float) * 3)``). Where the masks remove features of the queries and keys, the sped-up model
+dtype=torch.float) * 3)``, RAFT's ``torch.sqrt(torch.tensor(num_channels))``). Where the masks remove features of the queries and keys, the sped-up model
 would read a smaller size and scale by another number: on random weights the scores are nearly
 equal, and the difference hides within float32 round-off on the dummy input. The models run in
 float64 here, where equal means equal; the features the size counts stay, the values' go.
@@ -22,6 +22,8 @@ SCALES = {
     "math.sqrt of a size": lambda q: 1 / math.sqrt(q.size(-1)),
     "a tensor made of a size": lambda q: 1 / torch.sqrt(torch.tensor(q.size(-1), dtype=q.dtype) * 3),
     "a size to the power -0.5": lambda q: q.shape[-1] ** -0.5,
+    "an integer tensor made of a size": lambda q: 1 / torch.sqrt(torch.tensor(q.size(-1))),  # RAFT's correlation
+    "a tensor filled with a size": lambda q: torch.full((), q.size(-1), dtype=q.dtype).rsqrt(),
 }
 
 

@@ -109,11 +109,15 @@ def test_a_size_checked_before_a_known_module_is_called_is_set_in_the_module_cal
 
 
 class SplitAndScale(SplitInHalves):
-    """Splits by its stored size and multiplies by it too, made an integer tensor: a size read outside
-    shapes that no call's numbers show (a Python integer operand would, see ``HandWrittenMean``)."""
+    """Splits by its stored size and scales by a factor it picks, in Python, by that size: a size read
+    outside shapes that no call's numbers show (a number computed from it would, see ``HandWrittenMean``)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.register_buffer("factors", torch.tensor([2.0, 3.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * torch.tensor(self.in_channels)
+        return super().forward(x) * self.factors[0 if self.in_channels == 8 else 1]
 
 
 class PoolByStoredWidth(nn.Module):

@@ -202,13 +202,14 @@ class Node:
 
     def integer_operands(self) -> list[int]:
         """Positions in ``args`` of the Python integers an operator call takes for a tensor operand
-        (``x / x.shape[-1]``): numbers the code computes with, which it may have read from a size;
-        not the sizes, dimensions or indices it passes, which follow the plan."""
+        (``x / x.shape[-1]``) or as the value it fills a tensor with (``torch.full((), C)``): numbers
+        the code computes with, which it may have read from a size; not the sizes, dimensions or
+        indices it passes, which follow the plan."""
         schema = getattr(self.target, "_schema", None) if self.kind is NodeKind.OP else None
         if schema is None:
             return []
         return [i for i, (argument, a) in enumerate(zip(schema.arguments, self.args))
-                if type(a) is int and str(argument.type) == "Tensor"]
+                if type(a) is int and (str(argument.type) == "Tensor" or argument.name in _FILL_VALUES)]
 
     def same_code(self, other: "Node") -> bool:
         """Whether ``other`` is the same call made by the same line of code (in another block of a
@@ -256,6 +257,11 @@ class Boundary:
             inner = node.kwargs["span"]
             return start <= inner[0] and inner[1] <= end and inner != self.span
         return start <= node.index < end
+
+
+_FILL_VALUES = frozenset({"value", "fill_value", "s"})
+"""Names of the ``Scalar`` arguments that operators write into a tensor (``full``, ``fill_``,
+``masked_fill``, ``scalar_tensor``): values, where other ``Scalar`` arguments may be sizes (``arange``'s end)."""
 
 
 @dataclass(eq=False)

@@ -37,15 +37,16 @@ size of many small dimensions."""
 
 def numbers_passed(node: Node) -> list[float]:
     """The numbers a call computes with: its float arguments, the integers it takes for a tensor
-    operand (``z.sum(-1) / z.shape[-1]`` divides by an integer the code read from a size), and the values of
-    a floating-point tensor Python made of a few numbers that it lifts (``torch.tensor(16.0)``).
+    operand (``z.sum(-1) / z.shape[-1]`` divides by an integer the code read from a size) or fills a
+    tensor with, and the values of a tensor Python made of a few numbers that it lifts
+    (``torch.tensor(16.0)``, RAFT's ``torch.tensor(num_channels)``).
     Integers passed as sizes, dimensions or indices are not among them: they follow the plan."""
     numbers = [a for a in list(node.args) + list(node.kwargs.values()) if type(a) is float]
     numbers += [float(node.args[i]) for i in node.integer_operands()]
     if node.target in _LIFTS and node.args and isinstance(node.args[0], TensorValue):
         lifted = node.args[0].tensor
-        if lifted is not None and lifted.is_floating_point() and lifted.numel() <= FEW_NUMBERS:
-            numbers += lifted.detach().cpu().reshape(-1).tolist()
+        if lifted is not None and lifted.dtype is not torch.bool and lifted.numel() <= FEW_NUMBERS:
+            numbers += [float(n) for n in lifted.detach().cpu().reshape(-1).tolist()]
     return numbers
 
 
