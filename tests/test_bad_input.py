@@ -620,6 +620,48 @@ def test_attributes_a_model_writes_while_speedup_runs_it_are_restored_on_failure
     assert model.calls == 0 and model.cache is None
 
 
+class SizesItsStatisticsOnFirstCall(nn.Module):
+    """Holds empty buffers that its first call resizes in place, as a quantization observer's running
+    minimum and maximum are: every empty tensor is at address 0, and only one of the two came back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("low", torch.empty(0))
+        self.register_buffer("high", torch.empty(0))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.low.numel() == 0:
+            self.low.resize_(16).fill_(0.0)
+            self.high.resize_(16).fill_(4.0)
+        return self.fc2(torch.minimum(torch.maximum(h, self.low), self.high))
+
+
+def test_buffers_a_model_resizes_while_speedup_runs_it_are_restored_on_failure(monkeypatch):
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
+    model = SizesItsStatisticsOnFirstCall().eval()
+    expect_failure(model, {"fc1": {"weight": rows(keep_mask(16), (16, 8))}}, speedup.VerificationError,
+                   inputs=torch.randn(3, 8))
+    assert model.low.shape == model.high.shape == (0,)
+
+
+def test_an_undo_that_fails_does_not_stop_the_others_and_is_reported_after_the_error():
+    from speedup.transaction import Transaction
+
+    holder = nn.Linear(2, 2)
+    first, second = holder.weight, holder.bias
+    tx = Transaction()
+    tx.set_attr(holder, "weight", nn.Parameter(torch.zeros(2, 2)))
+    tx.on_rollback(lambda: 1 / 0)
+    tx.set_attr(holder, "bias", nn.Parameter(torch.zeros(2)))
+    with pytest.raises(speedup.RestoreError, match="could not undo 1 of its changes.*ZeroDivisionError"):
+        tx.rollback()
+    assert holder.weight is first and holder.bias is second
+
+
 def test_a_replacement_function_changing_its_module_in_place_leaves_the_model_unchanged_on_failure(monkeypatch):
     """It is given a copy: one slicing the module it gets and returning it changed the model for good."""
     import speedup.engine as engine

@@ -12,8 +12,8 @@ or, with a report of what changed:
 from .batchnorm_folding import fold_batchnorm
 from .compat import ModelSpeedup
 from .engine import SpeedupWarning, shrink
-from .errors import (MaskError, PluginConflictError, PluginLoadError, RuleError, SpeedupError, TraceError,
-                     VerificationError)
+from .errors import (MaskError, PluginConflictError, PluginLoadError, RestoreError, RuleError, SpeedupError,
+                     TraceError, VerificationError)
 from .plugins.hookspec import hookimpl
 from .report import ShrinkReport
 from .rule import DimConst, ModuleRule, OpRule, Rule
@@ -33,6 +33,7 @@ __all__ = [
     "RuleError",
     "PluginConflictError",
     "PluginLoadError",
+    "RestoreError",
     "hookimpl",
     "Rule",
     "OpRule",

@@ -5,6 +5,11 @@ class SpeedupError(Exception):
     """Base class: the model was left exactly as it was before the call."""
 
 
+class RestoreError(RuntimeError):
+    """Undoing speedup's changes after an error failed: unlike a :class:`SpeedupError`, the model may
+    not be as it was (the error that stopped the call is chained to it)."""
+
+
 class MaskError(SpeedupError, ValueError):
     """A mask names something the model does not have, or has the wrong shape or values."""
 

@@ -310,8 +310,8 @@ class _Recorder(TorchDispatchMode):
         tensor laid out like it)."""
         self._apply_mask = apply_mask
         self._keep_values = keep_values
-        self._state: dict[int, torch.Tensor] = {} if keep_values is None else {
-            _storage_key(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        self._state: dict[Any, torch.Tensor] = {} if keep_values is None else {
+            _state_key(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         """The model's parameters and buffers (and masked copies of its weights that views are made of)
         by memory, until it first writes one in place."""
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -486,7 +486,7 @@ class _Recorder(TorchDispatchMode):
         """The model writes in place into its own parameters or buffers (an embedding with ``max_norm``
         renormalises the rows it looks up): their values are kept first, once each, to be undone."""
         for tensor in written:
-            held = self._state.pop(_storage_key(tensor), None)
+            held = self._state.pop(_state_key(tensor), None)
             if held is not None:
                 self._keep_values(held)
 
@@ -1040,3 +1040,9 @@ def _version(tensor: torch.Tensor) -> Optional[int]:
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
+
+
+def _state_key(tensor: torch.Tensor) -> Any:
+    """A parameter's or buffer's memory; the tensor itself where it has none yet (an empty buffer a
+    quantization observer resizes on its first call: every empty storage is at address 0)."""
+    return _storage_key(tensor) or ("empty", id(tensor))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import RestoreError
 from .masks import MaskPattern
 
 _MISSING = object()
@@ -25,9 +26,20 @@ class Transaction:
         return len(self._undo)
 
     def rollback(self, savepoint: int = 0) -> None:
-        """Undoes, newest first, every change made after ``savepoint``."""
+        """Undoes, newest first, every change made after ``savepoint``; one that fails does not stop
+        the others, and a :class:`RestoreError` then says so (after the error that made the call stop)."""
+        failures = []
         while len(self._undo) > savepoint:
-            self._undo.pop()()
+            try:
+                self._undo.pop()()
+            except Exception as failure:  # noqa: BLE001 - undo the rest, then report it
+                failures.append(failure)
+        if failures:
+            first = failures[0]
+            raise RestoreError(
+                f"speedup could not undo {len(failures)} of its changes to the model ({type(first).__name__}: "
+                f"{first}); the model may not be as it was. Please report this with the model's code."
+            ) from first
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """``setattr`` that also works for ``nn.Module`` parameters, buffers and submodules."""
@@ -77,7 +89,14 @@ class Transaction:
         """Keeps a copy of ``tensor``'s values, written back on rollback: something is about to write
         into its memory (the model itself, renormalising an embedding's rows in place)."""
         saved = tensor.detach().clone()
-        self._undo.append(lambda: tensor.data.copy_(saved))
+
+        def undo() -> None:
+            if tensor.shape == saved.shape:
+                tensor.data.copy_(saved)
+            else:  # resized in place (a quantization observer's statistics, sized on the first call)
+                tensor.data = saved
+
+        self._undo.append(undo)
 
     def keep_attributes(self, model: nn.Module) -> None:
         """Restores on rollback the plain attributes of every module of ``model`` (what its ``forward``
