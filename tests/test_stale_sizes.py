@@ -1,5 +1,8 @@
 """Sizes a module stored when it was built and reads in ``forward`` follow the dimensions that shrank."""
 
+import math
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,14 +325,17 @@ class StoredHeadsAttention(nn.Module):
         self.num_heads, self.fused = heads, fused
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         if self.fused:
-            mixed = F.scaled_dot_product_attention(q, k, v)
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         else:
-            mixed = (q @ k.transpose(-2, -1) * 0.3).softmax(-1) @ v
+            scores = q @ k.transpose(-2, -1) * 0.3
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, -math.inf)
+            mixed = scores.softmax(-1) @ v
         return self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
 
 
@@ -344,6 +350,38 @@ def test_a_dummy_of_one_token_still_finds_the_head_count_the_code_stored(fused):
     masks = consistent_masks(model.eval(), torch.randn(2, 5, 6), sparsity=0.5, seed=0)
     report = check_speedup(model, masks, torch.randn(2, 1, 6), torch.randn(3, 7, 6), shrunk=["1.qkv.weight"])
     assert report.attributes == {"1.num_heads": (4, 2), "2.num_heads": (4, 2)}
+
+
+class PaddedTokens(nn.Module):
+    """Embeds tokens and attends over the first ``lengths`` of them (keys past a sequence's length masked)."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.embed, self.attention = nn.Linear(6, 16), StoredHeadsAttention(16, 4, fused)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        allowed = torch.arange(x.shape[1]) < lengths[:, None]
+        return self.attention(self.embed(x), allowed[:, None, None, :])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax", "scaled_dot_product_attention"])
+@pytest.mark.parametrize("dummy", ["one token repeated", "one key per query"])
+def test_a_dummy_giving_every_head_the_same_weights_still_finds_the_head_count_the_code_stored(fused, dummy):
+    """A dummy of one token repeated weighs every key alike, and one whose padding leaves each query one
+    key weighs it alone: in every head, so the outputs were equal whatever the heads, and the stale head
+    count went unnoticed (off by 0.05 of 2 on other inputs)."""
+    torch.manual_seed(0)
+    model = PaddedTokens(fused).eval()
+    tokens = torch.randn(2, 5, 6)
+    lengths = torch.tensor([5, 5])
+    if dummy == "one token repeated":
+        tokens = tokens[:, :1].expand(2, 5, 6).contiguous()
+    else:
+        lengths = torch.tensor([1, 1])
+    masks = consistent_masks(model, (torch.randn(2, 5, 6), torch.tensor([5, 3])), sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, (tokens, lengths), (torch.randn(3, 7, 6), torch.tensor([7, 4, 2])),
+                           shrunk=["attention.qkv.weight"])
+    assert report.attributes == {"attention.num_heads": (4, 2)}
 
 
 class HandWrittenMean(nn.Module):

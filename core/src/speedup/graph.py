@@ -177,6 +177,8 @@ class Node:
     rule: Any = None
     paths: list[tuple] = field(default_factory=list)
     """Module nodes: where each of ``outputs`` is in the return value (see :func:`speedup.tracer.iter_tensor_paths`)."""
+    note: Any = None
+    """Operator nodes: what the rule noted of the call's values (see :meth:`~speedup.rule.Rule.note`)."""
     reads_input_numbers: bool = False
     """Operator nodes: the call passes a number the model read out of a tensor that depends on the
     input (``torch.full(shape, h.sum().item())``). Its results hold no constant: no rule may take

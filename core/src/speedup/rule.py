@@ -77,6 +77,12 @@ class Rule:
         code). The call is then kept as :meth:`keep_after_departure` says."""
         return None
 
+    def note(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        """What the rule needs to know of the recorded call's values, found while it runs on the dummy
+        input (with its real arguments and result), kept as ``node.note``: the recording keeps shapes
+        only. Called only where a rule overrides it; the default notes nothing."""
+        return None
+
     def hides_layout(self, node: "Node") -> bool:
         """Whether the call, as recorded on the dummy input, gives the same result however its input is
         laid out: a softmax over a single entry gives 1 whatever the heads (a dummy of one token).

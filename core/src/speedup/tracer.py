@@ -82,6 +82,7 @@ def trace(
     unrecorded: Callable[[nn.Module], bool] = lambda module: False,
     boundaries: bool = False,
     keep_values: Optional[Callable[[torch.Tensor], None]] = None,
+    noter: Callable[[Any], Optional[Callable[[tuple, dict, Any], Any]]] = lambda func: None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -106,9 +107,11 @@ def trace(
     :meth:`~speedup.rule.ModuleRule.masked_forward`): ``fn`` runs instead of their ``forward``, and
     their weights are not masked for them. Claimed modules for which ``unrecorded(module)`` holds
     run their ``forward`` unrecorded unless they hold a lazily masked weight (see
-    :attr:`~speedup.rule.ModuleRule.unrecorded_forward`).
+    :attr:`~speedup.rule.ModuleRule.unrecorded_forward`). ``noter(func)`` gives, for an operator, the
+    function noting what its rule needs of a recorded call's values (see :meth:`~speedup.rule.Rule.note`),
+    or None.
     """
-    recorder = _Recorder(model, known, masked, apply_mask, keep_values)
+    recorder = _Recorder(model, known, masked, apply_mask, keep_values, noter)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _masked_forwards(modules, recorder, masked_forwards or {})
     handles += _claim_modules(model, modules, recorder, claims, unrecorded)  # around the masked forwards
@@ -302,8 +305,11 @@ class _Recorder(TorchDispatchMode):
 
     def __init__(self, model: nn.Module, known: tuple = (), masked: Optional[Mapping[int, tuple]] = None,
                  apply_mask: Optional[Callable[[torch.Tensor, bool], None]] = None,
-                 keep_values: Optional[Callable[[torch.Tensor], None]] = None):
+                 keep_values: Optional[Callable[[torch.Tensor], None]] = None,
+                 noter: Callable[[Any], Optional[Callable[[tuple, dict, Any], Any]]] = lambda func: None):
         super().__init__()
+        self._noter = noter
+        self._notes: dict[Any, Optional[Callable[[tuple, dict, Any], Any]]] = {}  # by operator
         self._masked: dict[int, tuple] = {key: (t, pattern, None, None) for key, (t, pattern) in (masked or {}).items()}
         """``id(tensor) -> (tensor, pattern, base, rebuild)``: the lazily masked weights, and views of them
         made in claimed modules (``base``: the weight they view; ``rebuild``: the same view of another
@@ -460,6 +466,11 @@ class _Recorder(TorchDispatchMode):
             raise
         if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
+        noting = self._notes.get(func, _UNSEEN)
+        if noting is _UNSEEN:
+            noting = self._notes[func] = self._noter(func)
+        if noting is not None:
+            node.note = noting(run_args, run_kwargs, out)
         origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs[1:] if facts.made_new else inputs)
         if self._read_numbers and facts.passes_number(args, kwargs, self._read_numbers):
             node.reads_input_numbers, origin = True, Origin.COMPUTED  # though every tensor it reads may be constant
@@ -958,6 +969,9 @@ class _OperatorFacts:
             return any(number in numbers for number in args[0].detach().cpu().reshape(-1).tolist())
         return False
 
+
+_UNSEEN = object()
+"""An operator the recorder has not yet asked the noter about."""
 
 FEW_NUMBERS = 64
 """Entries up to which a tensor made of Python numbers is read for its numbers (those the input

@@ -9,13 +9,15 @@ the key/value group it reads), and a head whose values are constant outputs that
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Optional
 
 import torch
 
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
+from .toolkit import same_along
 
 
 def _zero(ctx: Analysis, x: TensorValue, dim: int) -> torch.Tensor:
@@ -150,9 +152,21 @@ class Attention(OpRule):
 
     rechecks_shapes = True
 
+    def note(self, args: tuple, kwargs: dict, out: Any) -> bool:
+        """Whether every head weighs the keys alike on the dummy input, whatever its queries: its keys
+        are one token repeated (uniform weights), or its mask leaves each query at most one key."""
+        key = args[1]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else None)
+        if key.dim() >= 2 and same_along(key, [key.dim() - 2]):
+            return True
+        if mask is None:
+            return False
+        allowed = mask if mask.dtype == torch.bool else mask > -math.inf
+        return allowed.numel() > 0 and int(allowed.sum(-1).max()) <= 1
+
     def hides_layout(self, node: Node) -> bool:
         key = bind(node)["key"]
-        return key.shape[-2] == 1  # one key: each query reads its value whatever the heads
+        return key.shape[-2] == 1 or bool(node.note)  # one key: each query reads its value whatever the heads
 
     def _args(self, node: Node):
         a = bind(node)

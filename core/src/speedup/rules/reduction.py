@@ -13,13 +13,14 @@ constant, or a softmax's ``1 / n``, is not folded as one.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..rule import DimConst, OpRule, bind
+from .toolkit import same_along
 
 # How a constant slice ``v`` over ``n`` reduced elements reduces, per operator.
 _CONSTANT_RESULT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
@@ -164,9 +165,15 @@ class Softmax(OpRule):
             if d != dim:
                 ctx.link(x, d, out, d)
 
+    def note(self, args: tuple, kwargs: dict, out: Any) -> bool:
+        """Whether the probabilities are the same along another dimension (heads, queries): a dummy of
+        one token repeated, or a mask leaving each query one key, gives every head the same weights."""
+        dim = args[1] % out.dim() if out.dim() else 0
+        return same_along(out, [d for d in range(out.dim()) if d != dim])
+
     def hides_layout(self, node: Node) -> bool:
         x = node.args[0]
-        return x.ndim > 0 and x.shape[node.args[1] % x.ndim] == 1
+        return x.ndim > 0 and (x.shape[node.args[1] % x.ndim] == 1 or bool(node.note))
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         """A constant slice gives ``1 / n`` for its ``n`` entries, which other inputs may change (tokens,

@@ -7,7 +7,7 @@ modules also have :mod:`speedup.rules.heads`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -141,3 +141,15 @@ def equal_parts(ctx: Analysis, x: TensorValue, dim: int, size: int) -> Optional[
     entries = torch.arange(x.shape[dim])
     ctx.define(atoms, torch.stack([parts[entries // size], positions[entries % size]], 1))
     return parts, positions
+
+
+def same_along(tensor: torch.Tensor, dims: Iterable[int]) -> bool:
+    """Whether ``tensor`` holds the same values at every index of one of ``dims`` (of two entries or
+    more): compared on its first two slices first, and read whole only where those are equal."""
+    for d in dims:
+        if tensor.shape[d] < 2:
+            continue
+        first = tensor.narrow(d, 0, 1)
+        if torch.equal(first, tensor.narrow(d, 1, 1)) and bool((tensor == first).all()):
+            return True
+    return False
