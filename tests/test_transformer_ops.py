@@ -975,6 +975,32 @@ def test_constants_a_cached_helper_makes_on_the_first_call_only_do_not_confuse_v
     assert report.kept_for_verification and all("aten.view" in r for r in report.kept_for_verification)
 
 
+class SinusoidalPositions(nn.Module):
+    """Transformer-XL's relative positions: ``sin`` and ``cos`` of positions counted from the input's
+    length, projected and added to the token embeddings."""
+
+    def __init__(self, dim: int = 16, vocabulary: int = 30):
+        super().__init__()
+        self.embed, self.positions = nn.Embedding(vocabulary, dim), nn.Linear(dim, dim)
+        self.hidden, self.out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, 4)
+        self.register_buffer("inv_freq", 1 / (10000 ** (torch.arange(0.0, dim, 2.0) / dim)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        angles = torch.outer(torch.arange(ids.shape[1] - 1, -1, -1.0), self.inv_freq)
+        x = self.embed(ids) + self.positions(torch.cat([angles.sin(), angles.cos()], -1))
+        return self.out(torch.relu(self.hidden(x)))
+
+
+def test_values_counted_from_the_input_length_are_no_constants_on_a_dummy_of_one_token():
+    """On one token every position is 0, whose sine is 0: the projection's sine inputs looked constant,
+    and went (folded into its bias, with half of ``inv_freq``), unmasked; other lengths were off."""
+    torch.manual_seed(0)
+    model = SinusoidalPositions().eval()
+    masks = output_channel_masks(model, ["hidden"])
+    check_speedup(model, masks, torch.randint(0, 30, (2, 1)), torch.randint(0, 30, (3, 7)), shrunk=["hidden.weight"])
+    assert model.positions.in_features == 16 and model.inv_freq.shape == (8,)
+
+
 class AttentionOfRank(nn.Module):
     """Scaled dot-product attention on inputs of 3 (heads folded into the batch) or 5 dimensions,
     which torch runs on its math path, as several operators; ``scale`` given or not."""

@@ -43,7 +43,7 @@ from .refill import Refill, refill, refill_pinning_modules
 from .refill import install as install_refills
 from .replacement import CustomReplace, replace
 from .report import Barrier, ShrinkReport
-from .rule import ModuleRule, OpRule, Rule
+from .rule import ModuleRule, OpRule
 from .size_numbers import (changed_number, counterparts, may_pass_shrunk_sizes, numbers_passed, shrunk_sizes,
                            sizes_behind)
 from .stale_sizes import StoredSizes
@@ -92,11 +92,6 @@ class _Rules:
 
     def claims(self, module: nn.Module) -> bool:
         return self.module_rule(module) is not None
-
-    def noter(self, func: Any) -> Optional[Callable[[tuple, dict, Any], Any]]:
-        """The note of the operator's rule, where the rule takes one (see :meth:`Rule.note`)."""
-        rule = self.registry.op_rule(func)
-        return rule.note if rule is not None and type(rule).note is not Rule.note else None
 
     def claims_or_replaces(self, module: nn.Module) -> bool:
         """Whether a rule or the user's function knows the module as a whole."""
@@ -226,7 +221,7 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         recorded = trace(model, args, kwargs, rules.claims, observe, known, rules.registry.is_state,
                          lazy.by_id, lazy.mask_for_good, lazy.masked_forwards(model, rules.module_rule),
                          lambda module: getattr(rules.module_rule(module), "unrecorded_forward", False),
-                         boundaries=verify, keep_values=tx.keep_values, noter=rules.noter)
+                         boundaries=verify, keep_values=tx.keep_values, op_rule=rules.registry.op_rule)
     except TracingFailed as failure:
         if isinstance(failure.error, RuleFailed):
             raise _rule_error(failure.error, model, rules) from failure.error.error
@@ -661,7 +656,7 @@ def _record_again(model, args, kwargs, rules: _Rules, replaced, draws: RandomDra
     claims = lambda m: rules.claims(m) or id(m) in new_modules  # noqa: E731
     _reset_mode_caches(_mode_aware(model))  # filled by the run
     draws.replay()
-    return trace(model, args, kwargs, claims, is_state=rules.registry.is_state)
+    return trace(model, args, kwargs, claims, is_state=rules.registry.is_state, op_rule=rules.registry.op_rule)
 
 
 def _locate(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, difference: str,

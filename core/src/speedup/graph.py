@@ -79,6 +79,10 @@ class TensorValue:
     """For a parameter the masked model multiplies by a mask the model does not hold applied (a
     :class:`~speedup.masks.MaskPattern`, see :mod:`speedup.lazy_masks`): ``tensor`` holds the
     model's values, :attr:`data` and :meth:`host` the masked ones."""
+    follows_sizes: bool = False
+    """A constant computed from values counted out from numbers the code passed (positions
+    ``torch.arange(x.shape[1])``, see :attr:`~speedup.rule.Rule.varies_with_input_sizes`): its values
+    are those of the dummy input's sizes, and the analysis takes none of them for a constant."""
     consumers: list["Node"] = field(default_factory=list)
     is_output: bool = False
 

@@ -112,7 +112,7 @@ def find_groups(model: nn.Module, example_inputs: Any) -> list[ChannelGroup]:
         freeze_computed_weights(model, Masks(), tx, rules.claims_or_replaces)
         put_equivalent_forms(model, rules.registry, tx)  # its groups are those the speedup can remove
         graph = trace(model, args, kwargs, rules.claims, is_state=rules.registry.is_state, boundaries=True,
-                      keep_values=tx.keep_values).graph
+                      keep_values=tx.keep_values, op_rule=rules.registry.op_rule).graph
     except TracingFailed as failure:
         raise _trace_error(failure, args, kwargs) from failure.error
     finally:

@@ -308,7 +308,7 @@ class Analysis:
             d = value.dim(dim)
             if value.ndim >= 2 and value.index in self.masks:
                 found = self._masked_slices(value, d)
-            elif value.data is not None:
+            elif value.data is not None and not value.follows_sizes:
                 found = numeric_const(value.host(), d)
             else:
                 found = None
@@ -345,7 +345,7 @@ class Analysis:
         return self._uniform[value.index]
 
     def _find_uniform(self, value: TensorValue) -> Optional[float]:
-        if value.data is not None:
+        if value.data is not None and not value.follows_sizes:
             data = value.host()
             if data.numel() == 0 or data.is_complex():  # constants are real numbers here
                 return None

@@ -48,6 +48,12 @@ class Rule:
     an attention whose code splits a width by a count it stored may split it otherwise and compute
     something else by little, where a small layer scale follows (timm's CaiT starts at 1e-5)."""
 
+    varies_with_input_sizes: bool = False
+    """Whether the call's results may differ on another input though it reads no tensor depending on
+    the input: values counted out from numbers the code may read from the input's shape
+    (``torch.arange(x.shape[1])``). No rule may take them, or what is computed from them, for
+    constants (see :attr:`~speedup.graph.TensorValue.follows_sizes`)."""
+
     def couple(self, node: "Node", ctx: "Analysis") -> None:
         """Declares corresponding dimensions. Default: none (a barrier)."""
 

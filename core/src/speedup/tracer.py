@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from . import flops as flop_count
 from .graph import ALIAS_WRITE, Boundary, Graph, Node, NodeKind, Origin, TensorValue
 from .masks import held_tensors
+from .rule import Rule
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -82,7 +83,7 @@ def trace(
     unrecorded: Callable[[nn.Module], bool] = lambda module: False,
     boundaries: bool = False,
     keep_values: Optional[Callable[[torch.Tensor], None]] = None,
-    noter: Callable[[Any], Optional[Callable[[tuple, dict, Any], Any]]] = lambda func: None,
+    op_rule: Callable[[Any], Optional[Rule]] = lambda func: None,
 ) -> Trace:
     """Runs ``model(*args, **kwargs)`` once and records what it computes.
 
@@ -107,11 +108,11 @@ def trace(
     :meth:`~speedup.rule.ModuleRule.masked_forward`): ``fn`` runs instead of their ``forward``, and
     their weights are not masked for them. Claimed modules for which ``unrecorded(module)`` holds
     run their ``forward`` unrecorded unless they hold a lazily masked weight (see
-    :attr:`~speedup.rule.ModuleRule.unrecorded_forward`). ``noter(func)`` gives, for an operator, the
-    function noting what its rule needs of a recorded call's values (see :meth:`~speedup.rule.Rule.note`),
-    or None.
+    :attr:`~speedup.rule.ModuleRule.unrecorded_forward`). ``op_rule(func)`` is an operator's rule, if
+    any: what it notes of a recorded call's values is kept (see :meth:`~speedup.rule.Rule.note`), and
+    the constants made by one whose :attr:`~speedup.rule.Rule.varies_with_input_sizes` follow sizes.
     """
-    recorder = _Recorder(model, known, masked, apply_mask, keep_values, noter)
+    recorder = _Recorder(model, known, masked, apply_mask, keep_values, op_rule)
     modules = list({id(m): m for m in model.modules()}.values())
     handles = _masked_forwards(modules, recorder, masked_forwards or {})
     handles += _claim_modules(model, modules, recorder, claims, unrecorded)  # around the masked forwards
@@ -306,10 +307,10 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, model: nn.Module, known: tuple = (), masked: Optional[Mapping[int, tuple]] = None,
                  apply_mask: Optional[Callable[[torch.Tensor, bool], None]] = None,
                  keep_values: Optional[Callable[[torch.Tensor], None]] = None,
-                 noter: Callable[[Any], Optional[Callable[[tuple, dict, Any], Any]]] = lambda func: None):
+                 op_rule: Callable[[Any], Optional[Rule]] = lambda func: None):
         super().__init__()
-        self._noter = noter
-        self._notes: dict[Any, Optional[Callable[[tuple, dict, Any], Any]]] = {}  # by operator
+        self._op_rule = op_rule
+        self._rule_facts: dict[Any, tuple[Optional[Callable[[tuple, dict, Any], Any]], bool]] = {}  # by operator
         self._masked: dict[int, tuple] = {key: (t, pattern, None, None) for key, (t, pattern) in (masked or {}).items()}
         """``id(tensor) -> (tensor, pattern, base, rebuild)``: the lazily masked weights, and views of them
         made in claimed modules (``base``: the weight they view; ``rebuild``: the same view of another
@@ -466,9 +467,7 @@ class _Recorder(TorchDispatchMode):
             raise
         if facts.counted:
             self.flops += flop_count.count(func, args, kwargs, out)
-        noting = self._notes.get(func, _UNSEEN)
-        if noting is _UNSEEN:
-            noting = self._notes[func] = self._noter(func)
+        noting, varies = self._rule_facts.get(func) or self._facts_of_rule(func)
         if noting is not None:
             node.note = noting(run_args, run_kwargs, out)
         origin = Origin.COMPUTED if facts.seeded else _derived_origin(inputs[1:] if facts.made_new else inputs)
@@ -485,13 +484,23 @@ class _Recorder(TorchDispatchMode):
             if self._writes and base is None:
                 self._forget_writes(results, _storages(args))
             node.outputs = [self._record_output(tensor, origin, node, False, base) for tensor in results]
+            _note_sizes_followed(node, varies)
             return out
         for tensor in results + [t for t in written if not any(t is r for r in results)]:
             bumped = any(tensor is w for w in written)
             node.outputs.append(self._record_output(tensor, origin, node, bumped, base))
+        _note_sizes_followed(node, varies)
         for tensor in written:
             self._writes.setdefault(_storage_key(tensor), []).append(self._lookup(tensor)[1])
         return out
+
+    def _facts_of_rule(self, func: Any) -> tuple[Optional[Callable[[tuple, dict, Any], Any]], bool]:
+        """What the operator's rule notes of its calls' values (None: nothing) and whether its results
+        vary with the input's sizes, found once per operator."""
+        rule = self._op_rule(func)
+        noting = rule.note if rule is not None and type(rule).note is not Rule.note else None
+        facts = self._rule_facts[func] = (noting, rule is not None and rule.varies_with_input_sizes)
+        return facts
 
     def _keep_state(self, written: Iterable[torch.Tensor]) -> None:
         """The model writes in place into its own parameters or buffers (an embedding with ``max_norm``
@@ -754,6 +763,7 @@ class _Recorder(TorchDispatchMode):
             self._hidden.pop(id(tensor), None)
             node.outputs.append(self._record_output(tensor, origin, node))
             node.paths.append(path)
+        _note_sizes_followed(node, False)
         return replaced
 
 
@@ -909,6 +919,15 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _note_sizes_followed(node: Node, counted_out: bool) -> None:
+    """Marks the constants a call makes that follow the sizes the code passed (see
+    :attr:`TensorValue.follows_sizes`): those it counts out itself (``counted_out``), or computes
+    from such values."""
+    if counted_out or any(v.follows_sizes for v in node.inputs):
+        for value in node.outputs:
+            value.follows_sizes = value.origin is Origin.CONSTANT
+
+
 def _derived_origin(inputs: list[TensorValue]) -> Origin:
     """Constant when all a call reads is."""
     if all(v.origin.input_independent for v in inputs):
@@ -969,9 +988,6 @@ class _OperatorFacts:
             return any(number in numbers for number in args[0].detach().cpu().reshape(-1).tolist())
         return False
 
-
-_UNSEEN = object()
-"""An operator the recorder has not yet asked the noter about."""
 
 FEW_NUMBERS = 64
 """Entries up to which a tensor made of Python numbers is read for its numbers (those the input
