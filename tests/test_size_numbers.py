@@ -2,7 +2,8 @@
 
 Attention scales its scores by a number computed in Python from the size of the queries
 (``math.sqrt(q.size(-1))``, ``q.shape[-1] ** -0.5``, DeBERTa's ``torch.sqrt(torch.tensor(q.size(-1),
-dtype=torch.float) * 3)``, RAFT's ``torch.sqrt(torch.tensor(num_channels))``). Where the masks remove features of the queries and keys, the sped-up model
+dtype=torch.float) * 3)``, RAFT's ``torch.sqrt(torch.tensor(num_channels))``).
+Where the masks remove features of the queries and keys, the sped-up model
 would read a smaller size and scale by another number: on random weights the scores are nearly
 equal, and the difference hides within float32 round-off on the dummy input. The models run in
 float64 here, where equal means equal; the features the size counts stay, the values' go.

@@ -371,7 +371,9 @@ class _Recorder(TorchDispatchMode):
         # An in-place operator's version bump happens after the dispatcher returns from this mode
         # (in the ADInplaceOrView kernel), so a tensor written here is one version ahead when next read.
         version = _version(tensor)
-        self._values[id(tensor)] = (weakref.ref(tensor), value, version + 1 if written and version is not None else version)
+        if written and version is not None:
+            version += 1
+        self._values[id(tensor)] = (weakref.ref(tensor), value, version)
         return value
 
     def _lookup(self, tensor: torch.Tensor) -> Optional[tuple]:
