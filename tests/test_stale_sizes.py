@@ -384,6 +384,36 @@ def test_a_dummy_giving_every_head_the_same_weights_still_finds_the_head_count_t
     assert report.attributes == {"attention.num_heads": (4, 2)}
 
 
+class SlidingWindowAttention(nn.Module):
+    """Mistral's attention, written out: heads split by a count it stored, each query attending to the
+    ``self.window`` latest tokens, a window of as many tokens as there are heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim, self.window = heads, dim // heads, heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = (f(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        position = torch.arange(tokens)
+        back = position[:, None] - position[None, :]
+        scores = (q @ k.transpose(-2, -1) * 0.5).masked_fill((back < 0) | (back >= self.window), -math.inf)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1))
+
+
+def test_an_attribute_equal_to_a_head_count_by_chance_keeps_its_value():
+    """Both stored 4s were set to 2, the window too: on a dummy of two tokens a window of 2 or 4 is the
+    same, and longer inputs attended to fewer tokens than the masked model. The window's comparison
+    now shows the number it computes with, and the head count is set alone."""
+    torch.manual_seed(0)
+    model = SlidingWindowAttention().eval()
+    heads_kept = torch.tensor([0, 1, 1, 0], dtype=torch.bool).repeat_interleave(8)
+    masks = {name: {"weight": rows(heads_kept, (32, 32)), "bias": heads_kept} for name in ("q", "k", "v")}
+    report = check_speedup(model, masks, torch.randn(2, 2, 32), torch.randn(3, 9, 32), shrunk=["v.weight"])
+    assert report.attributes == {"heads": (4, 2)} and model.window == 4
+
+
 class HandWrittenMean(nn.Module):
     """Features and their mean written out: a sum divided by the width the code reads."""
 

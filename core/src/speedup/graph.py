@@ -208,14 +208,16 @@ class Node:
 
     def integer_operands(self) -> list[int]:
         """Positions in ``args`` of the Python integers an operator call takes for a tensor operand
-        (``x / x.shape[-1]``) or as the value it fills a tensor with (``torch.full((), C)``): numbers
-        the code computes with, which it may have read from a size; not the sizes, dimensions or
-        indices it passes, which follow the plan."""
+        (``x / x.shape[-1]``), as a number it computes a tensor with (``i - j < self.window``) or as the
+        value it fills a tensor with (``torch.full((), C)``): numbers the code computes with, which it
+        may have read from a size; not the sizes, dimensions or indices it passes, which follow the plan."""
         schema = getattr(self.target, "_schema", None) if self.kind is NodeKind.OP else None
         if schema is None:
             return []
+        on_tensor = bool(schema.arguments) and str(schema.arguments[0].type) == "Tensor"
         return [i for i, (argument, a) in enumerate(zip(schema.arguments, self.args))
-                if type(a) is int and (str(argument.type) == "Tensor" or argument.name in _FILL_VALUES)]
+                if type(a) is int and (str(argument.type) == "Tensor" or argument.name in _FILL_VALUES
+                                       or on_tensor and str(argument.type) in _NUMBERS)]
 
     def same_code(self, other: "Node") -> bool:
         """Whether ``other`` is the same call made by the same line of code (in another block of a
@@ -267,7 +269,12 @@ class Boundary:
 
 _FILL_VALUES = frozenset({"value", "fill_value", "s"})
 """Names of the ``Scalar`` arguments that operators write into a tensor (``full``, ``fill_``,
-``masked_fill``, ``scalar_tensor``): values, where other ``Scalar`` arguments may be sizes (``arange``'s end)."""
+``masked_fill``, ``scalar_tensor``): values, where a factory's other ``Scalar`` arguments may be sizes
+(``arange``'s end)."""
+
+_NUMBERS = frozenset({"number", "Optional[number]"})
+"""How a schema types a ``Scalar`` argument: one an operator on a tensor takes is a number it computes
+with (``lt``, ``clamp``, ``pow``)."""
 
 
 @dataclass(eq=False)

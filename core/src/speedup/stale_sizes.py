@@ -13,10 +13,12 @@ that equal the full size of a dimension that shrank inside it are set to that di
 full size shrank to another elsewhere in the module), in every module of the same class (the same
 code reads them), and the attempt is verified again. Where such a size also belongs to a dimension
 that kept its size (``in_channels`` and ``out_channels`` both 64, only the input losing channels),
-each attribute is tried on its own, then all together. Only a verified result is kept (equal
-outputs, and every number with a fraction passed to an operator as recorded: a size may be read
-outside shapes too, as an attention's scale ``self.head_dim ** -0.5``): when no choice makes the
-call meet its plan, the sizes go back and the engine keeps the call whole instead.
+each attribute is tried on its own, then all together; where several attributes equal the size,
+after all of them together each is tried on its own too (one may equal it by chance: Mistral's
+``sliding_window`` of 4 with 4 heads). Only a verified result is kept (equal outputs, and every number
+passed to an operator to compute with as recorded: a size may be read outside shapes too, as an
+attention's scale ``self.head_dim ** -0.5`` or a window compared with positions): when no choice
+makes the call meet its plan, the sizes go back and the engine keeps the call whole instead.
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
     chosen += [sure + [attr] for attr in unsure]
     if len(unsure) > 1:
         chosen.append(sure + unsure)
+    if len(sure) > 1:  # an attribute equal to the size by chance (a sliding window of 4 tokens, with 4 heads)
+        chosen += [[attr] for attr in sure]
     return [_fixes(candidates, attrs) for attrs in chosen[:_MOST_CHOICES]]
 
 
