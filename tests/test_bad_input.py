@@ -369,10 +369,13 @@ def test_failed_speedup_through_model_speedup_leaves_model_unchanged():
     assert_unchanged(model, snapshot)
 
 
-def test_a_model_writing_its_own_weights_in_place_is_restored_when_speedup_fails():
+def test_a_model_writing_its_own_weights_in_place_is_restored_when_speedup_fails(monkeypatch):
     """An embedding bag with ``max_norm`` renormalises the rows it looks up, in place, on every call:
     the recording and the verification run it, and a failure must undo what they wrote (the rows the
     dummy looked up stayed renormalised)."""
+    import speedup.engine as engine
+
+    monkeypatch.setattr(engine, "_verify", lambda *args, **options: engine._Check(False, None, "outputs differ"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.EmbeddingBag(30, 16, mode="mean", max_norm=1.0), nn.Linear(16, 4))
     kept_rows = torch.arange(30) % 2 == 1

@@ -523,16 +523,19 @@ class _Recorder(TorchDispatchMode):
 
     def _masked_operands(self, func: Any, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments an operator runs on: every lazily masked parameter replaced by a masked copy.
-        A parameter it writes in place is masked for good first (the write must land in it)."""
-        if facts.writes:
-            for tensor in _written_tensors(facts, args, kwargs):
-                if self.lazily_masked(tensor):
-                    # A view shares the weight's memory (F.embedding renormalises rows through
-                    # ``weight.detach()``): the weight is masked there, which the view then reads.
-                    base = self._masked.pop(id(tensor))[2]
-                    if base is not None:
-                        self._masked.pop(id(base), None)
-                    self._apply_mask(tensor if base is None else base, base is not None)
+        A parameter it writes in place is masked for good first (the write must land in it), and so
+        is one it views outside a claimed module: the view may be written (a static key/value cache
+        filled as ``self.cache[:B, :S] = v``, then read back), which must land in the parameter too."""
+        written = _written_tensors(facts, args, kwargs) if facts.writes else []
+        viewed = [args[0]] if facts.view and not self.suppress and args and isinstance(args[0], torch.Tensor) else []
+        for tensor in written + viewed:
+            if self.lazily_masked(tensor):
+                # A view shares the weight's memory (F.embedding renormalises rows through
+                # ``weight.detach()``): the weight is masked there, which the view then reads.
+                base = self._masked.pop(id(tensor))[2]
+                if base is not None:
+                    self._masked.pop(id(base), None)
+                self._apply_mask(tensor if base is None else base, base is not None)
         # An operator that returns no view of its arguments is done with the copies when it returns:
         # they go in scratch memory the next operator reuses (fresh memory for each would be as much
         # as the weights, page faults included). A view operator's copies live on in its outputs.
