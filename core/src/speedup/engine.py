@@ -620,7 +620,7 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     except Exception:  # noqa: BLE001 - located below, by recording the failing run
         return _locate(model, args, kwargs, recorded, rules, replaced, "", draws)
     is_state = rules.registry.is_state
-    difference, worst = _compare(recorded.output, output, is_state)
+    difference, worst = _compare(recorded.output, output, is_state, _reduced_precision(recorded.graph))
     if difference is None:
         changed = _changed_numbers(recorded.output, output)
         if changed:
@@ -759,9 +759,20 @@ def _count_flops(model, args, kwargs) -> int:
     return counter.total
 
 
-def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool]] = None) -> tuple[Optional[str], float]:
+def _reduced_precision(graph: Graph) -> bool:
+    """Whether the model computes in half precision somewhere (``torch.autocast`` in its forward, a
+    half-precision part): its float32 outputs then carry that round-off."""
+    return any(value.dtype in _REDUCED_PRECISION for value in graph.values)
+
+
+_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool]] = None,
+             reduced: bool = False) -> tuple[Optional[str], float]:
     """What differs between two returns of a model (None if nothing), and the largest difference of
-    their floating-point tensors. State the model reads back is not compared."""
+    their floating-point tensors, within the round-off of half precision where it is ``reduced``.
+    State the model reads back is not compared."""
     ref, got = list(iter_tensors(expected, is_state)), list(iter_tensors(actual, is_state))
     if len(ref) != len(got):
         return f"the model returned {len(got)} tensors instead of {len(ref)}", math.inf
@@ -773,7 +784,7 @@ def _compare(expected: Any, actual: Any, is_state: Optional[Callable[[Any], bool
             if not torch.equal(a, b):
                 return f"output {i} differs", math.inf
             continue
-        close, difference = closeness(a, b)
+        close, difference = closeness(a, b, reduced)
         if not close:
             return f"output {i} differs by up to {difference:.3g}", difference
         worst = max(worst, difference)
@@ -797,8 +808,9 @@ def outputs_close(expected: torch.Tensor, actual: torch.Tensor) -> bool:
     return closeness(expected, actual)[0]
 
 
-def closeness(expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, float]:
-    """(close, largest difference over the finite entries) of two floating-point tensors of one shape.
+def closeness(expected: torch.Tensor, actual: torch.Tensor, reduced: bool = False) -> tuple[bool, float]:
+    """(close, largest difference over the finite entries) of two floating-point tensors of one shape,
+    ``reduced``: computed in half precision on the way (the tolerance of half precision).
 
     Compared in float32 at least (float64 stays float64; large outputs such as a language model's
     logits in a few passes). The tolerance, 1e-5 of the output's size for float32, is five times the
@@ -809,7 +821,7 @@ def closeness(expected: torch.Tensor, actual: torch.Tensor) -> tuple[bool, float
     """
     compute = torch.float64 if expected.dtype == torch.float64 else torch.float32
     a, b = expected.detach().to(compute), actual.detach().to(compute)
-    tolerance = 1e-5 if expected.dtype in (torch.float32, torch.float64) else 2e-2
+    tolerance = 1e-5 if expected.dtype in (torch.float32, torch.float64) and not reduced else 2e-2
     if not a.numel():
         return True, 0.0
     difference = float((a - b).abs().max())
