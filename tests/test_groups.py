@@ -1,5 +1,6 @@
 """Dependency groups and consistent masks: everything masked consistently can really go."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -108,3 +109,31 @@ def test_grouped_convolutions_lose_positions_in_every_group_not_whole_groups():
     check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 9, 7), shrunk=["grouped.weight"])
     # Two of the four channels of every group stay: the layer does a quarter of its work, not a half.
     assert model.grouped.groups == 4 and tuple(model.grouped.weight.shape[:2]) == (8, 2)
+
+
+
+class ScriptedBlock(nn.Module):
+    """An eager network holding a ``torch.jit.script``-ed residual block, then an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = torch.jit.script(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1)))
+        self.post, self.head = nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.block(x)
+        return self.head(torch.relu(self.post(x.mean((2, 3)))))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_masks_inside_a_torchscript_module_are_read_and_its_parameters_sliced():
+    """Masks naming a scripted module's parameters (as consistent_masks offers them) raised a bare
+    RuntimeError: a TorchScript module has no ``get_parameter``."""
+    torch.manual_seed(0)
+    model = ScriptedBlock().eval()
+    masks = consistent_masks(model, torch.randn(2, 3, 8, 8), sparsity=0.5, seed=0)
+    assert "block.0" in masks
+    check_speedup(model, masks, torch.randn(2, 3, 8, 8), torch.randn(3, 3, 10, 10),
+                  shrunk=["stem.weight", "block.0.weight", "post.weight"], max_param_ratio=0.35)

@@ -198,14 +198,17 @@ def _module_name(modules: dict[str, nn.Module], name: str) -> str:
 
 
 def named_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """The parameter or buffer ``name`` (dotted) of ``module``, or ``None`` if it has none."""
-    try:
-        return module.get_parameter(name)
-    except AttributeError:
-        try:
-            return module.get_buffer(name)
-        except AttributeError:
+    """The parameter or buffer ``name`` (dotted) of ``module``, or ``None`` if it has none (found by
+    hand: a TorchScript module has no ``get_parameter``)."""
+    path, _, attr = name.rpartition(".")
+    for part in path.split(".") if path else []:
+        if part not in module._modules:  # a TorchScript module's tables have no ``get``
             return None
+        module = module._modules[part]
+    for table in (module._parameters, module._buffers):
+        if attr in table and isinstance(table[attr], torch.Tensor):
+            return table[attr]
+    return None
 
 
 def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor:
