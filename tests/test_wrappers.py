@@ -10,7 +10,7 @@ from torch import nn
 
 import speedup
 from speedup.groups import consistent_masks
-from support.checks import assert_unchanged, rows, state_and_structure
+from support.checks import assert_unchanged, check_speedup, rows, state_and_structure
 
 KEEP = torch.tensor([True, False, True, True, False, True, False, True])
 
@@ -95,3 +95,27 @@ def test_a_lazy_module_not_yet_run_is_refused_with_what_to_do():
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
     assert model[2].weight.shape == (4, 5, 1, 1)
+
+
+class ScaledThroughFunctionalCall(nn.Module):
+    """Runs its inner network with ``torch.func.functional_call``, one weight replaced by a computed one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        parameters = dict(self.inner.named_parameters())
+        parameters["2.weight"] = parameters["2.weight"] * 0.5
+        return torch.func.functional_call(self.inner, parameters, (x,))
+
+
+def test_a_layer_run_with_a_computed_weight_in_place_of_its_own_is_kept_whole():
+    """The recording saw the layer hold a tensor that is no parameter of the model: its rule rebuilt it
+    with that tensor sliced, and assigning it as the weight raised a bare TypeError. The layers before
+    it lose what their masks remove."""
+    torch.manual_seed(0)
+    model = ScaledThroughFunctionalCall().eval()
+    masks = {"inner.0": {"weight": rows(KEEP.repeat(4), (32, 16)), "bias": KEEP.repeat(4)}}
+    check_speedup(model, masks, torch.randn(2, 16), torch.randn(5, 16), shrunk=["inner.0.weight"])
+    assert isinstance(model.inner[2].weight, nn.Parameter) and model.inner[2].weight.shape == (32, 32)

@@ -23,7 +23,7 @@ import torch
 
 from .atoms import AtomSolution, AtomTable
 from .masks import MaskPattern
-from .graph import Graph, Node, Origin, TensorValue
+from .graph import Graph, Node, NodeKind, Origin, TensorValue
 from .rule import DimConst, Rule
 
 _UNSET = object()
@@ -56,7 +56,11 @@ class Analysis:
         self._barrier = barrier
         self._unknown: set[int] = set()
         for node in graph.nodes:
-            rule = barrier if node.reads_input_numbers else rule_for(node)  # kept whole, not reported
+            # Kept whole, not reported: a call passing a number read from the input; a module holding,
+            # during its call, tensors that are no parameters of the model in place of its own
+            # (``torch.func.functional_call`` with a computed weight), which its rule cannot rebuild.
+            swapped = node.kind is NodeKind.MODULE and any(p.origin is not Origin.PARAMETER for p in node.params.values())
+            rule = barrier if node.reads_input_numbers or swapped else rule_for(node)
             if rule is None:
                 rule = barrier
                 self._unknown.add(node.index)
