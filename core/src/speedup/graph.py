@@ -268,9 +268,9 @@ class Boundary:
 
 
 _FILL_VALUES = frozenset({"value", "fill_value", "s"})
-"""Names of the ``Scalar`` arguments that operators write into a tensor (``full``, ``fill_``,
-``masked_fill``, ``scalar_tensor``): values, where a factory's other ``Scalar`` arguments may be sizes
-(``arange``'s end)."""
+"""Names of the ``Scalar`` arguments an operator writes into a tensor (``full``'s ``fill_value``,
+``scalar_tensor``'s ``s``, ``fill_``'s ``value``): values even where it takes no tensor (a factory),
+whose other ``Scalar`` arguments may be sizes (``arange``'s end)."""
 
 _NUMBERS = frozenset({"number", "Optional[number]"})
 """How a schema types a ``Scalar`` argument: one an operator on a tensor takes is a number it computes

@@ -444,11 +444,11 @@ class _Recorder(TorchDispatchMode):
         if facts is None:
             facts = _FACTS[func] = _OperatorFacts.of(func)
         run_args, run_kwargs = args, kwargs
+        written = _written_tensors(facts, args, kwargs) if facts.writes else []
         if self._masked and (self._reads_masked(args) or (kwargs and self._reads_masked(kwargs.values()))):
             if self.suppress and facts.view and not facts.writes and self.lazily_masked(args[0]):
                 return self._masked_view(func, args, kwargs)
-            run_args, run_kwargs = self._masked_operands(func, facts, args, kwargs)
-        written = _written_tensors(facts, args, kwargs) if facts.writes else ()
+            run_args, run_kwargs = self._masked_operands(facts, args, kwargs, written)
         if written and self._state:
             self._keep_state(written)
         if self.suppress:
@@ -521,12 +521,12 @@ class _Recorder(TorchDispatchMode):
             if key not in read:
                 self._writes.pop(key, None)
 
-    def _masked_operands(self, func: Any, facts: "_OperatorFacts", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _masked_operands(self, facts: "_OperatorFacts", args: tuple, kwargs: dict,
+                         written: list[torch.Tensor]) -> tuple[tuple, dict]:
         """The arguments an operator runs on: every lazily masked parameter replaced by a masked copy.
         A parameter it writes in place is masked for good first (the write must land in it), and so
         is one it views outside a claimed module: the view may be written (a static key/value cache
         filled as ``self.cache[:B, :S] = v``, then read back), which must land in the parameter too."""
-        written = _written_tensors(facts, args, kwargs) if facts.writes else []
         viewed = [args[0]] if facts.view and not self.suppress and args and isinstance(args[0], torch.Tensor) else []
         for tensor in written + viewed:
             if self.lazily_masked(tensor):
