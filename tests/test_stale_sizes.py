@@ -395,7 +395,8 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q, k, v = (f(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k, v = (f(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
         position = torch.arange(tokens)
         back = position[:, None] - position[None, :]
         scores = (q @ k.transpose(-2, -1) * 0.5).masked_fill((back < 0) | (back >= self.window), -math.inf)

@@ -59,7 +59,8 @@ class Analysis:
             # Kept whole, not reported: a call passing a number read from the input; a module holding,
             # during its call, tensors that are no parameters of the model in place of its own
             # (``torch.func.functional_call`` with a computed weight), which its rule cannot rebuild.
-            swapped = node.kind is NodeKind.MODULE and any(p.origin is not Origin.PARAMETER for p in node.params.values())
+            swapped = node.kind is NodeKind.MODULE and any(
+                p.origin is not Origin.PARAMETER for p in node.params.values())
             rule = barrier if node.reads_input_numbers or swapped else rule_for(node)
             if rule is None:
                 rule = barrier
