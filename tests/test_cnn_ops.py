@@ -963,6 +963,8 @@ ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a const
     "full_like": (lambda x: x * torch.full_like(x, 3.0) + torch.ones_like(x), True),
     "new_zeros": (lambda x: x * x.new_ones(1, 1, 1, 1) + x.new_full((1, 1, 1, 6), 0.5) + x.new_zeros(6), True),
     "logsigmoid": (F.logsigmoid, True),
+    "sinc, erfcx, heaviside, logaddexp": (lambda x: torch.heaviside(torch.special.erfcx(torch.sinc(x)), x.new_tensor(0.5))
+                                          + torch.logaddexp(x, -x), True),
     "layer_norm over H, W": (lambda x: F.layer_norm(x, x.shape[-2:]), True),
 }
 
@@ -988,6 +990,65 @@ def test_operators_along_other_dimensions_pass_channels_through(fn, keeps_consta
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6), shrunk=["a.weight"])
     assert not report.barriers
     assert model.a.out_channels == (4 if keeps_constants else 6)
+
+
+class VectorQuantized(nn.Module):
+    """A VQ-VAE's bottleneck: each position takes the nearest vector of a codebook (``cdist``, which
+    runs as ``_euclidean_dist`` for more than 25 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode, self.codebook, self.decode = nn.Conv2d(3, 8, 3, padding=1), nn.Embedding(10, 8), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        z = self.encode(x)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        nearest = self.codebook(torch.cdist(flat, self.codebook.weight).argmin(-1))
+        return self.decode(nearest.reshape(z.permute(0, 2, 3, 1).shape).permute(0, 3, 1, 2) + 0.1 * z)
+
+
+@pytest.mark.parametrize("side", [4, 6])
+def test_features_masked_in_both_operands_of_a_distance_go(side):
+    """``cdist`` was a barrier: the encoder's and the codebook's masked features stayed."""
+    torch.manual_seed(0)
+    model = VectorQuantized().eval()
+    keep = torch.arange(8) % 2 == 0
+    masks = {"encode": {"weight": rows(keep, (8, 3, 3, 3)), "bias": keep}, "codebook": {"weight": keep.expand(10, 8)}}
+    report = check_speedup(model, masks, torch.randn(1, 3, side, side), torch.randn(2, 3, 7, 7),
+                           shrunk=["encode.weight", "codebook.weight", "decode.weight"])
+    assert not report.barriers
+
+
+FEATURE_NORMS = {  # the norm over the features, and whether zero features leave it as it is
+    "2": (lambda h: torch.linalg.vector_norm(h, dim=-1, keepdim=True), True),
+    "1, written torch.norm": (lambda h: torch.norm(h, p=1, dim=-1, keepdim=True), True),
+    "0": (lambda h: torch.linalg.vector_norm(h, ord=0, dim=-1, keepdim=True), True),
+    "inf": (lambda h: torch.linalg.vector_norm(h, ord=float("inf"), dim=-1, keepdim=True), True),
+    "-1": (lambda h: torch.linalg.vector_norm(h, ord=-1, dim=-1, keepdim=True), False),
+    "-inf, written torch.norm": (lambda h: torch.norm(h, p=float("-inf"), dim=-1, keepdim=True), False),
+}
+
+
+class ScaledByFeatureNorm(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.fc, self.norm, self.head = nn.Linear(6, 8), norm, nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h) * self.norm(h)
+
+
+@pytest.mark.parametrize("norm, ignores_zeros", FEATURE_NORMS.values(), ids=FEATURE_NORMS.keys())
+def test_a_norm_over_the_features_loses_zero_features_unless_its_order_is_negative(norm, ignores_zeros):
+    """A norm of order -1 or -inf is zero where one entry is: removing the zero features changed it,
+    and the call ended in a VerificationError ("please report"). ``torch.norm`` was a barrier."""
+    torch.manual_seed(0)
+    model = ScaledByFeatureNorm(norm).eval()
+    keep = torch.arange(8) % 2 == 0
+    report = check_speedup(model, {"fc": {"weight": rows(keep, (8, 6)), "bias": keep}}, torch.randn(2, 6),
+                           torch.randn(5, 6))
+    assert model.fc.out_features == (4 if ignores_zeros else 8) and not report.barriers
 
 
 POOLS_OVER_TOKENS = {  # the pooling, and whether a constant channel pools to a constant whatever the count

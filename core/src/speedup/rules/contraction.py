@@ -26,21 +26,26 @@ def _zero(ctx: Analysis, x: TensorValue, dim: int) -> torch.Tensor:
 
 
 class MatMul(OpRule):
-    """``mm``, ``bmm``, ``addmm``, ``baddbmm``: ``out[..., m, n] = sum_k a[..., m, k] b[..., k, n]`` (+ bias)."""
+    """``mm``, ``bmm``, ``addmm``, ``baddbmm``: ``out[..., m, n] = sum_k a[..., m, k] b[..., k, n]``, and ``mv``,
+    ``addmv``: ``out[m] = sum_k a[m, k] b[k]``; plus ``beta`` times a bias where there is one."""
 
-    def _operands(self, node: Node) -> tuple[Optional[TensorValue], TensorValue, TensorValue, TensorValue]:
+    def _operands(self, node: Node) -> tuple[Optional[TensorValue], TensorValue, TensorValue, TensorValue, float]:
         a = bind(node)
-        return a.get("self") if "mat1" in a or "batch1" in a else None, a.get("mat1", a.get("batch1", a.get("self"))), \
-            a.get("mat2", a.get("batch2")), node.outputs[0]
+        has_bias = "mat1" in a or "batch1" in a or "vec" in a and "mat" in a and "self" in a
+        x = a.get("mat1", a.get("batch1", a.get("mat", a.get("self"))))
+        w = a.get("mat2", a.get("batch2", a.get("vec")))
+        return a.get("self") if has_bias else None, x, w, node.outputs[0], a.get("beta", 1)
 
     def couple(self, node: Node, ctx: Analysis) -> None:
-        bias, x, w, out = self._operands(node)
-        for d in range(out.ndim - 2):
+        bias, x, w, out, _ = self._operands(node)
+        batch = x.ndim - 2
+        for d in range(batch):
             ctx.link(x, d, out, d)
             ctx.link(w, d, out, d)
-        ctx.link(x, -2, out, -2)
-        ctx.link(w, -1, out, -1)
-        ctx.link(x, -1, w, -2)
+        ctx.link(x, -2, out, batch)
+        if w.ndim > batch + 1:  # a matrix, not a vector
+            ctx.link(w, -1, out, -1)
+        ctx.link(x, -1, w, batch)
         if isinstance(bias, TensorValue):
             offset = out.ndim - bias.ndim
             for d in range(bias.ndim):
@@ -48,11 +53,13 @@ class MatMul(OpRule):
                     ctx.link(bias, d, out, d + offset)
 
     def forward(self, node: Node, ctx: Analysis) -> None:
-        bias, x, w, out = self._operands(node)
-        rows, cols = _zero(ctx, x, -2), _zero(ctx, w, -1)
+        bias, x, w, out, beta = self._operands(node)
+        batch = x.ndim - 2
         # A matrix of the batch (a head of attention) that is zero in either operand gives zeros.
-        batch = [(d, _zero(ctx, x, d) | _zero(ctx, w, d)) for d in range(out.ndim - 2)]
-        for d, zero in batch + [(out.ndim - 2, rows), (out.ndim - 1, cols)]:
+        zeros = [(d, _zero(ctx, x, d) | _zero(ctx, w, d)) for d in range(batch)] + [(batch, _zero(ctx, x, -2))]
+        if w.ndim > batch + 1:
+            zeros.append((out.ndim - 1, _zero(ctx, w, -1)))
+        for d, zero in zeros:
             value = torch.zeros(out.shape[d], dtype=torch.float64)
             mask = zero.clone()
             if isinstance(bias, TensorValue):
@@ -60,20 +67,49 @@ class MatMul(OpRule):
                 if bias_const is None:
                     continue
                 mask &= bias_const.mask
-                value = bias_const.value
+                value = bias_const.value * float(beta)
             ctx.set_const(out, d, DimConst.where(mask, value))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
-        bias, x, w, out = self._operands(node)
+        bias, x, w, out, _ = self._operands(node)
         if not ctx.is_demanded(out):
             return
-        contracted = ~(_zero(ctx, x, -1) | _zero(ctx, w, -2))
-        batch = {d: ctx.demanded(out, d) for d in range(out.ndim - 2)}
-        ctx.demand(x, {**batch, x.ndim - 2: ctx.demanded(out, -2), x.ndim - 1: contracted})
-        ctx.demand(w, {**batch, w.ndim - 2: contracted, w.ndim - 1: ctx.demanded(out, -1)})
+        batch_dims = x.ndim - 2
+        contracted = ~(_zero(ctx, x, -1) | _zero(ctx, w, batch_dims))
+        batch = {d: ctx.demanded(out, d) for d in range(batch_dims)}
+        ctx.demand(x, {**batch, x.ndim - 2: ctx.demanded(out, batch_dims), x.ndim - 1: contracted})
+        columns = {w.ndim - 1: ctx.demanded(out, -1)} if w.ndim > batch_dims + 1 else {}
+        ctx.demand(w, {**batch, batch_dims: contracted, **columns})
         if isinstance(bias, TensorValue):
             offset = out.ndim - bias.ndim
             ctx.demand(bias, {d: ctx.demanded(out, d + offset) for d in range(bias.ndim) if bias.shape[d] == out.shape[d + offset]})
+
+
+class PairwiseDistance(OpRule):
+    """``cdist`` (``_cdist_forward(x1, x2, p)``, or ``_euclidean_dist`` for many rows): ``out[..., i, j]``
+    is the ``p``-norm of ``x1[..., i, :] - x2[..., j, :]``, a nearest-codebook lookup (VQ-VAE) or a
+    prototype classifier. A feature zero in both operands adds nothing to any distance: it may go from
+    both at once, and the rows of each pass to the result's."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x1, x2, out = node.args[0], node.args[1], node.outputs[0]
+        for d in range(out.ndim - 2):
+            if x1.shape[d] == out.shape[d] and x2.shape[d] == out.shape[d]:
+                ctx.link(x1, d, out, d)
+                ctx.link(x2, d, out, d)
+        ctx.link(x1, -2, out, -2)
+        ctx.link(x2, -2, out, -1)
+        ctx.link(x1, -1, x2, -1)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x1, x2, out = node.args[0], node.args[1], node.outputs[0]
+        if not ctx.is_demanded(out):
+            return
+        features = ~(_zero(ctx, x1, -1) & _zero(ctx, x2, -1))
+        batch = {d: ctx.demanded(out, d) for d in range(out.ndim - 2)
+                 if x1.shape[d] == out.shape[d] and x2.shape[d] == out.shape[d]}
+        ctx.demand(x1, {**batch, x1.ndim - 2: ctx.demanded(out, -2), x1.ndim - 1: features})
+        ctx.demand(x2, {**batch, x2.ndim - 2: ctx.demanded(out, -1), x2.ndim - 1: features})
 
 
 class GroupedMatMul(OpRule):
@@ -256,8 +292,9 @@ def _mask_demand(ctx: Analysis, q: TensorValue, k: TensorValue, out: TensorValue
 
 
 def register(registry) -> None:
-    registry.add_ops(["aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm"], MatMul())
+    registry.add_ops(["aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.mv", "aten.addmv"], MatMul())
     registry.add_op("aten._grouped_mm", GroupedMatMul())
+    registry.add_ops(["aten._cdist_forward", "aten._euclidean_dist"], PairwiseDistance())
     registry.add_ops(
         ["aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_efficient_attention",
          "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_attention_math",

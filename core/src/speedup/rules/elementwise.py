@@ -24,13 +24,18 @@ UNARY = [
     "sqrt", "rsqrt", "reciprocal", "sin", "cos", "erf", "erfc", "erfinv", "sign", "sgn", "floor", "ceil",
     "round", "trunc", "frac", "clamp", "clamp_min", "clamp_max", "square", "logical_not", "bitwise_not",
     "nan_to_num", "threshold", "hardshrink", "softshrink", "isnan", "isinf", "isfinite", "logit", "_to_copy",
-    "lift_fresh_copy", "positive", "signbit", "relu6", "log_sigmoid_forward", "angle",
+    "lift_fresh_copy", "positive", "signbit", "relu6", "log_sigmoid_forward", "angle", "tan", "asin", "acos",
+    "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "sinc", "i0", "lgamma", "digamma", "deg2rad", "rad2deg",
+    "special_erfcx", "special_i0e", "special_i1", "special_i1e", "special_ndtr", "special_ndtri", "special_log_ndtr",
+    "special_entr",
 ]
 BINARY = [
     "add", "sub", "rsub", "mul", "div", "maximum", "minimum", "fmax", "fmin", "fmod", "remainder", "pow",
     "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor", "bitwise_and",
     "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
-    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar", "complex",
+    "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar", "complex", "heaviside", "logaddexp",
+    "logaddexp2", "nextafter", "float_power", "bitwise_left_shift", "bitwise_right_shift", "igamma", "igammac",
+    "special_xlog1py", "special_zeta", "gcd", "lcm",
 ]
 _ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
 

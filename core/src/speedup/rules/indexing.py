@@ -415,6 +415,62 @@ class RowsWritten(OpRule):
             demand_computed(ctx, selector, {selector.ndim - 1: need} if along else None)
 
 
+class ScatteredAlong(OpRule):
+    """Entries of a source written or reduced into positions along ``dim`` that an index chooses:
+    ``index_add`` / ``index_copy`` / ``index_reduce`` / ``index_fill`` (one index for every slice) and
+    ``scatter`` / ``scatter_add`` / ``scatter_reduce`` (an index entry for every source entry). A graph
+    network sums its messages into their nodes so (``zeros.index_add_(0, dst, h[src])``), its features
+    passing. Along every other dimension where the tensor written into, the source and a scatter's
+    index are as long as the result, each entry is computed on its own: a feature may go from all of
+    them, and one zero in the tensor and the source stays zero (every reduction of zeros is zero). The
+    indexed dimension, and any other, keeps its size."""
+
+    def _parts(self, node: Node):
+        """(tensor written into, dim, index, source or None, number written or None, result, the other
+        dimensions whose entries correspond)."""
+        args = bind(node)
+        x, out = args["self"], node.outputs[0]
+        dim = args["dim"] % max(x.ndim, 1)
+        index, source, value = args["index"], args.get("source", args.get("src")), args.get("value")
+        per_entry = node.target._opname.startswith("scatter")
+        aligned = [d for d in range(x.ndim) if d != dim and out.shape[d] == x.shape[d]
+                   and (not isinstance(source, TensorValue) or source.shape[d] == x.shape[d])
+                   and (not per_entry or index.shape[d] == x.shape[d])]
+        return x, dim, index, source if isinstance(source, TensorValue) else None, value, out, aligned
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, _, index, source, _, out, aligned = self._parts(node)
+        per_entry = node.target._opname.startswith("scatter")
+        for d in aligned:
+            ctx.link(x, d, out, d)
+            if source is not None:
+                ctx.link(source, d, out, d)
+            if per_entry:
+                ctx.link(index, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, _, _, source, value, out, aligned = self._parts(node)
+        if source is None and not (isinstance(value, (int, float)) and value == 0):
+            return
+        for d in aligned:
+            kept, written = ctx.const(x, d), ctx.const(source, d) if source is not None else None
+            if kept is None or (source is not None and written is None):
+                continue
+            zero = kept.zero & written.zero if written is not None else kept.zero
+            ctx.set_const(out, d, DimConst.where(zero, torch.zeros(out.shape[d], dtype=torch.float64)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, _, index, source, value, out, aligned = self._parts(node)
+        if not ctx.is_demanded(out):
+            return
+        need = {d: ctx.demanded(out, d) for d in aligned}
+        ctx.demand(x, need)
+        if source is not None:
+            ctx.demand(source, need)
+        demand_computed(ctx, index, need if node.target._opname.startswith("scatter") else None)
+        demand_computed(ctx, value)
+
+
 class Cat(OpRule):
     """``cat(tensors, dim)``: the output dimension is the inputs' dimensions one after another."""
 
@@ -727,6 +783,8 @@ def register(registry) -> None:
     registry.add_ops(["aten.masked_scatter", "aten.masked_scatter_", "aten.index_put", "aten.index_put_"],
                      RowsWritten())
     registry.add_op("aten.gather", Gather())
+    registry.add_ops(["aten.index_add", "aten.index_copy", "aten.index_reduce", "aten.index_fill", "aten.scatter",
+                      "aten.scatter_add", "aten.scatter_reduce"], ScatteredAlong())
     registry.add_op("aten.slice.Tensor", Slice())
     registry.add_op("aten.select.int", Select())
     registry.add_op("aten.index_select", IndexSelect())
@@ -740,7 +798,8 @@ def register(registry) -> None:
     registry.add_op("aten.im2col", Im2col())
     registry.add_op("aten.index.Tensor", Index())
     registry.add_op("aten.cat", Cat())
-    registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split"], Split())
+    registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split", "aten.unsafe_split",
+                      "aten.unsafe_split_with_sizes"], Split())
     registry.add_op("aten.unbind", Unbind())
     registry.add_op("aten.stack", Stack())
     registry.add_ops(["aten.constant_pad_nd", "aten.reflection_pad1d", "aten.reflection_pad2d", "aten.reflection_pad3d",

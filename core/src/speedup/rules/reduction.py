@@ -39,7 +39,7 @@ _CONSTANT_RESULT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "var_mean": lambda v, n: torch.zeros_like(v),  # of its first result, the variance
     "std_mean": lambda v, n: torch.zeros_like(v),
 }
-_IGNORES_ZEROS = {"sum", "nansum", "linalg_vector_norm"}
+_NORMS = {"linalg_vector_norm", "norm"}
 _WITH_MEAN = {"var_mean", "std_mean"}
 """Reductions returning the mean besides their first result."""
 
@@ -70,7 +70,7 @@ class Reduction(OpRule):
         for out in node.outputs:
             for d, od in kept.items():
                 ctx.link(x, d, out, od)
-        if node.target._opname in _IGNORES_ZEROS:
+        if _ignores_zeros(node):
             for d in reduced:
                 ctx.accept(x, d)
 
@@ -101,7 +101,7 @@ class Reduction(OpRule):
         if not demanded:
             return
         masks = {d: torch.stack([ctx.demanded(out, od) for out in demanded]).any(0) for d, od in kept.items()}
-        if node.target._opname in _IGNORES_ZEROS:
+        if _ignores_zeros(node):
             for d in reduced:
                 consts = ctx.const(x, d)
                 if consts is not None:
@@ -109,12 +109,26 @@ class Reduction(OpRule):
         ctx.demand(x, masks)
 
 
+def _order(node: Node) -> float:
+    """The order of a norm: ``ord`` of ``linalg_vector_norm``, ``p`` of ``norm`` (2 where it is None)."""
+    args = bind(node)
+    order = args.get("ord", args.get("p"))
+    return 2.0 if order is None else float(order)
+
+
+def _ignores_zeros(node: Node) -> bool:
+    """Whether zero entries of the reduced dimensions leave the result as it is: a sum's, and a norm's of
+    an order that is not negative (``ord=-1`` or ``-inf`` is zero where one entry is)."""
+    name = node.target._opname
+    return name in ("sum", "nansum") or name in _NORMS and _order(node) >= 0
+
+
 def _constant_result(node: Node) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
     """How a constant slice over ``n`` reduced entries reduces for this call; None where unknown."""
     name = node.target._opname
-    if name != "linalg_vector_norm":
+    if name not in _NORMS:
         return _CONSTANT_RESULT.get(name)
-    order = bind(node).get("ord", 2)
+    order = _order(node)
     if math.isinf(order):
         return lambda v, n: v.abs()
     if order == 0:  # counts the entries that are not zero
@@ -200,6 +214,7 @@ def register(registry) -> None:
     registry.add_ops(
         ["aten.sum", "aten.nansum", "aten.mean", "aten.nanmean", "aten.amax", "aten.amin", "aten.max.dim",
          "aten.min.dim", "aten.var", "aten.std", "aten.prod", "aten.logsumexp", "aten.linalg_vector_norm",
+         "aten.norm.ScalarOpt_dim", "aten.norm.Scalar", "aten.norm.ScalarOpt_dim_dtype", "aten.norm.ScalarOpt_dtype",
          "aten.any", "aten.all", "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean"],
         Reduction(),
     )
