@@ -731,6 +731,8 @@ class _Recorder(TorchDispatchMode):
             inputs, call_args, call_kwargs = self._substituted(args, kwargs)
             self._pending.append((inputs, call_args, call_kwargs, _storages((args, kwargs)) if self._writes else None))
             own = self.self_masking.get(id(module))
+            if own is not None and not _holds(module, own):
+                own = None  # its own forward runs, reading what it holds (see _judged_by_own_forward)
             # A module masking its own output reads its weights as they are (set aside until it returns).
             self._set_aside.append({id(t): self._masked.pop(id(t)) for t in own or () if self.lazily_masked(t)})
         self.suppress += 1
@@ -824,7 +826,7 @@ def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int
         if fn is None or "forward" in module.__dict__:
             continue
         own = list(module.parameters())  # its submodules' too: its masked forward reads them
-        module.__dict__["forward"] = _judged_by_own_forward(module, fn)
+        module.__dict__["forward"] = _judged_by_own_forward(module, fn, own)
         recorder.self_masking[id(module)] = own
         if hasattr(fn, "flops"):
             recorder.own_flops[id(module)] = fn.flops
@@ -832,12 +834,18 @@ def _masked_forwards(modules: list, recorder: "_Recorder", forwards: Mapping[int
     return handles
 
 
-def _judged_by_own_forward(module: nn.Module, masked_forward: Callable[..., Any]) -> Callable[..., Any]:
+def _judged_by_own_forward(module: nn.Module, masked_forward: Callable[..., Any], own: list) -> Callable[..., Any]:
     """``masked_forward``, where a failure is the inputs' fault only if the module's own ``forward``
     rejects them too (its error is raised then, as when recording without masked forwards); if it
-    takes them, the rule's masked forward is at fault, which :class:`RuleFailed` says."""
+    takes them, the rule's masked forward is at fault, which :class:`RuleFailed` says.
+
+    A call during which the module holds other tensors than its parameters ``own`` (put in their
+    places by ``torch.func.functional_call``, a weight the code computes) runs the module's own
+    ``forward``: the masked forward reads the parameters it was made for."""
 
     def masked(*args: Any, **kwargs: Any) -> Any:
+        if not _holds(module, own):
+            return type(module).forward(module, *args, **kwargs)
         try:
             return masked_forward(*args, **kwargs)
         except Exception as error:
@@ -846,6 +854,12 @@ def _judged_by_own_forward(module: nn.Module, masked_forward: Callable[..., Any]
             raise RuleFailed(module, error) from error
 
     return masked
+
+
+def _holds(module: nn.Module, own: list) -> bool:
+    """Whether ``module`` holds the parameters ``own`` lists (its submodules' included), as they were."""
+    held = list(module.parameters())
+    return len(held) == len(own) and all(a is b for a, b in zip(held, own))
 
 
 class RuleFailed(Exception):
