@@ -76,9 +76,9 @@ def _keeps_all(pattern: MaskPattern, kept: list) -> bool:
     where it is rows times columns, the usual case)."""
     if not pattern.separable:
         return False
-    for d in range(min(len(kept), 2)):
-        line = pattern.kept(d)
-        if not bool((line if kept[d] is None else line[kept[d].to(line.device)]).all()):
+    for d in range(min(pattern.mask.dim(), 2)):  # a dimension ``kept`` does not name is selected whole
+        line, selected = pattern.kept(d), kept[d] if d < len(kept) else None
+        if not bool((line if selected is None else line[selected.to(line.device)]).all()):
             return False
     return True
 
