@@ -959,6 +959,30 @@ def test_a_weight_tied_between_modules_traced_through_stays_one_tensor():
     assert model.encoder_embed.weight is model.shared.weight and model.shared.weight.shape == (20, 4)
 
 
+class LayerWeightListedAgain(nn.Module):
+    """A layer's weight also held by a ``ParameterList`` the code reads it from (``F.linear``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.layer, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.listed = nn.ParameterList([self.layer.weight])
+
+    def forward(self, x):
+        h = torch.relu(self.layer(torch.relu(self.embed(x))))
+        return self.head(torch.relu(F.linear(h, self.listed[0])))
+
+
+def test_a_weight_a_rebuilt_layer_holds_and_the_code_reads_elsewhere_stays_one_tensor():
+    """The list kept the full weight: verification kept the whole model (with ``verify=False``, the
+    sped-up model raised on every input)."""
+    torch.manual_seed(0)
+    model = LayerWeightListedAgain().eval()
+    keep = keep_mask(16)
+    masks = {"embed": {"weight": rows(keep, (16, 6)), "bias": keep}, "layer": {"weight": rows(keep, (16, 16)), "bias": keep}}
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6), shrunk=["embed.weight", "layer.weight", "head.weight"])
+    assert model.listed[0] is model.layer.weight and model.layer.weight.shape == (8, 8)
+
+
 @functools.lru_cache(maxsize=4)
 def _relative_position_index(tokens: int) -> torch.Tensor:
     """BEiT's helper, cached: made on the first call only, written in place through a view."""

@@ -296,16 +296,18 @@ def replace(
         if all(k is None for k in value.kept) or value.owner is None:
             continue
         owner, attr = value.owner
-        if id(owner) in rebuilt or all(_holds(node, value) for node in value.consumers):
-            continue  # the rebuilt module took its sliced copy
+        if all(_holds(node, value) for node in value.consumers):
+            continue  # only the modules holding it read it: each rebuilt one took its sliced copy
         holders = _tensor_holders(model) if holders is None else holders
         sliced = slicer.slice(value)
         # Every module holding it gets the sliced one: a tied weight (BART's shared embedding, held by
-        # the encoder's and the decoder's embedding too) stays one tensor.
+        # the encoder's and the decoder's embedding too) stays one tensor. So does one a rebuilt module
+        # holds and the code reads from elsewhere too (a ParameterList listing a layer's weight).
         for holder, name in holders.get(id(value.tensor), [(owner, attr)]):
             if id(holder) not in rebuilt:
                 tx.set_attr(holder, name, sliced)
-        report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
+        if id(owner) not in rebuilt:
+            report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
     if report.modules or report.parameters:
         _update_sizes(model, sizes_of, tx, report)
     report.put_back = put_back_constants(model, graph, tx)
