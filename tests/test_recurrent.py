@@ -5,9 +5,8 @@ layer's outputs are the masked model's."""
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import speedup
 from support.checks import check_speedup, rows
 
 MASKED = torch.tensor([False, True, False, True, True, False, False, True])
@@ -67,20 +66,35 @@ def test_an_unbatched_sequence():
                   shrunk=["a.weight", "rnn.weight_ih_l0"])
 
 
-def test_a_packed_sequence_keeps_everything():
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.rnn = nn.Linear(4, 8), nn.GRU(8, 5, batch_first=True)
+class Packed(nn.Module):
+    """A linear layer feeding a recurrent one through ``pack_padded_sequence`` (lengths given with
+    the input, unsorted), unpacked again for the head."""
 
-        def forward(self, x):
-            packed = pack_padded_sequence(self.a(x), torch.tensor([x.shape[1], x.shape[1] - 1]), batch_first=True)
-            return self.rnn(packed)[1]
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.a, self.rnn = nn.Linear(4, 8), rnn
+        self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
 
-    model = Packed().eval()
-    report = check_speedup(model, {"a": {"weight": rows(~MASKED, (8, 4)), "bias": ~ZERO}}, torch.randn(2, 5, 4),
-                           torch.randn(2, 6, 4))
-    assert model.rnn.input_size == 8 and isinstance(report, speedup.ShrinkReport)
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(self.a(x), lengths, batch_first=self.rnn.batch_first, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=self.rnn.batch_first,
+                                     total_length=x.shape[1 if self.rnn.batch_first else 0])
+        return self.head(out)
+
+
+@pytest.mark.parametrize("kind, batch_first, bidirectional", [(nn.GRU, True, False), (nn.LSTM, False, True)])
+def test_a_packed_sequence_loses_the_features_its_rows_lose(kind, batch_first, bidirectional):
+    """``_pack_padded_sequence`` was a barrier, and a recurrent layer given a packed sequence kept
+    every input feature."""
+    rnn = kind(8, 5, batch_first=batch_first, bidirectional=bidirectional)
+    model = Packed(rnn).eval()
+    masks = {"a": {"weight": rows(~MASKED, (8, 4)), "bias": ~ZERO}}
+    dummy, fresh = torch.randn(2, 5, 4), torch.randn(3, 6, 4)
+    if not batch_first:
+        dummy, fresh = dummy.transpose(0, 1), fresh.transpose(0, 1)
+    report = check_speedup(model, masks, (dummy, torch.tensor([3, 5])), (fresh, torch.tensor([6, 2, 4])),
+                           shrunk=["a.weight", "rnn.weight_ih_l0"])
+    assert model.rnn.input_size == 4 and not report.barriers  # the channels holding a bias are folded
 
 
 class ScanFromZeros(nn.Module):

@@ -170,21 +170,23 @@ class ModulePlan:
         mask[kept] = False
         return mask.nonzero().reshape(-1)
 
-    def may_fold(self, dim: int, input_index: int = 0) -> bool:
+    def may_fold(self, dim: int, input_index: int = 0, value: Optional[TensorValue] = None) -> bool:
         """Whether removed entries of an input along ``dim`` may hold non-zero constants to fold
         (False decided without listing them: the usual case). See :meth:`removed_input_constants`."""
-        value = self.input(input_index)
+        value = self.input(input_index) if value is None else value
         consts = _dim_consts(value, dim)
         return consts is not None and self.kept(value, dim) is not None and bool(consts.nonzero_const.any())
 
-    def removed_input_constants(self, dim: int, input_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def removed_input_constants(self, dim: int, input_index: int = 0,
+                                value: Optional[TensorValue] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Removed entries of an input along ``dim`` and the constant each holds (0 where unused).
 
         The analysis only lets an input entry go when the module does not need it: either its
         weights are zero (its value does not matter) or it is a constant the module folds. Every
         call of a shared module must hold the same constants there; the analysis ensures it.
+        ``value`` names the input where it is no tensor argument of its own (a packed sequence's rows).
         """
-        value = self.input(input_index)
+        value = self.input(input_index) if value is None else value
         removed = self.removed(value, dim)
         consts = _dim_consts(value, dim)
         if consts is None:

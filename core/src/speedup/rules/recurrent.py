@@ -6,7 +6,9 @@ holding a constant ``v`` is ``W_ih[:, c] v`` added to ``b_ih`` (where the layer 
 units feed each other through ``W_hh`` at every step and keep their size; so do the steps. Batch
 entries pass through to the returned sequence and states, and come from the initial states.
 
-A packed sequence (``PackedSequence``) keeps everything.
+A packed sequence (``pack_padded_sequence``) holds the steps of every sequence as rows: its features
+pass through the packing and go likewise, while its rows, the batch and the returned sequence keep
+their size.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import nn
 from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..replacement import ModulePlan, masked_entries
-from ..rule import ModuleRule
-from .toolkit import NonzeroPattern, added_to_bias, clone_module, foldable
+from ..rule import ModuleRule, OpRule
+from ._maps import DescribedByMaps, DimMap
+from .toolkit import NonzeroPattern, added_to_bias, clone_module, demand_computed, foldable
 
 
 class RecurrentRule(ModuleRule):
@@ -64,12 +67,13 @@ class RecurrentRule(ModuleRule):
             ctx.demand(state, {1: masks[batch]} if batch is not None else None)
 
     def replace(self, module: nn.Module, plan: ModulePlan) -> nn.Module:
-        if plan.kept(plan.input(), -1) is None:
+        x = _layout(plan.calls[0])[0]
+        if plan.kept(x, -1) is None:
             return module
         names = [name for name in module._flat_weights_names if name.startswith(("weight_ih_l0", "bias_ih_l0"))]
         new = clone_module(module)
         new.__dict__["_flat_weights"] = list(module._flat_weights)  # nn.RNNBase keeps it in step with setattr
-        removed, values = plan.removed_input_constants(-1) if plan.may_fold(-1) else (None, None)
+        removed, values = plan.removed_input_constants(-1, value=x) if plan.may_fold(-1, value=x) else (None, None)
         for name in names:
             if name.startswith("weight"):
                 setattr(new, name, plan.param(name))
@@ -80,19 +84,22 @@ class RecurrentRule(ModuleRule):
                 weight = masked_entries(plan.param_value(name.replace("bias", "weight")), [None, removed[used]])
                 extra = weight.to(torch.float64) @ values[used].to(weight.device)
             setattr(new, name, added_to_bias(plan.param(name), extra, getattr(module, name)))
-        new.input_size = plan.count(plan.input(), -1)
+        new.input_size = plan.count(x, -1)
         return new
 
 
 def _layout(node: Node) -> Optional[tuple[TensorValue, Optional[int], list[TensorValue]]]:
-    """The input, its batch dimension (None unbatched) and the initial states given; None for a
-    packed sequence."""
+    """The input (a packed sequence's rows), its batch dimension (None unbatched or packed) and the
+    initial states given; None for an input of another kind."""
     x = node.args[0] if node.args else None
-    if not isinstance(x, TensorValue):
+    packed = isinstance(x, tuple) and len(x) == 4 and all(isinstance(part, TensorValue) for part in x[:2])
+    if packed:  # a PackedSequence: rows, batch sizes, sorted and unsorted indices
+        parts, x = {id(part) for part in x}, x[0]
+    elif not isinstance(x, TensorValue):
         return None
     batch = None if x.ndim == 2 else (0 if node.module.batch_first else 1)
     params = {id(p) for p in node.params.values()}
-    states = [v for v in node.inputs if v is not x and id(v) not in params]
+    states = [v for v in node.inputs if v is not x and id(v) not in params and not (packed and id(v) in parts)]
     return x, batch, states
 
 
@@ -110,6 +117,21 @@ def _zero(ctx: Analysis, x: TensorValue) -> torch.Tensor:
     return consts.zero if consts is not None else torch.zeros(x.shape[-1], dtype=torch.bool)
 
 
+class PackedRows(DescribedByMaps, OpRule):
+    """``_pack_padded_sequence(x, lengths, batch_first)``: the steps of every sequence become the rows
+    of the packed data, each with its features as ``x`` has them."""
+
+    def maps(self, node: Node) -> list[DimMap]:
+        x, rows = node.args[0], node.outputs[0]
+        return [DimMap(x, d, rows, d - 1) for d in range(2, x.ndim)]
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        super().backward(node, ctx)
+        if ctx.is_demanded(node.outputs[0]):
+            demand_computed(ctx, node.args[1])
+
+
 def register(registry) -> None:
     for module_type in (nn.LSTM, nn.GRU, nn.RNN):
         registry.add_module(module_type, RecurrentRule())
+    registry.add_op("aten._pack_padded_sequence", PackedRows())

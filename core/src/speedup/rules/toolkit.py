@@ -50,11 +50,11 @@ def foldable(ctx: Analysis, node: Node, x: TensorValue, dim: int) -> torch.Tenso
     if node.scope in ctx.no_fold:
         return consts.zero
     mask = consts.mask.clone()
-    position = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, TensorValue)].index(x)
+    position = node.inputs.index(x)  # the tensors of its arguments in order (a packed sequence's too)
     for other in ctx.graph.module_calls.get(node.scope, []):
         if other is node:
             continue
-        others = [a for a in list(other.args) + list(other.kwargs.values()) if isinstance(a, TensorValue)]
+        others = other.inputs
         if position >= len(others) or others[position].shape != x.shape:
             return torch.zeros_like(mask)
         theirs: Optional[DimConst] = ctx.const(others[position], dim)
