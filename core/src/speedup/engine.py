@@ -487,7 +487,14 @@ def _unverifiable(reason: str, graph: Graph) -> VerificationError:
     weights: then another dummy input, or trained weights, may verify)."""
     ranking = [n for n in graph.nodes if n.kind is NodeKind.OP and n.rule is not None and n.rule.picks_by_rank(n)]
     advice = "Please report this with the model's code."
-    if ranking:
+    if graph.state_written:
+        names = ", ".join(graph.state_written[:3]) + (f" and {len(graph.state_written) - 3} more"
+                                                      if len(graph.state_written) > 3 else "")
+        advice = (f"The model writes in place into {names} while it runs (an observer's statistics, a running "
+                  "average): it computes otherwise each time it runs, which no smaller model can follow. Stop "
+                  "those writes (for torch.ao fake quantization: model.apply(torch.ao.quantization.disable_observer)) "
+                  "and call again; if that does not help, please report this with the model's code.")
+    elif ranking:
         more = f" and {len(ranking) - 1} more" if len(ranking) > 1 else ""
         advice = (f"The model picks entries by rank or compares values exactly ({ranking[0].describe()}{more}): "
                   "where the masked model's values tie, round-off alone makes the sped-up model pick others; try "

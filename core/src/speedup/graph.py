@@ -292,6 +292,9 @@ class Graph:
     """Module nodes grouped by module name, to treat every call of a shared module alike."""
     observed: dict[str, Boundary] = field(default_factory=dict)
     """Boundaries of the modules traced through, by name: first call only, with the number of calls."""
+    state_written: list[str] = field(default_factory=list)
+    """Names of the model's parameters and buffers it wrote in place while it ran (an observer's
+    statistics, an embedding's rows renormalised by ``max_norm``)."""
 
     def new_value(self, of: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
         """A new value recording the shape, dtype and strides of the tensor ``of``."""

@@ -511,6 +511,8 @@ class _Recorder(TorchDispatchMode):
             held = self._state.pop(_state_key(tensor), None)
             if held is not None:
                 self._keep_values(held)
+                known = self._known.get(id(held))
+                self.graph.state_written.append(known[1] if known is not None else "a tensor it holds")
 
     def _forget_writes(self, results: list[torch.Tensor], read: set[int]) -> None:
         """A new tensor (made by an operator or a claimed module, in no memory it ``read``) lives in
