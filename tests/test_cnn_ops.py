@@ -1063,6 +1063,10 @@ POOLS_OVER_TOKENS = {  # the pooling, and whether a constant channel pools to a 
     "prod of ones": (lambda h: (h * 0 + 1).prod(1) * h.mean(1), True),
     "mean": (lambda h: h.mean(1), True),
     "amax": (lambda h: h.amax(1), True),
+    "median": (lambda h: h.median(1).values, True),
+    "kthvalue": (lambda h: h.kthvalue(2, 1).values, True),
+    "aminmax": (lambda h: sum(torch.aminmax(h, dim=1)), True),
+    "count_nonzero": (lambda h: h.mean(1) * torch.count_nonzero(h, dim=1), False),
 }
 
 

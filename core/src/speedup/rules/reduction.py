@@ -38,6 +38,12 @@ _CONSTANT_RESULT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "logsumexp": lambda v, n: v + math.log(n),
     "var_mean": lambda v, n: torch.zeros_like(v),  # of its first result, the variance
     "std_mean": lambda v, n: torch.zeros_like(v),
+    "median": lambda v, n: v,
+    "nanmedian": lambda v, n: v,
+    "kthvalue": lambda v, n: v,
+    "mode": lambda v, n: v,
+    "aminmax": lambda v, n: v,  # of both results, the minimum and the maximum
+    "count_nonzero": lambda v, n: (v != 0).to(torch.float64) * n,
 }
 _NORMS = {"linalg_vector_norm", "norm"}
 _WITH_MEAN = {"var_mean", "std_mean"}
@@ -78,7 +84,8 @@ class Reduction(OpRule):
         name = node.target._opname
         if name in ("argmax", "argmin"):
             return True
-        return name in ("max", "min") and len(node.outputs) == 2 and bool(node.outputs[1].consumers)  # max.dim
+        return (name in ("max", "min", "median", "nanmedian", "kthvalue", "mode") and len(node.outputs) == 2
+                and bool(node.outputs[1].consumers))  # the positions picked, read
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
@@ -94,6 +101,8 @@ class Reduction(OpRule):
                 ctx.set_const(out, od, DimConst.where(consts.mask & (value == result(consts.value, count + 1)), value))
                 if len(node.outputs) > 1 and node.target._opname in _WITH_MEAN:  # the mean of a constant is it
                     ctx.set_const(node.outputs[1], od, consts)
+                if node.target._opname == "aminmax":
+                    ctx.set_const(node.outputs[1], od, ctx.const(out, od))
 
     def backward(self, node: Node, ctx: Analysis) -> None:
         x, reduced, kept = self._layout(node)
@@ -117,10 +126,11 @@ def _order(node: Node) -> float:
 
 
 def _ignores_zeros(node: Node) -> bool:
-    """Whether zero entries of the reduced dimensions leave the result as it is: a sum's, and a norm's of
-    an order that is not negative (``ord=-1`` or ``-inf`` is zero where one entry is)."""
+    """Whether zero entries of the reduced dimensions leave the result as it is: a sum's, a count of the
+    entries that are not zero, and a norm's of an order that is not negative (``ord=-1`` or ``-inf`` is
+    zero where one entry is)."""
     name = node.target._opname
-    return name in ("sum", "nansum") or name in _NORMS and _order(node) >= 0
+    return name in ("sum", "nansum", "count_nonzero") or name in _NORMS and _order(node) >= 0
 
 
 def _constant_result(node: Node) -> Optional[Callable[[torch.Tensor, int], torch.Tensor]]:
@@ -215,7 +225,8 @@ def register(registry) -> None:
         ["aten.sum", "aten.nansum", "aten.mean", "aten.nanmean", "aten.amax", "aten.amin", "aten.max.dim",
          "aten.min.dim", "aten.var", "aten.std", "aten.prod", "aten.logsumexp", "aten.linalg_vector_norm",
          "aten.norm.ScalarOpt_dim", "aten.norm.Scalar", "aten.norm.ScalarOpt_dim_dtype", "aten.norm.ScalarOpt_dtype",
-         "aten.any", "aten.all", "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean"],
+         "aten.any", "aten.all", "aten.argmax", "aten.argmin", "aten.var_mean", "aten.std_mean", "aten.median",
+         "aten.nanmedian", "aten.kthvalue", "aten.mode", "aten.aminmax", "aten.count_nonzero"],
         Reduction(),
     )
     registry.add_ops(["aten.topk", "aten.sort", "aten.cumsum", "aten.cumprod", "aten.cummax", "aten.cummin",
