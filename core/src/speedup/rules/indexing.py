@@ -26,7 +26,7 @@ dimension whole.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -425,50 +425,66 @@ class ScatteredAlong(OpRule):
     them, and one zero in the tensor and the source stays zero (every reduction of zeros is zero). The
     indexed dimension, and any other, keeps its size."""
 
-    def _parts(self, node: Node):
-        """(tensor written into, dim, index, source or None, number written or None, result, the other
-        dimensions whose entries correspond)."""
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        call = _Scatter.of(node)
+        for d in call.aligned:
+            ctx.link(call.x, d, call.out, d)
+            if call.source is not None:
+                ctx.link(call.source, d, call.out, d)
+            if call.per_entry:
+                ctx.link(call.index, d, call.out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        call = _Scatter.of(node)
+        if call.source is None and not (isinstance(call.value, (int, float)) and call.value == 0):
+            return
+        for d in call.aligned:
+            kept = ctx.const(call.x, d)
+            written = ctx.const(call.source, d) if call.source is not None else None
+            if kept is None or (call.source is not None and written is None):
+                continue
+            zero = kept.zero & written.zero if written is not None else kept.zero
+            ctx.set_const(call.out, d, DimConst.where(zero, torch.zeros(call.out.shape[d], dtype=torch.float64)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        call = _Scatter.of(node)
+        if not ctx.is_demanded(call.out):
+            return
+        need = {d: ctx.demanded(call.out, d) for d in call.aligned}
+        ctx.demand(call.x, need)
+        if call.source is not None:
+            ctx.demand(call.source, need)
+        demand_computed(ctx, call.index, need if call.per_entry else None)
+        demand_computed(ctx, call.value)
+
+
+class _Scatter(NamedTuple):
+    """One call of :class:`ScatteredAlong`'s operators, by part."""
+
+    x: TensorValue
+    """The tensor written into."""
+    index: TensorValue
+    source: Optional[TensorValue]
+    value: Any
+    """The number written (``index_fill``, ``scatter.value``), else None."""
+    out: TensorValue
+    per_entry: bool
+    """Whether the index has an entry for every source entry (a scatter's), else one per slice."""
+    aligned: list[int]
+    """The dimensions other than ``dim`` whose entries correspond in every part."""
+
+    @classmethod
+    def of(cls, node: Node) -> "_Scatter":
         args = bind(node)
         x, out = args["self"], node.outputs[0]
         dim = args["dim"] % max(x.ndim, 1)
-        index, source, value = args["index"], args.get("source", args.get("src")), args.get("value")
+        index, source = args["index"], args.get("source", args.get("src"))
+        source = source if isinstance(source, TensorValue) else None
         per_entry = node.target._opname.startswith("scatter")
         aligned = [d for d in range(x.ndim) if d != dim and out.shape[d] == x.shape[d]
-                   and (not isinstance(source, TensorValue) or source.shape[d] == x.shape[d])
+                   and (source is None or source.shape[d] == x.shape[d])
                    and (not per_entry or index.shape[d] == x.shape[d])]
-        return x, dim, index, source if isinstance(source, TensorValue) else None, value, out, aligned
-
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        x, _, index, source, _, out, aligned = self._parts(node)
-        per_entry = node.target._opname.startswith("scatter")
-        for d in aligned:
-            ctx.link(x, d, out, d)
-            if source is not None:
-                ctx.link(source, d, out, d)
-            if per_entry:
-                ctx.link(index, d, out, d)
-
-    def forward(self, node: Node, ctx: Analysis) -> None:
-        x, _, _, source, value, out, aligned = self._parts(node)
-        if source is None and not (isinstance(value, (int, float)) and value == 0):
-            return
-        for d in aligned:
-            kept, written = ctx.const(x, d), ctx.const(source, d) if source is not None else None
-            if kept is None or (source is not None and written is None):
-                continue
-            zero = kept.zero & written.zero if written is not None else kept.zero
-            ctx.set_const(out, d, DimConst.where(zero, torch.zeros(out.shape[d], dtype=torch.float64)))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        x, _, index, source, value, out, aligned = self._parts(node)
-        if not ctx.is_demanded(out):
-            return
-        need = {d: ctx.demanded(out, d) for d in aligned}
-        ctx.demand(x, need)
-        if source is not None:
-            ctx.demand(source, need)
-        demand_computed(ctx, index, need if node.target._opname.startswith("scatter") else None)
-        demand_computed(ctx, value)
+        return cls(x, index, source, args.get("value"), out, per_entry, aligned)
 
 
 class Cat(OpRule):
