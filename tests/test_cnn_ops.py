@@ -963,6 +963,8 @@ ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a const
     "full_like": (lambda x: x * torch.full_like(x, 3.0) + torch.ones_like(x), True),
     "new_zeros": (lambda x: x * x.new_ones(1, 1, 1, 1) + x.new_full((1, 1, 1, 6), 0.5) + x.new_zeros(6), True),
     "logsigmoid": (F.logsigmoid, True),
+    "clamp to bounds of inf held as tensors": (
+        lambda x: torch.clamp(x, x.new_tensor(-float("inf")), x.new_tensor(float("inf"))), True),
     "sinc, erfcx, heaviside, logaddexp": (lambda x: torch.heaviside(torch.special.erfcx(torch.sinc(x)), x.new_tensor(0.5))
                                           + torch.logaddexp(x, -x), True),
     "layer_norm over H, W": (lambda x: F.layer_norm(x, x.shape[-2:]), True),

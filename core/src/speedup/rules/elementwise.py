@@ -9,6 +9,7 @@ the other operand holds.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -149,8 +150,20 @@ def _input_const(ctx: Analysis, x: TensorValue, out: TensorValue, d: int) -> Opt
         return ctx.const(x, xd)
     uniform = ctx.uniform(x)
     if uniform is None:
+        uniform = _infinite_number(x)
+    if uniform is None:
         return None
     return DimConst(torch.ones(n, dtype=torch.bool), torch.full((n,), uniform, dtype=torch.float64))
+
+
+def _infinite_number(x: TensorValue) -> Optional[float]:
+    """The value of a one-entry tensor known before the call that holds an infinity (``clamp(x, low,
+    high)`` with bounds of ±inf held as buffers): the analysis takes no infinity for a constant (a fold
+    would multiply it), but here only the operator's result is taken, where it is finite."""
+    if x.data is None or x.follows_sizes or math.prod(x.shape) != 1 or not x.dtype.is_floating_point:
+        return None
+    value = float(x.host().reshape(-1)[0])
+    return value if math.isinf(value) else None
 
 
 def _evaluate(node: Node, inputs: list[TensorValue], consts: list[Optional[DimConst]], out: TensorValue, n: int) -> torch.Tensor:
