@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from collections import namedtuple
 
 import pytest
@@ -69,6 +70,28 @@ def test_masked_output_channels_of_the_last_layer_are_not_computed():
                   shrunk=["2.weight"])
     assert model[2].out_features == int(keep.sum()) and model(torch.randn(3, 6)).shape == (3, 10)
 
+
+class DropsATensorItMakes(nn.Module):
+    """Makes a tensor of the batch's size and drops it (timm's Gemma 4 patch embedding's default patch
+    coordinates), besides its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        torch.ones(x.shape[0], 5, dtype=torch.bool)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_tensor_the_model_makes_and_drops_is_left_as_made_without_a_warning():
+    """Its dimensions, unused, lost every entry but one, with two warnings about a layer that should go."""
+    model = DropsATensorItMakes().eval()
+    keep = keep_mask(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_speedup(model, {"fc1": {"weight": rows(keep, (32, 8)), "bias": keep}}, torch.randn(1, 8),
+                      torch.randn(3, 8), shrunk=["fc1.weight", "fc2.weight"])
 
 class ConstantThroughASharedLayer(nn.Module):
     """A layer called on two different constant inputs, its second result returned through a classifier."""

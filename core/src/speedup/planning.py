@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .atoms import AtomSolution
-from .graph import Graph, TensorValue
+from .graph import Graph, Origin, TensorValue
 
 
 @dataclass
@@ -49,7 +49,10 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     keys = list(arrays)
     sizes = [arrays[k].numel() for k in keys]
     primitives = solution.primitives(torch.cat([arrays[k] for k in keys]))
-    needs = [demand[k] if demand[k] is not None else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]
+    live = _live_values(graph)
+    needs = [demand[k] if demand[k] is not None
+             else torch.ones(n, dtype=torch.bool) if _made_and_dropped(users[k], live)
+             else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]
     keep = solution.pinned.clone()
     keep[primitives[torch.cat(needs)].reshape(-1)] = True
     segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -70,6 +73,24 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
         for value, d in users[keys[i]]:
             value.kept[d] = indices
     return plan
+
+
+def _made_and_dropped(users: list[tuple[TensorValue, int]], live: set[int]) -> bool:
+    """Whether these dimensions belong to tensors the model's result does not depend on, made from no
+    parameter (``torch.ones(B, 5)`` made and dropped): removing their entries saves nothing, so they are
+    left as made. A layer whose output nothing reads still loses its masked entries (and a warning
+    says the layer could go)."""
+    return not any(id(value) in live or value.origin is Origin.PARAMETER for value, _ in users)
+
+
+def _live_values(graph: Graph) -> set[int]:
+    """``id`` of the values the model's result depends on: those it returns, and what any call that
+    computes one of them, or returns no tensor (a number read with ``.item()``), reads."""
+    live = {id(v) for v in graph.outputs}
+    for node in reversed(graph.nodes):
+        if not node.outputs or any(id(v) in live for v in node.outputs):
+            live.update(id(v) for v in node.inputs)
+    return live
 
 
 def _emptied_warning(value: TensorValue, d: int) -> str:
