@@ -860,7 +860,10 @@ def _judged_by_own_forward(module: nn.Module, masked_forward: Callable[..., Any]
 
 def _holds(module: nn.Module, own: list) -> bool:
     """Whether ``module`` holds the parameters ``own`` lists (its submodules' included), as they were."""
-    held = list(module.parameters())
+    if module._modules:
+        held = list(module.parameters())
+    else:  # a layer of its own (the usual case): read without walking submodules, each tensor once
+        held = list({id(p): p for p in module._parameters.values() if p is not None}.values())
     return len(held) == len(own) and all(a is b for a, b in zip(held, own))
 
 
