@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .atoms import AtomSolution
-from .graph import Graph, Origin, TensorValue
+from .graph import Graph, NodeKind, TensorValue
 
 
 @dataclass
@@ -49,9 +49,9 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     keys = list(arrays)
     sizes = [arrays[k].numel() for k in keys]
     primitives = solution.primitives(torch.cat([arrays[k] for k in keys]))
-    live = _live_values(graph)
+    dropped = _made_and_dropped(graph)
     needs = [demand[k] if demand[k] is not None
-             else torch.ones(n, dtype=torch.bool) if _made_and_dropped(users[k], live)
+             else torch.ones(n, dtype=torch.bool) if all(id(value) in dropped for value, _ in users[k])
              else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]
     keep = solution.pinned.clone()
     keep[primitives[torch.cat(needs)].reshape(-1)] = True
@@ -75,22 +75,23 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     return plan
 
 
-def _made_and_dropped(users: list[tuple[TensorValue, int]], live: set[int]) -> bool:
-    """Whether these dimensions belong to tensors the model's result does not depend on, made from no
-    parameter (``torch.ones(B, 5)`` made and dropped): removing their entries saves nothing, so they are
-    left as made. A layer whose output nothing reads still loses its masked entries (and a warning
-    says the layer could go)."""
-    return not any(id(value) in live or value.origin is Origin.PARAMETER for value, _ in users)
-
-
-def _live_values(graph: Graph) -> set[int]:
-    """``id`` of the values the model's result depends on: those it returns, and what any call that
-    computes one of them, or returns no tensor (a number read with ``.item()``), reads."""
-    live = {id(v) for v in graph.outputs}
+def _made_and_dropped(graph: Graph) -> set[int]:
+    """``id`` of the values the code makes from nothing the model holds or is given (``torch.ones(B, 5)``,
+    what operators compute from such tensors alone) that the model's result does not depend on:
+    removing their entries saves nothing, so they are left as made, without a warning that their
+    "layer" could go. A layer whose output nothing reads still loses its masked entries (and such a
+    warning says the layer could go)."""
+    made: set[int] = set()
+    for node in graph.nodes:
+        if node.kind is NodeKind.OP and all(id(v) in made for v in node.inputs):
+            made.update(id(v) for v in node.outputs)
+    if not made:
+        return made
+    live = {id(v) for v in graph.outputs}  # what the result depends on
     for node in reversed(graph.nodes):
-        if not node.outputs or any(id(v) in live for v in node.outputs):
+        if not node.outputs or any(id(v) in live for v in node.outputs):  # no tensor: a number read (.item())
             live.update(id(v) for v in node.inputs)
-    return live
+    return made - live
 
 
 def _emptied_warning(value: TensorValue, d: int) -> str:
