@@ -965,8 +965,9 @@ ALONG_OTHER_DIMENSIONS = {  # the operator, and whether channels holding a const
     "logsigmoid": (F.logsigmoid, True),
     "clamp to bounds of inf held as tensors": (
         lambda x: torch.clamp(x, x.new_tensor(-float("inf")), x.new_tensor(float("inf"))), True),
-    "sinc, erfcx, heaviside, logaddexp": (lambda x: torch.heaviside(torch.special.erfcx(torch.sinc(x)), x.new_tensor(0.5))
-                                          + torch.logaddexp(x, -x), True),
+    "sinc, erfcx, heaviside, logaddexp": (
+        lambda x: torch.heaviside(torch.special.erfcx(torch.sinc(x)), x.new_tensor(0.5)) + torch.logaddexp(x, -x),
+        True),
     "layer_norm over H, W": (lambda x: F.layer_norm(x, x.shape[-2:]), True),
 }
 

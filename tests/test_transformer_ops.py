@@ -978,8 +978,10 @@ def test_a_weight_a_rebuilt_layer_holds_and_the_code_reads_elsewhere_stays_one_t
     torch.manual_seed(0)
     model = LayerWeightListedAgain().eval()
     keep = keep_mask(16)
-    masks = {"embed": {"weight": rows(keep, (16, 6)), "bias": keep}, "layer": {"weight": rows(keep, (16, 16)), "bias": keep}}
-    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6), shrunk=["embed.weight", "layer.weight", "head.weight"])
+    masks = {"embed": {"weight": rows(keep, (16, 6)), "bias": keep},
+             "layer": {"weight": rows(keep, (16, 16)), "bias": keep}}
+    check_speedup(model, masks, torch.randn(2, 6), torch.randn(5, 6),
+                  shrunk=["embed.weight", "layer.weight", "head.weight"])
     assert model.listed[0] is model.layer.weight and model.layer.weight.shape == (8, 8)
 
 

@@ -126,6 +126,7 @@ def test_a_mask_on_the_weight_a_computed_one_replaces_masks_what_it_is_computed_
     call (half of it): the recording was off by 0.05, and the call ended in a VerificationError."""
     torch.manual_seed(0)
     model = ScaledThroughFunctionalCall().eval()
-    masks = {"inner.2": {"weight": rows(KEEP.repeat(4), (32, 32))}, "inner.0": {"weight": rows(KEEP.repeat(4), (32, 16))}}
+    masks = {"inner.2": {"weight": rows(KEEP.repeat(4), (32, 32))},
+             "inner.0": {"weight": rows(KEEP.repeat(4), (32, 16))}}
     check_speedup(model, masks, torch.randn(2, 16), torch.randn(5, 16), shrunk=["inner.0.weight"])
     assert model.inner[2].weight.shape == (32, 32)
