@@ -49,9 +49,9 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     keys = list(arrays)
     sizes = [arrays[k].numel() for k in keys]
     primitives = solution.primitives(torch.cat([arrays[k] for k in keys]))
-    dropped = _made_and_dropped(graph)
+    made = _made_from_nothing(graph)
     needs = [demand[k] if demand[k] is not None
-             else torch.ones(n, dtype=torch.bool) if all(id(value) in dropped for value, _ in users[k])
+             else torch.ones(n, dtype=torch.bool) if all(_dropped(value, made) for value, _ in users[k])
              else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]
     keep = solution.pinned.clone()
     keep[primitives[torch.cat(needs)].reshape(-1)] = True
@@ -75,23 +75,22 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     return plan
 
 
-def _made_and_dropped(graph: Graph) -> set[int]:
+def _made_from_nothing(graph: Graph) -> set[int]:
     """``id`` of the values the code makes from nothing the model holds or is given (``torch.ones(B, 5)``,
-    what operators compute from such tensors alone) that the model's result does not depend on:
-    removing their entries saves nothing, so they are left as made, without a warning that their
-    "layer" could go. A layer whose output nothing reads still loses its masked entries (and such a
-    warning says the layer could go)."""
+    and what operators compute from such tensors alone)."""
     made: set[int] = set()
     for node in graph.nodes:
         if node.kind is NodeKind.OP and all(id(v) in made for v in node.inputs):
             made.update(id(v) for v in node.outputs)
-    if not made:
-        return made
-    live = {id(v) for v in graph.outputs}  # what the result depends on
-    for node in reversed(graph.nodes):
-        if not node.outputs or any(id(v) in live for v in node.outputs):  # no tensor: a number read (.item())
-            live.update(id(v) for v in node.inputs)
-    return made - live
+    return made
+
+
+def _dropped(value: TensorValue, made: set[int]) -> bool:
+    """Whether ``value`` is made from nothing and the analysis found no entry of it needed (the code
+    makes it and drops it): removing its entries saves nothing, so it is left as made, without a
+    warning that its "layer" could go. A layer whose output nothing reads still loses its masked
+    entries (and such a warning says the layer could go)."""
+    return id(value) in made and value.demand is None
 
 
 def _emptied_warning(value: TensorValue, d: int) -> str:
