@@ -415,6 +415,38 @@ def test_an_attribute_equal_to_a_head_count_by_chance_keeps_its_value():
     assert report.attributes == {"heads": (4, 2)} and model.window == 4
 
 
+class WindowOnLongInputs(nn.Module):
+    """Attention that, on inputs longer than ``self.window`` tokens, attends within that window only
+    (Reformer's local attention and its ``chunk_length``): a window equal to the width by chance."""
+
+    def __init__(self, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim, self.window = heads, width // heads, width
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) * 0.25
+        if tokens > self.window:
+            position = torch.arange(tokens)
+            scores = scores.masked_fill((position[:, None] - position[None, :]).abs() >= self.window, -math.inf)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, -1))
+
+
+def test_a_stored_number_read_only_where_the_dummy_does_not_go_keeps_its_value():
+    """Both stored 64 and 4 equal full sizes that shrank, and setting both verifies on a dummy of 16
+    tokens; but the window set to 32 would make inputs of 33 to 64 tokens attend within it. Only
+    what the dummy's run needs changed is changed."""
+    torch.manual_seed(0)
+    model = WindowOnLongInputs().eval()
+    heads_kept = torch.tensor([1, 1, 0, 0], dtype=torch.bool).repeat_interleave(16)
+    masks = {"qkv": {"weight": rows(heads_kept.repeat(3), (192, 64)), "bias": heads_kept.repeat(3)},
+             "out": {"weight": heads_kept[None, :].expand(64, 64).clone()}}
+    report = check_speedup(model, masks, torch.randn(2, 16, 64), torch.randn(3, 48, 64), shrunk=["qkv.weight"])
+    assert report.attributes == {"heads": (4, 2)} and model.window == 64
+
+
 class HandWrittenMean(nn.Module):
     """Features and their mean written out: a sum divided by the width the code reads."""
 

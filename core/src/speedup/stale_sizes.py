@@ -18,7 +18,10 @@ after all of them together each is tried on its own too (one may equal it by cha
 ``sliding_window`` of 4 with 4 heads). Only a verified result is kept (equal outputs, and every number
 passed to an operator to compute with as recorded: a size may be read outside shapes too, as an
 attention's scale ``self.head_dim ** -0.5`` or a window compared with positions): when no choice
-makes the call meet its plan, the sizes go back and the engine keeps the call whole instead.
+makes the call meet its plan, the sizes go back and the engine keeps the call whole instead. Once the
+model verifies, each attribute set is put back in turn where the model still verifies without it: a
+number read only where the dummy input does not go (a window compared with the number of tokens) may
+equal the size by chance, and nothing says it is that size.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class StoredSizes:
         self.choices: dict[int, list[list[SizeFix]]] = {}
         self.fixes: dict[int, list[SizeFix]] = {}
         self.nodes: dict[int, Node] = {}
+        self._replaced: dict[str, tuple[object, Optional[tuple]]] = {}
+        """``module.attr`` -> (the value :meth:`apply` replaced, what ``attributes`` noted for it)"""
 
     def next_choice(self, departed: Optional[Node]) -> tuple[bool, Optional[Node]]:
         """``(tried, blamed)``: whether the next attempt tries another choice of sizes, and the call
@@ -81,10 +86,39 @@ class StoredSizes:
 
     def apply(self, tx: Transaction, attributes: dict) -> None:
         """Sets the sizes of every current choice (undone with the attempt), noting them in ``attributes``."""
+        self._replaced = {}
         for fixes in self.fixes.values():
             for module, name, attr, before, after in fixes:
+                key = f"{name}.{attr}" if name else attr
+                self._replaced[key] = (getattr(module, attr), attributes.get(key))
                 tx.set_attr(module, attr, after)
-                attributes[f"{name}.{attr}" if name else attr] = (before, after)
+                attributes[key] = (before, after)
+
+    def put_back_needless(self, tx: Transaction, attributes: dict, verifies: Callable[[], bool]) -> None:
+        """Once the sped-up model verifies, puts back each attribute (in every module of its class) whose
+        set size it does not need: ``verifies()`` still holds with the value it had before.
+
+        A stored number may equal a dimension's full size by chance and be read only where the dummy
+        input does not go (Reformer's ``chunk_length`` equal to the width, compared with the number of
+        tokens): changing it would make another branch run on longer inputs, with no error. What the
+        dummy input's run does not need changed, no evidence says is that dimension's size."""
+        for index, fixes in self.fixes.items():
+            for attr in dict.fromkeys(fix[2] for fix in fixes):
+                chosen = [fix for fix in fixes if fix[2] == attr]
+                keys = [f"{name}.{attr}" if name else attr for _, name, _, _, _ in chosen]
+                for (module, *_), key in zip(chosen, keys):
+                    tx.set_attr(module, attr, self._replaced[key][0])
+                if not verifies():
+                    for module, _, _, _, after in chosen:
+                        tx.set_attr(module, attr, after)
+                    continue
+                self.fixes[index] = [fix for fix in self.fixes[index] if fix[2] != attr]
+                for key in keys:
+                    noted = self._replaced[key][1]
+                    if noted is None:
+                        del attributes[key]
+                    else:
+                        attributes[key] = noted
 
 
 def stale_size_choices(model: nn.Module, graph: Graph, node: Node) -> list[list[SizeFix]]:
