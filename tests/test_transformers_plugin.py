@@ -331,6 +331,21 @@ def test_a_sped_up_model_saves_and_loads_back(name, kind, tmp_path):
     assert_same_outputs(model, loaded, inputs(FAMILIES[name], 2, 9, padded=True))
 
 
+def test_a_config_shared_with_another_model_is_left_to_it():
+    """Two models built from one config object: the sped-up one gets its own copy stating its sizes
+    (held by all its layers, as the config was); the other model and the user's config keep theirs."""
+    config = transformers.LlamaConfig(**config_kwargs(num_hidden_layers=LAYERS, hidden_size=HIDDEN,
+                                                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                                      intermediate_size=FFN))
+    model, other = (transformers.LlamaForCausalLM(config).eval() for _ in range(2))
+    dummy = {"input_ids": torch.randint(3, VOCAB, (2, 7))}
+    check_speedup(model, speedup.groups.consistent_masks(model, dummy), dummy,
+                  {"input_ids": torch.randint(3, VOCAB, (3, 10))}, shrunk=["model.embed_tokens.weight"])
+    assert config.hidden_size == other.config.hidden_size == HIDDEN and other.config is config
+    assert model.config.hidden_size == model.model.embed_tokens.weight.shape[1] < HIDDEN
+    assert {id(m.config) for m in model.modules() if "config" in vars(m)} == {id(model.config)}
+
+
 def test_loading_a_directory_without_structure_says_what_to_do(tmp_path):
     FAMILIES["gpt2"].build().save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="from_pretrained"):

@@ -8,7 +8,8 @@ Three kinds of change, all through the :class:`~speedup.transaction.Transaction`
 * a parameter read directly by operators (``F.linear(x, self.weight)``) is sliced where it lost
   entries and set back on its owner;
 * an attribute repeating a size (``self.hidden_dim``) of a module that is traced through is set to
-  what the plugin's size function says, once the module's parts have shrunk;
+  what the plugin's size function says, once the module's parts have shrunk (an object the module
+  holds, as a config, is copied first: it may be shared beyond the model);
 * constant channels of returned tensors that went inside the model are put back by a forward hook
   (:mod:`speedup.output_constants`);
 * nothing else: operators run unchanged on smaller tensors.
@@ -323,12 +324,16 @@ def _holds(node: Node, value: TensorValue) -> bool:
 
 def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: ReplacementReport) -> None:
     """Sets the size attributes that plugins derive from a module's (already rebuilt) parts."""
+    copied: set[str] = set()
     for name, module in model.named_modules():
         sizes = sizes_of(module)
         if sizes is None:
             continue
         for path, value in sizes(module).items():
             *parents, attr = path.split(".")
+            if parents and parents[0] not in copied:
+                copied.add(parents[0])
+                _own_copies(model, parents[0], tx)
             owner = module
             for parent in parents:  # "config.hidden_size": set on the object the module holds
                 owner = getattr(owner, parent)
@@ -336,6 +341,31 @@ def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: Replaceme
             if before != value:
                 tx.set_attr(owner, attr, value)
                 report.attributes[f"{name}.{path}" if name else path] = (before, value)
+
+
+def _own_copies(model: nn.Module, attr: str, tx: Transaction) -> None:
+    """Gives the model its own copies of the objects its modules hold as ``attr`` before sizes are
+    written into them.
+
+    Such an object (a Hugging Face config) is often shared beyond the model: the user's variable,
+    another model built from the same config. Written in place, that other model's config would state
+    the sizes of this one. The objects are copied together, so that references among them (a
+    multimodal config holding its vision tower's) and between modules (every layer holding the
+    model's config) stay shared within the model. An object that cannot be copied is written in place.
+    """
+    holders = [(module, getattr(module, attr)) for module in model.modules()
+               if attr in vars(module) and not isinstance(vars(module)[attr], (nn.Module, torch.Tensor))]
+    memo: dict[int, Any] = {id(part): part for part in _parts(model)}  # shared, never copied
+    try:
+        copies = [copy.deepcopy(held, memo) for _, held in holders]
+    except Exception:  # noqa: BLE001 - any failure of a foreign __deepcopy__ leaves the objects as they are
+        return
+    for (module, _), held_copy in zip(holders, copies):
+        tx.set_attr(module, attr, held_copy)
+
+
+def _parts(model: nn.Module) -> list:
+    return [*model.modules(), *model.parameters(), *model.buffers()]
 
 
 def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transaction, report: ReplacementReport) -> None:

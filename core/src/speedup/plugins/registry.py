@@ -76,7 +76,9 @@ class RuleRegistry:
         follow ``conv_proj.out_channels`` once that shrinks. After the speedup rebuilt the module's
         parts, ``sizes(module)`` returns ``{attribute: new value}`` and the engine sets each one that
         changed (undone like every other change if the speedup fails). A dotted attribute
-        (``"config.hidden_size"``) is set on the object the module holds. Applies to subclasses too.
+        (``"config.hidden_size"``) is set on the object the module holds, which the model first gets a
+        copy of (every module holding it then holds the copy): another model may share it. Applies to
+        subclasses too.
         """
         key = module_key(module_type, "add_sizes")
         if not callable(sizes):
