@@ -254,6 +254,29 @@ def test_dummy_input_the_model_rejects_raises_trace_error_and_rolls_back():
     assert "unchanged" in message
 
 
+class NormalisedFeatures(nn.Module):
+    """Features divided by their norm, as an image tower's embedding (ALIGN's): with weights tiny enough
+    the norm underflows to 0 and the masked model returns infinities and NaN."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc = nn.Linear(8, 16, bias=False)
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y / y.norm(dim=-1, keepdim=True)
+
+
+def test_a_masked_model_returning_infinities_on_the_dummy_is_said_to_be_the_cause():
+    masks = {"fc": {"weight": rows(keep_mask(16), (16, 8))}}
+    model = NormalisedFeatures(1e-25)
+    message = expect_failure(model, masks, speedup.VerificationError, inputs=torch.randn(2, 8))
+    assert "infinities or NaN on the dummy input (output 0)" in message and "please report" not in message.lower()
+    check_speedup(NormalisedFeatures(1.0), masks, torch.randn(2, 8), torch.randn(3, 8), shrunk=["fc.weight"])
+
+
 def test_dummy_input_with_wrong_arguments_raises_trace_error():
     model = small_net()
     message = expect_failure(model, good_masks(model), speedup.TraceError, inputs={"y": torch.randn(2, 3, 8, 8)})

@@ -228,6 +228,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         raise _trace_error(failure, args, kwargs) from failure.error
     clock.lap("trace")
     graph = recorded.graph
+    graph.non_finite_outputs = [i for i, t in enumerate(iter_tensors(recorded.output, rules.registry.is_state))
+                                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     lazy.mask_where_modules_are_read(graph, rules.module_rule)
     analysis = Analysis(graph, rules.for_node, OpRule())
     for name in masks.parameters:
@@ -500,6 +502,12 @@ def _unverifiable(reason: str, graph: Graph) -> VerificationError:
                   "average): it computes otherwise each time it runs, which no smaller model can follow. Stop "
                   "those writes (for torch.ao fake quantization: model.apply(torch.ao.quantization.disable_observer)) "
                   "and call again; if that does not help, please report this with the model's code.")
+    elif graph.non_finite_outputs:
+        listed = ", ".join(map(str, graph.non_finite_outputs))
+        advice = (f"The masked model itself returns infinities or NaN on the dummy input (output {listed}), from "
+                  "values beyond float32 or a division by zero (random weights can make a norm underflow to 0): the "
+                  "sped-up model's need not match them. Call again with a dummy input or weights (trained ones) for "
+                  "which the masked model's outputs are finite.")
     elif ranking:
         more = f" and {len(ranking) - 1} more" if len(ranking) > 1 else ""
         advice = (f"The model picks entries by rank or compares values exactly ({ranking[0].describe()}{more}): "
