@@ -288,6 +288,27 @@ def test_group_instance_norm_and_prelu_lose_whole_groups():
     assert model.gn.num_groups == 2
 
 
+class FunctionalPReLU(nn.Module):
+    """``F.prelu`` with slopes the module holds as a parameter (a leaky ReLU learned per channel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.slopes = nn.Parameter(torch.rand(8))
+
+    def forward(self, x):
+        return self.b(F.prelu(self.a(x), self.slopes))
+
+
+def test_functional_prelu_slices_its_slopes_and_folds_the_negative_constants_it_makes():
+    model = FunctionalPReLU()
+    with torch.no_grad():
+        model.a.bias.copy_(torch.linspace(-1, 1, 8))  # removed channels hold their bias: some negative
+    keep = keep_mask(8)
+    check_speedup(model, {"a": {"weight": rows(keep, (8, 3, 3, 3))}}, torch.randn(2, 3, 6, 6),
+                  torch.randn(3, 3, 7, 5), shrunk=["a.weight", "slopes", "b.weight"])
+
+
 def test_group_norm_keeps_partially_masked_groups():
     model = randomize_norms(Norms())
     scattered = torch.tensor([True, False] * 4)

@@ -36,7 +36,7 @@ BINARY = [
     "bitwise_or", "bitwise_xor", "atan2", "floor_divide", "copysign", "hypot", "where", "masked_fill",
     "lerp", "addcmul", "addcdiv", "xlogy", "true_divide", "copy", "polar", "complex", "heaviside", "logaddexp",
     "logaddexp2", "nextafter", "float_power", "bitwise_left_shift", "bitwise_right_shift", "igamma", "igammac",
-    "special_xlog1py", "special_zeta", "gcd", "lcm",
+    "special_xlog1py", "special_zeta", "gcd", "lcm", "_prelu_kernel",
 ]
 _ANNIHILATORS = {"mul": (0, 1), "div": (0,), "true_divide": (0,), "logical_and": (0, 1), "bitwise_and": (0, 1)}
 
