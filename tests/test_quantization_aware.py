@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import speedup
+from speedup.testing import assert_same_outputs, masked_copy
 from support.checks import check_speedup, rows
 
 C = 16
@@ -66,9 +67,42 @@ def test_fake_quantized_channels_go_and_their_constants_are_folded(quantizer):
     assert not report.barriers and not report.masked_but_kept
     weights = model.conv3.weight_fake_quant  # its per-channel scale and statistics follow the channels
     assert weights.scale.shape == weights.activation_post_process.min_val.shape == (C // 2,)
-    if quantizer is not ACTIVATION_QUANTIZERS["per channel"]:  # that observer's statistics, unread, keep their size
-        model.apply(tq.enable_observer).train()
-        model(torch.randn(2, 3, 8, 8)).sum().backward()  # quantization-aware training goes on
+    observer = model.quantize.activation_post_process  # read only while on: they follow the scale
+    assert observer.min_val.numel() == model.quantize.scale.numel()
+    model.apply(tq.enable_observer).train()
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # quantization-aware training goes on
+
+
+class QuantStubbed(nn.Module):
+    """What ``torch.ao.quantization.convert`` turns into a quantized model: stubs around convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(3, C, 3), nn.ReLU(), nn.Conv2d(C, 8, 3)
+
+    def forward(self, x):
+        return self.dequant(self.conv2(self.relu(self.conv1(self.quant(x)))))
+
+
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max", "ignore:torch.ao.quantization is deprecated",
+                            "ignore:torch.quantize_per_tensor")
+def test_a_sped_up_model_converts_to_the_masked_models_quantized_model():
+    """With fbgemm's version-0 configuration the weights' observers are not fused: their per-channel
+    statistics, never read while off, kept their 16 channels, and convert raised ("length of scales
+    must equal to channel")."""
+    torch.manual_seed(0)
+    model = QuantStubbed().train()
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm", version=0)
+    tq.prepare_qat(model, inplace=True)
+    for _ in range(3):
+        model(torch.randn(4, 3, 10, 10))
+    model.apply(tq.disable_observer).eval()
+    masks = {"conv1": {"weight": rows(KEEP, (C, 3, 3, 3)), "bias": KEEP}}
+    reference = tq.convert(masked_copy(model, masks).eval())
+    check_speedup(model, masks, torch.randn(2, 3, 10, 10), torch.randn(3, 3, 12, 12), shrunk=["conv1.weight"])
+    x = torch.randn(3, 3, 12, 12)
+    assert_same_outputs(reference, tq.convert(model.eval()), x)
 
 
 @pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max")

@@ -260,7 +260,8 @@ def _run(model, masks, args, kwargs, rules: _Rules, tx: Transaction, timings, ve
         report.barriers = _barriers(analysis.barriers)
         plan = decide(graph, analysis.solution)
         clock.lap("propagate")
-        replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes)
+        replaced = replace(model, graph, tx, rules.module_rule, rules.custom_for, rules.registry.size_attributes,
+                           rules.registry.companions_of)
         sizes.apply(tx, replaced.attributes)
         report.refilled = install_refills(refills, tx)
         lazy.mask_what_remains(model)

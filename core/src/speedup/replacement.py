@@ -29,7 +29,7 @@ from torch import nn
 
 from .graph import Graph, Node, NodeKind, TensorValue
 from .output_constants import PutBackConstants, put_back_constants
-from .plugins.registry import SizeAttributes
+from .plugins.registry import Companions, SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
 from .masks import MaskPattern, times_mask
@@ -264,6 +264,7 @@ def replace(
     rule_of: Callable[[nn.Module], Optional[ModuleRule]],
     custom_of: Callable[[nn.Module], Optional[CustomReplace]],
     sizes_of: Callable[[nn.Module], Optional[SizeAttributes]] = lambda module: None,
+    companions_of: Callable[[nn.Module], Optional[Companions]] = lambda module: None,
 ) -> ReplacementReport:
     """Applies the kept entries recorded on ``graph``'s values to ``model``."""
     report = ReplacementReport()
@@ -311,10 +312,28 @@ def replace(
                 tx.set_attr(holder, name, sliced)
         if id(owner) not in rebuilt:
             report.parameters[value.name] = (value.shape, tuple(_kept_shape(value)))
+            _slice_companions(owner, attr, value, companions_of, tx)
     if report.modules or report.parameters:
         _update_sizes(model, sizes_of, tx, report)
     report.put_back = put_back_constants(model, graph, tx)
     return report
+
+
+def _slice_companions(owner: nn.Module, attr: str, value: TensorValue, companions_of, tx: Transaction) -> None:
+    """Tensors a plugin says follow ``owner.attr`` (see ``RuleRegistry.add_companions``), of its shape,
+    lose the entries it lost."""
+    listed = companions_of(owner)
+    for path, followed in (listed(owner).items() if listed is not None else ()):
+        *parents, name = path.split(".")
+        holder = owner
+        for parent in parents:
+            holder = getattr(holder, parent)
+        tensor = getattr(holder, name, None)
+        if followed != attr or not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(value.shape):
+            continue
+        sliced = gather_kept(tensor.detach(), value.kept).contiguous()
+        tx.set_attr(holder, name, nn.Parameter(sliced, tensor.requires_grad) if isinstance(tensor, nn.Parameter)
+                    else sliced)
 
 
 def _holds(node: Node, value: TensorValue) -> bool:

@@ -42,6 +42,9 @@ def speedup_register_rules(registry: "RuleRegistry") -> None:
         ``registry.add_sizes(module_type, fn)`` for a module type that is traced through but whose
         ``forward`` reads a stored size (``self.hidden_dim``): ``fn(module)`` returns the attributes
         to set once its parts have shrunk (``{"hidden_dim": module.conv_proj.out_channels}``). Call
+        ``registry.add_companions(module_type, fn)`` for tensors a module holds that follow another
+        of its tensors without being read while it runs (an observer's statistics beside the scale a
+        fake-quantize module reads): ``fn(module)`` returns ``{tensor path: attribute it follows}``. Call
         ``registry.add_state(type)`` for a type of object a model returns only to be given back to
         it (a key/value cache): its tensors then follow the model's new sizes. Call
         ``registry.add_recogniser(fn)`` to claim modules by what they compute rather than by type:

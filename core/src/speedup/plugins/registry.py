@@ -16,6 +16,9 @@ CORE_DISTRIBUTION = "speedup-core"
 OpKey = Union[str, torch._ops.OpOverload, torch._ops.OpOverloadPacket]
 SizeAttributes = Callable[[nn.Module], Mapping[str, Any]]
 """``fn(module) -> {attribute: value}``: attributes of a module that repeat sizes of its parts."""
+Companions = Callable[[nn.Module], Mapping[str, str]]
+"""``fn(module) -> {tensor path: attribute it follows}``: tensors a module holds that follow the
+entries of one of its tensors without being read while it runs (see :meth:`RuleRegistry.add_companions`)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class RuleRegistry:
     ops: dict[str, _Entry] = field(default_factory=dict)
     sizes: dict[str, _Entry] = field(default_factory=dict)
     """Size-attribute functions by the module type's qualified name (see :meth:`add_sizes`)."""
+    companions: dict[str, _Entry] = field(default_factory=dict)
+    """Companion-tensor functions by the module type's qualified name (see :meth:`add_companions`)."""
     states: dict[str, _Entry] = field(default_factory=dict)
     """Types of model state found in outputs, by qualified name (see :meth:`add_state`)."""
     recognisers: dict[str, _Entry] = field(default_factory=dict)
@@ -84,6 +89,22 @@ class RuleRegistry:
         if not callable(sizes):
             raise TypeError(f"the sizes of {key} must be a function of the module, got {sizes!r}")
         self._put(self.sizes, key, sizes, key)
+
+    def add_companions(self, module_type: Union[type, str], companions: Companions) -> None:
+        """Declares tensors of ``module_type`` that follow the entries of another of its tensors
+        without being read while the model runs, so the trace never sees them.
+
+        A fake-quantize module reads its per-channel ``scale``; its observer's statistics, from which
+        that scale is computed and which ``torch.ao.quantization.convert`` reads, are read only while
+        the observer is on. ``companions(module)`` returns ``{tensor path: attribute it follows}``
+        (``{"activation_post_process.min_val": "scale"}``, dotted for a tensor a part holds); when
+        the followed tensor loses entries, each companion of its shape loses the same ones (undone
+        like every other change if the speedup fails). Applies to subclasses too.
+        """
+        key = module_key(module_type, "add_companions")
+        if not callable(companions):
+            raise TypeError(f"the companions of {key} must be a function of the module, got {companions!r}")
+        self._put(self.companions, key, companions, key)
 
     def add_state(self, state_type: Union[type, str]) -> None:
         """Declares a type of object that a model returns as state to be given back to it later.
@@ -211,6 +232,10 @@ class RuleRegistry:
     def size_attributes(self, module: nn.Module) -> Optional[SizeAttributes]:
         """The size-attribute function for this module's type or its nearest registered base."""
         return nearest(self.sizes, type(module), self.conflicts, self.conflict_message)
+
+    def companions_of(self, module: nn.Module) -> Optional[Companions]:
+        """The companion-tensor function for this module's type or its nearest registered base."""
+        return nearest(self.companions, type(module), self.conflicts, self.conflict_message)
 
     def provider_of(self, target: Union[type, str]) -> Optional[Provider]:
         """Which distribution's rule applies to a module type (or name) or an operator key."""

@@ -8,6 +8,10 @@ are found by running the operator on them with the call's own scale and zero poi
 stays zero (it maps to the zero point), and a constant along another dimension than ``axis`` stays
 one only where every channel's grid gives it the same value. A call that observes its input (the
 fused form with its observer on) sets its grid from the values it sees: it keeps everything.
+
+A ``FakeQuantize`` module's observer is not called while it is off, so the trace never sees its
+per-channel statistics; they follow the module's ``scale`` (registered as its companions), which
+``torch.ao.quantization.convert`` and further training compute from them.
 """
 
 from __future__ import annotations
@@ -139,3 +143,11 @@ def register(registry) -> None:
                       "aten.fake_quantize_per_channel_affine_cachemask",
                       "aten._fake_quantize_learnable_per_channel_affine", "aten._fused_moving_avg_obs_fq_helper"],
                      FakeQuantize())
+    registry.add_companions("torch.ao.quantization.fake_quantize.FakeQuantize", observer_statistics)
+
+
+def observer_statistics(module) -> dict[str, str]:
+    """The per-channel statistics of a fake-quantize module's observer, which follow its ``scale``."""
+    observer = getattr(module, "activation_post_process", None)
+    return {f"activation_post_process.{name}": "scale" for name in ("min_val", "max_val")
+            if isinstance(getattr(observer, name, None), torch.Tensor)}
