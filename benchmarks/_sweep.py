@@ -50,7 +50,8 @@ def sweep_row(name: str, kind: str, prepare: Callable[[], tuple[nn.Module, dict,
         row.update(status="ok" if ok else "MISMATCH", max_diff=worst, param_ratio=report.param_ratio,
                    flops_ratio=report.flops_ratio, kept=len(report.kept_for_verification),
                    barriers=sorted({b.op for b in report.barriers}), attributes=len(report.attributes),
-                   sizes_set={k: [str(v) for v in vs] for k, vs in report.attributes.items()}, refilled=len(report.refilled), masked_modules=len(masks))
+                   sizes_set={k: [str(v) for v in vs] for k, vs in report.attributes.items()},
+                   refilled=len(report.refilled), masked_modules=len(masks))
     except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
         row["status"] = f"ERROR: {type(exc).__name__}: {str(exc)[:160]}"
     print(f"{name:32s} {kind}  {row['status'][:60]:8s}  params {row.get('param_ratio', math.nan):.3f}  "
