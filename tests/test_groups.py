@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speedup.groups import consistent_masks, find_groups
@@ -55,6 +56,37 @@ def test_attention_heads_are_picked_whole():
     masks = consistent_masks(model, torch.randn(1, 5, 8), seed=3)
     check_speedup(model, masks, torch.randn(2, 5, 8), torch.randn(3, 6, 8), shrunk=["attn.out_proj.weight"])
     assert model.attn.num_heads == 2 and model.attn.head_dim == 8
+
+
+class FusedGroupedQueryAttention(nn.Module):
+    """DBRX's attention: one fused projection split into 4 query heads and 2 key/value heads, each
+    key/value head serving two queries (``repeat_interleave``)."""
+
+    def __init__(self, width: int = 64, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.qkv = nn.Linear(width, width + 2 * kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, dim=2)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        k, v = (z.repeat_interleave(self.heads // self.kv_heads, 1) for z in (k, v))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_query_heads_made_of_a_key_value_group_and_a_position_in_it_are_picked_along_one_axis():
+    """A query head is a key/value group and a position within it: two axes of one group. Half of
+    all four picked at random could take both key/value groups, and with them every head: the whole
+    projection was masked."""
+    model = FusedGroupedQueryAttention().eval()
+    dummy = torch.randn(2, 5, 64)
+    for seed in range(4):
+        masks = consistent_masks(model, dummy, seed=seed)
+        assert int(masks["qkv"]["weight"].all(1).sum()) == 64  # half the 128 rows: one axis halved
+    report = check_speedup(model, masks, dummy, torch.randn(3, 7, 64), shrunk=["qkv.weight", "out.weight"])
+    assert not report.masked_but_kept and not report.kept_for_verification
 
 
 def test_finding_groups_leaves_the_model_unchanged():

@@ -144,8 +144,9 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
     generator = torch.Generator().manual_seed(seed)
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for group in groups:
-        removed = torch.cat([stratum[torch.randperm(stratum.numel(), generator=generator)]
-                             [: int(round(stratum.numel() * sparsity))] for stratum in group.strata()])
+        picked = [_widest_axis(group, stratum) for stratum in group.strata()]
+        removed = torch.cat([axis[torch.randperm(axis.numel(), generator=generator)][: int(round(axis.numel() * sparsity))]
+                             for axis in picked])
         for member in group.members:
             kept = keep.setdefault((member.parameter, member.dim), torch.ones(member.size, dtype=torch.bool))
             kept &= ~member.removed_by(removed)
@@ -161,6 +162,35 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
         line = kept.reshape(shape)
         entry[attr] = (entry[attr] & line) if attr in entry else line.expand(full)
     return masks
+
+
+def _widest_axis(group: ChannelGroup, stratum: torch.Tensor) -> torch.Tensor:
+    """The members of ``stratum`` to pick from: all of them, unless entries are conjunctions of several
+    of them (GQA's fused projection: a query head is a key/value group and a position within it).
+    Members that never meet in one entry are alternatives along one axis; picking ``sparsity`` of every
+    axis would remove more than asked (and both key/value groups, every head with them), so the widest
+    axis alone is picked from."""
+    if not any(m.refers.shape[1] > 1 and bool(((m.refers >= 0).sum(1) > 1).any()) for m in group.members):
+        return stratum
+    local = torch.full((group.size,), -1, dtype=torch.long)
+    local[stratum] = torch.arange(stratum.numel())
+    meet = torch.zeros(stratum.numel(), stratum.numel(), dtype=torch.bool)
+    for member in group.members:
+        rows = torch.where(member.refers >= 0, local[member.refers.clamp(min=0)], -1)
+        rows = rows[(rows >= 0).sum(1) > 1]
+        if rows.numel():
+            present = torch.zeros(rows.shape[0], stratum.numel() + 1, dtype=torch.float32)
+            present.scatter_(1, torch.where(rows >= 0, rows, stratum.numel()), 1.0)
+            present = present[:, :-1]
+            meet |= (present.T @ present) > 0
+    axes: list[list[int]] = []  # members that never meet share an axis
+    for member in range(stratum.numel()):
+        axis = next((axis for axis in axes if not bool(meet[member, axis].any())), None)
+        if axis is None:
+            axes.append([member])
+        else:
+            axis.append(member)
+    return stratum[torch.tensor(max(axes, key=len))]
 
 
 def _offers_nothing(node: Node) -> bool:
