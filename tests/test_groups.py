@@ -79,7 +79,7 @@ class FusedGroupedQueryAttention(nn.Module):
 def test_query_heads_made_of_a_key_value_group_and_a_position_in_it_are_picked_along_one_axis():
     """A query head is a key/value group and a position within it: two axes of one group. Half of
     all four picked at random could take both key/value groups, and with them every head: the whole
-    projection was masked."""
+    projection was masked. The key/value groups (alone in the key and value rows) are picked from."""
     model = FusedGroupedQueryAttention().eval()
     dummy = torch.randn(2, 5, 64)
     for seed in range(4):

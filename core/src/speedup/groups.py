@@ -144,7 +144,7 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
     generator = torch.Generator().manual_seed(seed)
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for group in groups:
-        picked = [_widest_axis(group, stratum) for stratum in group.strata()]
+        picked = [_outer_axis(group, stratum) for stratum in group.strata()]
         removed = torch.cat([axis[torch.randperm(axis.numel(), generator=generator)][: int(round(axis.numel() * sparsity))]
                              for axis in picked])
         for member in group.members:
@@ -164,25 +164,27 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
     return masks
 
 
-def _widest_axis(group: ChannelGroup, stratum: torch.Tensor) -> torch.Tensor:
+def _outer_axis(group: ChannelGroup, stratum: torch.Tensor) -> torch.Tensor:
     """The members of ``stratum`` to pick from: all of them, unless entries are conjunctions of several
     of them (GQA's fused projection: a query head is a key/value group and a position within it).
     Members that never meet in one entry are alternatives along one axis; picking ``sparsity`` of every
-    axis would remove more than asked (and both key/value groups, every head with them), so the widest
-    axis alone is picked from."""
+    axis would remove more than asked (and both key/value groups, every head with them). The axis
+    picked from is the outer one: whose members stand alone for the most entries (the key/value
+    groups, alone in the key and value rows; heads, not the rotary positions within them)."""
     if not any(m.refers.shape[1] > 1 and bool(((m.refers >= 0).sum(1) > 1).any()) for m in group.members):
         return stratum
     local = torch.full((group.size,), -1, dtype=torch.long)
     local[stratum] = torch.arange(stratum.numel())
     meet = torch.zeros(stratum.numel(), stratum.numel(), dtype=torch.bool)
+    alone = torch.zeros(stratum.numel(), dtype=torch.long)
     for member in group.members:
         rows = torch.where(member.refers >= 0, local[member.refers.clamp(min=0)], -1)
-        rows = rows[(rows >= 0).sum(1) > 1]
-        if rows.numel():
-            present = torch.zeros(rows.shape[0], stratum.numel() + 1, dtype=torch.float32)
-            present.scatter_(1, torch.where(rows >= 0, rows, stratum.numel()), 1.0)
-            present = present[:, :-1]
-            meet |= (present.T @ present) > 0
+        present = torch.zeros(rows.shape[0], stratum.numel() + 1, dtype=torch.float32)
+        present.scatter_(1, torch.where(rows >= 0, rows, stratum.numel()), 1.0)
+        present = present[:, :-1]
+        single = present.sum(1) == 1
+        alone += present[single].sum(0).long()
+        meet |= (present[~single].T @ present[~single]) > 0
     axes: list[list[int]] = []  # members that never meet share an axis
     for member in range(stratum.numel()):
         axis = next((axis for axis in axes if not bool(meet[member, axis].any())), None)
@@ -190,7 +192,7 @@ def _widest_axis(group: ChannelGroup, stratum: torch.Tensor) -> torch.Tensor:
             axes.append([member])
         else:
             axis.append(member)
-    return stratum[torch.tensor(max(axes, key=len))]
+    return stratum[torch.tensor(max(axes, key=lambda axis: (int(alone[axis].sum()), len(axis))))]
 
 
 def _offers_nothing(node: Node) -> bool:
