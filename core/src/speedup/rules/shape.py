@@ -324,11 +324,6 @@ def _couple_group(ctx: Analysis, x: TensorValue, out: TensorValue, group: _Group
         if len(span) == 1:
             factors[span[0]] = atoms
             continue
-        alone = _only_varying_factor(atoms, [sizes[k] for k in span])
-        if alone is not None:  # a merge with dimensions that cannot shrink, undone: they get none
-            position, along = alone
-            factors[span[position]] = along
-            continue
         entries = torch.arange(x.shape[d])
         parts = []
         for k in span:
@@ -354,19 +349,6 @@ def _couple_group(ctx: Analysis, x: TensorValue, out: TensorValue, group: _Group
             atoms = ctx.fresh(out.shape[d])
             ctx.define(atoms, torch.stack(parts, 1))
             ctx.assign(out, d, atoms)
-
-
-def _only_varying_factor(atoms: torch.Tensor, sizes: list[int]) -> Optional[tuple[int, torch.Tensor]]:
-    """``(position, atoms along it)`` where the atoms of a dimension split into factors of ``sizes``
-    change along one factor only: the dimension was merged from that one and others that cannot shrink
-    (heads merged with the batch, then with token positions, as an ``einsum`` does), and splitting it
-    gives them back. Defining its atoms anew as a conjunction including themselves would be a cycle."""
-    grid = atoms.reshape(sizes)
-    varying = [axis for axis in range(len(sizes)) if bool((grid != grid.narrow(axis, 0, 1)).any())]
-    if len(varying) != 1:
-        return None
-    axis = varying[0]
-    return axis, grid.permute(axis, *[a for a in range(len(sizes)) if a != axis]).reshape(sizes[axis], -1)[:, 0]
 
 
 def _regrouped_const(x: TensorValue, out: TensorValue, group: _Group, sources: list, od: int) -> Optional[DimConst]:
