@@ -145,8 +145,8 @@ def consistent_masks(model: nn.Module, example_inputs: Any, sparsity: float = 0.
     keep: dict[tuple[str, int], torch.Tensor] = {}
     for group in groups:
         picked = [_outer_axis(group, stratum) for stratum in group.strata()]
-        removed = torch.cat([axis[torch.randperm(axis.numel(), generator=generator)][: int(round(axis.numel() * sparsity))]
-                             for axis in picked])
+        removed = torch.cat([axis[torch.randperm(axis.numel(), generator=generator)]
+                             [: int(round(axis.numel() * sparsity))] for axis in picked])
         for member in group.members:
             kept = keep.setdefault((member.parameter, member.dim), torch.ones(member.size, dtype=torch.bool))
             kept &= ~member.removed_by(removed)

@@ -325,9 +325,7 @@ def _slice_companions(owner: nn.Module, attr: str, value: TensorValue, companion
     listed = companions_of(owner)
     for path, followed in (listed(owner).items() if listed is not None else ()):
         *parents, name = path.split(".")
-        holder = owner
-        for parent in parents:
-            holder = getattr(holder, parent)
+        holder = _held(owner, parents)
         tensor = getattr(holder, name, None)
         if followed != attr or not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(value.shape):
             continue
@@ -350,16 +348,22 @@ def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: Replaceme
             continue
         for path, value in sizes(module).items():
             *parents, attr = path.split(".")
+            owner = _held(module, parents)  # "config.hidden_size": set on the object the module holds
+            before = getattr(owner, attr, None)
+            if before == value:
+                continue
             if parents and parents[0] not in copied:
                 copied.add(parents[0])
                 _own_copies(model, parents[0], tx)
-            owner = module
-            for parent in parents:  # "config.hidden_size": set on the object the module holds
-                owner = getattr(owner, parent)
-            before = getattr(owner, attr, None)
-            if before != value:
-                tx.set_attr(owner, attr, value)
-                report.attributes[f"{name}.{path}" if name else path] = (before, value)
+                owner = _held(module, parents)
+            tx.set_attr(owner, attr, value)
+            report.attributes[f"{name}.{path}" if name else path] = (before, value)
+
+
+def _held(module: nn.Module, path: list[str]) -> Any:
+    for name in path:
+        module = getattr(module, name)
+    return module
 
 
 def _own_copies(model: nn.Module, attr: str, tx: Transaction) -> None:
