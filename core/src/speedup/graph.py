@@ -295,8 +295,9 @@ class Graph:
     state_written: list[str] = field(default_factory=list)
     """Names of the model's parameters and buffers it wrote in place while it ran (an observer's
     statistics, an embedding's rows renormalised by ``max_norm``)."""
-    non_finite_outputs: list[int] = field(default_factory=list)
-    """Positions of the returned floating-point tensors holding an infinity or NaN on the dummy input."""
+    non_finite_outputs: Optional[list[int]] = None
+    """Positions of the returned floating-point tensors holding an infinity or NaN on the dummy input,
+    found once a verification fails (``None`` before)."""
 
     def new_value(self, of: torch.Tensor, origin: Origin, **fields: Any) -> TensorValue:
         """A new value recording the shape, dtype and strides of the tensor ``of``."""

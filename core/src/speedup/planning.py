@@ -49,7 +49,7 @@ def decide(graph: Graph, solution: AtomSolution) -> Plan:
     keys = list(arrays)
     sizes = [arrays[k].numel() for k in keys]
     primitives = solution.primitives(torch.cat([arrays[k] for k in keys]))
-    made = _made_from_nothing(graph)
+    made = _made_from_nothing(graph) if any(demand[k] is None for k in keys) else set()
     needs = [demand[k] if demand[k] is not None
              else torch.ones(n, dtype=torch.bool) if all(_dropped(value, made) for value, _ in users[k])
              else torch.zeros(n, dtype=torch.bool) for k, n in zip(keys, sizes)]

@@ -227,7 +227,8 @@ def _kept_mask(value: TensorValue) -> torch.Tensor:
 
 
 def _get(module: nn.Module, name: str) -> Any:
-    for part in name.split("."):
+    """What ``module`` holds under the dotted ``name`` (itself for ``""``)."""
+    for part in name.split(".") if name else []:
         module = getattr(module, part)
     return module
 
@@ -324,8 +325,8 @@ def _slice_companions(owner: nn.Module, attr: str, value: TensorValue, companion
     lose the entries it lost."""
     listed = companions_of(owner)
     for path, followed in (listed(owner).items() if listed is not None else ()):
-        *parents, name = path.split(".")
-        holder = _held(owner, parents)
+        parents, _, name = path.rpartition(".")
+        holder = _get(owner, parents)
         tensor = getattr(holder, name, None)
         if followed != attr or not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(value.shape):
             continue
@@ -347,23 +348,19 @@ def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: Replaceme
         if sizes is None:
             continue
         for path, value in sizes(module).items():
-            *parents, attr = path.split(".")
-            owner = _held(module, parents)  # "config.hidden_size": set on the object the module holds
+            parents, _, attr = path.rpartition(".")
+            owner = _get(module, parents)  # "config.hidden_size": set on the object the module holds
             before = getattr(owner, attr, None)
             if before == value:
                 continue
-            if parents and parents[0] not in copied:
-                copied.add(parents[0])
-                _own_copies(model, parents[0], tx)
-                owner = _held(module, parents)
+            held = parents.partition(".")[0]
+            if held and held not in copied:
+                copied.add(held)
+                _own_copies(model, held, tx)
+                owner = _get(module, parents)
             tx.set_attr(owner, attr, value)
             report.attributes[f"{name}.{path}" if name else path] = (before, value)
 
-
-def _held(module: nn.Module, path: list[str]) -> Any:
-    for name in path:
-        module = getattr(module, name)
-    return module
 
 
 def _own_copies(model: nn.Module, attr: str, tx: Transaction) -> None:
