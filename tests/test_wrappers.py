@@ -42,6 +42,40 @@ def test_a_compiled_model_shrinks_the_module_it_compiles(name):
     assert report.params_after < report.params_before
 
 
+@pytest.mark.parametrize("name", ["0.0", "0._orig_mod.0"])
+def test_a_compiled_block_runs_eagerly_and_masks_may_name_its_layers_either_way(name):
+    """``model[0] = torch.compile(model[0])`` names the block's first conv ``0._orig_mod.0``; masks made
+    before name it ``0.0``. The recording runs the block eagerly: compiled, it would compile the
+    recorder (seconds, and graph breaks)."""
+    torch._dynamo.reset()
+    layers = network()
+    model = nn.Sequential(layers[:4], layers[4:])
+    model[0] = torch.compile(model[0], backend="eager")
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        model(x)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    report = speedup.shrink(model, {name: {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled  # nothing compiled during the call
+    block = model[0]._orig_mod
+    assert type(model[0]).__name__ == "OptimizedModule" and block[0].weight.shape[0] == 5
+    assert block[3].weight.shape[1] == 5 and report.params_after < report.params_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked_reference()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["0", "0._orig_mod"])
+def test_a_compiled_layer_rebuilt_smaller_gets_a_wrapper_of_its_own(name):
+    model = network()
+    model[0] = torch.compile(model[0], backend="eager")
+    speedup.shrink(model, {name: {"weight": rows(KEEP, (8, 3, 3, 3))}}, torch.randn(1, 3, 8, 8))
+    assert type(model[0]).__name__ == "OptimizedModule" and model[0]._orig_mod.weight.shape[0] == 5
+    assert model[3].weight.shape[1] == 5
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked_reference()(x), rtol=1e-5, atol=1e-6)
+
+
 def test_groups_of_a_compiled_model():
     compiled = torch.compile(network(), backend="eager")
     masks = consistent_masks(compiled, torch.randn(1, 3, 8, 8), sparsity=0.5)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .boolean import any_along
 from .errors import MaskError
-from .wrappers import COMPILED_PREFIX
+from .wrappers import COMPILED_PREFIX, compiled_inner
 
 MaskSource = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -176,11 +176,15 @@ def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:
 
 
 def _module_name(modules: dict[str, nn.Module], name: str) -> str:
-    """The name of the module ``name`` names (``torch.compile``'s prefix dropped: see :mod:`.wrappers`)."""
+    """The name of the module ``name`` names, where either may pass through ``torch.compile``'s wrappers
+    (the model's, or a submodule's: ``layer1 = torch.compile(layer1)`` names its convs
+    ``layer1._orig_mod.0.conv1``, masks made before it ``layer1.0.conv1``; see :mod:`.wrappers`)."""
+    if name not in modules and (COMPILED_PREFIX in name + "." or any(COMPILED_PREFIX in n + "." for n in modules)):
+        name = {_through_compiled(n): n for n in modules}.get(_through_compiled(name), name)
     if name in modules:
+        while compiled_inner(modules[name]) is not None:  # a wrapper named: the module it compiles
+            name = f"{name}.{COMPILED_PREFIX[:-1]}"
         return name
-    if name.startswith(COMPILED_PREFIX) and name[len(COMPILED_PREFIX):] in modules:
-        return name[len(COMPILED_PREFIX):]
     owner, found, _ = name.partition(".parametrizations.")
     if found and owner in modules:  # frozen for the call (see speedup.parametrized)
         raise MaskError(
@@ -195,6 +199,11 @@ def _module_name(modules: dict[str, nn.Module], name: str) -> str:
         f"masks name module '{name}', which the model does not have.{hint} "
         "Mask keys are the names of model.named_modules()."
     )
+
+
+def _through_compiled(name: str) -> str:
+    """A module's name with the ``torch.compile`` wrappers on its path left out."""
+    return ".".join(part for part in name.split(".") if part + "." != COMPILED_PREFIX)
 
 
 def named_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:

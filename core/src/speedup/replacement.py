@@ -33,6 +33,7 @@ from .plugins.registry import Companions, SizeAttributes
 from .rule import DimConst, ModuleRule
 from .transaction import Transaction
 from .masks import MaskPattern, times_mask
+from .wrappers import compiled_inner
 from .slicing import gather_kept, memory_format_of
 
 Tensorish = Union[torch.Tensor, nn.Parameter]
@@ -392,7 +393,11 @@ def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transacti
     report.pairs.append((old, new))
     if new is not old:
         for parent, attr in places.get(id(old), []):
-            tx.set_attr(parent, attr, new)
+            if compiled_inner(parent) is old:  # its wrapper calls the module it was made for: a new wrapper
+                for owner, name in places.get(id(parent), []):
+                    tx.set_attr(owner, name, type(parent)(new, parent.dynamo_ctx))
+            else:
+                tx.set_attr(parent, attr, new)
 
 
 def _retie(model: nn.Module, places, shapes: dict[int, tuple], tx: Transaction, report: ReplacementReport) -> None:

@@ -155,12 +155,17 @@ def ordinary_mode() -> Iterator[None]:
     tensors track no versions (the recorder follows in-place writes by them) and the parameters made
     could never be trained; under autocast the recording, and the constants folded from it, would be
     rounded to half precision (the sped-up model still runs under the caller's autocast, as the
-    model did)."""
+    model did). Submodules compiled with ``torch.compile`` run eagerly: the recording sees their
+    operators, and nothing is compiled for shapes of the call's own (their wrappers compile the new
+    sizes on the next call after it, as after any change of a module)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         for device in ("cpu", "cuda"):
             if _autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
+        dynamo = sys.modules.get("torch._dynamo")  # imported by whoever compiled a module; never here (a second)
+        if dynamo is not None:
+            stack.enter_context(dynamo.config.patch(disable=True))
         yield
 
 

@@ -4,7 +4,11 @@ yet run, are refused.
 ``torch.compile(model)`` returns an ``OptimizedModule`` holding the model as ``_orig_mod``; running
 the wrapper would compile the recording itself. Speedup changes the module it wraps, which the
 wrapper compiles again for the new sizes on its next call (as after any change of the module). Masks
-may name modules as either shows them (``_orig_mod.conv`` or ``conv``).
+may name modules as either shows them (``_orig_mod.conv`` or ``conv``). A compiled block inside the
+model (``model.layer1 = torch.compile(model.layer1)``) runs eagerly during the call and is changed
+alike; masks may name its layers with or without the ``_orig_mod`` it adds to their names. A compiled
+layer rebuilt smaller gets a wrapper of its own, with the old one's settings (a wrapper calls the very
+module it was made for).
 
 A TorchScript module (``torch.jit.script`` / ``torch.jit.trace``) runs compiled code whose sizes
 speedup cannot change: it is refused with what to do (a scripted submodule is traced through, its
@@ -13,6 +17,8 @@ their parameters have no sizes yet, and running the model to give them some woul
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,6 +30,14 @@ COMPILED_PREFIX = "_orig_mod."
 """How ``torch.compile``'s wrapper names the modules of the model it wraps."""
 
 
+def compiled_inner(module: nn.Module) -> Optional[nn.Module]:
+    """The module ``torch.compile``'s wrapper ``module`` wraps; None for any other module."""
+    if type(module).__name__ != "OptimizedModule":
+        return None
+    inner = module._modules.get(COMPILED_PREFIX[:-1])
+    return inner if isinstance(inner, nn.Module) else None
+
+
 def eager_model(model: nn.Module) -> nn.Module:
     """The module speedup changes for ``model``; raises for a model it cannot change (see above)."""
     if isinstance(model, torch.jit.ScriptModule):
@@ -31,8 +45,8 @@ def eager_model(model: nn.Module) -> nn.Module:
             f"the model is a TorchScript module ({type(model).__name__}), whose compiled code cannot change sizes; "
             "speed up the eager model, then script or trace the result."
         )
-    inner = model._modules.get("_orig_mod")
-    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+    inner = compiled_inner(model)
+    if inner is not None:
         return eager_model(inner)
     for name, module in model.named_modules():
         if any(is_lazy(t) for t in (*module._parameters.values(), *module._buffers.values())):
