@@ -119,6 +119,7 @@ def test_mask_of_wrong_shape_raises_mask_error_with_both_shapes(shape):
     assert "conv1.weight" in message
     assert str(tuple(shape)) in message and "(8, 3, 3, 3)" in message
     assert "parameter's shape" in message  # says what shape is expected
+    assert ("(8, 1, 1, 1)" in message) == (shape == (8,))  # a vector per output channel: the shape that would do
 
 
 def test_bias_mask_of_wrong_shape_raises_mask_error():

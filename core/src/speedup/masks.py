@@ -272,9 +272,14 @@ def _fitted(mask: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor
     except RuntimeError:
         shape = None
     if shape != tensor.shape:
+        per_row = ""
+        if mask.dim() == 1 and tensor.dim() > 1 and mask.shape[0] == tensor.shape[0]:  # one entry per output channel
+            ones = ", 1" * (tensor.dim() - 1)
+            per_row = (f" For one entry per output channel, give it shape ({tensor.shape[0]}{ones}): "
+                       f"mask[:{', None' * (tensor.dim() - 1)}].")
         raise MaskError(
             f"the mask for '{name}' has shape {tuple(mask.shape)}, but '{name}' has shape {tuple(tensor.shape)}. "
-            "A parameter mask has the parameter's shape (or broadcasts to it)."
+            f"A parameter mask has the parameter's shape (or broadcasts to it, aligned from the right).{per_row}"
         )
     return mask.expand(tensor.shape)
 
