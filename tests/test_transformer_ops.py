@@ -176,6 +176,43 @@ class HandAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
+class HeadsInTheBatch(nn.Module):
+    """ViTDet's and SAM's attention: heads folded into the batch, and a relative position term along
+    the height as an ``einsum`` of the queries with a table all heads share (which torch runs as
+    permutes, a merge of heads with token positions, a batched product and the split back)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, side: int = 4):
+        super().__init__()
+        self.heads, self.side = heads, side
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * side - 1, dim // heads) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(
+            3, b * self.heads, n, -1).unbind(0)
+        scores = q @ k.transpose(-2, -1) * 0.5
+        h = self.side
+        table = self.rel_pos_h[torch.arange(h)[:, None] - torch.arange(h)[None, :] + h - 1]
+        along_h = torch.einsum("bhwc,hkc->bhwk", q.reshape(q.shape[0], h, h, -1), table)
+        scores = (scores.view(-1, h, h, h, h) + along_h[..., None]).view(-1, n, n)
+        out = (scores.softmax(-1) @ v).view(b, self.heads, n, -1).permute(0, 2, 1, 3).reshape(b, n, -1)
+        return self.proj(out)
+
+
+def test_heads_folded_into_the_batch_with_a_shared_relative_position_table_go():
+    """The einsum merged the heads (repeated along the batch) with token positions, which cannot go;
+    its split back defined the heads as a conjunction of themselves, a cycle: nothing of the attention
+    could go. The width of the heads (the relative position table's too) now goes."""
+    torch.manual_seed(0)
+    model = HeadsInTheBatch().eval()
+    dummy = torch.randn(2, 16, 32)
+    masks = consistent_masks(model, dummy)
+    assert "qkv" in masks and "proj" in masks
+    check_speedup(model, masks, dummy, torch.randn(3, 16, 32), shrunk=["qkv.weight", "proj.weight"])
+    assert model.qkv.out_features == 48 and model.proj.in_features == 16 and model.rel_pos_h.shape[1] * 2 == 32 // 4
+
+
 def test_heads_of_hand_written_attention_go_when_q_k_v_are_masked_alike():
     model = HandAttention()
     heads = torch.tensor([False, True, True, False])

@@ -115,16 +115,18 @@ class AtomSolution:
             tie_a.append(extra[0])
             tie_b.append(extra[1])
             root = _components(count, tie_a, tie_b)
+        offered = torch.cat(table._offered) if table._offered else torch.empty(0, dtype=torch.long)
+        requires = list(table._requires)
+        defined, parts, offered = _requirements_of_self_definitions(root, defined, parts, offered, requires)
         expansion, cyclic = _expand(root, defined, parts, count)
         pinned = torch.zeros(count, dtype=torch.bool)
         if table._pins:
             pinned[expansion[root[torch.cat(table._pins)]].reshape(-1)] = True
         pinned[expansion[cyclic].reshape(-1)] = True
         pinned[UNIT] = True
-        offered = torch.cat(table._offered) if table._offered else torch.empty(0, dtype=torch.long)
         none = torch.empty(0, dtype=torch.long)
-        dependent = torch.cat([d for d, _ in table._requires]) if table._requires else none
-        required = torch.cat([r for _, r in table._requires]) if table._requires else none
+        dependent = torch.cat([d for d, _ in requires]) if requires else none
+        required = torch.cat([r for _, r in requires]) if requires else none
         return cls(root, expansion, pinned, defined, parts, offered, dependent, required)
 
     def primitives(self, atoms: torch.Tensor) -> torch.Tensor:
@@ -212,6 +214,28 @@ def _reconcile_definitions(root: torch.Tensor, defined: torch.Tensor, parts: tor
         a_list.append(rows[keep])
         b_list.append(anchor[keep])
     return torch.cat(a_list), torch.cat(b_list)
+
+
+def _requirements_of_self_definitions(root: torch.Tensor, defined: torch.Tensor, parts: torch.Tensor,
+                                      offered: torch.Tensor, requires: list) -> tuple:
+    """Definitions of a class with itself among its parts, once ties are made, become requirements:
+    ``a = a and b`` says only that ``a`` is kept with ``b`` (``a`` may go alone). They arise where a
+    dimension merged and split again meets its own atoms: heads merged with the batch and token
+    positions by an ``einsum``, split back, and added to scores holding the heads. Left as
+    definitions they were a cycle, and every atom it touched was pinned. Returns the definitions
+    left; the requirements are appended to ``requires``."""
+    if defined.numel() == 0:
+        return defined, parts, offered
+    classes = root[defined]
+    part_roots = torch.where(parts == UNIT, UNIT, root[parts])
+    own = (part_roots == classes[:, None]).any(1)
+    if not bool(own.any()):
+        return defined, parts, offered
+    dropped = torch.isin(classes, classes[own])  # every definition of such a class: they agree (reconciled)
+    rows, owners = part_roots[dropped], classes[dropped][:, None].expand(-1, parts.shape[1])
+    other = (rows != UNIT) & (rows != owners)
+    requires.append((owners[other], rows[other]))
+    return defined[~dropped], parts[~dropped], offered[~dropped]
 
 
 def _expand(root: torch.Tensor, defined: torch.Tensor, parts: torch.Tensor, count: int):
