@@ -1,5 +1,7 @@
 """The atom table on its own: what a requirement between atoms keeps."""
 
+import torch
+
 from speedup.atoms import AtomTable
 
 
@@ -35,3 +37,22 @@ def test_requirements_follow_ties_along_a_chain():
     solution.meet_requirements(keep)
     for atoms in (first, second, third, twin):
         assert keep[solution.primitives(atoms)].all(1).tolist() == [False, True, False]
+
+
+def test_a_definition_holding_its_own_atoms_once_tied_is_a_requirement_not_a_cycle():
+    """Heads ``h`` merged with the batch and split back by an ``einsum`` are defined as ``h = a and b``
+    (``b``: the batch and positions, kept whole), then tied to ``a`` when the result meets the heads
+    again: ``h = h and b``. That was a cycle, and every head was pinned; it says only that a kept head
+    keeps ``b``, and a head may go alone."""
+    table = AtomTable()
+    heads, split, whole = table.fresh(4), table.fresh(4), table.fresh(1)
+    table.define(heads, torch.stack([split, whole.expand(4)], 1))
+    table.tie(split, heads)
+    table.pin(whole)
+    solution = table.solve()
+    assert not bool(solution.pinned[solution.primitives(heads)].all(1).any())  # no head pinned
+    keep = solution.pinned.clone()
+    keep[solution.primitives(heads[1:3]).reshape(-1)] = True
+    solution.meet_requirements(keep)
+    assert keep[solution.primitives(heads)].all(1).tolist() == [False, True, True, False]
+    assert bool(keep[solution.primitives(whole)].all())
