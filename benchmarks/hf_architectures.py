@@ -77,6 +77,9 @@ TEXT = {
     "bart": dict(_SEQ2SEQ, decoder_start_token_id=2), "mbart": dict(_SEQ2SEQ, decoder_start_token_id=2),
     "pegasus": dict(_SEQ2SEQ, decoder_start_token_id=0),
     "mt5": dict(_T5, decoder_start_token_id=0), "longt5": dict(_T5, decoder_start_token_id=0),
+    "xlnet": dict(d_model=HIDDEN, n_layer=LAYERS, n_head=HEADS, d_inner=FFN),
+    "mamba2": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_heads=8, head_dim=16, expand=2, n_groups=2,
+                   state_size=16, chunk_size=8),
 }
 VISION = {
     "vit": _VIT, "deit": _VIT, "dinov2": dict(_VIT, mlp_ratio=2), "vit_msn": _VIT, "clip_vision_model": _VIT,
@@ -103,6 +106,8 @@ VISION = {
     "swiftformer": dict(depths=[1, 1, 1, 1], embed_dims=[16, 24, 32, 48], image_size=32),
     "vit_mae": dict(_VIT, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
                     decoder_intermediate_size=64),
+    "vitdet": dict(_VIT, mlp_ratio=2, pretrain_image_size=32, window_size=2, window_block_indices=[0],
+                   use_relative_position_embeddings=True, out_features=["stage2"]),
 }
 _SPEECH = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=64,
                conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
