@@ -35,7 +35,8 @@ def test_weight_norm_and_spectral_norm_layers_lose_entries_of_their_computed_wei
     assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
     assert model[6] is untouched and parametrize.is_parametrized(model[6], "weight")
     assert report.forms == {"0": ("ParametrizedConv2d", "Conv2d"), "2": ("ParametrizedConv2d", "Conv2d")}
-    assert sum("through a parametrization" in w for w in report.warnings) == 2
+    said = [w for w in report.warnings if "through a parametrization" in w]  # one warning for the two
+    assert len(said) == 1 and "'0', '2' computed weight" in said[0] and "their sped-up Conv2ds hold" in said[0]
 
 
 def test_the_old_spectral_norm_hook_is_frozen_alike():
@@ -158,7 +159,7 @@ def test_a_model_pruned_with_torch_prune_loses_what_its_own_masks_prune():
     x = torch.randn(2, 3, 9, 7)
     with torch.no_grad():
         expected = model(x)
-    with pytest.warns(speedup.SpeedupWarning, match="as torch.nn.utils.prune.remove leaves it"):
+    with pytest.warns(speedup.SpeedupWarning, match="as torch.nn.utils.prune.remove leaves (it|them) for inference"):
         report = speedup.shrink(model, {}, torch.randn(1, 3, 8, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)

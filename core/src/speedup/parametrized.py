@@ -110,14 +110,28 @@ def put_back_unfrozen(frozen: list[Frozen], rebuilt: set[int], masks: Masks,
             changed.add(id(f.form.form))
     stay = put_back_unchanged([f.form for f in frozen], changed, tx)
     by_form = {id(f.form): f for f in frozen}
-    return stay, [_stays_plain(by_form[id(f)]) for f in stay]
+    alike: dict[tuple, list[Frozen]] = {}  # one warning for the modules frozen alike (every pruned conv)
+    for form in stay:
+        f = by_form[id(form)]
+        kind = (tuple(f.twin.names), f.twin.how, type(f.twin.module).__name__, f.twin.undone_by)
+        alike.setdefault(kind, []).append(f)
+    return stay, [_stays_plain(group) for group in alike.values()]
 
 
-def _stays_plain(f: Frozen) -> str:
-    twin = f.twin
-    undone = f", as {twin.undone_by} leaves it for inference" if twin.undone_by else ""
-    return (f"'{f.form.name}' computed {', '.join(twin.names)} {twin.how}; its sped-up {type(twin.module).__name__} "
-            f"holds the computed values instead{undone}")
+_NAMED = 3
+"""Modules a warning names before it counts the rest."""
+
+
+def _stays_plain(group: list[Frozen]) -> str:
+    twin = group[0].twin
+    them = "it" if len(group) == 1 else "them"
+    undone = f", as {twin.undone_by} leaves {them} for inference" if twin.undone_by else ""
+    names = ", ".join(f"'{f.form.name}'" for f in group[:_NAMED])
+    if len(group) > _NAMED:
+        names += f" and {len(group) - _NAMED} more"
+    kind = type(twin.module).__name__
+    holds = f"its sped-up {kind} holds" if len(group) == 1 else f"their sped-up {kind}s hold"
+    return f"{names} computed {', '.join(twin.names)} {twin.how}; {holds} the computed values instead{undone}"
 
 
 def frozen_twin(module: nn.Module) -> Optional[Twin]:
