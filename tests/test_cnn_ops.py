@@ -309,6 +309,30 @@ def test_functional_prelu_slices_its_slopes_and_folds_the_negative_constants_it_
                   torch.randn(3, 3, 7, 5), shrunk=["a.weight", "slopes", "b.weight"])
 
 
+class RandomizedLeaky(nn.Module):
+    """``nn.RReLU`` after a BatchNorm: in eval mode a leaky ReLU with the mean slope."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act, self.b = nn.RReLU(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.act(self.bn(self.a(x))))
+
+
+def test_rrelu_passes_channels_through_and_folds_the_negative_constants_it_scales():
+    """It was a barrier: nothing around it went. The removed channels hold the BatchNorm's shift, some
+    negative: the slope scales those, and the next convolution folds them."""
+    model = randomize_norms(RandomizedLeaky())
+    with torch.no_grad():
+        model.bn.bias.copy_(torch.linspace(-1, 1, 8))
+    keep = keep_mask(8)
+    report = check_speedup(model, {"a": {"weight": rows(keep, (8, 3, 3, 3)), "bias": keep}}, torch.randn(2, 3, 6, 6),
+                           torch.randn(3, 3, 7, 5), shrunk=["a.weight", "bn.weight", "b.weight"])
+    assert not report.barriers
+
+
 def test_group_norm_keeps_partially_masked_groups():
     model = randomize_norms(Norms())
     scattered = torch.tensor([True, False] * 4)

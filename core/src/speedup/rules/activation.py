@@ -1,4 +1,5 @@
-"""``nn.PReLU``: a leaky ReLU with one learned slope per channel (dimension 1), or one shared slope."""
+"""Leaky ReLUs whose slope is not a plain number: ``nn.PReLU`` (one learned slope per channel, or one
+shared slope) and ``nn.RReLU`` (a random slope in training mode, its mean in eval mode)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
-from ..rule import DimConst, ModuleRule
+from ..rule import DimConst, ModuleRule, OpRule, bind
 from .toolkit import clone_module, first_input, param_data
 
 
@@ -53,5 +54,38 @@ class PReLURule(ModuleRule):
         return new
 
 
+class RandomizedLeakyReLU(OpRule):
+    """``rrelu_with_noise`` (``nn.RReLU``, ``F.rrelu``): each entry of ``self`` where it is non-negative,
+    else times a slope: the mean of ``lower`` and ``upper`` in eval mode, one drawn per entry in training
+    mode (written to ``noise``, a scratch tensor of the input's shape). Entry by entry, so its dimensions
+    pass through; a zero stays zero either way, another constant stays constant in eval mode only."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        out = node.outputs[0]
+        for x in node.args[:2]:  # the input, and the noise of its shape
+            for d in range(x.ndim):
+                ctx.link(x, d, out, d)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        a = bind(node)
+        x, out = a["self"], node.outputs[0]
+        slope = None if a["training"] else (float(a["lower"]) + float(a["upper"])) / 2
+        for d in range(x.ndim):
+            consts = ctx.const(x, d)
+            if consts is None:
+                continue
+            if slope is None:
+                ctx.set_const(out, d, consts.only_zeros())
+            else:
+                ctx.set_const(out, d, DimConst.where(consts.mask, torch.where(consts.value < 0, consts.value * slope,
+                                                                              consts.value)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out = node.args[0], node.outputs[0]
+        if ctx.is_demanded(out):
+            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim)})
+
+
 def register(registry) -> None:
     registry.add_module(nn.PReLU, PReLURule())
+    registry.add_ops(["aten.rrelu_with_noise", "aten.rrelu_with_noise_"], RandomizedLeakyReLU())
