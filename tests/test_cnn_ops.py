@@ -333,6 +333,32 @@ def test_rrelu_passes_channels_through_and_folds_the_negative_constants_it_scale
     assert not report.barriers
 
 
+class TwoStreams(nn.Module):
+    """``nn.Bilinear`` of two projected streams, one through a BatchNorm (its removed features hold
+    non-zero constants, which multiply the other stream and so must stay)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(6, 5)
+        self.mix, self.head = nn.Bilinear(8, 5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(self.bn(self.a(x)), self.b(x)))
+
+
+def test_bilinear_loses_the_zero_features_of_either_input_and_its_masked_outputs():
+    """It was a barrier (``aten._trilinear``): nothing around it went."""
+    model = randomize_norms(TwoStreams())
+    a_kept, b_kept, mix_kept = keep_mask(8), keep_mask(5), keep_mask(7)
+    masks = {"a": {"weight": rows(a_kept, (8, 6)), "bias": a_kept},  # constant after the norm: kept
+             "b": {"weight": rows(b_kept, (5, 6)), "bias": b_kept},  # zeros: go
+             "mix": {"weight": rows(mix_kept, (7, 8, 5))}}  # outputs of only the bias: folded into the head
+    report = check_speedup(model, masks, torch.randn(4, 6), torch.randn(5, 6),
+                           shrunk=["b.weight", "mix.weight", "head.weight"])
+    assert model.mix.weight.shape == (4, 8, 2) and (model.mix.out_features, model.mix.in2_features) == (4, 2)
+    assert not report.barriers
+
+
 def test_group_norm_keeps_partially_masked_groups():
     model = randomize_norms(Norms())
     scattered = torch.tensor([True, False] * 4)
