@@ -105,6 +105,18 @@ def test_valid_mask_followed_by_a_bad_one_changes_nothing():
     assert "'scale'" in message and "fc" in message
 
 
+@pytest.mark.filterwarnings("ignore")  # torch deprecates its eager-mode quantization
+def test_a_mask_for_a_quantized_layer_says_to_speed_up_the_float_model_first():
+    """A dynamically quantized Linear holds its weight packed: it has no parameter to mask."""
+    model = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(),
+                                                   {nn.Linear}, dtype=torch.qint8)
+    keep = torch.tensor([True, False] * 4)
+    before = repr(model)  # its state dict holds packed weights and dtypes, which the usual snapshot cannot copy
+    with pytest.raises(speedup.MaskError, match="'0'.*quantized: speed up the float model, then quantize it"):
+        speedup.shrink(model, {"0": {"weight": keep[:, None].expand(8, 8)}}, torch.randn(2, 8))
+    assert repr(model) == before
+
+
 # -- masks of the wrong shape or values -------------------------------------------------------
 
 

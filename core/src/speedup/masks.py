@@ -227,6 +227,9 @@ def _parameter(module: nn.Module, module_name: str, target: str) -> torch.Tensor
         parametrized = target.startswith("parametrizations.") or target.endswith(("_g", "_v", "_orig", "_mask"))
         hint = (" A parametrized or pruned tensor (weight norm, spectral norm, torch.nn.utils.prune) is masked as the "
                 "layer computes it: name that tensor ('weight'), not what it is computed from." if parametrized else "")
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):  # its weight is packed, of fixed sizes
+            hint += (f" {type(module).__module__}.{type(module).__name__} is quantized: speed up the float model, then "
+                     "quantize it (a model prepared for quantization-aware training shrinks as it is).")
         raise MaskError(
             f"masks['{module_name}'] has a mask for '{target}', but {type(module).__name__} '{module_name}' has no such "
             f"parameter or buffer (it has: {', '.join(names) or 'none'}). Inputs and outputs are masked as "
