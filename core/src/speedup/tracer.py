@@ -164,7 +164,7 @@ def ordinary_mode() -> Iterator[None]:
             if _autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         dynamo = sys.modules.get("torch._dynamo")  # imported by whoever compiled a module; never here (a second)
-        if dynamo is not None:
+        if dynamo is not None and hasattr(dynamo.config, "disable"):
             stack.enter_context(dynamo.config.patch(disable=True))
         yield
 
