@@ -393,7 +393,7 @@ def _put(model: nn.Module, old: nn.Module, new: nn.Module, places, tx: Transacti
     report.pairs.append((old, new))
     if new is not old:
         for parent, attr in places.get(id(old), []):
-            if compiled_inner(parent) is old:  # its wrapper calls the module it was made for: a new wrapper
+            if compiled_inner(parent) is old and hasattr(parent, "dynamo_ctx"):  # it calls the module it was made for
                 for owner, name in places.get(id(parent), []):
                     tx.set_attr(owner, name, type(parent)(new, parent.dynamo_ctx))
             else:
