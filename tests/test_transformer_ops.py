@@ -634,6 +634,32 @@ def test_an_embedding_with_max_norm_loses_only_the_columns_it_holds_zero(masked)
     assert model[0].embedding_dim == (8 if masked == "table columns" else 16)
 
 
+class Bags(nn.Module):
+    """A recommendation model's sparse features: bags of ids (offsets mark where each bag starts)."""
+
+    def __init__(self, mode: str, max_norm):
+        super().__init__()
+        self.bag, self.mlp = nn.EmbeddingBag(30, 8, mode=mode, max_norm=max_norm), nn.Linear(8, 4)
+
+    def forward(self, ids, offsets):
+        return self.mlp(self.bag(ids, offsets))
+
+
+@pytest.mark.parametrize("max_norm", [None, 1.0], ids=["plain", "max_norm"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_an_embedding_bag_loses_its_zero_columns(mode, max_norm):
+    """It was traced through, and its columns never went (with ``max_norm``, a barrier). Empty bags
+    included: they give zeros."""
+    torch.manual_seed(0)
+    model = Bags(mode, max_norm)
+    keep = keep_mask(8)
+    dummy = (torch.randint(0, 30, (10,)), torch.tensor([0, 3, 3, 7]))
+    fresh = (torch.randint(0, 30, (12,)), torch.tensor([0, 5, 6, 6]))
+    check_speedup(model, {"bag": {"weight": keep[None, :].expand(30, 8)}}, dummy, fresh,
+                  shrunk=["bag.weight", "mlp.weight"])
+    assert model.bag.embedding_dim == 4 and model.mlp.in_features == 4
+
+
 @pytest.mark.parametrize("same", [True, False], ids=["same masks", "different masks"])
 def test_masks_naming_one_tied_tensor_under_several_names_all_apply(same):
     """The weight is one tensor: the masked model multiplies it by every mask given for it, whatever

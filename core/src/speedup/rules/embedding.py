@@ -1,8 +1,11 @@
-"""``nn.Embedding`` and ``aten.embedding``: a lookup whose last output dimension is the table's columns.
+"""``nn.Embedding``, ``aten.embedding`` and ``nn.EmbeddingBag``: lookups whose last output dimension is
+the table's columns.
 
 The vocabulary dimension is indexed by token ids, literal positions: it keeps its size. A table with
 ``max_norm`` renormalises the rows it looks up by their norm over every column, in place: only its
-zero columns may go.
+zero columns may go. A bag sums, averages or takes the largest of the rows it looks up, so a column is
+constant in its output only where it is zero (a sum of a constant grows with the bag; an empty bag
+gives zeros).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import Node, TensorValue
+from ..graph import Node, Origin, TensorValue
 from ..propagation import Analysis
 from ..replacement import ModulePlan
 from ..rule import ModuleRule, OpRule
@@ -48,11 +51,7 @@ class EmbeddingRule(ModuleRule):
     def backward(self, node: Node, ctx: Analysis) -> None:
         _backward(ctx, first_input(node), node.outputs[0])
         if node.module.max_norm is not None:
-            # Rows looked up are renormalised by their norm over every column: one not zero counts.
-            weight = node.params["weight"]
-            consts = ctx.const(weight, 1)
-            zero = consts.zero if consts is not None else torch.zeros(weight.shape[1], dtype=torch.bool)
-            ctx.keep(weight, 1, ~zero)
+            _keep_nonzero_columns(ctx, node.params["weight"])
 
     def masked_forward(self, module: nn.Module, masks: dict) -> Optional[Callable[..., torch.Tensor]]:
         """``embedding(ids, W) * kept_columns * kept_rows[ids]`` for a table losing rows times columns:
@@ -78,6 +77,39 @@ class EmbeddingRule(ModuleRule):
         return new
 
 
+def _keep_nonzero_columns(ctx: Analysis, weight: TensorValue) -> None:
+    """Rows looked up are renormalised by their norm over every column (``max_norm``): one not zero counts."""
+    consts = ctx.const(weight, 1)
+    zero = consts.zero if consts is not None else torch.zeros(weight.shape[1], dtype=torch.bool)
+    ctx.keep(weight, 1, ~zero)
+
+
+class EmbeddingBagRule(ModuleRule):
+    subclasses = True
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        ctx.link(node.params["weight"], 1, node.outputs[0], -1)
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        consts = ctx.const(node.params["weight"], 1)
+        if consts is not None:
+            ctx.set_const(node.outputs[0], -1, consts.only_zeros())
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        if ctx.is_demanded(node.outputs[0]):
+            for value in node.inputs:  # the ids, offsets and per-sample weights: every one
+                if value.origin is not Origin.PARAMETER:
+                    ctx.demand_all(value)
+        if node.module.max_norm is not None:
+            _keep_nonzero_columns(ctx, node.params["weight"])
+
+    def replace(self, module: nn.EmbeddingBag, plan: ModulePlan) -> nn.Module:
+        new = clone_module(module)
+        new.weight = plan.param("weight")
+        new.embedding_dim = new.weight.shape[1]
+        return new
+
+
 class EmbeddingOpRule(OpRule):
     def couple(self, node: Node, ctx: Analysis) -> None:
         _couple(ctx, node.args[0], node.args[1], node.outputs[0])
@@ -93,4 +125,5 @@ class EmbeddingOpRule(OpRule):
 
 def register(registry) -> None:
     registry.add_module(nn.Embedding, EmbeddingRule())
+    registry.add_module(nn.EmbeddingBag, EmbeddingBagRule())
     registry.add_op("aten.embedding", EmbeddingOpRule())
