@@ -359,6 +359,33 @@ def test_bilinear_loses_the_zero_features_of_either_input_and_its_masked_outputs
     assert not report.barriers
 
 
+class SpatialTransformer(nn.Module):
+    """PyTorch's spatial transformer tutorial: a small network predicts an affine matrix per sample,
+    ``affine_grid`` turns it into sampling points, ``grid_sample`` warps the input the classifier reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.localization = nn.Sequential(nn.Conv2d(1, 8, 7), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(8, 10, 5),
+                                          nn.MaxPool2d(2), nn.ReLU())
+        self.fc_loc = nn.Sequential(nn.Linear(90, 32), nn.ReLU(), nn.Linear(32, 6))
+        self.conv, self.fc = nn.Conv2d(1, 10, 5), nn.Linear(10, 4)
+
+    def forward(self, x):
+        theta = self.fc_loc(self.localization(x).flatten(1)).view(-1, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, x.size(), align_corners=False), align_corners=False)
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_spatial_transformer_shrinks_around_its_affine_grid():
+    """``affine_grid`` was a barrier (reported, with a warning): a matrix per sample, read whole."""
+    torch.manual_seed(0)
+    model = SpatialTransformer()
+    masks = consistent_masks(model, torch.randn(2, 1, 28, 28), sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, torch.randn(2, 1, 28, 28), torch.randn(3, 1, 28, 28),
+                           shrunk=["localization.0.weight", "fc_loc.0.weight", "conv.weight"])
+    assert not report.barriers and model.fc_loc[2].out_features == 6
+
+
 def test_group_norm_keeps_partially_masked_groups():
     model = randomize_norms(Norms())
     scattered = torch.tensor([True, False] * 4)

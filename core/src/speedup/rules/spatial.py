@@ -124,6 +124,20 @@ class GridSample(OpRule):
         ctx.demand(grid, {d: ctx.demanded(out, 0 if d == 0 else d + 1) for d in range(grid.ndim - 1)})
 
 
+class AffineGrid(OpRule):
+    """``affine_grid_generator(theta, size, align_corners)``: each sample's sampling points from its own
+    affine matrix (``theta`` of ``(N, 2, 3)`` or ``(N, 3, 4)``, read whole). Samples correspond; the
+    points and their coordinates are new dimensions, of sizes the call gives."""
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        ctx.link(node.args[0], 0, node.outputs[0], 0)
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        theta, out = node.args[0], node.outputs[0]
+        if ctx.is_demanded(out):
+            ctx.demand(theta, {0: ctx.demanded(out, 0)})
+
+
 def register(registry) -> None:
     rule = Spatial()
     names = [p.format(n) for p in _POOLS_1D_TO_3D for n in (1, 2, 3)] + _RESAMPLE
@@ -131,3 +145,4 @@ def register(registry) -> None:
     registry.add_ops(["aten.max_unpool2d", "aten.max_unpool3d"], Unpool())
     registry.add_op("aten.rot90", Rotation())
     registry.add_ops(["aten.grid_sampler_2d", "aten.grid_sampler_3d"], GridSample())
+    registry.add_op("aten.affine_grid_generator", AffineGrid())
