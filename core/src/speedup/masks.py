@@ -24,7 +24,7 @@ from torch import nn
 
 from .boolean import any_along
 from .errors import MaskError
-from .wrappers import COMPILED_PREFIX, compiled_inner
+from .wrappers import COMPILED_ATTR, compiled_inner
 
 MaskSource = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -95,6 +95,7 @@ class Masks:
 def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, batch_dim: int = 0) -> Masks:
     raw = _read(source, map_location)
     modules = dict(model.named_modules())
+    through: dict[str, str] = {}
     masks = Masks()
     for name, entry in raw.items():
         if isinstance(entry, torch.Tensor) or entry is None:
@@ -107,7 +108,7 @@ def load_masks(source: MaskSource, model: nn.Module, map_location: Any = None, b
                 f"masks['{name}'] is a {type(entry).__name__}; expected a dict of target name -> mask, as in "
                 "{'conv1': {'weight': mask, 'bias': mask}}."
             )
-        module_name = _module_name(modules, module_name)
+        module_name = _module_name(modules, module_name, through)
         module = modules[module_name]
         for target, mask in entry.items():
             if mask is None:
@@ -175,15 +176,18 @@ def _read(source: MaskSource, map_location: Any) -> Mapping[str, Any]:
     return source
 
 
-def _module_name(modules: dict[str, nn.Module], name: str) -> str:
+def _module_name(modules: dict[str, nn.Module], name: str, through: dict[str, str]) -> str:
     """The name of the module ``name`` names, where either may pass through ``torch.compile``'s wrappers
     (the model's, or a submodule's: ``layer1 = torch.compile(layer1)`` names its convs
-    ``layer1._orig_mod.0.conv1``, masks made before it ``layer1.0.conv1``; see :mod:`.wrappers`)."""
-    if name not in modules and (COMPILED_PREFIX in name + "." or any(COMPILED_PREFIX in n + "." for n in modules)):
-        name = {_through_compiled(n): n for n in modules}.get(_through_compiled(name), name)
+    ``layer1._orig_mod.0.conv1``, masks made before it ``layer1.0.conv1``; see :mod:`.wrappers`).
+    ``through``: the modules by their names with the wrappers left out, filled on the first name not found."""
+    if name not in modules:
+        if not through:
+            through.update((_through_compiled(n), n) for n in modules)
+        name = through.get(_through_compiled(name), name)
     if name in modules:
         while compiled_inner(modules[name]) is not None:  # a wrapper named: the module it compiles
-            name = f"{name}.{COMPILED_PREFIX[:-1]}"
+            name = f"{name}.{COMPILED_ATTR}"
         return name
     owner, found, _ = name.partition(".parametrizations.")
     if found and owner in modules:  # frozen for the call (see speedup.parametrized)
@@ -203,7 +207,7 @@ def _module_name(modules: dict[str, nn.Module], name: str) -> str:
 
 def _through_compiled(name: str) -> str:
     """A module's name with the ``torch.compile`` wrappers on its path left out."""
-    return ".".join(part for part in name.split(".") if part + "." != COMPILED_PREFIX)
+    return ".".join(part for part in name.split(".") if part != COMPILED_ATTR)
 
 
 def named_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:

@@ -363,7 +363,6 @@ def _update_sizes(model: nn.Module, sizes_of, tx: Transaction, report: Replaceme
             report.attributes[f"{name}.{path}" if name else path] = (before, value)
 
 
-
 def _own_copies(model: nn.Module, attr: str, tx: Transaction) -> None:
     """Gives the model its own copies of the objects its modules hold as ``attr`` before sizes are
     written into them.

@@ -26,15 +26,16 @@ from torch.nn.parameter import is_lazy
 
 from .errors import SpeedupError
 
-COMPILED_PREFIX = "_orig_mod."
-"""How ``torch.compile``'s wrapper names the modules of the model it wraps."""
+COMPILED_ATTR = "_orig_mod"
+"""The attribute under which ``torch.compile``'s wrapper holds the module it wraps (its modules' names
+start with ``_orig_mod.``)."""
 
 
 def compiled_inner(module: nn.Module) -> Optional[nn.Module]:
     """The module ``torch.compile``'s wrapper ``module`` wraps; None for any other module."""
     if type(module).__name__ != "OptimizedModule":
         return None
-    inner = module._modules.get(COMPILED_PREFIX[:-1])
+    inner = module._modules.get(COMPILED_ATTR)
     return inner if isinstance(inner, nn.Module) else None
 
 

@@ -9,7 +9,8 @@ from torch import nn
 from ..graph import Node
 from ..propagation import Analysis
 from ..replacement import ModulePlan
-from ..rule import DimConst, ModuleRule, OpRule, bind
+from ..rule import DimConst, ModuleRule, bind
+from .elementwise import Elementwise
 from .toolkit import clone_module, first_input, param_data
 
 
@@ -54,17 +55,12 @@ class PReLURule(ModuleRule):
         return new
 
 
-class RandomizedLeakyReLU(OpRule):
+class RandomizedLeakyReLU(Elementwise):
     """``rrelu_with_noise`` (``nn.RReLU``, ``F.rrelu``): each entry of ``self`` where it is non-negative,
     else times a slope: the mean of ``lower`` and ``upper`` in eval mode, one drawn per entry in training
-    mode (written to ``noise``, a scratch tensor of the input's shape). Entry by entry, so its dimensions
-    pass through; a zero stays zero either way, another constant stays constant in eval mode only."""
-
-    def couple(self, node: Node, ctx: Analysis) -> None:
-        out = node.outputs[0]
-        for x in node.args[:2]:  # the input, and the noise of its shape
-            for d in range(x.ndim):
-                ctx.link(x, d, out, d)
+    mode (written to ``noise``, a scratch tensor of the input's shape). Elementwise but for its constants,
+    which the operator cannot be run on (it would draw slopes): a zero stays zero either way, another
+    constant stays constant in eval mode only."""
 
     def forward(self, node: Node, ctx: Analysis) -> None:
         a = bind(node)
@@ -79,11 +75,6 @@ class RandomizedLeakyReLU(OpRule):
             else:
                 ctx.set_const(out, d, DimConst.where(consts.mask, torch.where(consts.value < 0, consts.value * slope,
                                                                               consts.value)))
-
-    def backward(self, node: Node, ctx: Analysis) -> None:
-        x, out = node.args[0], node.outputs[0]
-        if ctx.is_demanded(out):
-            ctx.demand(x, {d: ctx.demanded(out, d) for d in range(x.ndim)})
 
 
 def register(registry) -> None:
