@@ -290,6 +290,45 @@ def test_an_attention_splitting_heads_otherwise_than_planned_is_found_below_roun
         torch.testing.assert_close(model(fresh), reference(fresh), rtol=1e-12, atol=1e-12)
 
 
+class PoolingHead(nn.Module):
+    """AIMv2's attention pooling: a learned query attends over the tokens, heads split by a count it
+    stored and a width read from the stream; its outputs scaled down, as a freshly initialised model's are."""
+
+    def __init__(self, dim: int, heads: int, scale: float):
+        super().__init__()
+        self.num_heads = heads
+        self.k, self.v, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.query = nn.Parameter(torch.randn(1, 1, dim))
+        with torch.no_grad():
+            self.out.weight.mul_(scale)
+            self.out.bias.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        k, v = (f(x).reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
+                for f in (self.k, self.v))
+        q = self.query.expand(batch, -1, -1).reshape(batch, 1, self.num_heads, width // self.num_heads).transpose(1, 2)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, width))
+
+
+def test_an_attention_splitting_a_narrower_stream_into_its_stored_head_count_is_found_on_small_outputs():
+    """With the stream halved and two of four heads planned to go, the sped-up head split the stream
+    into four heads of half the width (``c // self.num_heads``) and ran: 13% off the masked model's
+    outputs, within the tolerance on the dummy because the outputs are small (1e-5). The shapes of the
+    attention calls in the verification run are now compared with the plan, and the head count is set."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), PoolingHead(16, 4, scale=1e-5)).eval()
+    dummy = torch.randn(2, 5, 6)
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    reference = masked_copy(model, masks).eval()
+    fresh = torch.randn(3, 7, 6)
+    report = check_speedup(model, masks, dummy, fresh, shrunk=["1.k.weight", "1.v.weight"])
+    assert report.attributes == {"1.num_heads": (4, 2)}
+    with torch.no_grad():
+        expected = reference(fresh)
+        torch.testing.assert_close(model(fresh), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
 class AttentionWithoutSelf(nn.Module):
     """Self-attention whose methods name their module ``this``, splitting heads by sizes read in Python."""
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import tensor_masks
 from .alias_writes import alias_write_rule
+from .attention_shapes import attention_calls_noted, departs_from_plan
 from .computed_weights import freeze_computed_weights
 from .equivalent_forms import put_back_unchanged, put_equivalent_forms
 from .errors import RuleError, SpeedupError, TraceError, VerificationError
@@ -639,13 +640,14 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
     model is then recorded again: every call must pass the numbers recorded, and those whose rule
     asks (:attr:`~speedup.rule.Rule.rechecks_shapes`) must make their planned shapes. So must, where
     ``layout_hidden``, the calls whose result on the dummy does not show how their input is laid out
-    (see :meth:`~speedup.rule.Rule.hides_layout`)."""
+    (see :meth:`~speedup.rule.Rule.hides_layout`), and where an attention call departed from its
+    planned shapes in the run (see :mod:`speedup.attention_shapes`)."""
     put_back = replaced.put_back
     if put_back is not None:
         put_back.unfit = False
     try:
         draws.replay()
-        with torch.no_grad(), fused_attention_off():
+        with torch.no_grad(), fused_attention_off(), attention_calls_noted() as attention_calls:
             output = model(*args, **kwargs)
     except Exception:  # noqa: BLE001 - located below, by recording the failing run
         return _locate(model, args, kwargs, recorded, rules, replaced, "", draws)
@@ -662,7 +664,8 @@ def _verify(model, args, kwargs, recorded: Trace, rules: _Rules, replaced, draws
         difference = "a returned tensor lacks the entries planned, which its constants were to be put back around"
     if difference is not None:
         return _locate(model, args, kwargs, recorded, rules, replaced, difference, draws)
-    if numbers_at_risk or layout_hidden:  # it ran above: recording it again raises nothing
+    if numbers_at_risk or layout_hidden or departs_from_plan(recorded.graph, attention_calls):
+        # It ran above: recording it again raises nothing.
         again = _record_again(model, args, kwargs, rules, replaced, draws)
         for old, new in counterparts(_recorded_calls(recorded), again.graph.nodes):
             rule = old.rule

@@ -49,6 +49,16 @@ def _owner_argument(code: Any) -> Optional[str]:
     return found
 
 
+def code_location(frame: Any) -> Optional[str]:
+    """``file:line`` of the innermost frame from ``frame`` out that runs the model's code (not torch's
+    or speedup's): where the model issued a call, as the recording notes it (:attr:`Node.location`)."""
+    while frame is not None:
+        if _owner_argument(frame.f_code) is not None:
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
 @dataclasses.dataclass
 class Trace:
     """A recorded graph, what the model returned while it was recorded, and the FLOPs it ran."""
@@ -261,7 +271,7 @@ def _attention_recorded_whole(recorder: "_Recorder") -> Iterator[None]:
             return recorder.record_whole(torch.ops.aten.scaled_dot_product_attention.default, function, args, kwargs)
         return function(*args, **kwargs)
 
-    with _replaced(torch.nn.functional, "scaled_dot_product_attention", attention):
+    with attribute_replaced(torch.nn.functional, "scaled_dot_product_attention", attention):
         yield
 
 
@@ -282,12 +292,12 @@ def _lists_read(recorder: "_Recorder") -> Iterator[None]:
             recorder.note_numbers_read(tensor, numbers)
         return numbers
 
-    with _replaced(torch.Tensor, "tolist", read):
+    with attribute_replaced(torch.Tensor, "tolist", read):
         yield
 
 
 @contextlib.contextmanager
-def _replaced(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+def attribute_replaced(owner: Any, name: str, replacement: Any) -> Iterator[None]:
     """``owner.name`` is ``replacement`` inside, as before after (an attribute ``owner`` inherited
     is inherited again)."""
     own = vars(owner).get(name)
