@@ -329,6 +329,53 @@ def test_an_attention_splitting_a_narrower_stream_into_its_stored_head_count_is_
         torch.testing.assert_close(model(fresh), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
+class PositionBiasMlp(nn.Module):
+    """timm's ``RelPosMlp``: one bias per head and pair of tokens, from an MLP over their offsets, the
+    head count and the bias' shape stored."""
+
+    def __init__(self, tokens: int, heads: int):
+        super().__init__()
+        self.num_heads, self.bias_shape = heads, (tokens, tokens, heads)
+        self.mlp = nn.Sequential(nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, heads))
+        self.register_buffer("offsets", (torch.arange(tokens)[:, None] - torch.arange(tokens)[None]).float())
+
+    def forward(self) -> torch.Tensor:
+        bias = self.mlp(self.offsets.reshape(-1, 1)).view(-1, self.num_heads).view(self.bias_shape)
+        return bias.permute(2, 0, 1)
+
+
+class BiasedAttention(nn.Module):
+    """Attention adding the biases of a submodule that stores the head count too."""
+
+    def __init__(self, dim: int, heads: int, tokens: int):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel_pos = PositionBiasMlp(tokens, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_pos())
+        return self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def test_a_submodule_storing_the_head_count_too_has_it_set_with_its_module_s():
+    """Setting ``num_heads`` in the attention, the submodule computing its biases then departed with its
+    own stale ``num_heads``: that departure blamed the attention's choice, none fitted, and the
+    attention stayed whole (vit_relpos in timm: half the parameters kept). The submodule's stored sizes
+    are now tried with its module's still set: the count and the bias' shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), BiasedAttention(16, 4, tokens=5), nn.Linear(16, 3)).eval()
+    dummy = torch.randn(2, 5, 6)
+    masks = consistent_masks(model, dummy, sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, dummy, torch.randn(3, 5, 6),
+                           shrunk=["1.qkv.weight", "1.rel_pos.mlp.2.weight"])
+    assert not report.kept_for_verification
+    assert report.attributes == {"1.num_heads": (4, 2), "1.rel_pos.num_heads": (4, 2),
+                                 "1.rel_pos.bias_shape": ((5, 5, 4), (5, 5, 2))}
+
+
 class AttentionWithoutSelf(nn.Module):
     """Self-attention whose methods name their module ``this``, splitting heads by sizes read in Python."""
 

@@ -11,7 +11,10 @@ module calling it) is looked at: its integer attributes (and short lists of them
 that equal the full size of a dimension that shrank inside it are set to that dimension's new size
 (that of the departing call's own dimensions first, where they shrank and a dimension of the same
 full size shrank to another elsewhere in the module), in every module of the same class (the same
-code reads them), and the attempt is verified again. Where such a size also belongs to a dimension
+code reads them), and the attempt is verified again. A call departing inside a submodule of a module
+whose sizes are set tries the submodule's sizes first, with its module's still set (it may store the
+same size: timm's relative position MLP keeps its own head count); once none is left, the
+module's choice takes the blame. Where such a size also belongs to a dimension
 that kept its size (``in_channels`` and ``out_channels`` both 64, only the input losing channels),
 each attribute is tried on its own, then all together; where several attributes equal the size,
 after all of them together each is tried on its own too (one may equal it by chance: Mistral's
@@ -66,12 +69,10 @@ class StoredSizes:
         node = self._blamed(departed)
         if node is None:
             return False, departed
-        if node.index not in self.choices:
-            self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
-        left = self.choices[node.index]
         self.fixes.pop(node.index, None)
-        if not left:
+        if not self._choices_left(node):
             return False, node
+        left = self.choices[node.index]
         self.fixes[node.index] = left.pop(0)  # last in order: the latest choice
         self.nodes[node.index] = node
         return True, node
@@ -80,9 +81,20 @@ class StoredSizes:
         if departed is None:
             return self.nodes[next(reversed(self.fixes))] if self.fixes else None
         for index, fixes in self.fixes.items():
-            if index != departed.index and any(within_scope(departed.scope, name) for _, name, _, _, _ in fixes):
+            names = {name for _, name, _, _, _ in fixes}
+            if index != departed.index and any(within_scope(departed.scope, name) for name in names):
+                if departed.scope not in names and self._choices_left(departed):
+                    # A submodule storing the same size (timm's relative position MLP keeps its
+                    # own ``num_heads``): its sizes are tried with the enclosing module's still set.
+                    return departed
+                self.fixes.pop(departed.index, None)
                 return self.nodes[index]
         return departed
+
+    def _choices_left(self, node: Node) -> bool:
+        if node.index not in self.choices:
+            self.choices[node.index] = stale_size_choices(self.model, self.graph, node)
+        return bool(self.choices[node.index])
 
     def apply(self, tx: Transaction, attributes: dict) -> None:
         """Sets the sizes of every current choice (undone with the attempt), noting them in ``attributes``."""
