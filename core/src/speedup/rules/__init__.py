@@ -10,11 +10,13 @@ from ..plugins.hookspec import hookimpl
 from ..plugins.registry import RuleRegistry
 from ..pruning import builtin as pruning_builtins
 from ..plugins.pruning_registry import PruningRegistry
-from . import (activation, attention, bilinear, contraction, conv, elementwise, embedding, fourier, indexing, like,
-               linear, norm, quantize, recurrent, reduction, response_norm, sequences, shape, spatial, written_norms)
+from . import (activated_norms, activation, attention, bilinear, contraction, conv, elementwise, embedding, fourier,
+               indexing, like, linear, norm, quantize, recurrent, reduction, response_norm, sequences, shape, spatial,
+               written_norms)
 
 _FAMILIES = (elementwise, shape, indexing, reduction, contraction, spatial, linear, bilinear, conv, norm, written_norms,
-             response_norm, embedding, activation, attention, like, sequences, recurrent, fourier, quantize)
+             activated_norms, response_norm, embedding, activation, attention, like, sequences, recurrent, fourier,
+             quantize)
 
 
 @hookimpl

@@ -50,9 +50,10 @@ TORCH_LAYOUT = NormVectors()
 
 def held_vectors(module: nn.Module) -> dict[str, torch.Tensor]:
     """A leaf's tensors (parameters and buffers, by name) where it holds one or two, floating, of one
-    shape with a single axis of at least two entries; empty for any other module."""
+    shape with a single axis of at least two entries; empty for any other module. Children that are
+    ``nn.Identity`` leave it a leaf (timm's ``RmsNormAct2d`` without its activation)."""
     held = {name: t for name, t in list(module._parameters.items()) + list(module._buffers.items()) if t is not None}
-    if module._modules or not 1 <= len(held) <= 2:
+    if not all(type(child) is nn.Identity for child in module._modules.values()) or not 1 <= len(held) <= 2:
         return {}
     shapes = {tuple(t.shape) for t in held.values()}
     shape = next(iter(shapes))
