@@ -376,6 +376,30 @@ def test_a_submodule_storing_the_head_count_too_has_it_set_with_its_module_s():
                                  "1.rel_pos.bias_shape": ((5, 5, 4), (5, 5, 2))}
 
 
+class Decoder(nn.Module):
+    """A VAE's decoder: the latent made feature maps by a Linear and ``nn.Unflatten``, then upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.unflatten = nn.Linear(8, 16 * 4 * 4), nn.Unflatten(1, (16, 4, 4))
+        self.up, self.out = nn.ConvTranspose2d(16, 8, 2, stride=2), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.up(F.relu(self.unflatten(self.fc(z))))))
+
+
+def test_a_size_a_torch_module_stores_is_set_in_step():
+    """``nn.Unflatten``'s view is recorded as its caller's call (torch's code is passed over to find
+    the model's), so only the caller's attributes were looked at, none fitted, and the decoder kept
+    every channel. The sizes of the caller's torch parts are now candidates too."""
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    masks = consistent_masks(model, torch.randn(2, 8), sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, torch.randn(2, 8), torch.randn(3, 8), shrunk=["fc.weight", "up.weight"])
+    assert report.attributes == {"unflatten.unflattened_size": ((16, 4, 4), (8, 4, 4))}
+    assert not report.kept_for_verification
+
+
 class AttentionWithoutSelf(nn.Module):
     """Self-attention whose methods name their module ``this``, splitting heads by sizes read in Python."""
 

@@ -7,24 +7,25 @@ step (``RuleRegistry.add_sizes``); a module no plugin knows keeps its stale size
 departs from the plan when the sped-up model is verified.
 
 When that happens, the module running the departing call (for the call of a module a rule knows, the
-module calling it) is looked at: its integer attributes (and short lists of them, as split sizes)
-that equal the full size of a dimension that shrank inside it are set to that dimension's new size
-(that of the departing call's own dimensions first, where they shrank and a dimension of the same
-full size shrank to another elsewhere in the module), in every module of the same class (the same
-code reads them), and the attempt is verified again. A call departing inside a submodule of a module
-whose sizes are set tries the submodule's sizes first, with its module's still set (it may store the
-same size: timm's relative position MLP keeps its own head count); once none is left, the
-module's choice takes the blame. Where such a size also belongs to a dimension
-that kept its size (``in_channels`` and ``out_channels`` both 64, only the input losing channels),
-each attribute is tried on its own, then all together; where several attributes equal the size,
-after all of them together each is tried on its own too (one may equal it by chance: Mistral's
+module calling it) is looked at: its integer attributes (and short lists of them, as split sizes) that
+equal the full size of a dimension that shrank inside it are set to that dimension's new size (that of
+the departing call's own dimensions first, where they shrank and a dimension of the same full size
+shrank to another elsewhere in the module), in every module of the same class (the same code reads
+them), and the attempt is verified again. A call departing inside a submodule of a module whose sizes
+are set tries the submodule's sizes first, with its module's still set (it may store the same size:
+timm's relative position MLP keeps its own head count); once none is left, the module's choice takes the
+blame. The parts of torch's own classes a module holds (``nn.Unflatten``, in an ``nn.Sequential`` too)
+are looked at with it: their calls are recorded as its calls. Where such a size also belongs to a
+dimension that kept its size (``in_channels`` and ``out_channels`` both 64, only the input losing
+channels), each attribute is tried on its own, then all together; where several attributes equal the
+size, after all of them together each is tried on its own too (one may equal it by chance: Mistral's
 ``sliding_window`` of 4 with 4 heads). Only a verified result is kept (equal outputs, and every number
 passed to an operator to compute with as recorded: a size may be read outside shapes too, as an
-attention's scale ``self.head_dim ** -0.5`` or a window compared with positions): when no choice
-makes the call meet its plan, the sizes go back and the engine keeps the call whole instead. Once the
-model verifies, each attribute set is put back in turn where the model still verifies without it: a
-number read only where the dummy input does not go (a window compared with the number of tokens) may
-equal the size by chance, and nothing says it is that size.
+attention's scale ``self.head_dim ** -0.5`` or a window compared with positions): when no choice makes
+the call meet its plan, the sizes go back and the engine keeps the call whole instead. Once the model
+verifies, each attribute set is put back in turn where the model still verifies without it: a number
+read only where the dummy input does not go (a window compared with the number of tokens) may equal the
+size by chance, and nothing says it is that size.
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
         owner = model.get_submodule(scope)  # the model itself for its own forward (scope "")
     except AttributeError:
         return []
-    # attribute -> [(module, its name, value before, value after)], and the attributes whose value is ambiguous
-    candidates: dict[str, list[tuple[nn.Module, str, object, object]]] = defaultdict(list)
+    # attribute (dotted from the module for a torch part's) -> its fixes, and the attributes whose value is ambiguous
+    candidates: dict[str, list[SizeFix]] = defaultdict(list)
     ambiguous: set[str] = set()
     for name, module in model.named_modules():
         if type(module) is not type(owner):
@@ -171,16 +172,20 @@ def _choices_in(model: nn.Module, scopes: dict[str, list[Node]], scope: str, pas
         calls = scopes.get(name, []) + passed.get(name, [])
         fates = _fates(calls)
         own = _fates([call for call in calls if departing(call)])
-        for attr, before in vars(module).items():
-            sizes = _sizes(before)
-            if sizes is None or attr.startswith("_"):
-                continue
-            after = [_size_after(own, fates, size) for size in sizes]
-            if any(new is None for new in after) or after == sizes:
-                continue
-            candidates[attr].append((module, name, before, after[0] if type(before) is int else type(before)(after)))
-            if any(fates[size] != {new} for size, new in zip(sizes, after) if new != size):
-                ambiguous.add(attr)  # another dimension of that size kept it, or shrank to another
+        for part, holder in [("", module)] + _torch_parts(module):
+            for attr, before in vars(holder).items():
+                sizes = _sizes(before)
+                if sizes is None or attr.startswith("_"):
+                    continue
+                after = [_size_after(own, fates, size) for size in sizes]
+                if any(new is None for new in after) or after == sizes:
+                    continue
+                key = f"{part}.{attr}" if part else attr
+                holder_name = f"{name}.{part}" if name and part else name or part
+                candidates[key].append((holder, holder_name, attr, before,
+                                        after[0] if type(before) is int else type(before)(after)))
+                if any(fates[size] != {new} for size, new in zip(sizes, after) if new != size):
+                    ambiguous.add(key)  # another dimension of that size kept it, or shrank to another
     sure = [attr for attr in candidates if attr not in ambiguous]
     unsure = [attr for attr in candidates if attr in ambiguous]
     chosen = [sure] if sure else []
@@ -222,8 +227,23 @@ def _size_after(own: dict[int, set[int]], fates: dict[int, set[int]], size: int)
     return new if new not in (None, size) else _new_size(fates, size)
 
 
-def _fixes(candidates: dict, attrs: list[str]) -> list[SizeFix]:
-    return [(module, name, attr, before, after) for attr in attrs for module, name, before, after in candidates[attr]]
+def _fixes(candidates: dict[str, list[SizeFix]], attrs: list[str]) -> list[SizeFix]:
+    return [fix for attr in attrs for fix in candidates[attr]]
+
+
+def _torch_parts(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The module's parts of torch's own classes holding no parameters (``nn.Unflatten``,
+    ``nn.Upsample``), by name, those inside torch's containers (``nn.Sequential``) included: calls in
+    their ``forward`` are recorded as the module's (the recording looks for the model's code), so the
+    sizes they store are read in its scope."""
+    parts = []
+    for name, child in module.named_children():
+        if type(child).__module__.startswith("torch.nn."):
+            if child._modules:
+                parts += _torch_parts(child, f"{prefix}{name}.")
+            elif not child._parameters:
+                parts.append((f"{prefix}{name}", child))
+    return parts
 
 
 def _nodes_by_scope(graph: Graph) -> dict[str, list[Node]]:
