@@ -90,6 +90,9 @@ def recognise_activated_norm(module: nn.Module) -> Optional[ModuleRule]:
     children = list(module._modules.items())
     if not children or all(type(child) is nn.Identity for _, child in children):
         return None  # a leaf, for the written-norm recognisers themselves
+    own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    if not 1 <= len(own) <= 2 or not all(_holds_nothing(child) for _, child in children):
+        return None  # checked before any probe: every module no type claims is asked
     if not all(_entry_by_entry(child) for _, child in children):
         return None
     bare = clone_module(module)
@@ -98,10 +101,7 @@ def recognise_activated_norm(module: nn.Module) -> Optional[ModuleRule]:
     if norm is None:
         return None
     after = [clone_module(child).eval() for _, child in children]
-    channels = next(iter(module.parameters(recurse=False)), next(iter(module.buffers(recurse=False)), None))
-    if channels is None:
-        return None
-    probe = torch.randn(2, channels.numel(), 3, 5, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(2, own[0].numel(), 3, 5, generator=torch.Generator().manual_seed(0))
     rule = ActivatedNormRule(norm, after)
     for layout in (probe, probe.movedim(1, -1).contiguous()):
         try:
@@ -114,11 +114,15 @@ def recognise_activated_norm(module: nn.Module) -> Optional[ModuleRule]:
     return None
 
 
+def _holds_nothing(child: nn.Module) -> bool:
+    """Whether ``child`` has no parts and holds no tensor (an activation, a dropout)."""
+    held = list(child._parameters.values()) + list(child._buffers.values())
+    return not child._modules and all(t is None for t in held)
+
+
 def _entry_by_entry(child: nn.Module) -> bool:
-    """Whether ``child`` holds nothing and computes the same function of every entry: its result on a
-    random tensor is its input's shape, and permuting the input's entries permutes its result alike."""
-    if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
-        return False
+    """Whether ``child`` computes the same function of every entry: its result on a random tensor is
+    its input's shape, and permuting the input's entries permutes its result alike."""
     probe = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1))
     order = torch.randperm(probe.numel(), generator=torch.Generator().manual_seed(2))
     copy_ = clone_module(child).eval()
