@@ -75,3 +75,37 @@ def test_numbers_far_from_any_size_are_passed_over():
     assert sizes_behind(4.0, sizes) == {16} and 64 in sizes_behind(0.125, sizes)  # sqrt(16); 1 / sqrt(64)
     for number in (torch.finfo(torch.float64).min, torch.finfo(torch.float64).tiny, 1e-5, 0.5, math.inf):
         assert not sizes_behind(number, sizes)
+
+
+class WidthScaled(nn.Module):
+    """A branch scaled by its width over a number of the code's (0.8, no size's root or inverse), its
+    outputs as small as a freshly initialised head makes them."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 64), nn.Linear(64, 3)
+        with torch.no_grad():
+            self.b.weight.mul_(scale)
+            self.b.bias.mul_(scale)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(y * (y.shape[-1] / 80))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-5], ids=["outputs near one", "outputs near 1e-5"])
+def test_a_changed_number_no_size_explains_is_found_on_small_outputs_too(scale):
+    """The sped-up branch scaled by 32 / 80: half the masked model's outputs. Verification compared
+    within 1e-5 of the outputs' size but at least of 1, so outputs near 1e-5 passed whatever they were
+    (45% off). It now compares down to outputs of 1e-3; the call passing another number is found and
+    the width it reads is kept."""
+    torch.manual_seed(0)
+    model = WidthScaled(scale).eval()
+    masks = {"a": {"weight": rows(keep_mask(64), (64, 6))}}
+    reference = masked_copy(model, masks).eval()
+    fresh = torch.randn(5, 6)
+    report = check_speedup(model, masks, torch.randn(4, 6), fresh)
+    with torch.no_grad():
+        expected = reference(fresh)
+        torch.testing.assert_close(model(fresh), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert any("computed from a size that shrank" in reason for reason in report.kept_for_verification)
