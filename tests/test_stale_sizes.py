@@ -400,6 +400,38 @@ def test_a_size_a_torch_module_stores_is_set_in_step():
     assert not report.kept_for_verification
 
 
+class TwoHeadAttention(nn.Module):
+    """Attention written out, its heads split by a stored count and the stream's width (Twins' windows)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        mixed = (q @ k.transpose(-2, -1) * 0.25).softmax(-1) @ v
+        return x + self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class OtherTwoHeadAttention(TwoHeadAttention):
+    """The same code in another class: its stored count is set on its own."""
+
+
+def test_a_reshape_that_copied_when_recorded_and_views_once_one_head_is_left_is_the_same_call():
+    """With two heads, ``transpose(1, 2).reshape`` copies (``clone``, ``_unsafe_view``); with one left it
+    is a view. Looking for the call the second attention's outputs departed at, the first's view was
+    taken for a call the recording never made: it was blamed, and both attentions stayed whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), TwoHeadAttention(64, 2), OtherTwoHeadAttention(64, 2), nn.Linear(64, 3))
+    dummy = torch.randn(2, 5, 6)
+    masks = consistent_masks(model.eval(), dummy, sparsity=0.5, seed=0)
+    report = check_speedup(model, masks, dummy, torch.randn(3, 7, 6), shrunk=["1.qkv.weight", "2.qkv.weight"])
+    assert report.attributes == {"1.num_heads": (2, 1), "2.num_heads": (2, 1)} and not report.kept_for_verification
+
+
 class AttentionWithoutSelf(nn.Module):
     """Self-attention whose methods name their module ``this``, splitting heads by sizes read in Python."""
 

@@ -745,14 +745,33 @@ def _unplanned_shape(old: Node, new: Node) -> Optional[str]:
 
 def _aligned(original: list[Node], again: list[Node]) -> Iterator[tuple[int, Node]]:
     """Each re-recorded call with the position of its recorded counterpart, in order, passing over
-    cached constants (see :func:`_first_departure`)."""
+    cached constants (see :func:`_first_departure`) and the copies of reshapes (see :func:`_reshape_copy`)."""
+    positions = [i for i in range(len(original)) if not _reshape_copy(original, i)]
+    olds = [original[i] for i in positions]
     position = 0
-    for new in again:
-        position = _skip_cached_constants(original, position, new)
-        if position == len(original):
+    for i, new in enumerate(again):
+        if _reshape_copy(again, i):
+            continue
+        position = _skip_cached_constants(olds, position, new)
+        if position == len(olds):
             return
-        yield position, new
+        yield positions[position], new
         position += 1
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _reshape_copy(nodes: list[Node], i: int) -> bool:
+    """Whether ``nodes[i]`` is the copy a ``reshape`` makes before viewing it (``clone`` then
+    ``_unsafe_view`` at one line): the same reshape views without a copy where the strides allow it,
+    as once a dimension it transposes shrank to one entry (Twins' windows with one head left)."""
+    node = nodes[i]
+    if node.target is not torch.ops.aten.clone.default or i + 1 == len(nodes) or not node.outputs:
+        return False
+    after = nodes[i + 1]
+    return (after.target is torch.ops.aten._unsafe_view.default and after.location == node.location
+            and bool(after.inputs) and after.inputs[0] is node.outputs[0])
 
 
 def _aligned_end(original: list[Node], again: list[Node]) -> int:
@@ -764,7 +783,8 @@ def _aligned_end(original: list[Node], again: list[Node]) -> int:
 
 
 def _same_call(old: Node, new: Node) -> bool:
-    return old.kind is new.kind and (old.kind is not NodeKind.OP or old.target is new.target)
+    return old.kind is new.kind and (old.kind is not NodeKind.OP or old.target is new.target
+                                     or old.target in _VIEWS and new.target in _VIEWS)
 
 
 def _skip_cached_constants(original: list[Node], position: int, new: Node) -> int:
