@@ -1039,6 +1039,33 @@ class FunctionalWindows(nn.Module):
         return patches + self.head(rows + windows)
 
 
+class FoldBack(nn.Module):
+    """Patches taken with ``F.unfold``, weighted per tap, summed back with ``F.fold`` (VOLO's outlook
+    attention folds its windows back so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.taps = nn.Parameter(torch.rand(9, 1) + 0.5)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        n, c, h, w = y.shape
+        cols = (F.unfold(y, 3, padding=1).view(n, c, 9, h * w) * self.taps).reshape(n, c * 9, h * w)
+        return self.c(F.fold(cols, (h, w), 3, padding=1))
+
+
+def test_fold_passes_channels_with_all_their_taps():
+    """``F.fold`` (``aten.col2im``) was a barrier: nothing before it lost a channel. Zero channels stay
+    zero through the fold; a channel holding another constant would not (windows overlap unevenly at
+    the borders)."""
+    model = FoldBack()
+    masks = output_channel_masks(model, ["a"])
+    report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 7, 5),
+                           shrunk=["a.weight", "c.weight"])
+    assert not report.barriers
+
+
 def test_functional_windows_and_layer_norm_pass_channels():
     model = FunctionalWindows()
     masks = output_channel_masks(model, ["a"])

@@ -293,6 +293,46 @@ class Im2col(MapRule):
             ctx.set_const(m.out, m.odim, consts)
 
 
+class Col2im(OpRule):
+    """``F.fold`` (``aten.col2im``), the inverse of ``F.unfold``: rows ``c * k .. c * k + k - 1`` of the
+    input (``k`` kernel taps) add up into channel ``c`` of the output, where windows overlap. A channel
+    goes with all its rows (its taps are pinned together), and the sped-up call, reading fewer rows,
+    makes as many fewer channels; the positions keep their size, and only a channel whose rows are all
+    zero is constant (overlapping windows add a constant up unevenly)."""
+
+    def _dims(self, node: Node) -> tuple[TensorValue, TensorValue, int, int, int]:
+        x, out = node.args[0], node.outputs[0]
+        rows, channels = x.ndim - 2, out.ndim - 3  # (N, C * k, L) -> (N, C, H, W), or unbatched
+        return x, out, rows, channels, x.shape[rows] // max(out.shape[channels], 1)
+
+    def couple(self, node: Node, ctx: Analysis) -> None:
+        x, out, rows, channels, taps = self._dims(node)
+        if rows:
+            ctx.link(x, 0, out, 0)
+        cut = equal_parts(ctx, x, rows, taps) if taps else None
+        if cut is None:
+            ctx.pin(out, channels)
+            return
+        ctx.table.pin(cut[1])
+        ctx.assign(out, channels, cut[0])
+
+    def forward(self, node: Node, ctx: Analysis) -> None:
+        x, out, rows, channels, taps = self._dims(node)
+        consts = ctx.const(x, rows)
+        if consts is not None and taps and bool(consts.zero.any()):
+            zero = consts.zero.reshape(-1, taps).all(1)
+            ctx.set_const(out, channels, DimConst.where(zero, torch.zeros(zero.numel(), dtype=torch.float64)))
+
+    def backward(self, node: Node, ctx: Analysis) -> None:
+        x, out, rows, channels, taps = self._dims(node)
+        if not ctx.is_demanded(out):
+            return
+        masks = {rows: ctx.demanded(out, channels).repeat_interleave(taps)}
+        if rows:
+            masks[0] = ctx.demanded(out, 0)
+        ctx.demand(x, masks)
+
+
 class Index(MapRule):
     """``x[i, j]`` (``aten.index.Tensor``) with integer index tensors: the indexed dimensions give way
     to the indices' (broadcast together), where the first of them was when they are adjacent, else in
@@ -812,6 +852,7 @@ def register(registry) -> None:
     registry.add_op("aten.roll", Roll())
     registry.add_op("aten.unfold", Unfold())
     registry.add_op("aten.im2col", Im2col())
+    registry.add_op("aten.col2im", Col2im())
     registry.add_op("aten.index.Tensor", Index())
     registry.add_op("aten.cat", Cat())
     registry.add_ops(["aten.split.Tensor", "aten.split_with_sizes", "aten.split", "aten.unsafe_split",
