@@ -1043,23 +1043,28 @@ class FoldBack(nn.Module):
     """Patches taken with ``F.unfold``, weighted per tap, summed back with ``F.fold`` (VOLO's outlook
     attention folds its windows back so)."""
 
-    def __init__(self):
+    def __init__(self, mix: bool = False):
         super().__init__()
         self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
         self.taps = nn.Parameter(torch.rand(9, 1) + 0.5)
+        self.mix = nn.Linear(9, 9, bias=False) if mix else None
 
     def forward(self, x):
         y = F.relu(self.a(x))
         n, c, h, w = y.shape
-        cols = (F.unfold(y, 3, padding=1).view(n, c, 9, h * w) * self.taps).reshape(n, c * 9, h * w)
-        return self.c(F.fold(cols, (h, w), 3, padding=1))
+        cols = F.unfold(y, 3, padding=1).view(n, c, 9, h * w) * self.taps
+        if self.mix is not None:  # the taps mixed by a Linear, the channels a leading dimension
+            cols = self.mix(cols.transpose(2, 3)).transpose(2, 3)
+        return self.c(F.fold(cols.reshape(n, c * 9, h * w), (h, w), 3, padding=1))
 
 
-def test_fold_passes_channels_with_all_their_taps():
+@pytest.mark.parametrize("mix", [False, True], ids=["taps weighted", "taps mixed by a Linear"])
+def test_fold_passes_channels_with_all_their_taps(mix):
     """``F.fold`` (``aten.col2im``) was a barrier: nothing before it lost a channel. Zero channels stay
-    zero through the fold; a channel holding another constant would not (windows overlap unevenly at
-    the borders)."""
-    model = FoldBack()
+    zero through the fold (a channel holding another constant would not: windows overlap unevenly at
+    the borders), and through a Linear without bias mixing the taps, the channels being one of its
+    leading dimensions (its zero slices were not followed)."""
+    model = FoldBack(mix)
     masks = output_channel_masks(model, ["a"])
     report = check_speedup(model, masks, torch.randn(2, 3, 6, 6), torch.randn(3, 3, 7, 5),
                            shrunk=["a.weight", "c.weight"])

@@ -100,6 +100,7 @@ class LinearRule(ModuleRule):
     def forward(self, node: Node, ctx: Analysis) -> None:
         x, out = first_input(node), node.outputs[0]
         bias = node.params.get("bias")
+        _pass_zero_slices(ctx, x, out, bias)
         consts = ctx.const(x, -1)
         nonzero = self._nonzero(node, ctx)
         reads_variable = nonzero.rows if consts is None else nonzero.rows_reading(~consts.mask)
@@ -163,6 +164,18 @@ class LinearRule(ModuleRule):
         kept: list = [None, None]
         kept[self.weight_out], kept[self.weight_in] = rows, columns
         return self.as_out_in(masked_entries(weight, kept))
+
+
+
+def _pass_zero_slices(ctx: Analysis, x: TensorValue, out: TensorValue, bias: Optional[TensorValue]) -> None:
+    """Zero slices of the input along a leading dimension (the channels of patches whose taps a Linear
+    mixes) are zero slices of the output where no bias is added."""
+    if bias is not None and (bias.host() is None or bool(bias.host().any())):
+        return
+    for d in range(x.ndim - 1):
+        consts = ctx.const(x, d)
+        if consts is not None and bool(consts.zero.any()):
+            ctx.set_const(out, d, consts.only_zeros())
 
 
 def register(registry) -> None:
