@@ -59,6 +59,8 @@ def departs_from_plan(graph: Graph, noted: dict[str, list[Shapes]]) -> bool:
     recorded at that line whose rule asks for them (different shapes, or another number of calls).
     Lines with no such recorded call are passed over: calls inside a claimed module (a
     ``nn.MultiheadAttention``), or code the recording saw as separate operators."""
+    if not noted:
+        return False  # no attention call: no pass over the graph
     planned: dict[str, list[Shapes]] = defaultdict(list)
     for node in graph.nodes:
         if (node.kind is NodeKind.OP and node.location in noted and node.rule is not None

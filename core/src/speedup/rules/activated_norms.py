@@ -102,11 +102,11 @@ def recognise_activated_norm(module: nn.Module) -> Optional[ModuleRule]:
         return None
     after = [clone_module(child).eval() for _, child in children]
     probe = torch.randn(2, own[0].numel(), 3, 5, generator=torch.Generator().manual_seed(0))
-    rule = ActivatedNormRule(norm, after)
+    rule, whole, bare = ActivatedNormRule(norm, after), clone_module(module).eval(), bare.eval()
     for layout in (probe, probe.movedim(1, -1).contiguous()):
         try:
             with torch.no_grad():
-                expected, result = rule._activated(bare.eval()(layout)), clone_module(module).eval()(layout)
+                expected, result = rule._activated(bare(layout)), whole(layout)
         except Exception:  # noqa: BLE001 - a layout the module does not take
             continue
         if isinstance(result, torch.Tensor) and probe_matches(result, expected):

@@ -20,6 +20,7 @@ from ..graph import Node, TensorValue
 from ..propagation import Analysis
 from ..replacement import ModulePlan, masked_entries
 from ..rule import DimConst, ModuleRule
+from ._maps import DimMap, forward_zeros
 from .toolkit import NonzeroPattern, added_to_bias, clone_module, first_input, foldable
 
 
@@ -166,16 +167,11 @@ class LinearRule(ModuleRule):
         return self.as_out_in(masked_entries(weight, kept))
 
 
-
 def _pass_zero_slices(ctx: Analysis, x: TensorValue, out: TensorValue, bias: Optional[TensorValue]) -> None:
     """Zero slices of the input along a leading dimension (the channels of patches whose taps a Linear
     mixes) are zero slices of the output where no bias is added."""
-    if bias is not None and (bias.host() is None or bool(bias.host().any())):
-        return
-    for d in range(x.ndim - 1):
-        consts = ctx.const(x, d)
-        if consts is not None and bool(consts.zero.any()):
-            ctx.set_const(out, d, consts.only_zeros())
+    if bias is None or not bool(bias.host().any()):
+        forward_zeros(ctx, [DimMap(x, d, out, d) for d in range(x.ndim - 1)])
 
 
 def register(registry) -> None:
